@@ -1,0 +1,74 @@
+"""Settings of one BSA call, validated once so that a bad node value fails before sampling."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+THRESHOLD_MODES = ("cumulative", "statistical")
+
+
+@dataclass(frozen=True)
+class BSAConfig:
+    """What BSA keeps.
+
+    cube_size:      (ct, ch, cw) tokens per cube along time, height, width.
+    keep_ratio:     r in (0, 1]: share of each cube's queries that are computed.
+    kv_threshold:   p in (0, 1]: cumulative block mass a query cube keeps (cumulative mode).
+    threshold_mode: "cumulative" (mass share p) or "statistical" (z >= mean + stat_lambda * std).
+    stat_lambda:    lambda of the statistical mode, in standard deviations of the row's block logits.
+    min_blocks:     every query cube keeps at least this many KV cubes (its own cube always).
+    """
+
+    cube_size: tuple[int, int, int] = (4, 4, 4)
+    keep_ratio: float = 0.5
+    kv_threshold: float = 0.9
+    threshold_mode: str = "cumulative"
+    stat_lambda: float = 1.0
+    min_blocks: int = 1
+
+    def __post_init__(self):
+        cube = tuple(int(c) for c in self.cube_size) if _is_triple(self.cube_size) else None
+        if cube is None or any(c < 1 or c > 64 for c in cube):
+            raise ValueError(f"cube_size must be three integers in [1, 64], got {self.cube_size!r}")
+        object.__setattr__(self, "cube_size", cube)
+        _check_unit("keep_ratio", self.keep_ratio)
+        _check_unit("kv_threshold", self.kv_threshold)
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        if not isinstance(self.stat_lambda, (int, float)) or not math.isfinite(self.stat_lambda) or abs(self.stat_lambda) > 10:
+            raise ValueError(f"stat_lambda must be a finite number in [-10, 10], got {self.stat_lambda!r}")
+        if not isinstance(self.min_blocks, int) or isinstance(self.min_blocks, bool) or self.min_blocks < 1:
+            raise ValueError(f"min_blocks must be an integer >= 1, got {self.min_blocks!r}")
+
+    @property
+    def cube_volume(self) -> int:
+        return self.cube_size[0] * self.cube_size[1] * self.cube_size[2]
+
+    @property
+    def is_dense(self) -> bool:
+        """r = 1 and p = 1 in cumulative mode select everything: exactly dense attention."""
+        return self.keep_ratio >= 1.0 and self.kv_threshold >= 1.0 and self.threshold_mode == "cumulative"
+
+
+def _is_triple(value) -> bool:
+    try:
+        return len(value) == 3 and all(float(c).is_integer() for c in value)
+    except TypeError:
+        return False
+
+
+def _check_unit(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def parse_cube_size(text: str) -> tuple[int, int, int]:
+    """'4x4x4' -> (4, 4, 4); the node's cube size is a text like this."""
+    parts = str(text).lower().replace("×", "x").split("x")
+    try:
+        cube = tuple(int(p) for p in parts)
+    except ValueError:
+        cube = ()
+    if len(cube) != 3:
+        raise ValueError(f"cube_size must look like '4x4x4' (time x height x width), got {text!r}")
+    return cube

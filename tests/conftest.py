@@ -1,0 +1,31 @@
+"""Loads the pack as the package `comfyui_bsa` (ComfyUI imports the folder as a package too)."""
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_pack():
+    if "comfyui_bsa" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("comfyui_bsa", REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["comfyui_bsa"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["comfyui_bsa"]
+
+
+_load_pack()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
