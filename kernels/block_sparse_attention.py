@@ -1,0 +1,271 @@
+"""Block-sparse flash-attention forward over BSA's kept queries and selected KV cubes.
+
+Inputs are in cube order (`CubeLayout.to_cubes`): q, k, v [B, H, N, S, D]. One program computes the
+kept queries of GROUP consecutive query cubes of one (batch, head) against the union of their KV
+lists; a query row only sees the KV cubes its own cube selected (per-row membership bits), so the
+result is exact. Packing GROUP cubes turns 32 kept queries (64-token cube, r = 0.5) into an M = 64/128
+MMA tile; the union costs extra MMA work where neighbouring cubes select different KV cubes.
+Every query also attends the optional extra keys (text / reference tokens) [B, H, E, D].
+
+Softmax runs in the log2 domain with the scale folded in (exp2), fp32 accumulators; rows that see no
+valid key give 0. Programs are launched longest-row first so that heavy heads do not trail.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# num_warps x num_stages; block shapes follow the data (kept queries per cube, cube volume)
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # 8 warps only pay off on an M = 128 tile; the interpreter runs one config (it times nothing)
+    block_m = kwargs["BLOCK_M"]
+    kept = [c for c in configs if block_m >= 128 or c.num_warps == 4]
+    return kept[:1] if _INTERPRET else kept
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, idx_ptr, bits_ptr, bias_ptr, count, row_cube, qk_scale,
+                    offs_n, offs_d, n_keys,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
+                    SPARSE: tl.constexpr, HAS_BITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online softmax over `count` KV blocks; returns the running (acc, l_i, m_i).
+
+    SPARSE: block j is KV cube idx_ptr[j] (CUBE tokens each, key bias from bias_ptr masks padding
+    slots), with HAS_BITS row r only sees it when bit row_cube[r] of bits_ptr[j] is set.
+    Otherwise: block j is keys [j * BLOCK_N, (j + 1) * BLOCK_N) of n_keys extra keys, seen by all rows.
+    """
+    for j in range(0, count):
+        if SPARSE:
+            kv = tl.load(idx_ptr + j).to(tl.int64)
+            rows = kv * CUBE + offs_n
+            if EVEN_N:
+                col_bias = tl.load(bias_ptr + rows)
+            else:
+                col_bias = tl.load(bias_ptr + rows, mask=offs_n < CUBE, other=float("-inf"))
+            key_ok = offs_n < CUBE
+        else:
+            rows = (j * BLOCK_N + offs_n).to(tl.int64)
+            key_ok = rows < n_keys
+            col_bias = tl.where(key_ok, 0.0, float("-inf"))
+        kv_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+        if SPARSE and EVEN_N:
+            k = tl.load(K_bh + kv_off)
+        else:
+            k = tl.load(K_bh + kv_off, mask=key_ok[:, None], other=0.0)
+        if DOT_F32:  # Triton's interpreter gets bf16 tl.dot wrong (3.8): multiply upcast operands
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        s = qk * qk_scale + col_bias[None, :]
+        if HAS_BITS:
+            if SPARSE:
+                bits = tl.load(bits_ptr + j)
+                row_ok = ((bits >> row_cube) & 1) != 0
+                s = tl.where(row_ok[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no valid key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if SPARSE and EVEN_N:
+            v = tl.load(V_bh + kv_off)
+        else:
+            v = tl.load(V_bh + kv_off, mask=key_ok[:, None], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _block_sparse_attn_fwd(Q, K, V, KE, VE, Out, Lse, order_ptr, q_index_ptr, grp_count_ptr, grp_index_ptr,
+                           grp_bits_ptr, key_bias_ptr, qk_scale, H, N, KQ, NG, KG, E,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           CUBE: tl.constexpr, GROUP: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                           DOT_F32: tl.constexpr):
+    tl.static_assert(BLOCK_N >= CUBE, "one KV cube must fit one key block")
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(GROUP <= 32, "membership bits are one int32 per block")
+    # heaviest (batch, head, group) first: order_ptr is sorted by descending union length
+    work = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
+    bh = work // NG
+    grp = work % NG
+
+    # query rows: row r is kept query r % KQ of cube grp * GROUP + r // KQ
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_cube = offs_m // KQ
+    cube = grp * GROUP + row_cube
+    row_live = (row_cube < GROUP) & (cube < N)
+    qi_off = (bh * N + cube) * KQ + offs_m % KQ
+    slot = tl.load(q_index_ptr + qi_off, mask=row_live, other=-1)
+    row_live = row_live & (slot >= 0)
+    q_off = ((bh * N + cube) * CUBE + slot)[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=row_live[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = qk_scale * 1.44269504  # log2(e): exp2 instead of exp
+
+    kv_bh = bh * N * CUBE * HEAD_DIM
+    table = (bh * NG + grp) * KG
+    count = tl.load(grp_count_ptr + bh * NG + grp)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_bh, V + kv_bh, grp_index_ptr + table,
+                                    grp_bits_ptr + table, key_bias_ptr, count, row_cube.to(tl.int32), qk_scale,
+                                    offs_n, offs_d, 0, BLOCK_N, HEAD_DIM, CUBE,
+                                    True, GROUP > 1, BLOCK_N == CUBE, DOT_F32)
+    if HAS_EXTRA:
+        ext_bh = bh * E * HEAD_DIM
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KE + ext_bh, VE + ext_bh, grp_index_ptr,
+                                        grp_bits_ptr, key_bias_ptr, tl.cdiv(E, BLOCK_N), row_cube.to(tl.int32),
+                                        qk_scale, offs_n, offs_d, E, BLOCK_N, HEAD_DIM, CUBE,
+                                        False, False, False, DOT_F32)
+
+    # rows that saw no valid key (or are padding) write 0 and LSE -inf
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    o_off = qi_off[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=row_live[:, None])
+    tl.store(Lse + qi_off, lse, mask=row_live)
+
+
+def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
+    """Union of the KV lists of `group` consecutive query cubes, with per-cube membership bits.
+
+    kv_count [B,H,N], kv_index [B,H,N,K] ascending (-1 pad) -> (count [B,H,NG], index [B,H,NG,KG]
+    ascending, bits [B,H,NG,KG] int32: bit g set when cube g of the group selected that KV cube).
+    Cost O(B*H*N*K log) on the device: one short sort per group row, no O(N^2) table.
+    """
+    B, H, N, K = kv_index.shape
+    if group == 1:
+        return kv_count.contiguous(), kv_index.contiguous(), kv_index.new_zeros(1)
+    NG = -(-N // group)
+    pad = NG * group - N
+    idx = kv_index.long()
+    if pad:
+        idx = torch.cat([idx, idx.new_full((B, H, pad, K), -1)], 2)
+    sentinel = N * group + group  # sorts after every real key
+    g = torch.arange(group, device=idx.device).view(1, 1, 1, group, 1)
+    key = torch.where(idx >= 0, idx * group, sentinel).view(B, H, NG, group, K) + g
+    key = torch.sort(key.view(B, H, NG, group * K), dim=-1).values
+    cube = key // group
+    bit = torch.where(key < sentinel, 1 << (key % group), 0)
+    first = torch.ones_like(cube, dtype=torch.bool)
+    first[..., 1:] = cube[..., 1:] != cube[..., :-1]
+    first &= key < sentinel
+    pos = torch.cumsum(first, -1) - 1
+    count = first.sum(-1)
+    KG = max(int(count.max()), 1) if count.numel() else 1
+    pos = torch.where(key < sentinel, pos, KG).clamp(max=KG)  # dump slot for padding
+    index = torch.full((B, H, NG, KG + 1), -1, dtype=torch.long, device=idx.device)
+    index.scatter_(-1, torch.where(first, pos, KG), torch.where(first, cube, -1))
+    bits = torch.zeros((B, H, NG, KG + 1), dtype=torch.long, device=idx.device)
+    bits.scatter_add_(-1, pos, bit)
+    return (count.to(torch.int32).contiguous(), index[..., :KG].to(torch.int32).contiguous(),
+            bits[..., :KG].to(torch.int32).contiguous())
+
+
+def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes: torch.Tensor,
+                           q_index: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
+                           slot_valid: torch.Tensor, scale: float | None = None,
+                           k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
+                           cubes_per_program: int | None = None, return_lse: bool = False):
+    """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
+
+    q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
+    q_index [B, H, N, Kq] kept slots (-1 pad); kv_count [B, H, N]; kv_index [B, H, N, Kkv] ascending
+    KV cube ids (-1 pad); slot_valid [N, S] bool (padding key slots are never attended).
+    k_extra, v_extra: [B, H, E, D] keys every query attends (E may be 0), or None.
+    cubes_per_program: query cubes packed into one program (default: enough for a 64-row tile).
+    Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with
+    return_lse the log2-domain LSE [B, H, N, Kq] fp32.
+    """
+    if q_cubes.dim() != 5:
+        raise ValueError(f"q_cubes must be [B, H, N, S, D], got shape {tuple(q_cubes.shape)}")
+    B, H, N, S, D = q_cubes.shape
+    for name, x in (("k_cubes", k_cubes), ("v_cubes", v_cubes)):
+        if x.shape != q_cubes.shape or x.dtype != q_cubes.dtype or x.device != q_cubes.device:
+            raise ValueError(f"{name} must match q_cubes ({tuple(q_cubes.shape)}, {q_cubes.dtype}), "
+                             f"got {tuple(x.shape)}, {x.dtype}")
+    if q_cubes.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q_cubes: dtype must be float16, bfloat16 or float32, got {q_cubes.dtype}")
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"q_cubes: head_dim must be one of 16, 32, 64, 128, 256, got {D}")
+    if q_index.dim() != 4 or q_index.shape[:3] != (B, H, N):
+        raise ValueError(f"q_index must be [B, H, N, Kq] = [{B}, {H}, {N}, Kq], got {tuple(q_index.shape)}")
+    if kv_count.shape != (B, H, N) or kv_index.dim() != 4 or kv_index.shape[:3] != (B, H, N):
+        raise ValueError(f"kv_count/kv_index must be [B, H, N] / [B, H, N, K], got {tuple(kv_count.shape)}"
+                         f" / {tuple(kv_index.shape)}")
+    if slot_valid.shape != (N, S):
+        raise ValueError(f"slot_valid must be [N, S] = [{N}, {S}], got {tuple(slot_valid.shape)}")
+    for name, x in (("q_index", q_index), ("kv_count", kv_count), ("kv_index", kv_index)):
+        if x.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {x.dtype}")
+    has_extra = k_extra is not None and k_extra.shape[-2] > 0
+    if has_extra and (k_extra.shape != (B, H, k_extra.shape[2], D) or v_extra is None
+                      or v_extra.shape != k_extra.shape):
+        raise ValueError(f"k_extra/v_extra must both be [B, H, E, D], got {tuple(k_extra.shape)}, "
+                         f"{None if v_extra is None else tuple(v_extra.shape)}")
+    tensors = [q_cubes, k_cubes, v_cubes] + ([k_extra, v_extra] if has_extra else [])
+    for name, x in zip(("q_cubes", "k_cubes", "v_cubes", "k_extra", "v_extra"), tensors):
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    in_dtype = q_cubes.dtype
+    if in_dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
+        tensors = [x.to(torch.bfloat16) for x in tensors]
+    q, k, v = tensors[:3]
+    ke, ve = (tensors[3], tensors[4]) if has_extra else (q, q)
+    E = k_extra.shape[2] if has_extra else 0
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    KQ = q_index.shape[-1]
+    if cubes_per_program is None:
+        cubes_per_program = max(1, 64 // max(KQ, 1))
+    group = int(cubes_per_program)
+    if not 1 <= group <= 32:
+        raise ValueError(f"cubes_per_program must be in [1, 32], got {cubes_per_program}")
+    grp_count, grp_index, grp_bits = _group_table(kv_count, kv_index, group)
+    NG, KG = grp_count.shape[-1], grp_index.shape[-1]
+    order = torch.argsort(grp_count.reshape(-1), descending=True).to(torch.int32)
+    key_bias = torch.zeros(slot_valid.shape, dtype=torch.float32, device=q.device)
+    key_bias.masked_fill_(~slot_valid.to(q.device), float("-inf"))
+
+    out = torch.empty(B, H, N, KQ, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q.device)
+    BLOCK_M = max(16, triton.next_power_of_2(group * KQ))
+    BLOCK_N = max(16, triton.next_power_of_2(S))
+    grid = (B * H * NG,)
+    _block_sparse_attn_fwd[grid](q, k, v, ke, ve, out, lse, order, q_index.contiguous(), grp_count, grp_index,
+                                 grp_bits, key_bias, scale, H, N, KQ, NG, KG, E,
+                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, CUBE=S, GROUP=group,
+                                 HAS_EXTRA=has_extra, DOT_F32=_INTERPRET)
+    out = out.to(in_dtype)
+    return (out, lse) if return_lse else out
+
+
+def scatter_kept(out_kept: torch.Tensor, q_source: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
+    """[B,H,N,Kq,D] kept outputs -> [B,H,N,S,D]: every slot copies its source (padding slots 0).
+    Torch gather stand-in until the fused scatter kernel lands."""
+    B, H, N, _, D = out_kept.shape
+    S = q_source.shape[-1]
+    src = q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
+    return out_kept.gather(-2, src) * slot_valid.to(out_kept.device)[..., None].to(out_kept.dtype)

@@ -1,0 +1,150 @@
+"""Block-sparse attention kernel vs the pure-torch reference, given the same BSASelection.
+
+Without CUDA the kernel runs in Triton's interpreter on tiny shapes (TRITON_INTERPRET must be set
+before the kernel module is imported, so it is set here, at import, only when there is no GPU).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
+from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
+from comfyui_bsa.bsa_core.reference import bsa_select, sparse_attention_reference  # noqa: E402
+from comfyui_bsa.bsa_core.selection import BSASelection, mask_to_index  # noqa: E402
+from comfyui_bsa.kernels.block_sparse_attention import (  # noqa: E402
+    _group_table, block_sparse_attention, scatter_kept)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel_rms(out, ref):
+    return float((out.float() - ref.float()).pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt().clamp(min=1e-12))
+
+
+def _inputs(B, H, grid, cube, D, dtype, seed, E=0):
+    g = torch.Generator().manual_seed(seed)
+    layout = cube_layout(grid, cube, DEVICE)
+    L = math.prod(grid)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    qc, kc, vc = (layout.to_cubes(x).contiguous() for x in (q, k, v))
+    ke = torch.randn(B, H, E, D, generator=g).to(DEVICE, dtype) if E else None
+    ve = torch.randn(B, H, E, D, generator=g).to(DEVICE, dtype) if E else None
+    return layout, qc, kc, vc, ke, ve
+
+
+def _run(layout, qc, kc, vc, sel, scale, ke=None, ve=None, group=None):
+    kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, scale,
+                                  ke, ve, cubes_per_program=group)
+    return scatter_kept(kept, sel.q_source, layout.slot_valid)
+
+
+CASES = [  # (B, H, grid, cube, D, dtype, keep_ratio, kv_threshold, E, group)
+    (2, 3, (3, 5, 6), (2, 2, 2), 16, torch.float16, 0.5, 0.6, 0, None),
+    (2, 3, (3, 5, 6), (2, 2, 2), 16, torch.bfloat16, 0.5, 0.6, 5, 1),
+    (1, 2, (5, 4, 7), (2, 2, 4), 32, torch.bfloat16, 0.4, 0.5, 0, 2),
+    (2, 3, (4, 4, 4), (2, 2, 4), 64, torch.float16, 1.0, 1.0, 3, 1),
+    (1, 3, (3, 3, 9), (2, 2, 4), 16, torch.bfloat16, 0.3, 0.2, 17, 3),
+]
+
+
+def _case_id(c):
+    B, H, grid, cube, D, dtype, r, p, E, group = c
+    return (f"B{B}-H{H}-T{'x'.join(map(str, grid))}-c{'x'.join(map(str, cube))}-D{D}-"
+            f"{str(dtype).split('.')[-1]}-r{r}-p{p}-E{E}-G{group}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_matches_reference(case):
+    B, H, grid, cube, D, dtype, r, p, E, group = case
+    layout, qc, kc, vc, ke, ve = _inputs(B, H, grid, cube, D, dtype, seed=hash(_case_id(case)) % 1000, E=E)
+    scale = D ** -0.5
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=r, kv_threshold=p), scale)
+    ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
+    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    assert _rel_rms(out, ref) < 1e-2
+
+
+def test_empty_selection_rows_are_zero_or_extra_only():
+    """kv_count 0 everywhere: rows see only the extra keys, or nothing (output 0, no NaN)."""
+    B, H, grid, cube, D = 1, 2, (2, 3, 4), (2, 2, 2), 16
+    layout, qc, kc, vc, ke, ve = _inputs(B, H, grid, cube, D, torch.float16, seed=3, E=4)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=0.5, kv_threshold=0.5), D ** -0.5)
+    empty = BSASelection(sel.q_count, sel.q_index, sel.q_source, torch.zeros_like(sel.kv_count),
+                         torch.full_like(sel.kv_index, -1))
+    out = _run(layout, qc, kc, vc, empty, D ** -0.5)
+    assert torch.isfinite(out).all() and out.abs().max() == 0
+    out = _run(layout, qc, kc, vc, empty, D ** -0.5, ke, ve, group=2)
+    ref = sparse_attention_reference(qc, kc, vc, layout, empty, D ** -0.5, ke, ve)
+    assert _rel_rms(out, ref) < 1e-2
+
+
+def test_fp32_input_is_computed_in_bf16():
+    B, H, grid, cube, D = 1, 1, (2, 2, 4), (2, 2, 4), 16
+    layout, qc, kc, vc, _, _ = _inputs(B, H, grid, cube, D, torch.float32, seed=5)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=1.0), D ** -0.5)
+    out = _run(layout, qc, kc, vc, sel, D ** -0.5)
+    assert out.dtype == torch.float32
+    assert _rel_rms(out, sparse_attention_reference(qc, kc, vc, layout, sel, D ** -0.5)) < 1e-2
+
+
+def test_bad_inputs_raise():
+    layout, qc, kc, vc, _, _ = _inputs(1, 1, (2, 2, 4), (2, 2, 4), 16, torch.float16, seed=1)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=(2, 2, 4)), 0.25)
+    with pytest.raises(ValueError, match="k_cubes"):
+        block_sparse_attention(qc, kc[..., :8].contiguous(), vc, sel.q_index, sel.kv_count, sel.kv_index,
+                               layout.slot_valid)
+    with pytest.raises(ValueError, match="kv_index"):
+        block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index.long(), layout.slot_valid)
+    with pytest.raises(ValueError, match="contiguous"):
+        block_sparse_attention(qc.transpose(-1, -2).contiguous().transpose(-1, -2), kc, vc, sel.q_index,
+                               sel.kv_count, sel.kv_index, layout.slot_valid)
+
+
+def test_group_table_union_and_bits():
+    kv = torch.tensor([[[[0, 2, -1], [1, 2, -1], [1, -1, -1]]]], dtype=torch.int32)
+    count, index, bits = _group_table(torch.tensor([[[2, 2, 1]]], dtype=torch.int32), kv, 2)
+    assert count.tolist() == [[[3, 1]]]
+    assert index[0, 0, 0].tolist() == [0, 1, 2] and bits[0, 0, 0].tolist() == [1, 2, 3]
+    assert index[0, 0, 1].tolist() == [1, -1, -1] and bits[0, 0, 1, 0] == 1
+
+
+# ---- GPU: real Wan sizes ------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_dense_selection_equals_sdpa(D):
+    """r = 1, p = 1 on the Wan-1.3B 480p grid: BSA is dense attention."""
+    grid, H = (21, 30, 52), 2
+    torch.manual_seed(0)
+    layout = cube_layout(grid, (4, 4, 4), "cuda")
+    q, k, v = (torch.randn(1, H, math.prod(grid), D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qc, kc, vc = (layout.to_cubes(x).contiguous() for x in (q, k, v))
+    N = layout.num_cubes
+    q_count, q_index = mask_to_index(layout.slot_valid.expand(1, H, N, -1))
+    kv_count, kv_index = mask_to_index(torch.ones(1, H, N, N, dtype=torch.bool, device="cuda"))
+    kept = block_sparse_attention(qc, kc, vc, q_index, kv_count, kv_index, layout.slot_valid)
+    src = torch.arange(64, device="cuda", dtype=torch.int32).expand(1, H, N, 64)
+    out = layout.to_raster(scatter_kept(kept, torch.where(layout.slot_valid, src, -1), layout.slot_valid))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert _rel_rms(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_gpu_wan_sparse_matches_reference(group):
+    grid, H, D = (21, 30, 52), 2, 128
+    layout, qc, kc, vc, ke, ve = _inputs(1, H, grid, (4, 4, 4), D, torch.bfloat16, seed=11, E=77)
+    scale = D ** -0.5
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8), scale)
+    ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
+    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group)
+    assert _rel_rms(out, ref) < 1e-2
