@@ -1,0 +1,206 @@
+"""Puts BSA on a ComfyUI model: an attention override on a clone, a grid-learning wrapper, run stats.
+
+Importable without ComfyUI: comfy.* is imported inside apply_bsa only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+
+from .attention import bsa_attention, unsupported_reason
+from .config import BSAConfig
+from .cubes import cube_layout
+
+log = logging.getLogger(__name__)
+
+LOG_PREFIX = "[BSA]"
+PATCH_KEY = "bsa_sparse_attention"
+OVERRIDE_KEY = "optimized_attention_override"
+
+
+def parse_block_list(text: str) -> frozenset[int]:
+    """'0, 1, 28-29' -> {0, 1, 28, 29}; empty text -> no block. Anything else raises ValueError."""
+    blocks = set()
+    for part in filter(None, (p.strip() for p in str(text or "").split(","))):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if match is None:
+            raise ValueError(f"dense_blocks must be block numbers or ranges like '0,1,28-29', got {text!r}")
+        first, last = int(match[1]), int(match[2] or match[1])
+        blocks.update(range(min(first, last), max(first, last) + 1))
+    return frozenset(blocks)
+
+
+class RunStats:
+    """What one sampling run did: calls that went sparse, calls that stayed dense and why."""
+
+    def __init__(self):
+        self.sparse_calls = 0
+        self.dense_reasons: Counter[str] = Counter()
+        self._kept_query_sum = 0.0
+        self._kept_kv_sum = 0.0
+
+    @property
+    def dense_calls(self) -> int:
+        return sum(self.dense_reasons.values())
+
+    def record_sparse(self, kept_query_fraction: float, kept_kv_fraction: float) -> None:
+        self.sparse_calls += 1
+        self._kept_query_sum += kept_query_fraction
+        self._kept_kv_sum += kept_kv_fraction
+
+    def as_dict(self) -> dict:
+        """Mean kept percentages are over sparse calls (None without one)."""
+        n = self.sparse_calls
+        return {
+            "sparse_calls": n,
+            "dense_calls": self.dense_calls,
+            "dense_reasons": dict(self.dense_reasons),
+            "kept_query_pct": 100 * self._kept_query_sum / n if n else None,
+            "kept_kv_pct": 100 * self._kept_kv_sum / n if n else None,
+        }
+
+    def summary(self) -> str:
+        d = self.as_dict()
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dense_reasons.most_common())
+        kept = (f"kept queries {d['kept_query_pct']:.1f}%, kept KV cubes {d['kept_kv_pct']:.1f}%"
+                if self.sparse_calls else "no sparse call")
+        return f"{d['sparse_calls']} sparse / {d['dense_calls']} dense calls; {kept}" + (f" (dense: {reasons})" if reasons else "")
+
+
+class BSAPatch:
+    """Options of one patched model plus the state of the sampling run in progress.
+
+    The grid and the block counter are per forward (set by the diffusion-model wrapper); the stats
+    and the set of already-logged reasons live until ON_CLEANUP, which logs the summary and resets.
+    """
+
+    def __init__(self, config: BSAConfig, start_percent: float, end_percent: float,
+                 dense_blocks=frozenset(), min_tokens: int = 0):
+        self.config = config
+        self.start_percent = start_percent
+        self.end_percent = end_percent
+        self.dense_blocks = frozenset(dense_blocks)
+        self.min_tokens = min_tokens
+        self.sigma_start = math.inf  # sparse while sigma_end <= sigma <= sigma_start
+        self.sigma_end = 0.0
+        self._installed = []  # the overrides this patch has put on the hook
+        self.reset()
+
+    def reset(self) -> None:
+        """End of a run: log what it did, forget everything per run."""
+        stats = getattr(self, "stats", None)
+        if stats is not None and (stats.sparse_calls or stats.dense_calls):
+            log.info(f"{LOG_PREFIX} run: {stats.summary()}", extra={"bsa_run": stats.as_dict()})
+        self.stats = RunStats()
+        self.grid = None
+        self.block = 0
+        self._logged = set()
+
+    def set_sigma_window(self, model_sampling) -> None:
+        """percent -> sigma with the model's own sampling (its shift included)."""
+        self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
+        self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
+
+    def begin_forward(self, x_shape, patch_size) -> None:
+        """A new diffusion-model forward: learn its token grid, restart the block count.
+        The model pads the latent to its patch size, hence the ceil."""
+        self.block = 0
+        if len(x_shape) == 5 and patch_size is not None and len(patch_size) == 3:
+            self.grid = tuple(-(-int(n) // int(p)) for n, p in zip(x_shape[2:], patch_size))
+        else:
+            self.grid = None
+
+    def install(self, transformer_options: dict) -> None:
+        """Put this patch's override on top of the hook, chaining whatever was there. Idempotent."""
+        current = transformer_options.get(OVERRIDE_KEY)
+        if any(current is mine for mine in self._installed):
+            return
+        override = _make_override(self, current)
+        self._installed.append(override)
+        transformer_options[OVERRIDE_KEY] = override
+
+    def dense_reason(self, q, k, v, mask, tokens: int, sigmas) -> str | None:
+        """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D]."""
+        if q.shape[-2] != k.shape[-2]:
+            return "cross-attention"
+        block = self.block
+        self.block += 1
+        if mask is not None:
+            return "attention mask present"
+        if tokens < self.min_tokens:
+            return f"fewer than min_tokens={self.min_tokens} tokens"
+        if sigmas is not None and not (self.sigma_end <= float(sigmas.reshape(-1)[0]) <= self.sigma_start):
+            return "sigma outside start_percent..end_percent"
+        if block in self.dense_blocks:
+            return "block listed in dense_blocks"
+        return unsupported_reason(q, k, v, self.grid)
+
+    def log_once(self, reason: str) -> None:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.info(f"{LOG_PREFIX} dense: {reason}")
+
+
+def _make_override(patch: BSAPatch, previous):
+    """The attention override. Dense calls go to `previous` (the override that was on the hook before)
+    or else to `func`, the backend ComfyUI would have used, with every argument forwarded."""
+
+    def bsa_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                     skip_output_reshape=False, **kwargs):
+        transformer_options = kwargs.get("transformer_options") or {}
+        if skip_reshape:  # [B, H, L, D]
+            qh, kh, vh = q, k, v
+        else:  # [B, L, H*D]
+            qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        reason = patch.dense_reason(qh, kh, vh, mask, qh.shape[-2], transformer_options.get("sigmas"))
+        if reason is not None:
+            patch.stats.dense_reasons[reason] += 1
+            patch.log_once(reason)
+            call = func if previous is None else lambda *a, **kw: previous(func, *a, **kw)
+            return call(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                        skip_output_reshape=skip_output_reshape, **kwargs)
+
+        out, selection = bsa_attention(qh, kh, vh, patch.grid, patch.config, scale=kwargs.get("scale"))
+        n_valid = cube_layout(patch.grid, patch.config.cube_size, q.device).n_valid
+        patch.stats.record_sparse(selection.kept_query_fraction(n_valid), selection.kept_kv_fraction())
+        if skip_output_reshape:
+            return out
+        return out.transpose(1, 2).flatten(-2)
+
+    return bsa_override
+
+
+def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent: float = 1.0,
+              dense_blocks=frozenset(), min_tokens: int = 0):
+    """A clone of `model` (a ComfyUI ModelPatcher) whose self-attention runs BSA; `model` is untouched."""
+    import comfy.patcher_extension as pe
+
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy "
+                         "0 <= start_percent <= end_percent <= 1")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ValueError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
+    patch = BSAPatch(config, start_percent, end_percent, dense_blocks, min_tokens)
+    patch.set_sigma_window(model.get_model_object("model_sampling"))
+
+    patched = model.clone()
+    # own dict: the original model's transformer_options must never see the override
+    options = patched.model_options["transformer_options"] = dict(patched.model_options.get("transformer_options", {}))
+    patch.install(options)
+
+    def on_prepare_state(patcher, timestep, model_options=None):
+        # a node applied later (e.g. ModelSamplingSD3, another attention patch) may have changed the
+        # model's sampling or replaced the override; newer ComfyUI passes the live model_options
+        patch.set_sigma_window(patcher.get_model_object("model_sampling"))
+        patch.install((model_options if model_options is not None else patcher.model_options)["transformer_options"])
+
+    def learn_grid(executor, x, *args, **kwargs):
+        patch.begin_forward(x.shape, getattr(executor.class_obj, "patch_size", None))
+        return executor(x, *args, **kwargs)
+
+    patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, learn_grid)
+    patched.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, PATCH_KEY, on_prepare_state)
+    patched.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, PATCH_KEY, lambda patcher: patch.reset())
+    return patched

@@ -1,0 +1,9 @@
+"""ComfyUI nodes of the pack; ComfyUI's API is imported here, never by bsa_core."""
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes_bsa_attention import BSASparseAttention
+
+
+class BSAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [BSASparseAttention]
