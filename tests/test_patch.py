@@ -1,0 +1,206 @@
+"""The model patch through ComfyUI's real attention hook, sampler and custom-node loader (CPU)."""
+import asyncio
+import logging
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comfy_env import REPO, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
+
+require_comfyui()
+
+import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
+import nodes  # noqa: E402
+
+from comfyui_bsa.bsa_core import BSAConfig  # noqa: E402
+from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, apply_bsa, parse_block_list  # noqa: E402
+from comfyui_bsa.nodes.nodes_bsa_attention import BSASparseAttention  # noqa: E402
+
+SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9)
+DENSE_SETTINGS = BSAConfig(keep_ratio=1.0, kv_threshold=1.0)
+HEADS, HEAD_DIM = 2, 16
+
+
+def bsa_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("[BSA]")]
+
+
+def attention(patched, q_len, k_len, mask=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, q_len, HEADS * HEAD_DIM, generator=g)
+    k, v = (torch.randn(1, k_len, HEADS * HEAD_DIM, generator=g) for _ in range(2))
+    opts = patched.model_options["transformer_options"]
+    return comfy_attention.optimized_attention(q, k, v, HEADS, mask=mask, transformer_options=opts), (q, k, v)
+
+
+def recording_override(calls: list):
+    """An attention override that was on the hook before ours: records its kwargs, runs func.
+    A function, as ModelPatcher.clone deep-copies any other object in model_options."""
+    def override(func, *args, **kwargs):
+        calls.append(kwargs)
+        return func(*args, **kwargs)
+    return override
+
+
+def test_patches_a_clone_only(tiny_wan):
+    before = dict(tiny_wan.model_options["transformer_options"])
+    patched = apply_bsa(tiny_wan, SPARSE)
+    assert patched is not tiny_wan and patched.model is tiny_wan.model
+    assert OVERRIDE_KEY in patched.model_options["transformer_options"]
+    assert tiny_wan.model_options["transformer_options"] == before
+    assert OVERRIDE_KEY not in tiny_wan.model_options["transformer_options"]
+    assert not tiny_wan.get_all_wrappers("diffusion_model") and not tiny_wan.get_all_callbacks("on_cleanup")
+
+
+def test_chains_previous_override_and_forwards_kwargs(tiny_wan, caplog):
+    caplog.set_level(logging.INFO)
+    base = tiny_wan.clone()
+    calls = []
+    base.model_options["transformer_options"][OVERRIDE_KEY] = recording_override(calls)
+    patched = apply_bsa(base, SPARSE)
+    out, (q, k, v) = attention(patched, 40, 12)
+    assert len(calls) == 1
+    assert calls[0]["transformer_options"] is patched.model_options["transformer_options"]
+    assert "_inside_attn_wrapper" in calls[0]
+    expected = comfy_attention.attention_basic(q, k, v, HEADS, _inside_attn_wrapper=True)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("cross", "cross-attention"),
+    ("mask", "attention mask present"),
+    ("no_grid", "unknown video grid"),
+])
+def test_dense_with_one_logged_reason(tiny_wan, caplog, case, reason):
+    caplog.set_level(logging.INFO)
+    patched = apply_bsa(tiny_wan, SPARSE)
+    mask = torch.zeros(40, 40) if case == "mask" else None
+    for _ in range(3):
+        attention(patched, 40, 12 if case == "cross" else 40, mask=mask)
+    assert bsa_lines(caplog) == [f"[BSA] dense: {reason}"]
+
+
+def test_reinstalls_on_prepare_state(tiny_wan):
+    patched = apply_bsa(tiny_wan, SPARSE).clone()
+    calls = []
+    foreign = recording_override(calls)
+    patched.model_options["transformer_options"][OVERRIDE_KEY] = foreign  # a later node replaced ours
+    patched.prepare_state(torch.tensor([1.0]))
+    assert patched.model_options["transformer_options"][OVERRIDE_KEY] is not foreign
+    attention(patched, 40, 12)
+    assert len(calls) == 1, "ours on top, the replacing override chained under it"
+
+
+# ---- sampling the tiny Wan through the real sampler -----------------------------------------------
+
+def sample(model, steps=2):
+    """Latent of a short cfg run (cond and uncond batched); grid 5x8x8 = 320 tokens, 8 cubes."""
+    g = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 16, 4096, generator=g), {}]]
+    negative = [[torch.randn(1, 16, 4096, generator=g), {}]]
+    latent = {"samples": torch.zeros(1, 16, 5, 16, 16)}
+    return nodes.common_ksampler(model, 7, steps, 3.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+
+
+def last_run(caplog) -> dict:
+    """The stats the patch logged at the end of the last sampling run."""
+    return [r.bsa_run for r in caplog.records if hasattr(r, "bsa_run")][-1]
+
+
+@pytest.fixture(scope="module")
+def dense_latent(tiny_wan):
+    return sample(tiny_wan)
+
+
+def test_sampling_sparse_differs_from_dense(tiny_wan, dense_latent, caplog):
+    caplog.set_level(logging.INFO)
+    latent = sample(apply_bsa(tiny_wan, SPARSE))
+    run = last_run(caplog)
+    assert run["sparse_calls"] == 4, "2 steps x 2 blocks (cond and uncond batched)"
+    assert run["dense_reasons"] == {"cross-attention": 4}
+    assert run["kept_query_pct"] == pytest.approx(50.0)
+    assert run["kept_kv_pct"] < 100.0
+    assert not torch.allclose(latent, dense_latent, atol=1e-2)
+    assert any(line.startswith("[BSA] run: 4 sparse / 4 dense calls") for line in bsa_lines(caplog))
+
+
+def test_sampling_at_one_one_matches_dense(tiny_wan, dense_latent, caplog):
+    caplog.set_level(logging.INFO)
+    latent = sample(apply_bsa(tiny_wan, DENSE_SETTINGS))
+    run = last_run(caplog)
+    assert run["sparse_calls"] == 4 and run["kept_kv_pct"] == pytest.approx(100.0)
+    assert torch.allclose(latent, dense_latent, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_window_and_dense_blocks(tiny_wan, caplog):
+    caplog.set_level(logging.INFO)
+    sample(apply_bsa(tiny_wan, SPARSE, start_percent=0.5, dense_blocks={1}), steps=4)
+    run = last_run(caplog)
+    reasons = run["dense_reasons"]
+    assert reasons["sigma outside start_percent..end_percent"] > 0
+    assert reasons["block listed in dense_blocks"] > 0
+    assert run["sparse_calls"] > 0
+
+
+def test_min_tokens_keeps_short_sequences_dense(tiny_wan, caplog):
+    caplog.set_level(logging.INFO)
+    sample(apply_bsa(tiny_wan, SPARSE, min_tokens=1000))
+    run = last_run(caplog)
+    assert run["sparse_calls"] == 0 and run["dense_reasons"]["fewer than min_tokens=1000 tokens"] == 4
+
+
+# ---- node inputs ----------------------------------------------------------------------------------
+
+NODE_DEFAULTS = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative",
+                     start_percent=0.0, end_percent=1.0)
+
+
+@pytest.mark.parametrize("bad,name", [
+    ({"dense_blocks": "0,a"}, "dense_blocks"),
+    ({"dense_blocks": "1;2"}, "dense_blocks"),
+    ({"cube_size": "4x4"}, "cube_size"),
+    ({"cube_size": "0x4x4"}, "cube_size"),
+    ({"start_percent": 0.8, "end_percent": 0.5}, "start_percent"),
+    ({"keep_ratio": 0.0}, "keep_ratio"),
+    ({"threshold_mode": "topk"}, "threshold_mode"),
+    ({"min_blocks": 0}, "min_blocks"),
+    ({"min_tokens": -1}, "min_tokens"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_invalid_settings_name_the_input(tiny_wan, bad, name):
+    with pytest.raises(ValueError, match=name):
+        BSASparseAttention.execute(tiny_wan, **{**NODE_DEFAULTS, **bad})
+
+
+def test_node_maps_inputs(tiny_wan):
+    out = BSASparseAttention.execute(tiny_wan, **NODE_DEFAULTS, dense_blocks=" 0, 2-3 ", min_tokens=5)
+    assert OVERRIDE_KEY in out.result[0].model_options["transformer_options"]
+    assert parse_block_list(" 0, 2-3 ") == {0, 2, 3} and parse_block_list("") == frozenset()
+
+
+def test_every_input_has_a_tooltip():
+    schema = BSASparseAttention.GET_SCHEMA()
+    assert all(i.tooltip for i in schema.inputs)
+
+
+def test_comfyui_loader_registers_the_node(tmp_path):
+    link = tmp_path / "comfyui-bsa"
+    link.symlink_to(REPO, target_is_directory=True)
+    assert asyncio.run(nodes.load_custom_node(str(link)))
+    node = nodes.NODE_CLASS_MAPPINGS["BSASparseAttention"]
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["BSASparseAttention"] == "BSA Sparse Attention"
+    assert list(node.INPUT_TYPES()["required"]) == ["model", "keep_ratio", "kv_threshold", "cube_size",
+                                                     "threshold_mode", "start_percent", "end_percent"]
+
+
+def test_runner_prints_times_and_sparsity():
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "run_workflow.py"), "--width", "128",
+                             "--height", "128", "--length", "17", "--steps", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if " wall " in line}
+    assert set(lines) == {"dense", "bsa_1_1", "bsa"}, result.stdout
+    assert "kept queries 50.0%" in lines["bsa"] and "4 sparse / 4 dense calls" in lines["bsa"]
+    assert float(lines["bsa_1_1"].split("dense|")[1].split()[0]) < 1e-3

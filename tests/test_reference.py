@@ -1,0 +1,133 @@
+"""The pure-torch reference: dense at r = p = 1, and the selection rules of BSA_SPEC.md."""
+import math
+
+import pytest
+import torch
+
+from comfyui_bsa.bsa_core import BSAConfig, bsa_attention, cube_layout
+from comfyui_bsa.bsa_core.reference import block_logits, keep_counts, select_kv, select_queries
+
+DENSE = BSAConfig(keep_ratio=1.0, kv_threshold=1.0)
+
+
+def qkv(B, H, L, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, D, generator=g) for _ in range(3)]
+
+
+def rms_rel(a, b):
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("B,H,grid,cube,n_prefix,n_suffix", [
+    (1, 2, (4, 4, 4), (4, 4, 4), 0, 0),
+    (2, 3, (5, 6, 7), (4, 4, 4), 0, 0),
+    (2, 2, (3, 5, 9), (2, 8, 8), 3, 0),
+    (1, 2, (5, 4, 6), (4, 4, 8), 0, 5),
+    (2, 2, (2, 3, 3), (4, 4, 4), 2, 4),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_dense_settings_equal_sdpa(B, H, grid, cube, n_prefix, n_suffix):
+    L = n_prefix + math.prod(grid) + n_suffix
+    q, k, v = qkv(B, H, L, 16)
+    out, _ = bsa_attention(q, k, v, grid, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=1.0),
+                           n_prefix=n_prefix, n_suffix=n_suffix)
+    assert rms_rel(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5
+
+
+def test_scale_is_used():
+    q, k, v = qkv(1, 2, 64, 16)
+    out, _ = bsa_attention(q, k, v, (4, 4, 4), DENSE, scale=0.3)
+    assert rms_rel(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)) < 1e-5
+
+
+# ---- query selection ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r", [0.05, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("grid", [(4, 4, 4), (5, 6, 7)], ids=str)
+def test_kept_queries_centre_and_count(grid, r):
+    layout = cube_layout(grid, (4, 4, 4))
+    q, _, _ = qkv(2, 2, math.prod(grid), 8)
+    q_count, q_index, q_source = select_queries(layout.to_cubes(q), layout, r)
+    expected = torch.ceil(torch.round(layout.n_valid.double() * r * 1e6) / 1e6).clamp(min=1)
+    assert torch.equal(q_count[0, 0].long(), expected.long())
+    assert torch.equal(q_count.long(), keep_counts(layout.n_valid, r).expand_as(q_count))
+    assert (q_index == layout.centre_slot[:, None]).any(-1).all(), "the cube centre is always kept"
+
+
+def test_dropped_query_copies_most_similar_kept_query():
+    grid = (4, 4, 4)
+    layout = cube_layout(grid, (4, 4, 4))
+    q, _, _ = qkv(1, 2, 64, 8, seed=3)
+    qc = layout.to_cubes(q)
+    _, q_index, q_source = select_queries(qc, layout, 0.25)
+    qn = torch.nn.functional.normalize(qc, dim=-1)[0, :, 0]  # [H, S, D]
+    for h in range(2):
+        kept = q_index[0, h, 0].long()
+        sims = qn[h] @ qn[h, kept].T  # [S, Kq]
+        assert torch.equal(q_source[0, h, 0].long(), sims.argmax(-1)), "source = most similar kept query"
+        assert torch.equal(q_source[0, h, 0, kept].long(), torch.arange(len(kept))), "kept queries are their own source"
+
+
+def test_centre_of_full_cube_is_geometric():
+    layout = cube_layout((4, 4, 4), (4, 4, 4))
+    assert int(layout.centre_slot[0]) == (2 * 4 + 2) * 4 + 2
+
+
+# ---- KV selection ---------------------------------------------------------------------------------
+
+def logits(N=12, seed=0, scale=3.0):
+    return scale * torch.randn(1, 1, N, N, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.6, 0.9, 0.99])
+def test_cumulative_keeps_crossing_block_and_no_more(p):
+    z = logits()
+    keep = select_kv(z, BSAConfig(kv_threshold=p))
+    mass = torch.softmax(z, -1)
+    for n in range(z.shape[-2]):
+        order = torch.argsort(mass[0, 0, n], descending=True)
+        cum = torch.cumsum(mass[0, 0, n, order], 0)
+        crossing = int((cum < p).sum())  # position of the block whose mass crosses p
+        top = set(order[: crossing + 1].tolist())
+        kept = set(torch.nonzero(keep[0, 0, n]).flatten().tolist())
+        assert top <= kept, "every block up to and including the crossing one"
+        assert kept - top <= {n}, "nothing beyond the crossing block except the own cube"
+
+
+def test_own_cube_and_min_blocks():
+    z = logits(N=10)
+    z[..., torch.arange(10), torch.arange(10)] = -30.0  # own cube has no mass
+    for min_blocks in (1, 3, 7):
+        keep = select_kv(z, BSAConfig(kv_threshold=0.05, min_blocks=min_blocks))
+        assert keep[0, 0].diagonal().all()
+        assert (keep.sum(-1) >= min_blocks).all()
+
+
+def test_kept_set_grows_with_threshold():
+    z = logits(seed=4)
+    previous = torch.zeros_like(z, dtype=torch.bool)
+    for p in torch.linspace(0.05, 1.0, 20).tolist():
+        keep = select_kv(z, BSAConfig(kv_threshold=min(p, 1.0)))
+        assert (keep | ~previous).all(), f"p={p} dropped a block a smaller p kept"
+        previous = keep
+    assert previous.all()
+
+
+def test_partial_cube_weighted_by_real_size():
+    # grid 5 x 4 x 4 with 4x4x4 cubes: cube 0 full (64), cube 1 one frame (16 tokens)
+    layout = cube_layout((5, 4, 4), (4, 4, 4))
+    q_bar = torch.zeros(1, 1, 2, 8)
+    k_bar = torch.zeros(1, 1, 2, 8)
+    z = block_logits(q_bar, k_bar, layout, scale=1.0)
+    assert torch.allclose(z[0, 0, 0], torch.log(torch.tensor([64.0, 16.0])))
+    assert torch.allclose(torch.softmax(z, -1)[0, 0, 0], torch.tensor([0.8, 0.2]))
+
+
+@pytest.mark.parametrize("lam", [-0.5, 0.0, 1.0, 2.0])
+def test_statistical_keeps_z_above_mean_plus_lambda_sigma(lam):
+    z = logits(N=16, seed=5)
+    keep = select_kv(z, BSAConfig(threshold_mode="statistical", stat_lambda=lam))
+    threshold = z.mean(-1, keepdim=True) + lam * z.std(-1, unbiased=False, keepdim=True)
+    eye = torch.eye(16, dtype=torch.bool)
+    top1 = torch.nn.functional.one_hot(z.argmax(-1), 16).bool()  # min_blocks = 1: the top block
+    assert torch.equal(keep, (z >= threshold) | eye | top1)
