@@ -148,6 +148,13 @@ class RIFLExRope(nn.Module):
         return f"index={self.index}, frequency={self.frequency:.6g}"
 
 
+def latent_length(samples: torch.Tensor) -> int:
+    """Frame count of a video latent [B, C, T, H, W]."""
+    if samples.ndim != 5:
+        raise ValueError(f"latent must be a video latent [B, C, T, H, W], got shape {tuple(samples.shape)}")
+    return samples.shape[2]
+
+
 def _train_length(model) -> int | None:
     for cls in type(model.model.model_config).__mro__:
         if cls.__name__ in TRAIN_LENGTHS:

@@ -2,8 +2,9 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes_bsa_attention import BSASparseAttention
+from .nodes_riflex import RIFLExExtend
 
 
 class BSAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [BSASparseAttention]
+        return [BSASparseAttention, RIFLExExtend]
