@@ -17,7 +17,7 @@ import triton.language as tl
 from ..bsa_core.reference import keep_counts
 from ._cube_index import _cube_tokens, _grid_args
 
-_EPS = 1e-12  # torch.nn.functional.normalize's eps
+_EPS = tl.constexpr(1e-12)  # torch.nn.functional.normalize's eps
 _TILE_ELEMENTS = 8192
 
 
