@@ -8,7 +8,8 @@ MMA tile; the union costs extra MMA work where neighbouring cubes select differe
 Every query also attends the optional extra keys (text / reference tokens) [B, H, E, D].
 
 Softmax runs in the log2 domain with the scale folded in (exp2), fp32 accumulators; rows that see no
-valid key give 0. Programs are launched longest-row first so that heavy heads do not trail.
+valid key give 0. Launch order: heads by descending work (long rows start first), cube order inside a
+head (programs in flight share one head's KV cubes, which then stay in L2).
 """
 from __future__ import annotations
 
@@ -36,23 +37,36 @@ def _prune_configs(configs, named_args, **kwargs):
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, idx_ptr, bits_ptr, bias_ptr, count, row_cube, qk_scale,
                     offs_n, offs_d, n_keys,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr, KV_PER_ITER: tl.constexpr,
                     SPARSE: tl.constexpr, HAS_BITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr):
-    """Online softmax over `count` KV blocks; returns the running (acc, l_i, m_i).
+    """Online softmax over KV blocks; returns the running (acc, l_i, m_i).
 
-    SPARSE: block j is KV cube idx_ptr[j] (CUBE tokens each, key bias from bias_ptr masks padding
-    slots), with HAS_BITS row r only sees it when bit row_cube[r] of bits_ptr[j] is set.
-    Otherwise: block j is keys [j * BLOCK_N, (j + 1) * BLOCK_N) of n_keys extra keys, seen by all rows.
+    SPARSE: one step covers KV_PER_ITER table entries; entry j is KV cube idx_ptr[j] (CUBE tokens, key
+    bias from bias_ptr masks padding slots), and with HAS_BITS row r only sees it when bit row_cube[r]
+    of bits_ptr[j] is set. Otherwise: step j is extra keys [j * BLOCK_N, (j + 1) * BLOCK_N) of n_keys,
+    seen by every row.
     """
-    for j in range(0, count):
+    if SPARSE:
+        n_steps = tl.cdiv(count, KV_PER_ITER)
+    else:
+        n_steps = count
+    for j in range(0, n_steps):
         if SPARSE:
-            kv = tl.load(idx_ptr + j).to(tl.int64)
-            rows = kv * CUBE + offs_n
-            if EVEN_N:
-                col_bias = tl.load(bias_ptr + rows)
+            if KV_PER_ITER == 1:
+                kv = tl.load(idx_ptr + j).to(tl.int64)
+                rows = kv * CUBE + offs_n
+                if EVEN_N:
+                    col_bias = tl.load(bias_ptr + rows)
+                else:
+                    col_bias = tl.load(bias_ptr + rows, mask=offs_n < CUBE, other=float("-inf"))
+                key_ok = offs_n < CUBE
             else:
-                col_bias = tl.load(bias_ptr + rows, mask=offs_n < CUBE, other=float("-inf"))
-            key_ok = offs_n < CUBE
+                # column c belongs to table entry j * KV_PER_ITER + c // CUBE (a missing last one is masked)
+                entry = j * KV_PER_ITER + offs_n // CUBE
+                key_ok = entry < count
+                kv = tl.load(idx_ptr + entry, mask=key_ok, other=0).to(tl.int64)
+                rows = kv * CUBE + offs_n % CUBE
+                col_bias = tl.load(bias_ptr + rows) + tl.where(key_ok, 0.0, float("-inf"))
         else:
             rows = (j * BLOCK_N + offs_n).to(tl.int64)
             key_ok = rows < n_keys
@@ -69,9 +83,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, idx_ptr, bits_ptr, bias_ptr, c
         s = qk * qk_scale + col_bias[None, :]
         if HAS_BITS:
             if SPARSE:
-                bits = tl.load(bits_ptr + j)
-                row_ok = ((bits >> row_cube) & 1) != 0
-                s = tl.where(row_ok[:, None], s, float("-inf"))
+                if KV_PER_ITER == 1:
+                    bits = tl.load(bits_ptr + j)
+                    s = tl.where((((bits >> row_cube) & 1) != 0)[:, None], s, float("-inf"))
+                else:
+                    bits = tl.load(bits_ptr + entry, mask=key_ok, other=0)
+                    s = tl.where(((bits[None, :] >> row_cube[:, None]) & 1) != 0, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no valid key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -91,18 +108,19 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, idx_ptr, bits_ptr, bias_ptr, c
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP"],
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "KV_PER_ITER"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _block_sparse_attn_fwd(Q, K, V, KE, VE, Out, Lse, order_ptr, q_index_ptr, grp_count_ptr, grp_index_ptr,
                            grp_bits_ptr, key_bias_ptr, qk_scale, H, N, KQ, NG, KG, E,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           CUBE: tl.constexpr, GROUP: tl.constexpr, HAS_EXTRA: tl.constexpr,
-                           DOT_F32: tl.constexpr):
-    tl.static_assert(BLOCK_N >= CUBE, "one KV cube must fit one key block")
+                           CUBE: tl.constexpr, GROUP: tl.constexpr, KV_PER_ITER: tl.constexpr,
+                           HAS_EXTRA: tl.constexpr, DOT_F32: tl.constexpr):
+    tl.static_assert(BLOCK_N >= CUBE * KV_PER_ITER, "KV_PER_ITER cubes must fit one key block")
+    tl.static_assert(KV_PER_ITER == 1 or BLOCK_N == CUBE * KV_PER_ITER, "packed cubes need a power-of-2 volume")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(GROUP <= 32, "membership bits are one int32 per block")
-    # heaviest (batch, head, group) first: order_ptr is sorted by descending union length
+    # order_ptr: heads by descending total work, each head's groups in cube order (shared KV stays in L2)
     work = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
     bh = work // NG
     grp = work % NG
@@ -114,6 +132,7 @@ def _block_sparse_attn_fwd(Q, K, V, KE, VE, Out, Lse, order_ptr, q_index_ptr, gr
     row_cube = offs_m // KQ
     cube = grp * GROUP + row_cube
     row_live = (row_cube < GROUP) & (cube < N)
+    row_store = row_live
     qi_off = (bh * N + cube) * KQ + offs_m % KQ
     slot = tl.load(q_index_ptr + qi_off, mask=row_live, other=-1)
     row_live = row_live & (slot >= 0)
@@ -130,13 +149,13 @@ def _block_sparse_attn_fwd(Q, K, V, KE, VE, Out, Lse, order_ptr, q_index_ptr, gr
     count = tl.load(grp_count_ptr + bh * NG + grp)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_bh, V + kv_bh, grp_index_ptr + table,
                                     grp_bits_ptr + table, key_bias_ptr, count, row_cube.to(tl.int32), qk_scale,
-                                    offs_n, offs_d, 0, BLOCK_N, HEAD_DIM, CUBE,
-                                    True, GROUP > 1, BLOCK_N == CUBE, DOT_F32)
+                                    offs_n, offs_d, 0, BLOCK_N, HEAD_DIM, CUBE, KV_PER_ITER,
+                                    True, GROUP > 1, BLOCK_N == CUBE * KV_PER_ITER, DOT_F32)
     if HAS_EXTRA:
         ext_bh = bh * E * HEAD_DIM
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KE + ext_bh, VE + ext_bh, grp_index_ptr,
                                         grp_bits_ptr, key_bias_ptr, tl.cdiv(E, BLOCK_N), row_cube.to(tl.int32),
-                                        qk_scale, offs_n, offs_d, E, BLOCK_N, HEAD_DIM, CUBE,
+                                        qk_scale, offs_n, offs_d, E, BLOCK_N, HEAD_DIM, CUBE, 1,
                                         False, False, False, DOT_F32)
 
     # rows that saw no valid key (or are padding) write 0 and LSE -inf
@@ -144,8 +163,8 @@ def _block_sparse_attn_fwd(Q, K, V, KE, VE, Out, Lse, order_ptr, q_index_ptr, gr
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     o_off = qi_off[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=row_live[:, None])
-    tl.store(Lse + qi_off, lse, mask=row_live)
+    tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=row_store[:, None])
+    tl.store(Lse + qi_off, lse, mask=row_store)
 
 
 def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
@@ -184,11 +203,24 @@ def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
             bits[..., :KG].to(torch.int32).contiguous())
 
 
+def _work_order(grp_count: torch.Tensor, schedule: str) -> torch.Tensor:
+    """Launch order of the (batch*head, group) programs, as flat ids [B*H*NG] int32."""
+    flat = grp_count.reshape(-1, grp_count.shape[-1]).long()
+    if schedule == "lpt":
+        return torch.argsort(flat.reshape(-1), descending=True).to(torch.int32)
+    if schedule != "head":
+        raise ValueError(f"schedule must be 'head' or 'lpt', got {schedule!r}")
+    heads = torch.argsort(flat.sum(-1), descending=True)
+    NG = flat.shape[-1]
+    return (heads[:, None] * NG + torch.arange(NG, device=flat.device)).reshape(-1).to(torch.int32)
+
+
 def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes: torch.Tensor,
                            q_index: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
                            slot_valid: torch.Tensor, scale: float | None = None,
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
-                           cubes_per_program: int | None = None, return_lse: bool = False):
+                           cubes_per_program: int | None = None, kv_per_iter: int | None = None,
+                           schedule: str = "head", return_lse: bool = False):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
@@ -196,6 +228,9 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     KV cube ids (-1 pad); slot_valid [N, S] bool (padding key slots are never attended).
     k_extra, v_extra: [B, H, E, D] keys every query attends (E may be 0), or None.
     cubes_per_program: query cubes packed into one program (default: enough for a 64-row tile).
+    kv_per_iter: KV cubes per inner step (1 or 2; default 2 when the cube volume is a power of 2 <= 64).
+    schedule: "head" (heads by descending work, cube order inside a head: neighbours share KV in L2)
+    or "lpt" (all programs by descending work).
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with
     return_lse the log2-domain LSE [B, H, N, Kq] fp32.
     """
@@ -245,18 +280,24 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
         raise ValueError(f"cubes_per_program must be in [1, 32], got {cubes_per_program}")
     grp_count, grp_index, grp_bits = _group_table(kv_count, kv_index, group)
     NG, KG = grp_count.shape[-1], grp_index.shape[-1]
-    order = torch.argsort(grp_count.reshape(-1), descending=True).to(torch.int32)
+    order = _work_order(grp_count, schedule)
     key_bias = torch.zeros(slot_valid.shape, dtype=torch.float32, device=q.device)
     key_bias.masked_fill_(~slot_valid.to(q.device), float("-inf"))
 
     out = torch.empty(B, H, N, KQ, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q.device)
     BLOCK_M = max(16, triton.next_power_of_2(group * KQ))
-    BLOCK_N = max(16, triton.next_power_of_2(S))
+    pow2 = S == triton.next_power_of_2(S) and S >= 16
+    if kv_per_iter is None:
+        kv_per_iter = 2 if pow2 and S <= 64 else 1
+    if kv_per_iter not in (1, 2) or (kv_per_iter == 2 and not pow2):
+        raise ValueError(f"kv_per_iter must be 1, or 2 with a power-of-2 cube volume >= 16, got {kv_per_iter}")
+    BLOCK_N = max(16, triton.next_power_of_2(S)) * kv_per_iter
     grid = (B * H * NG,)
     _block_sparse_attn_fwd[grid](q, k, v, ke, ve, out, lse, order, q_index.contiguous(), grp_count, grp_index,
                                  grp_bits, key_bias, scale, H, N, KQ, NG, KG, E,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, CUBE=S, GROUP=group,
+                                 KV_PER_ITER=kv_per_iter,
                                  HAS_EXTRA=has_extra, DOT_F32=_INTERPRET)
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out

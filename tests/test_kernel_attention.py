@@ -39,9 +39,9 @@ def _inputs(B, H, grid, cube, D, dtype, seed, E=0):
     return layout, qc, kc, vc, ke, ve
 
 
-def _run(layout, qc, kc, vc, sel, scale, ke=None, ve=None, group=None):
+def _run(layout, qc, kc, vc, sel, scale, ke=None, ve=None, group=None, kv_per_iter=None, schedule="head"):
     kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, scale,
-                                  ke, ve, cubes_per_program=group)
+                                  ke, ve, cubes_per_program=group, kv_per_iter=kv_per_iter, schedule=schedule)
     return scatter_kept(kept, sel.q_source, layout.slot_valid)
 
 
@@ -60,14 +60,15 @@ def _case_id(c):
             f"{str(dtype).split('.')[-1]}-r{r}-p{p}-E{E}-G{group}")
 
 
+@pytest.mark.parametrize("kv_per_iter", [None, 1], ids=["kvp-auto", "kvp1"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_matches_reference(case):
+def test_matches_reference(case, kv_per_iter):
     B, H, grid, cube, D, dtype, r, p, E, group = case
     layout, qc, kc, vc, ke, ve = _inputs(B, H, grid, cube, D, dtype, seed=hash(_case_id(case)) % 1000, E=E)
     scale = D ** -0.5
     sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=r, kv_threshold=p), scale)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
-    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group)
+    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group, kv_per_iter, "lpt" if kv_per_iter else "head")
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all()
     assert _rel_rms(out, ref) < 1e-2
@@ -80,8 +81,8 @@ def test_empty_selection_rows_are_zero_or_extra_only():
     sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=0.5, kv_threshold=0.5), D ** -0.5)
     empty = BSASelection(sel.q_count, sel.q_index, sel.q_source, torch.zeros_like(sel.kv_count),
                          torch.full_like(sel.kv_index, -1))
-    out = _run(layout, qc, kc, vc, empty, D ** -0.5)
-    assert torch.isfinite(out).all() and out.abs().max() == 0
+    kept = block_sparse_attention(qc, kc, vc, empty.q_index, empty.kv_count, empty.kv_index, layout.slot_valid)
+    assert torch.isfinite(kept).all() and kept.abs().max() == 0  # padding rows are written (0) too
     out = _run(layout, qc, kc, vc, empty, D ** -0.5, ke, ve, group=2)
     ref = sparse_attention_reference(qc, kc, vc, layout, empty, D ** -0.5, ke, ve)
     assert _rel_rms(out, ref) < 1e-2
@@ -132,19 +133,20 @@ def test_gpu_dense_selection_equals_sdpa(D):
     q_count, q_index = mask_to_index(layout.slot_valid.expand(1, H, N, -1))
     kv_count, kv_index = mask_to_index(torch.ones(1, H, N, N, dtype=torch.bool, device="cuda"))
     kept = block_sparse_attention(qc, kc, vc, q_index, kv_count, kv_index, layout.slot_valid)
-    src = torch.arange(64, device="cuda", dtype=torch.int32).expand(1, H, N, 64)
-    out = layout.to_raster(scatter_kept(kept, torch.where(layout.slot_valid, src, -1), layout.slot_valid))
+    src = (torch.cumsum(layout.slot_valid.int(), -1) - 1).where(layout.slot_valid, -1).to(torch.int32)
+    out = layout.to_raster(scatter_kept(kept, src.expand(1, H, N, -1), layout.slot_valid))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert _rel_rms(out, ref) < 1e-2
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv_per_iter", [1, 2])
 @pytest.mark.parametrize("group", [1, 2, 4])
-def test_gpu_wan_sparse_matches_reference(group):
+def test_gpu_wan_sparse_matches_reference(group, kv_per_iter):
     grid, H, D = (21, 30, 52), 2, 128
     layout, qc, kc, vc, ke, ve = _inputs(1, H, grid, (4, 4, 4), D, torch.bfloat16, seed=11, E=77)
     scale = D ** -0.5
     sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8), scale)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
-    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group)
+    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group, kv_per_iter)
     assert _rel_rms(out, ref) < 1e-2
