@@ -1,5 +1,6 @@
 """The model patch through ComfyUI's real attention hook, sampler and custom-node loader (CPU)."""
 import asyncio
+import json
 import logging
 import pathlib
 import subprocess
@@ -204,3 +205,15 @@ def test_runner_prints_times_and_sparsity():
     assert set(lines) == {"dense", "bsa_1_1", "bsa"}, result.stdout
     assert "kept queries 50.0%" in lines["bsa"] and "4 sparse / 4 dense calls" in lines["bsa"]
     assert float(lines["bsa_1_1"].split("dense|")[1].split()[0]) < 1e-3
+
+
+def test_ui_workflow_widgets_follow_the_schema(tiny_wan):
+    """The template's widget values, read in schema order, are valid node inputs."""
+    workflow = json.loads((REPO / "workflows" / "wan21_t2v_1.3B_bsa.json").read_text())
+    (node,) = [n for n in workflow["nodes"] if n["type"] == "BSASparseAttention"]
+    types = BSASparseAttention.INPUT_TYPES()
+    widgets = [name for name in [*types["required"], *types.get("optional", {})] if name != "model"]
+    assert len(node["widgets_values"]) == len(widgets)
+    BSASparseAttention.execute(tiny_wan, **dict(zip(widgets, node["widgets_values"])))
+    linked = {(link[3], link[4]) for link in workflow["links"]}
+    assert all((n["id"], slot) in linked for n in workflow["nodes"] for slot, i in enumerate(n["inputs"]))

