@@ -1,0 +1,140 @@
+"""The example workflows in the real ComfyUI frontend: a `main.py --cpu` server on 127.0.0.1 and the
+frontend package ComfyUI 0.3.75 pins (1.32.9) in headless Debian Chromium, driven by Playwright.
+
+Skipped when ComfyUI, playwright or Chromium is missing (the reason names what); with
+BSA_REQUIRE_BROWSER=1 (CI) that is a failure instead. Screenshots go to BSA_ARTIFACTS_DIR, else to
+pytest's temporary folder; the path is printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import comfy_frontend as cf  # noqa: E402
+
+BSA = "BSASparseAttention"
+SLIDERS = ("keep_ratio", "kv_threshold")
+TINY_API = REPO / "workflows" / "tiny_wan_t2v_api.json"
+UI_WORKFLOWS = cf.ui_workflows()
+MISSING = cf.missing_requirements()
+
+if MISSING and os.environ.get("BSA_REQUIRE_BROWSER") == "1":
+    raise RuntimeError("BSA_REQUIRE_BROWSER=1 but the browser test cannot run: " + "; ".join(MISSING))
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(bool(MISSING), reason="browser test needs: " + "; ".join(MISSING))]
+
+
+def _spec(object_info: dict, node_type: str, name: str) -> dict:
+    inputs = object_info[node_type]["input"]
+    return (inputs.get("required", {}).get(name) or inputs.get("optional", {})[name])[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    folder = pathlib.Path(os.environ.get("BSA_ARTIFACTS_DIR") or tmp_path_factory.mktemp("frontend_artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nfrontend screenshots: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, artifacts):
+    graphs = [json.loads(p.read_text()) for p in UI_WORKFLOWS]
+    server = cf.ComfyServer(tmp_path_factory.mktemp("comfy_base"), placeholders=cf.model_names(graphs),
+                            tiny_wan=True)
+    with server:
+        yield server
+    (artifacts / "server.log").write_text(server.log_tail(200_000))
+
+
+@pytest.fixture(scope="module")
+def frontend(server):
+    with cf.Frontend(server.url) as page:
+        yield page
+
+
+def test_server_serves_pinned_frontend_and_our_node(server):
+    assert server.get("/system_stats")["system"]["comfyui_version"] == "0.3.75"
+    assert BSA in server.object_info, f"the pack did not load:\n{server.log_tail()}"
+    for name in SLIDERS:
+        spec = _spec(server.object_info, BSA, name)
+        assert spec.get("display") == "slider", (name, spec)
+        assert spec.get("tooltip"), f"{name} has no tooltip"
+
+
+def test_bsa_node_sliders_and_tooltips(server, frontend, artifacts):
+    node_id = frontend.add_node(BSA)
+    widgets = {w["name"]: w for w in frontend.widgets(node_id)}
+    for name in SLIDERS:
+        spec = _spec(server.object_info, BSA, name)
+        assert widgets[name]["type"] == "slider", widgets[name]
+        assert (widgets[name]["options"]["min"], widgets[name]["options"]["max"]) == (spec["min"], spec["max"])
+        assert widgets[name]["value"] == pytest.approx(spec["default"])
+        assert frontend.hover_tooltip(node_id, name) == spec["tooltip"]
+    frontend.screenshot(artifacts / "bsa_node.png")
+    assert frontend.overlays() == {"dialogs": [], "toasts": []}
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
+def test_ui_workflow_loads_validates_and_renders(path, server, frontend, artifacts):
+    graph = json.loads(path.read_text())
+    nodes = frontend.load(graph)
+    assert len(nodes) == len(graph["nodes"])
+    missing = sorted({n["type"] for n in nodes
+                      if not n["registered"] or not n["virtual"] and n["type"] not in server.object_info})
+    assert not missing, f"{path.name}: node types the server does not have: {missing}"
+    assert not [n for n in nodes if n["has_errors"]], f"{path.name}: nodes with errors"
+    assert frontend.overlays() == {"dialogs": [], "toasts": []}, f"{path.name}: dialog or toast after load"
+
+    bsa_nodes = [n for n in nodes if n["type"] == BSA]
+    for node in bsa_nodes:
+        widgets = {w["name"]: w for w in frontend.widgets(node["id"])}
+        for name in SLIDERS:
+            assert widgets[name]["type"] == "slider", (path.name, widgets[name])
+            assert widgets[name]["tooltip"] == _spec(server.object_info, BSA, name)["tooltip"]
+
+    # What the Run button would queue passes the server's own validation (types, ranges, choices).
+    prompt = frontend.graph_to_prompt()
+    if bsa_nodes:
+        assert BSA in {n["class_type"] for n in prompt.values()}
+    try:
+        run = server.run_prompt(prompt, timeout=120)
+    except cf.PromptRejected as rejected:
+        pytest.fail(f"{path.name}: /prompt rejected the workflow: {rejected}")
+    # The model files are empty placeholders, so a loader of one may fail at run time; nothing else may.
+    for error in run.of_type("execution_error"):
+        loads = set(map(str, prompt[error["node_id"]]["inputs"].values()))
+        assert loads & server.placeholders, f"{path.name}: {error['node_type']}: {error['exception_message']}"
+
+    frontend.fit_view()
+    shot = frontend.screenshot(artifacts / f"{path.stem}.png")
+    assert shot.stat().st_size > 10_000
+
+
+def test_tiny_api_workflow_runs_over_websocket(server):
+    if not TINY_API.is_file():
+        pytest.skip(f"{TINY_API.name} not written yet")
+    prompt = json.loads(TINY_API.read_text())
+    run = server.run_prompt(prompt, timeout=150)
+    assert run.succeeded, f"{run.of_type('execution_error')}\n{server.log_tail()}"
+
+    steps = next(n["inputs"]["steps"] for n in prompt.values() if n["class_type"] == "KSampler")
+    progress = run.of_type("progress")
+    assert [p["value"] for p in progress][-1] == steps and all(p["max"] == steps for p in progress), progress
+    ran = {e["node"] for e in run.of_type("executing") if e.get("node")}
+    bsa_id = next(i for i, n in prompt.items() if n["class_type"] == BSA)
+    assert bsa_id in ran, f"the BSA node did not run: {ran}"
+
+    save_id = next(i for i, n in prompt.items() if n["class_type"] == "SaveLatent")
+    executed = [e for e in run.of_type("executed") if e["node"] == save_id]
+    assert executed and executed[0]["output"]["latents"], run.of_type("executed")
+    latent = executed[0]["output"]["latents"][0]
+    assert run.history["outputs"][save_id]["latents"] == executed[0]["output"]["latents"]
+    saved = server.base / "output" / latent["subfolder"] / latent["filename"]
+    assert saved.is_file() and saved.stat().st_size > 0
