@@ -38,3 +38,15 @@ shutil.rmtree(dest / "ComfyUI", ignore_errors=True)
 shutil.move(str(tmp / "ComfyUI"), str(dest / "ComfyUI"))
 PYEOF
 fi
+
+# --- browser test (tests/test_frontend.py) --------------------------------------------------------
+# Debian's Chromium, driven by the playwright package from requirements-ci.txt (Playwright's own browser
+# download does not work here). Not fatal: without it that test is skipped and says why.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+      || echo "setup: apt-get install chromium failed; tests/test_frontend.py will be skipped" >&2
+  else
+    echo "setup: no chromium (install Debian's chromium as root); tests/test_frontend.py will be skipped" >&2
+  fi
+fi
