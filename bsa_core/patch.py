@@ -122,7 +122,8 @@ class BSAPatch:
         transformer_options[OVERRIDE_KEY] = override
 
     def dense_reason(self, q, k, v, mask, tokens: int, sigmas) -> str | None:
-        """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D]."""
+        """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D].
+        Counts self-attention calls as it goes: the k-th one of a forward is block k."""
         if q.shape[-2] != k.shape[-2]:
             return "cross-attention"
         block = self.block
