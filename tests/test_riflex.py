@@ -3,48 +3,27 @@ EmbedND on the position ids Wan builds, the clone-only contract, and a tiny Wan 
 length through RIFLEx + BSA on CPU."""
 import logging
 import math
-import os
 import pathlib
-import sys
 import types
 
 import pytest
 import torch
 
+from comfy_env import REPO, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
 from comfyui_bsa.bsa_core.riflex import (RIFLExRope, apply_riflex, intrinsic_k, latent_length, riflex_frequency,
                                          riflex_report)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 WAN_AXES = [44, 42, 42]  # Wan 2.1 1.3B/14B: head dim 128 -> [d - 4 (d // 6), 2 (d // 6), 2 (d // 6)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def comfy():
-    """ComfyUI in CPU mode (local helper: no shared one in tests/ yet). Skips without a checkout."""
-    path = pathlib.Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui" / "ComfyUI")
-    if not (path / "comfy").is_dir():
-        pytest.skip(f"no ComfyUI checkout at {path}")
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    import comfy.options
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    """ComfyUI in CPU mode via the shared helper; only the tests that need it skip without a checkout."""
+    require_comfyui()
     import comfy.ldm.flux.layers
     import comfy.ldm.wan.model
-    import comfy.model_management
     import comfy.model_patcher
-    import comfy.sd
     return comfy
-
-
-@pytest.fixture(scope="module")
-def tiny_wan(comfy, tmp_path_factory):
-    """ModelPatcher of the random-weight tiny Wan 2.1 T2V (tools/tiny_wan.py), loaded by ComfyUI."""
-    sys.path.insert(0, str(REPO / "tools"))
-    from tiny_wan import write_tiny_wan
-    path = write_tiny_wan(tmp_path_factory.mktemp("models") / "tiny_wan.safetensors")
-    return comfy.sd.load_diffusion_model(str(path))
 
 
 def wan_position_ids(comfy, t, h=4, w=4):
@@ -223,3 +202,73 @@ def test_tiny_wan_samples_2x_frames_with_riflex_and_bsa(comfy, tiny_wan, caplog)
     runs = [r.bsa_run for r in caplog.records if hasattr(r, "bsa_run")]
     assert runs and runs[-1]["sparse_calls"] > 0
     assert torch.equal(sample(tiny_wan), dense)
+
+
+# ---------------------------------------------------------------- the example workflow
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def ui_to_api(workflow: dict, node_classes: dict) -> dict:
+    """UI-format graph -> API prompt, reading widgets_values in each node's schema order (as the frontend
+    does); fails when a node has more or fewer widget values than its schema has widgets."""
+    sources = {link[0]: [str(link[1]), link[2]] for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] == "Note":
+            continue
+        links = {i["name"]: i["link"] for i in node["inputs"] if i["link"] is not None}
+        values = list(node["widgets_values"])
+        spec = node_classes[node["type"]].INPUT_TYPES()
+        inputs = {}
+        for name, (kind, *options) in [*spec["required"].items(), *spec.get("optional", {}).items()]:
+            if name in links:
+                inputs[name] = sources[links[name]]
+            elif isinstance(kind, list) or kind in WIDGET_TYPES:
+                assert values, f"{node['type']}: no widget value left for {name}"
+                inputs[name] = values.pop(0)
+                if options and options[0].get("control_after_generate"):
+                    values.pop(0)
+        assert not values, f"{node['type']}: widget values left over: {values}"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_example_workflow_is_valid(comfy, tmp_path):
+    """workflows/wan21_long_video_riflex_bsa.json through ComfyUI's own prompt validation, with empty
+    stand-in files for the three model files (validation checks names, not contents)."""
+    import asyncio
+    import json
+    import sys
+
+    import execution
+    import folder_paths
+    import nodes
+
+    # nodes.py puts comfy/ first on sys.path, whose utils.py then hides ComfyUI's utils package that
+    # nodes_images -> server needs; main.py avoids it by importing the package first, so do the same.
+    sys.path.insert(0, str(require_comfyui()))
+    try:
+        import utils.install_util  # noqa: F401
+    finally:
+        sys.path.pop(0)
+    extras = pathlib.Path(nodes.__file__).parent / "comfy_extras"
+    for extra in ("nodes_hunyuan.py", "nodes_model_advanced.py", "nodes_images.py"):
+        asyncio.run(nodes.load_custom_node(str(extras / extra), module_parent="comfy_extras"))
+    from comfyui_bsa.nodes import BSAExtension
+    for node_class in asyncio.run(BSAExtension().get_node_list()):
+        nodes.NODE_CLASS_MAPPINGS.setdefault(node_class.define_schema().node_id, node_class)
+
+    workflow = json.loads((REPO / "workflows" / "wan21_long_video_riflex_bsa.json").read_text())
+    for folder, name in (("diffusion_models", "wan2.1_t2v_1.3B_fp16.safetensors"),
+                         ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+                         ("vae", "wan_2.1_vae.safetensors")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).touch()
+        folder_paths.add_model_folder_path(folder, str(tmp_path / folder))
+    prompt = ui_to_api(workflow, nodes.NODE_CLASS_MAPPINGS)
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("riflex", prompt, None))
+    assert valid, (error, node_errors)
+    riflex = next(p["inputs"] for p in prompt.values() if p["class_type"] == "RIFLExExtend")
+    latent = next(p["inputs"] for p in prompt.values() if p["class_type"] == "EmptyHunyuanLatentVideo")
+    assert riflex["latent"] and (latent["length"] - 1) // 4 + 1 == riflex["latent_frames"] == 41
