@@ -7,6 +7,8 @@ Tables (kept queries: bsa_core's real query selection at keep_ratio 0.5; KV cube
   random  own cube + uniformly random cubes, per-head share spread over [4 %, 10 %] (worst case for
           packing several query cubes into one program: neighbours share almost nothing);
   local   own cube + the nearest cubes in 3D, same per-head shares (neighbours share most of it);
+  pair    local lists, shared by each pair of consecutive cubes (selection made per 2-cube group: the
+          2-cube union wastes nothing; the kernel's ceiling for G=2);
   video   bsa_select on bench/video_qkv.py's video-like Q/K (480p only; threshold --video-threshold).
 TFLOP/s of sparse providers count kept blocks only: 4 * D * sum(kept queries * selected cubes * 64).
 """
@@ -33,7 +35,8 @@ from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.reference import bsa_select, select_queries  # noqa: E402
 from comfyui_bsa.bsa_core.selection import mask_to_index  # noqa: E402
-from comfyui_bsa.kernels.block_sparse_attention import block_sparse_attention, scatter_kept  # noqa: E402
+from comfyui_bsa.kernels.block_sparse_attention import (  # noqa: E402
+    block_sparse_attention, plan_block_sparse, scatter_kept)
 
 SHAPES = {"480p": ((21, 30, 52), 12), "720p": ((21, 45, 80), 40)}
 D = 128
@@ -119,9 +122,9 @@ def _sol_attn(qc, kc, vc):
 
 
 def _variant(text):
-    """'G2-P2-head' -> (cubes_per_program, kv_per_iter, schedule)."""
-    g, p, sched = text.split("-")
-    return int(g[1:]), int(p[1:]), sched
+    """'G2-P2-head[-tma]' -> (cubes_per_program, kv_per_iter, schedule, use_tma)."""
+    g, p, sched, *tma = text.split("-")
+    return int(g[1:]), int(p[1:]), sched, bool(tma)
 
 
 def bench_shape(name, tables, variants, video_threshold, gen):
@@ -160,6 +163,9 @@ def bench_shape(name, tables, variants, video_threshold, gen):
             qc, kc, vc = (layout.to_cubes(x).contiguous() for x in (q, k, v))
             sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=video_threshold), D ** -0.5)
             q_index, q_source, kv_count, kv_index = sel.q_index, sel.q_source, sel.kv_count, sel.kv_index
+        elif table == "pair":  # KV chosen per pair of cubes (local lists): union of a pair = each list
+            kv_count, kv_index = _synthetic_table(layout, H, "local", gen)
+            kv_count[..., 1::2], kv_index[..., 1::2, :] = kv_count[..., 0::2], kv_index[..., 0::2, :]
         else:
             kv_count, kv_index = _synthetic_table(layout, H, table, gen)
         kept_q = (q_index >= 0).sum(-1).double()
@@ -170,14 +176,17 @@ def bench_shape(name, tables, variants, video_threshold, gen):
               f"{float(kept_q.sum() / layout.n_valid.sum() / H):.2f}", flush=True)
         outs = {}
         for var in variants:
-            g, p, sched = _variant(var)
-            fn = lambda g=g, p=p, sched=sched: block_sparse_attention(
-                qc, kc, vc, q_index, kv_count, kv_index, layout.slot_valid, cubes_per_program=g, kv_per_iter=p,
-                schedule=sched)
+            g, p, sched, tma = _variant(var)
+            make_plan = lambda g=g, sched=sched: plan_block_sparse(kv_count, kv_index, layout.slot_valid, g, sched)
+            plan = make_plan()
+            fn = lambda p=p, tma=tma, plan=plan: block_sparse_attention(
+                qc, kc, vc, q_index, kv_count, kv_index, layout.slot_valid, kv_per_iter=p, use_tma=tma, plan=plan)
             outs[var] = fn()
             t = _ms(fn)
-            rows.append((name, table, f"bsa-triton {var}", t, flop / t / 1e9, f"{t_cudnn / t:.2f}x", ""))
-            print(f"  bsa-triton {var}: {t:.3f} ms {flop / t / 1e9:.0f} TFLOP/s", flush=True)
+            t_plan = _ms(make_plan)
+            rows.append((name, table, f"bsa-triton {var}", t, flop / t / 1e9, f"{t_cudnn / t:.2f}x",
+                         f"+plan {t_plan:.3f} ms"))
+            print(f"  bsa-triton {var}: {t:.3f} ms {flop / t / 1e9:.0f} TFLOP/s (plan {t_plan:.3f} ms)", flush=True)
         try:
             flex = _flex_setup(layout, q_index, kv_count, kv_index, qc, kc, vc)
             o_flex = flex().reshape(outs[variants[0]].shape)
@@ -203,8 +212,8 @@ def bench_shape(name, tables, variants, video_threshold, gen):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="480p,720p")
-    ap.add_argument("--tables", default="random,local,video")
-    ap.add_argument("--variants", default="G1-P1-lpt,G1-P2-head,G2-P1-head,G2-P2-head,G2-P2-lpt,G4-P2-head",
+    ap.add_argument("--tables", default="random,local,pair,video")
+    ap.add_argument("--variants", default="G1-P2-head,G2-P1-head,G2-P1-head-tma,G2-P2-head,G4-P1-head-tma",
                     help="G query cubes per program, P KV cubes per inner step, launch schedule head|lpt")
     ap.add_argument("--video-threshold", type=float, default=0.5)
     args = ap.parse_args()
@@ -218,6 +227,9 @@ def main():
     print(f"\n{'shape':6} {'table':13} {'provider':26} {'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>9}  note")
     for shape, table, prov, t, tf, ratio, note in rows:
         print(f"{shape:6} {table:13} {prov:26} {t:9.3f} {tf:8.0f} {ratio:>9}  {note}")
+    from comfyui_bsa.kernels.block_sparse_attention import _block_sparse_attn_fwd
+    for key, cfg in getattr(_block_sparse_attn_fwd, "cache", {}).items():
+        print(f"autotune {key[:5]} -> {cfg}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,16 +36,18 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, idx_ptr, bits_ptr, bias_ptr, count, row_cube, qk_scale,
-                    offs_n, offs_d, n_keys,
+def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_ptr, bits_ptr, bias_ptr, count,
+                    row_cube, qk_scale, offs_n, offs_d, n_keys,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr, KV_PER_ITER: tl.constexpr,
-                    SPARSE: tl.constexpr, HAS_BITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr):
+                    SPARSE: tl.constexpr, HAS_BITS: tl.constexpr, EVEN_N: tl.constexpr, USE_TMA: tl.constexpr,
+                    DOT_F32: tl.constexpr):
     """Online softmax over KV blocks; returns the running (acc, l_i, m_i).
 
     SPARSE: one step covers KV_PER_ITER table entries; entry j is KV cube idx_ptr[j] (CUBE tokens, key
     bias from bias_ptr masks padding slots), and with HAS_BITS row r only sees it when bit row_cube[r]
     of bits_ptr[j] is set. Otherwise: step j is extra keys [j * BLOCK_N, (j + 1) * BLOCK_N) of n_keys,
-    seen by every row.
+    seen by every row. USE_TMA (sparse, one cube per step): K/V tiles come through tensor descriptors
+    over [B*H*N*CUBE, HEAD_DIM], rows row_base + kv * CUBE.
     """
     if SPARSE:
         n_steps = tl.cdiv(count, KV_PER_ITER)
@@ -72,7 +75,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, idx_ptr, bits_ptr, bias_ptr, c
             key_ok = rows < n_keys
             col_bias = tl.where(key_ok, 0.0, float("-inf"))
         kv_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        if SPARSE and EVEN_N:
+        if USE_TMA:
+            k = K_desc.load([(row_base + kv * CUBE).to(tl.int32), 0])
+        elif SPARSE and EVEN_N:
             k = tl.load(K_bh + kv_off)
         else:
             k = tl.load(K_bh + kv_off, mask=key_ok[:, None], other=0.0)
@@ -96,7 +101,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, idx_ptr, bits_ptr, bias_ptr, c
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if SPARSE and EVEN_N:
+        if USE_TMA:
+            v = V_desc.load([(row_base + kv * CUBE).to(tl.int32), 0])
+        elif SPARSE and EVEN_N:
             v = tl.load(V_bh + kv_off)
         else:
             v = tl.load(V_bh + kv_off, mask=key_ok[:, None], other=0.0)
@@ -108,15 +115,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, idx_ptr, bits_ptr, bias_ptr, c
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "KV_PER_ITER"],
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "KV_PER_ITER", "USE_TMA"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, V, KE, VE, Out, Lse, order_ptr, q_index_ptr, grp_count_ptr, grp_index_ptr,
+def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, Out, Lse, order_ptr, q_index_ptr, grp_count_ptr, grp_index_ptr,
                            grp_bits_ptr, key_bias_ptr, qk_scale, H, N, KQ, NG, KG, E,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                            CUBE: tl.constexpr, GROUP: tl.constexpr, KV_PER_ITER: tl.constexpr,
-                           HAS_EXTRA: tl.constexpr, DOT_F32: tl.constexpr):
+                           HAS_EXTRA: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
     tl.static_assert(BLOCK_N >= CUBE * KV_PER_ITER, "KV_PER_ITER cubes must fit one key block")
+    tl.static_assert(not USE_TMA or (KV_PER_ITER == 1 and BLOCK_N == CUBE), "TMA loads one whole cube per step")
     tl.static_assert(KV_PER_ITER == 1 or BLOCK_N == CUBE * KV_PER_ITER, "packed cubes need a power-of-2 volume")
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(GROUP <= 32, "membership bits are one int32 per block")
@@ -147,16 +155,16 @@ def _block_sparse_attn_fwd(Q, K, V, KE, VE, Out, Lse, order_ptr, q_index_ptr, gr
     kv_bh = bh * N * CUBE * HEAD_DIM
     table = (bh * NG + grp) * KG
     count = tl.load(grp_count_ptr + bh * NG + grp)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_bh, V + kv_bh, grp_index_ptr + table,
-                                    grp_bits_ptr + table, key_bias_ptr, count, row_cube.to(tl.int32), qk_scale,
-                                    offs_n, offs_d, 0, BLOCK_N, HEAD_DIM, CUBE, KV_PER_ITER,
-                                    True, GROUP > 1, BLOCK_N == CUBE * KV_PER_ITER, DOT_F32)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_bh, V + kv_bh, K_desc, V_desc, bh * N * CUBE,
+                                    grp_index_ptr + table, grp_bits_ptr + table, key_bias_ptr, count,
+                                    row_cube.to(tl.int32), qk_scale, offs_n, offs_d, 0, BLOCK_N, HEAD_DIM, CUBE,
+                                    KV_PER_ITER, True, GROUP > 1, BLOCK_N == CUBE * KV_PER_ITER, USE_TMA, DOT_F32)
     if HAS_EXTRA:
         ext_bh = bh * E * HEAD_DIM
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KE + ext_bh, VE + ext_bh, grp_index_ptr,
-                                        grp_bits_ptr, key_bias_ptr, tl.cdiv(E, BLOCK_N), row_cube.to(tl.int32),
-                                        qk_scale, offs_n, offs_d, E, BLOCK_N, HEAD_DIM, CUBE, 1,
-                                        False, False, False, DOT_F32)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KE + ext_bh, VE + ext_bh, K_desc, V_desc, 0,
+                                        grp_index_ptr, grp_bits_ptr, key_bias_ptr, tl.cdiv(E, BLOCK_N),
+                                        row_cube.to(tl.int32), qk_scale, offs_n, offs_d, E, BLOCK_N, HEAD_DIM,
+                                        CUBE, 1, False, False, False, False, DOT_F32)
 
     # rows that saw no valid key (or are padding) write 0 and LSE -inf
     seen = l_i > 0.0
@@ -203,6 +211,28 @@ def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
             bits[..., :KG].to(torch.int32).contiguous())
 
 
+class BlockSparsePlan(NamedTuple):
+    """Launch tables derived from one selection: grouped union table, launch order, key bias."""
+    group: int
+    count: torch.Tensor     # [B, H, NG] int32
+    index: torch.Tensor     # [B, H, NG, KG] int32 ascending, -1 pad
+    bits: torch.Tensor      # [B, H, NG, KG] int32 membership bits (dummy when group == 1)
+    order: torch.Tensor     # [B*H*NG] int32 launch order
+    key_bias: torch.Tensor  # [N, S] fp32: 0 on real key slots, -inf on padding
+
+
+def plan_block_sparse(kv_count: torch.Tensor, kv_index: torch.Tensor, slot_valid: torch.Tensor,
+                      cubes_per_program: int = 2, schedule: str = "head") -> BlockSparsePlan:
+    """Group `cubes_per_program` consecutive query cubes per program and fix the launch order."""
+    group = int(cubes_per_program)
+    if not 1 <= group <= 32:
+        raise ValueError(f"cubes_per_program must be in [1, 32], got {cubes_per_program}")
+    count, index, bits = _group_table(kv_count, kv_index, group)
+    key_bias = torch.zeros(slot_valid.shape, dtype=torch.float32, device=kv_count.device)
+    key_bias.masked_fill_(~slot_valid.to(kv_count.device), float("-inf"))
+    return BlockSparsePlan(group, count, index, bits, _work_order(count, schedule), key_bias)
+
+
 def _work_order(grp_count: torch.Tensor, schedule: str) -> torch.Tensor:
     """Launch order of the (batch*head, group) programs, as flat ids [B*H*NG] int32."""
     flat = grp_count.reshape(-1, grp_count.shape[-1]).long()
@@ -220,7 +250,8 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
                            slot_valid: torch.Tensor, scale: float | None = None,
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                            cubes_per_program: int | None = None, kv_per_iter: int | None = None,
-                           schedule: str = "head", return_lse: bool = False):
+                           schedule: str = "head", use_tma: bool = False, plan: "BlockSparsePlan | None" = None,
+                           return_lse: bool = False):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
@@ -231,6 +262,9 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     kv_per_iter: KV cubes per inner step (1 or 2; default 2 when the cube volume is a power of 2 <= 64).
     schedule: "head" (heads by descending work, cube order inside a head: neighbours share KV in L2)
     or "lpt" (all programs by descending work).
+    use_tma: load K/V cubes through Hopper tensor descriptors (one cube per step).
+    plan: a `plan_block_sparse` result for this selection, to build the grouped table once per call
+    site instead of once per launch.
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with
     return_lse the log2-domain LSE [B, H, N, Kq] fp32.
     """
@@ -273,32 +307,37 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     KQ = q_index.shape[-1]
-    if cubes_per_program is None:
-        cubes_per_program = max(1, 64 // max(KQ, 1))
-    group = int(cubes_per_program)
-    if not 1 <= group <= 32:
-        raise ValueError(f"cubes_per_program must be in [1, 32], got {cubes_per_program}")
-    grp_count, grp_index, grp_bits = _group_table(kv_count, kv_index, group)
-    NG, KG = grp_count.shape[-1], grp_index.shape[-1]
-    order = _work_order(grp_count, schedule)
-    key_bias = torch.zeros(slot_valid.shape, dtype=torch.float32, device=q.device)
-    key_bias.masked_fill_(~slot_valid.to(q.device), float("-inf"))
+    if plan is None:
+        plan = plan_block_sparse(kv_count, kv_index, slot_valid, max(1, 64 // max(KQ, 1)) if cubes_per_program
+                                 is None else cubes_per_program, schedule)
+    elif cubes_per_program is not None and cubes_per_program != plan.group:
+        raise ValueError(f"plan was made for {plan.group} cubes per program, not {cubes_per_program}")
+    group = plan.group
+    NG, KG = plan.count.shape[-1], plan.index.shape[-1]
 
     out = torch.empty(B, H, N, KQ, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q.device)
     BLOCK_M = max(16, triton.next_power_of_2(group * KQ))
     pow2 = S == triton.next_power_of_2(S) and S >= 16
     if kv_per_iter is None:
-        kv_per_iter = 2 if pow2 and S <= 64 else 1
+        kv_per_iter = 2 if pow2 and S <= 64 and not use_tma else 1
     if kv_per_iter not in (1, 2) or (kv_per_iter == 2 and not pow2):
         raise ValueError(f"kv_per_iter must be 1, or 2 with a power-of-2 cube volume >= 16, got {kv_per_iter}")
+    if use_tma and (kv_per_iter != 1 or not pow2 or _INTERPRET or torch.cuda.get_device_capability(q.device)[0] < 9):
+        raise ValueError("use_tma needs a Hopper+ GPU, kv_per_iter=1 and a power-of-2 cube volume")
     BLOCK_N = max(16, triton.next_power_of_2(S)) * kv_per_iter
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        k_desc = TensorDescriptor.from_tensor(k.view(-1, D), [S, D])
+        v_desc = TensorDescriptor.from_tensor(v.view(-1, D), [S, D])
+    else:
+        k_desc, v_desc = k, v
     grid = (B * H * NG,)
-    _block_sparse_attn_fwd[grid](q, k, v, ke, ve, out, lse, order, q_index.contiguous(), grp_count, grp_index,
-                                 grp_bits, key_bias, scale, H, N, KQ, NG, KG, E,
+    _block_sparse_attn_fwd[grid](q, k, v, k_desc, v_desc, ke, ve, out, lse, plan.order, q_index.contiguous(),
+                                 plan.count, plan.index, plan.bits, plan.key_bias, scale, H, N, KQ, NG, KG, E,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, CUBE=S, GROUP=group,
-                                 KV_PER_ITER=kv_per_iter,
-                                 HAS_EXTRA=has_extra, DOT_F32=_INTERPRET)
+                                 KV_PER_ITER=kv_per_iter, HAS_EXTRA=has_extra, USE_TMA=bool(use_tma),
+                                 DOT_F32=_INTERPRET)
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out
 

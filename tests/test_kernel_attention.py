@@ -150,3 +150,17 @@ def test_gpu_wan_sparse_matches_reference(group, kv_per_iter):
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
     out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group, kv_per_iter)
     assert _rel_rms(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 2])
+def test_gpu_tma_matches_reference(group):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need Hopper")
+    grid, H, D = (21, 30, 52), 2, 128
+    layout, qc, kc, vc, ke, ve = _inputs(1, H, grid, (4, 4, 4), D, torch.bfloat16, seed=12, E=5)
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8), D ** -0.5)
+    ref = sparse_attention_reference(qc, kc, vc, layout, sel, D ** -0.5, ke, ve)
+    kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid,
+                                  k_extra=ke, v_extra=ve, cubes_per_program=group, kv_per_iter=1, use_tma=True)
+    assert _rel_rms(scatter_kept(kept, sel.q_source, layout.slot_valid), ref) < 1e-2
