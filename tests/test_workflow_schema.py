@@ -1,0 +1,188 @@
+"""Every example workflow matches the current schema of our nodes, so a changed input never ships a
+broken example: widget values (count, order, type, range, choices), input and output slots in the UI
+workflows, and inputs in the API prompts. Node schemas come from the nodes themselves through
+ComfyUI's V3 API (GET_NODE_INFO_V1 is what /object_info serves); node types that are not ours must exist
+in ComfyUI (core and comfy_extras) or be frontend-only. Static: no server, no browser.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import sys
+
+import pytest
+
+from comfy_env import require_comfyui
+
+COMFYUI_PATH = require_comfyui()
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+UI_WORKFLOWS = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+API_WORKFLOWS = sorted(WORKFLOWS.glob("*_api.json"))
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+TEST_ONLY = {"TinyRandomConditioning"}  # registered by tools/run_workflow.py and the browser test's server
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}  # the frontend's control_after_generate
+
+
+@pytest.fixture(scope="module")
+def our_nodes() -> dict[str, dict]:
+    """node_id -> V1 node info of every node the pack registers through comfy_entrypoint."""
+    import comfyui_bsa
+
+    async def node_list():
+        return await (await comfyui_bsa.comfy_entrypoint()).get_node_list()
+
+    return {cls.GET_SCHEMA().node_id: cls.GET_NODE_INFO_V1() for cls in asyncio.run(node_list())}
+
+
+@pytest.fixture(scope="module")
+def comfy_node_types() -> set[str]:
+    """Node types of ComfyUI's nodes.py and comfy_extras, loaded as main.py does."""
+    if not hasattr(sys.modules.get("utils"), "__path__"):
+        # nodes.py puts ComfyUI/comfy first on sys.path, where utils.py shadows ComfyUI's utils package
+        # (main.py imports that package before nodes; comfy_extras/nodes_images.py needs it).
+        sys.modules.pop("utils", None)
+        sys.path.insert(0, str(COMFYUI_PATH))
+        try:
+            import utils.install_util  # noqa: F401
+        finally:
+            sys.path.remove(str(COMFYUI_PATH))
+    import nodes
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    return set(nodes.NODE_CLASS_MAPPINGS)
+
+
+def _inputs(info: dict) -> list[tuple[str, str, dict]]:
+    """(name, type, options) in the order the frontend creates slots and widgets: required, optional."""
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    specs = []
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            kind, *rest = info["input"][section][name]
+            options = rest[0] if rest else {}
+            if isinstance(kind, list):  # V1 combo: the choices themselves
+                kind, options = "COMBO", dict(options, options=kind)
+            specs.append((name, kind, options))
+    return specs
+
+
+def _value_errors(name: str, kind: str, options: dict, value) -> list[str]:
+    if kind == "COMBO":
+        return [] if value in options["options"] else [f"{name}={value!r} is not one of {options['options']}"]
+    expected = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]
+    if not isinstance(value, expected) or (kind != "BOOLEAN" and isinstance(value, bool)):
+        return [f"{name}={value!r} is not {kind}"]
+    if kind in ("INT", "FLOAT"):
+        low, high = options.get("min", float("-inf")), options.get("max", float("inf"))
+        if not low <= value <= high:
+            return [f"{name}={value!r} outside [{low}, {high}]"]
+    return []
+
+
+def _has_control_widget(name: str, options: dict) -> bool:
+    return bool(options.get("control_after_generate")) or name in ("seed", "noise_seed")
+
+
+def _ui_node_errors(node: dict, info: dict) -> list[str]:
+    specs = _inputs(info)
+    errors, values = [], list(node.get("widgets_values") or [])
+    expected = []
+    for name, kind, options in specs:
+        if kind in WIDGET_TYPES:
+            expected.append(name)
+            if not values:
+                errors.append(f"no value for widget {name}")
+                continue
+            errors += _value_errors(name, kind, options, values.pop(0))
+            if kind == "INT" and _has_control_widget(name, options):
+                control = values.pop(0) if values else None
+                if control not in CONTROL_VALUES:
+                    errors.append(f"{name}: control_after_generate value {control!r}")
+    if values:
+        errors.append(f"{len(values)} widget values more than the widgets {expected}: {values}")
+
+    by_name = {name: kind for name, kind, _ in specs}
+    for slot in node.get("inputs", []):
+        if slot["name"] not in by_name:
+            errors.append(f"input slot {slot['name']!r} is not an input of the node")
+        elif by_name[slot["name"]] not in (slot["type"], "*") and not (
+                by_name[slot["name"]] == "COMBO" and slot.get("widget")):
+            errors.append(f"input slot {slot['name']}: type {slot['type']}, schema {by_name[slot['name']]}")
+    outputs = [(o["name"], o["type"]) for o in node.get("outputs", [])]
+    schema_outputs = list(zip(info["output_name"], info["output"]))
+    if outputs and [t for _, t in outputs] != [t for _, t in schema_outputs]:
+        errors.append(f"outputs {outputs}, schema {schema_outputs}")
+    return errors
+
+
+def _api_node_errors(inputs: dict, info: dict) -> list[str]:
+    specs = _inputs(info)
+    errors = [f"unknown input {name!r}" for name in inputs if name not in {n for n, _, _ in specs}]
+    required = set(info["input"].get("required", {}))
+    for name, kind, options in specs:
+        if name not in inputs:
+            if name in required:
+                errors.append(f"required input {name} missing")
+            continue
+        value = inputs[name]
+        if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+            continue  # a link [node_id, output_index]
+        errors += [f"{name}: needs a link, has {value!r}"] if kind not in WIDGET_TYPES else \
+            _value_errors(name, kind, options, value)
+    return errors
+
+
+def test_workflows_exist():
+    assert UI_WORKFLOWS, "no UI workflow in workflows/"
+
+
+def test_our_nodes_are_registered(our_nodes):
+    assert {"BSASparseAttention", "RIFLExExtend"} <= set(our_nodes)
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
+def test_ui_workflow_matches_schema(path, our_nodes, comfy_node_types):
+    graph = json.loads(path.read_text())
+    errors = []
+    for node in graph["nodes"]:
+        where = f"node {node['id']} {node['type']}"
+        if node["type"] in our_nodes:
+            errors += [f"{where}: {e}" for e in _ui_node_errors(node, our_nodes[node["type"]])]
+        elif node["type"] not in comfy_node_types | FRONTEND_ONLY:
+            errors.append(f"{where}: unknown node type")
+    node_ids = {node["id"] for node in graph["nodes"]}
+    for link in graph["links"]:  # [id, from_node, from_slot, to_node, to_slot, type]
+        if link[1] not in node_ids or link[3] not in node_ids:
+            errors.append(f"link {link[0]} joins a node that is not in the graph")
+    assert not errors, f"{path.name}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("path", API_WORKFLOWS, ids=[p.stem for p in API_WORKFLOWS])
+def test_api_workflow_matches_schema(path, our_nodes, comfy_node_types):
+    prompt = json.loads(path.read_text())
+    errors = []
+    for node_id, node in prompt.items():
+        where = f"node {node_id} {node['class_type']}"
+        if node["class_type"] in our_nodes:
+            errors += [f"{where}: {e}" for e in _api_node_errors(node["inputs"], our_nodes[node["class_type"]])]
+        elif node["class_type"] not in comfy_node_types | TEST_ONLY:
+            errors.append(f"{where}: unknown node type")
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] not in prompt:
+                errors.append(f"{where}: input {name} links to missing node {value[0]}")
+    assert not errors, f"{path.name}:\n" + "\n".join(errors)
+
+
+def test_checker_catches_a_stale_widget_list(our_nodes):
+    """The checker itself: a value removed, one out of range, a wrong choice and an extra value."""
+    info = our_nodes["BSASparseAttention"]
+    good = {"widgets_values": [0.5, 0.9, "4x4x4", "cumulative", 0.2, 1.0, 1.0, 1, "", 12288]}
+    assert _ui_node_errors(good, info) == []
+    assert _ui_node_errors({"widgets_values": good["widgets_values"][:-1]}, info)
+    assert _ui_node_errors({"widgets_values": [1.5] + good["widgets_values"][1:]}, info)
+    assert _ui_node_errors({"widgets_values": [0.5, 0.9, "3x3x3"] + good["widgets_values"][3:]}, info)
+    assert _ui_node_errors({"widgets_values": good["widgets_values"] + [7]}, info)
+    assert _ui_node_errors({"widgets_values": [0.9, 0.5, "cumulative", "4x4x4"] + good["widgets_values"][4:]}, info)
