@@ -139,7 +139,7 @@ class RIFLExRope(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, N, axes] -> rotations [B, 1, N, D/2, 2, 2]."""
         out = self.inner(ids)
-        angle = ids[..., 0].to(torch.float64) * self.frequency
+        angle = ids[..., 0].float() * self.frequency  # float32: MPS has no float64
         cos, sin = torch.cos(angle), torch.sin(angle)
         out[:, 0, :, self.index] = torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).to(out.dtype)
         return out
