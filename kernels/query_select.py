@@ -55,7 +55,7 @@ def _query_select_kernel(Q, Keep, Centre, QCount, QIndex, QSource, QBar, n_heads
     row = bh * tl.num_programs(0) + cube
     q_base = Q + (bh // n_heads) * stride_qb + (bh % n_heads) * stride_qh + cube.to(tl.int64) * stride_qn
     slots = tl.arange(0, S_PAD)
-    _, valid = _cube_tokens(cube, slots, GT, GH, GW, NH, NW, CT, CH, CW)
+    valid = _cube_tokens(cube, slots, GT, GH, GW, NH, NW, CT, CH, CW)[1]
     centre = tl.load(Centre + cube)
     keep = tl.load(Keep + cube).to(tl.int32)
 
@@ -102,7 +102,7 @@ def _query_select_kernel(Q, Keep, Centre, QCount, QIndex, QSource, QBar, n_heads
     # source: argmax over kept j of q_i . q_j / |q_j| (row scale does not move the argmax); kept -> itself
     for i0 in range(0, S_PAD, BLOCK_I):
         rows = i0 + tl.arange(0, BLOCK_I)
-        _, row_valid = _cube_tokens(cube, rows, GT, GH, GW, NH, NW, CT, CH, CW)
+        row_valid = _cube_tokens(cube, rows, GT, GH, GW, NH, NW, CT, CH, CW)[1]
         sim = tl.zeros([BLOCK_I, S_PAD], dtype=tl.float32)
         for d0 in range(0, HEAD_DIM, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)

@@ -1,0 +1,29 @@
+"""The GPU replacement for `bsa_core.reference.bsa_select`: query selection, then KV selection.
+
+Two ops in sequence, no torch sort anywhere: `query_select` (keep set, sources and q_bar in one
+program per cube) and `kv_select` (block logits GEMM + sort-free mass cut per row). k_bar comes from
+`cube_permute(k, ..., with_mean=True)` when the caller permuted K with it; otherwise it is one fp32
+reduction over k_cubes here.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..bsa_core.selection import BSASelection
+from .kv_select import kv_select
+from .query_select import query_select
+
+
+def select_triton(q_cubes: torch.Tensor, k_cubes: torch.Tensor, layout, config, scale: float,
+                  k_bar: torch.Tensor | None = None) -> BSASelection:
+    """q_cubes, k_cubes [B, H, N, S, D] in cube order with zero padding slots (`cube_permute` or
+    `CubeLayout.to_cubes`); k_bar [B, H, N, D] float32 if already pooled. Returns the BSASelection
+    `bsa_core.reference.bsa_select` returns (up to the tie orders documented in the two ops)."""
+    if k_cubes.shape[:3] != q_cubes.shape[:3] or k_cubes.shape[-1] != q_cubes.shape[-1]:
+        raise ValueError(f"k_cubes must match q_cubes [B, H, N, ., D], got {tuple(k_cubes.shape)} "
+                         f"and {tuple(q_cubes.shape)}")
+    q_count, q_index, q_source, q_bar = query_select(q_cubes, layout, config.keep_ratio)
+    if k_bar is None:
+        k_bar = k_cubes.sum(-2, dtype=torch.float32) / layout.n_valid[:, None].float()
+    kv_count, kv_index = kv_select(q_bar, k_bar, layout, config, scale)
+    return BSASelection(q_count, q_index, q_source, kv_count, kv_index)
