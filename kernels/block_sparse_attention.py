@@ -185,6 +185,8 @@ def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
     B, H, N, K = kv_index.shape
     if group == 1:
         return kv_count.contiguous(), kv_index.contiguous(), kv_index.new_zeros(1)
+    if group == 2:
+        return _pair_table(kv_index)
     NG = -(-N // group)
     pad = NG * group - N
     idx = kv_index.long()
@@ -245,12 +247,47 @@ def _work_order(grp_count: torch.Tensor, schedule: str) -> torch.Tensor:
     return (heads[:, None] * NG + torch.arange(NG, device=flat.device)).reshape(-1).to(torch.int32)
 
 
+def _pair_table(kv_index: torch.Tensor):
+    """_group_table for 2 cubes without a sort: merge two ascending lists by rank (searchsorted).
+
+    rank of x in the union = #(A < x) + #(B < x) - #(A and B < x); B's entries that are in A are dropped.
+    """
+    B, H, N, K = kv_index.shape
+    idx = kv_index.int()
+    if N % 2:
+        idx = torch.cat([idx, idx.new_full((B, H, 1, K), -1)], 2)
+    big = torch.iinfo(torch.int32).max
+    idx = torch.where(idx >= 0, idx, big).view(B, H, -1, 2, K)
+    a, b = idx[..., 0, :].contiguous(), idx[..., 1, :].contiguous()
+    a_live, b_live = a != big, b != big
+    pos_in_b = torch.searchsorted(b, a)  # #(B < a_i)
+    pos_in_a = torch.searchsorted(a, b)  # #(A < b_j)
+    a_in_b = (b.gather(-1, pos_in_b.clamp(max=K - 1)) == a) & a_live
+    b_in_a = (a.gather(-1, pos_in_a.clamp(max=K - 1)) == b) & b_live
+    i = torch.arange(K, device=idx.device)
+    rank_a = i + pos_in_b - (torch.cumsum(a_in_b, -1) - a_in_b.long())
+    rank_b = i + pos_in_a - (torch.cumsum(b_in_a, -1) - b_in_a.long())
+    count = a_live.sum(-1) + b_live.sum(-1) - a_in_b.sum(-1)
+    KG = max(int(count.max()), 1) if count.numel() else 1
+    dump = KG  # padding and duplicates land past the end, then get cut
+    rank_a = torch.where(a_live, rank_a, dump).clamp(max=dump)
+    rank_b = torch.where(b_live & ~b_in_a, rank_b, dump).clamp(max=dump)
+    index = torch.full((*a.shape[:-1], KG + 1), -1, dtype=torch.int32, device=idx.device)
+    index.scatter_(-1, rank_a, torch.where(a_live, a, -1))
+    index.scatter_(-1, rank_b, torch.where(b_live & ~b_in_a, b, -1))
+    bits = torch.zeros((*a.shape[:-1], KG + 1), dtype=torch.int32, device=idx.device)
+    bits.scatter_(-1, rank_a, torch.where(a_live, 1 + 2 * a_in_b.int(), 0))
+    bits.scatter_(-1, rank_b, torch.where(b_live & ~b_in_a, 2, 0).int())
+    index[..., dump] = -1
+    return count.int().contiguous(), index[..., :KG].contiguous(), bits[..., :KG].contiguous()
+
+
 def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes: torch.Tensor,
                            q_index: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
                            slot_valid: torch.Tensor, scale: float | None = None,
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                            cubes_per_program: int | None = None, kv_per_iter: int | None = None,
-                           schedule: str = "head", use_tma: bool = False, plan: "BlockSparsePlan | None" = None,
+                           schedule: str = "head", use_tma: bool | None = None, plan: "BlockSparsePlan | None" = None,
                            return_lse: bool = False):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
@@ -259,10 +296,12 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     KV cube ids (-1 pad); slot_valid [N, S] bool (padding key slots are never attended).
     k_extra, v_extra: [B, H, E, D] keys every query attends (E may be 0), or None.
     cubes_per_program: query cubes packed into one program (default: enough for a 64-row tile).
-    kv_per_iter: KV cubes per inner step (1 or 2; default 2 when the cube volume is a power of 2 <= 64).
+    kv_per_iter: KV cubes per inner step (1 or 2; default 2 only for one cube per program with a power-of-2
+    volume <= 64: measured on H100, a 64 x 128 tile loses to 64 x 64 once cubes are packed).
     schedule: "head" (heads by descending work, cube order inside a head: neighbours share KV in L2)
     or "lpt" (all programs by descending work).
-    use_tma: load K/V cubes through Hopper tensor descriptors (one cube per step).
+    use_tma: load K/V cubes through Hopper tensor descriptors (one cube per step); default: on where
+    it can run (sm90+, compiled, kv_per_iter 1, power-of-2 cube volume).
     plan: a `plan_block_sparse` result for this selection, to build the grouped table once per call
     site instead of once per launch.
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with
@@ -320,7 +359,10 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     BLOCK_M = max(16, triton.next_power_of_2(group * KQ))
     pow2 = S == triton.next_power_of_2(S) and S >= 16
     if kv_per_iter is None:
-        kv_per_iter = 2 if pow2 and S <= 64 and not use_tma else 1
+        kv_per_iter = 2 if pow2 and S <= 64 and group == 1 and not use_tma else 1
+    if use_tma is None:
+        use_tma = (kv_per_iter == 1 and pow2 and not _INTERPRET and q.is_cuda
+                   and torch.cuda.get_device_capability(q.device)[0] >= 9)
     if kv_per_iter not in (1, 2) or (kv_per_iter == 2 and not pow2):
         raise ValueError(f"kv_per_iter must be 1, or 2 with a power-of-2 cube volume >= 16, got {kv_per_iter}")
     if use_tma and (kv_per_iter != 1 or not pow2 or _INTERPRET or torch.cuda.get_device_capability(q.device)[0] < 9):

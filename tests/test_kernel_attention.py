@@ -118,6 +118,20 @@ def test_group_table_union_and_bits():
     assert index[0, 0, 1].tolist() == [1, -1, -1] and bits[0, 0, 1, 0] == 1
 
 
+@pytest.mark.parametrize("N", [7, 64])
+def test_pair_table_equals_dense_union(N):
+    torch.manual_seed(N)
+    keep = (torch.rand(2, 3, N, N) < 0.3) | torch.eye(N, dtype=torch.bool)
+    count, index = mask_to_index(keep)
+    NG = -(-N // 2)
+    pairs = torch.cat([keep, torch.zeros(2, 3, 2 * NG - N, N, dtype=torch.bool)], 2).view(2, 3, NG, 2, N)
+    union_count, union_index = mask_to_index(pairs.any(3))
+    bits = (pairs[..., 0, :].int() + 2 * pairs[..., 1, :].int()).gather(-1, union_index.clamp(min=0).long())
+    got_count, got_index, got_bits = _group_table(count, index, 2)
+    assert torch.equal(got_count, union_count) and torch.equal(got_index, union_index)
+    assert torch.equal(got_bits, (bits * (union_index >= 0)).int())
+
+
 # ---- GPU: real Wan sizes ------------------------------------------------------------------------------
 
 @pytest.mark.gpu
