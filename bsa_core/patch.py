@@ -9,7 +9,7 @@ import math
 import re
 from collections import Counter
 
-from .attention import bsa_attention, unsupported_reason
+from .attention import bsa_attention, choose_backend, unsupported_reason
 from .config import BSAConfig
 from .cubes import cube_layout
 
@@ -38,17 +38,18 @@ class RunStats:
     def __init__(self):
         self.sparse_calls = 0
         self.dense_reasons: Counter[str] = Counter()
-        self._kept_query_sum = 0.0
+        self._kept_query_sum = 0.0  # tensors on the attention's device once a call is recorded
         self._kept_kv_sum = 0.0
 
     @property
     def dense_calls(self) -> int:
         return sum(self.dense_reasons.values())
 
-    def record_sparse(self, kept_query_fraction: float, kept_kv_fraction: float) -> None:
+    def record_sparse(self, selection, n_valid) -> None:
+        """Accumulates on the selection's device: reading a GPU number every call would stall the GPU."""
         self.sparse_calls += 1
-        self._kept_query_sum += kept_query_fraction
-        self._kept_kv_sum += kept_kv_fraction
+        self._kept_query_sum = self._kept_query_sum + selection.kept_query_fraction(n_valid)
+        self._kept_kv_sum = self._kept_kv_sum + selection.kept_kv_fraction()
 
     def as_dict(self) -> dict:
         """Mean kept percentages are over sparse calls (None without one)."""
@@ -57,8 +58,8 @@ class RunStats:
             "sparse_calls": n,
             "dense_calls": self.dense_calls,
             "dense_reasons": dict(self.dense_reasons),
-            "kept_query_pct": 100 * self._kept_query_sum / n if n else None,
-            "kept_kv_pct": 100 * self._kept_kv_sum / n if n else None,
+            "kept_query_pct": 100 * float(self._kept_query_sum) / n if n else None,
+            "kept_kv_pct": 100 * float(self._kept_kv_sum) / n if n else None,
         }
 
     def summary(self) -> str:
@@ -138,10 +139,18 @@ class BSAPatch:
             return "block listed in dense_blocks"
         return unsupported_reason(q, k, v, self.grid)
 
-    def log_once(self, reason: str) -> None:
+    def log_once(self, reason: str, warning: bool = False) -> None:
         if reason not in self._logged:
             self._logged.add(reason)
-            log.info(f"{LOG_PREFIX} dense: {reason}")
+            (log.warning if warning else log.info)(f"{LOG_PREFIX} dense: {reason}")
+
+    def backend(self, q) -> str:
+        """Triton kernels on CUDA, the reference elsewhere; says which once per run."""
+        name, why = choose_backend(q)
+        if ("backend", name) not in self._logged:
+            self._logged.add(("backend", name))
+            log.info(f"{LOG_PREFIX} attention backend: {name} ({why})")
+        return name
 
 
 def _make_override(patch: BSAPatch, previous):
@@ -155,17 +164,23 @@ def _make_override(patch: BSAPatch, previous):
             qh, kh, vh = q, k, v
         else:  # [B, L, H*D]
             qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-        reason = patch.dense_reason(qh, kh, vh, mask, qh.shape[-2], transformer_options.get("sigmas"))
-        if reason is not None:
+
+        def dense(reason: str, warning: bool = False):
             patch.stats.dense_reasons[reason] += 1
-            patch.log_once(reason)
+            patch.log_once(reason, warning)
             call = func if previous is None else lambda *a, **kw: previous(func, *a, **kw)
             return call(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
 
-        out, selection = bsa_attention(qh, kh, vh, patch.grid, patch.config, scale=kwargs.get("scale"))
-        n_valid = cube_layout(patch.grid, patch.config.cube_size, q.device).n_valid
-        patch.stats.record_sparse(selection.kept_query_fraction(n_valid), selection.kept_kv_fraction())
+        reason = patch.dense_reason(qh, kh, vh, mask, qh.shape[-2], transformer_options.get("sigmas"))
+        if reason is not None:
+            return dense(reason)
+        try:
+            out, selection = bsa_attention(qh, kh, vh, patch.grid, patch.config, scale=kwargs.get("scale"),
+                                           backend=patch.backend(qh))
+        except Exception as error:  # a failing sparse call must not kill a long render: run it dense
+            return dense(f"BSA failed ({type(error).__name__}: {error})", warning=True)
+        patch.stats.record_sparse(selection, cube_layout(patch.grid, patch.config.cube_size, q.device).n_valid)
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).flatten(-2)

@@ -54,19 +54,19 @@ class BSASelection:
         """(count [B,H,N], index [B,H,N,K]): per KV cube, the query cubes that use it (for backward)."""
         return mask_to_index(self.to_dense().transpose(-1, -2))
 
-    def kept_query_fraction(self, n_valid: torch.Tensor) -> float:
-        """Computed queries / real queries, over all batches and heads."""
-        return float(self.q_count.double().sum() / (n_valid.double().sum() * self.q_count[..., 0].numel()))
+    def kept_query_fraction(self, n_valid: torch.Tensor) -> torch.Tensor:
+        """Computed queries / real queries over all batches and heads (0-d tensor: no device sync)."""
+        return self.q_count.double().sum() / (n_valid.double().sum() * self.q_count[..., 0].numel())
 
-    def kept_kv_fraction(self) -> float:
-        """Mean share of KV cubes a query cube attends."""
-        return float(self.kv_count.double().mean() / self.num_cubes)
+    def kept_kv_fraction(self) -> torch.Tensor:
+        """Mean share of KV cubes a query cube attends (0-d tensor: no device sync)."""
+        return self.kv_count.double().mean() / self.num_cubes
 
     def __repr__(self) -> str:
         B, H, N = self.kv_count.shape
         return (f"BSASelection(batch={B}, heads={H}, cubes={N}, query_slots={self.q_source.shape[-1]}, "
                 f"kept_queries={self.q_count.double().mean():.1f}/cube, "
-                f"kept_kv={100 * self.kept_kv_fraction():.1f}%)")
+                f"kept_kv={100 * float(self.kept_kv_fraction()):.1f}%)")
 
     def to_string(self, batch: int = 0, head: int = 0) -> str:
         """The KV mask of one head as text: '#' attended, '.' skipped."""
