@@ -203,7 +203,7 @@ def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
     first &= key < sentinel
     pos = torch.cumsum(first, -1) - 1
     count = first.sum(-1)
-    KG = max(int(count.max()), 1) if count.numel() else 1
+    KG = max(1, min(group * K, N))  # a static bound: no device -> host sync
     pos = torch.where(key < sentinel, pos, KG).clamp(max=KG)  # dump slot for padding
     index = torch.full((B, H, NG, KG + 1), -1, dtype=torch.long, device=idx.device)
     index.scatter_(-1, torch.where(first, pos, KG), torch.where(first, cube, -1))
@@ -268,7 +268,7 @@ def _pair_table(kv_index: torch.Tensor):
     rank_a = i + pos_in_b - (torch.cumsum(a_in_b, -1) - a_in_b.long())
     rank_b = i + pos_in_a - (torch.cumsum(b_in_a, -1) - b_in_a.long())
     count = a_live.sum(-1) + b_live.sum(-1) - a_in_b.sum(-1)
-    KG = max(int(count.max()), 1) if count.numel() else 1
+    KG = max(1, min(2 * K, N))  # a static bound: no device -> host sync
     dump = KG  # padding and duplicates land past the end, then get cut
     rank_a = torch.where(a_live, rank_a, dump).clamp(max=dump)
     rank_b = torch.where(b_live & ~b_in_a, rank_b, dump).clamp(max=dump)
