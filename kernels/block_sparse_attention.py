@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # num_warps x num_stages; block shapes follow the data (kept queries per cube, cube volume)
