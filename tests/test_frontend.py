@@ -84,7 +84,10 @@ def test_bsa_node_sliders_and_tooltips(server, frontend, artifacts):
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
 def test_ui_workflow_loads_validates_and_renders(path, server, frontend, artifacts):
     graph = json.loads(path.read_text())
+    console_before = len(frontend.console)
     nodes = frontend.load(graph)
+    page_errors = frontend.errors_since(console_before)
+    assert not page_errors, f"{path.name}: the frontend logged errors while loading: {page_errors}"
     assert len(nodes) == len(graph["nodes"])
     missing = sorted({n["type"] for n in nodes
                       if not n["registered"] or not n["virtual"] and n["type"] not in server.object_info})

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 FRONTEND_VERSION = "1.32.9"  # what ComfyUI 0.3.75's requirements.txt pins
-TINY_WAN_FILE = "tiny_wan2.1_t2v.safetensors"  # the name workflows/tiny_wan_t2v_api.json loads
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "clip_vision", "vae",
                  "loras")
@@ -164,6 +163,7 @@ class ComfyServer:
             (self.base / "models" / folder).mkdir(parents=True, exist_ok=True)
         if self.tiny_wan:
             sys.path.insert(0, str(REPO / "tools"))
+            from run_workflow import TINY_WAN_FILE  # the name workflows/tiny_wan_t2v_api.json loads
             from tiny_wan import write_tiny_wan
             write_tiny_wan(self.base / "models" / "diffusion_models" / TINY_WAN_FILE)
         for name in self.placeholders:
@@ -341,7 +341,6 @@ _ADD_NODE_JS = """async (type) => {
   const node = window.LiteGraph.createNode(type);
   node.pos = [80, 80];
   window.app.graph.add(node);
-  window.app.canvas.ds.scale = 1; window.app.canvas.ds.offset = [0, 0];
   window.app.canvas.setDirty(true, true);
   await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
   return node.id;
@@ -354,7 +353,7 @@ class Frontend:
     def __init__(self, url: str, width: int = 1280, height: int = 800, profile_dir: pathlib.Path | None = None):
         self.url, self.viewport = url, {"width": width, "height": height}
         self.profile_dir = profile_dir
-        self.console: list[str] = []  # console errors and warnings, newest last
+        self.console: list[str] = []  # console errors and warnings, uncaught errors; newest last
 
     def __enter__(self):
         import tempfile
@@ -371,6 +370,7 @@ class Frontend:
         self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
         self.page.on("console", lambda m: m.type in ("error", "warning") and self.console.append(
             f"{m.type}: {m.text}"))
+        self.page.on("pageerror", lambda error: self.console.append(f"error: uncaught {error}"))
         self.page.goto(self.url)
         self.page.wait_for_function("window.app && window.app.graph && window.app.vueAppReady "
                                     "&& window.LiteGraph", timeout=90_000)
@@ -380,6 +380,12 @@ class Frontend:
         self.context.close()
         self._playwright.stop()
         self._profile.cleanup()
+
+    def errors_since(self, index: int) -> list[str]:
+        """Console errors and uncaught errors after self.console[index], less the network ones this offline
+        machine causes by design (404s of optional files, registry look-ups the page's CSP blocks)."""
+        network = ("Failed to load resource", "violates the following Content Security Policy")
+        return [m for m in self.console[index:] if m.startswith("error") and not any(n in m for n in network)]
 
     def load(self, graph: dict) -> list[dict]:
         """app.loadGraphData(graph) as the Open menu does; returns the graph's nodes with `registered`
