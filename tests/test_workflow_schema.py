@@ -139,6 +139,17 @@ def test_workflows_exist():
     assert UI_WORKFLOWS, "no UI workflow in workflows/"
 
 
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
+def test_ui_workflow_has_a_thumbnail(path):
+    """The template browser shows workflows/<name>.jpg; tools/make_thumbnails.py writes it (512 px wide)."""
+    from PIL import Image
+
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"no {thumbnail.name}: run python tools/make_thumbnails.py {path.relative_to(REPO)}"
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and image.width == 512, (image.format, image.size)
+
+
 def test_our_nodes_are_registered(our_nodes):
     assert {"BSASparseAttention", "RIFLExExtend"} <= set(our_nodes)
 
