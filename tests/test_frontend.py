@@ -59,8 +59,9 @@ def frontend(server):
         yield page
 
 
-def test_server_serves_pinned_frontend_and_our_node(server):
-    assert server.get("/system_stats")["system"]["comfyui_version"] == "0.3.75"
+def test_server_serves_pinned_frontend_and_our_node(server, frontend):
+    served = frontend.page.evaluate("window.__COMFYUI_FRONTEND_VERSION__")
+    assert served == server.get("/system_stats")["system"]["required_frontend_version"] == cf.pinned_frontend_version()
     assert BSA in server.object_info, f"the pack did not load:\n{server.log_tail()}"
     for name in SLIDERS:
         spec = _spec(server.object_info, BSA, name)

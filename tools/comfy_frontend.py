@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
-FRONTEND_VERSION = "1.32.9"  # what ComfyUI 0.3.75's requirements.txt pins
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "clip_vision", "vae",
                  "loras")
@@ -80,14 +79,25 @@ def missing_requirements() -> list[str]:
         missing.append("the Python package playwright is not installed (pip install -r requirements-ci.txt)")
     if chromium_path() is None:
         missing.append("no Chromium binary (apt-get install chromium, or set CHROMIUM_PATH)")
+    pinned = pinned_frontend_version()
     try:
         from importlib.metadata import version
         found = version("comfyui-frontend-package")
-        if found != FRONTEND_VERSION:
-            missing.append(f"comfyui-frontend-package {found} installed, ComfyUI 0.3.75 pins {FRONTEND_VERSION}")
+        if pinned and found != pinned:
+            missing.append(f"comfyui-frontend-package {found} installed, ComfyUI pins {pinned}")
     except Exception:  # PackageNotFoundError
-        missing.append(f"comfyui-frontend-package=={FRONTEND_VERSION} is not installed")
+        missing.append(f"comfyui-frontend-package=={pinned} is not installed")
     return missing
+
+
+def pinned_frontend_version() -> str | None:
+    """The comfyui-frontend-package version ComfyUI's requirements.txt pins (0.3.75: 1.32.9)."""
+    try:
+        lines = (comfyui_path() / "requirements.txt").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split("==", 1)[1].strip() for line in lines
+                 if line.startswith("comfyui-frontend-package==")), None)
 
 
 def ui_workflows() -> list[pathlib.Path]:
@@ -162,7 +172,8 @@ class ComfyServer:
         for folder in MODEL_FOLDERS:
             (self.base / "models" / folder).mkdir(parents=True, exist_ok=True)
         if self.tiny_wan:
-            sys.path.insert(0, str(REPO / "tools"))
+            if str(REPO / "tools") not in sys.path:
+                sys.path.insert(0, str(REPO / "tools"))
             from run_workflow import TINY_WAN_FILE  # the name workflows/tiny_wan_t2v_api.json loads
             from tiny_wan import write_tiny_wan
             write_tiny_wan(self.base / "models" / "diffusion_models" / TINY_WAN_FILE)
