@@ -65,21 +65,21 @@ def block_logits(q_bar, k_bar, layout: CubeLayout, scale: float) -> torch.Tensor
 
 
 def select_kv(z: torch.Tensor, config: BSAConfig) -> torch.Tensor:
-    """[B,H,N,N] block logits -> [B,H,N,N] bool keep mask (own cube and min_blocks included)."""
+    """[B,H,N,N] block logits -> [B,H,N,N] bool keep mask (own cube and min_blocks included).
+
+    Blocks are ranked by (mass descending, index ascending); min_blocks takes the first ranks."""
     N = z.shape[-1]
     mass = torch.softmax(z, dim=-1)
+    sorted_mass, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(N, device=z.device).expand_as(order))
     if config.threshold_mode == "statistical":
         keep = z >= z.mean(-1, keepdim=True) + config.stat_lambda * z.std(-1, unbiased=False, keepdim=True)
     elif config.kv_threshold >= 1.0:
         keep = torch.ones_like(z, dtype=torch.bool)
     else:
-        # descending mass; a block is kept while the mass before it is still short of p (crossing block kept)
-        sorted_mass, order = torch.sort(mass, dim=-1, descending=True, stable=True)
-        before = torch.cumsum(sorted_mass, -1) - sorted_mass
-        keep = torch.zeros_like(z, dtype=torch.bool).scatter(-1, order, before < config.kv_threshold)
-    keep |= torch.eye(N, dtype=torch.bool, device=z.device)
-    top = torch.topk(mass, min(config.min_blocks, N), dim=-1).indices
-    return keep.scatter(-1, top, True)
+        # a block is kept while the mass ranked before it is still short of p (the crossing block is kept)
+        keep = (torch.cumsum(sorted_mass, -1) - sorted_mass).gather(-1, rank) < config.kv_threshold
+    return keep | (rank < config.min_blocks) | torch.eye(N, dtype=torch.bool, device=z.device)
 
 
 def bsa_select(q_cubes, k_cubes, layout: CubeLayout, config: BSAConfig, scale: float) -> BSASelection:

@@ -36,19 +36,6 @@ def _randn(*shape, seed, dtype=torch.float32):
     return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
 
-def _stable_select_kv(z, config):
-    """select_kv with min_blocks taken in (mass desc, index asc) order, the kernel's tie order
-    (torch.topk leaves the order of tied masses open)."""
-    mass = torch.softmax(z, -1)
-    sorted_mass, order = torch.sort(mass, dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(z.shape[-1], device=z.device).expand_as(order))
-    if config.threshold_mode == "cumulative":
-        keep = (torch.cumsum(sorted_mass, -1) - sorted_mass).gather(-1, rank) < config.kv_threshold
-    else:
-        keep = z >= z.mean(-1, keepdim=True) + config.stat_lambda * z.std(-1, unbiased=False, keepdim=True)
-    return keep | (rank < config.min_blocks) | torch.eye(z.shape[-1], dtype=torch.bool, device=z.device)
-
-
 # ---------------------------------------------------------------- cube permutation
 
 @pytest.mark.parametrize("grid, cube, dtype, n_prefix, n_suffix", [
@@ -132,8 +119,7 @@ def test_kv_select_ties_in_index_order(mode):
     config = BSAConfig((2, 2, 2), kv_threshold=0.3, threshold_mode=mode, min_blocks=3)
     pools = torch.zeros(1, 2, layout.num_cubes, 16, device=DEVICE)
     kv_count, kv_index = kv_select(pools, pools, layout, config, 0.5)
-    expected = _stable_select_kv(reference.block_logits(pools, pools, layout, 0.5), config)
-    ref_count, ref_index = mask_to_index(expected)
+    ref_count, ref_index = mask_to_index(reference.select_kv(reference.block_logits(pools, pools, layout, 0.5), config))
     assert torch.equal(kv_count, ref_count)
     assert torch.equal(kv_index, ref_index)
 
