@@ -1,0 +1,75 @@
+"""The whole Triton pipeline (permute, select, attention, scatter, extra tokens) vs the reference.
+
+Without CUDA the kernels run in Triton's interpreter on tiny grids (TRITON_INTERPRET is set here,
+before any kernel module is imported, only when there is no GPU)."""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from comfyui_bsa.bsa_core import attention  # noqa: E402
+from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
+from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
+from comfyui_bsa.bsa_core.reference import bsa_attention_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qkv(B, H, L, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, L, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("grid, cube, dtype, n_prefix, n_suffix, keep, p", [
+    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 0, 0, 0.5, 0.6),
+    ((3, 4, 5), (2, 2, 2), torch.float16, 4, 3, 0.5, 0.8),
+    ((2, 4, 4), (2, 2, 4), torch.float16, 0, 5, 1.0, 1.0),
+], ids=["partial-bf16", "extras-fp16", "dense-fp16"])
+def test_triton_pipeline_matches_reference(grid, cube, dtype, n_prefix, n_suffix, keep, p):
+    B, H, D = 2, 3, 32
+    L = n_prefix + math.prod(grid) + n_suffix
+    q, k, v = _qkv(B, H, L, D, dtype, seed=7)
+    config = BSAConfig(cube, keep_ratio=keep, kv_threshold=p)
+    layout = cube_layout(grid, cube, DEVICE)
+    scale = 1.0 / math.sqrt(D)
+    out, selection = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
+    ref, ref_selection = bsa_attention_reference(q, k, v, layout, config, scale, n_prefix, n_suffix,
+                                                 selection=selection)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert _rel(out, ref) < 2e-2
+    # the kernels select what the reference selects on these tie-free inputs
+    own = bsa_attention_reference(q, k, v, layout, config, scale, n_prefix, n_suffix)[1]
+    assert torch.equal(selection.kv_count, own.kv_count) and torch.equal(selection.q_index, own.q_index)
+    if keep == 1.0 and p == 1.0:
+        assert _rel(out, torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())) < 2e-2
+
+
+def test_auto_backend_is_reference_without_cuda():
+    q = torch.zeros(1, 1, 8, 32)
+    assert attention.choose_backend(q)[0] == ("triton" if q.is_cuda else "reference")
+    with pytest.raises(ValueError, match="backend"):
+        attention.choose_backend(q, "fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid, heads, D", [((9, 30, 52), 4, 128), ((5, 17, 23), 2, 64)], ids=["480p-slice", "odd-64"])
+def test_triton_backend_on_gpu(grid, heads, D):
+    q, k, v = _qkv(1, heads, math.prod(grid) + 16, D, torch.bfloat16, seed=3)
+    config = BSAConfig((4, 4, 4), keep_ratio=0.5, kv_threshold=0.7)
+    out, selection = attention.bsa_attention(q, k, v, grid, config, n_suffix=16, backend="triton")
+    layout = cube_layout(grid, config.cube_size, DEVICE)
+    ref, _ = bsa_attention_reference(q, k, v, layout, config, None, 0, 16, selection=selection)
+    assert torch.isfinite(out).all() and _rel(out, ref) < 2e-2
+    dense, _ = attention.bsa_attention(q, k, v, grid, BSAConfig(keep_ratio=1.0, kv_threshold=1.0), n_suffix=16,
+                                       backend="triton")
+    assert _rel(dense, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 2e-2
