@@ -40,6 +40,8 @@ SETTINGS = [  # (cube, keep_ratio, mode, kv_threshold or lambda)
     ((4, 4, 8), 0.5, "cumulative", 0.9),
     ((2, 8, 8), 0.5, "cumulative", 0.7),
     ((4, 4, 4), 1.0, "cumulative", 0.7),
+    ((4, 4, 8), 1.0, "cumulative", 0.5),
+    ((4, 4, 8), 1.0, "statistical", 2.0),
 ]
 
 

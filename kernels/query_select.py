@@ -6,9 +6,13 @@ reference's stable sort), each dropped query copies the kept query it is most si
 lower slot). One program owns one cube. The keep set is found without a sort: a 32-step bisection
 on the cosine's order-preserving int32 key finds the keep-th smallest value, ties at that value are
 taken in slot order with a cumulative count. Everything stays in registers; q is re-read per pass
-over head_dim chunks (it is L1/L2 resident), so S up to 512 and D up to 256 fit.
+over head_dim chunks (it is L1/L2 resident), so S up to 512 and D up to 256 fit. The similarity
+matrix runs on the tensor cores in the input's 16-bit type (exact products, fp32 sums): measured on
+an H100, the fp32 'ieee' dot took 18.9 ms of a 21 ms BSA call at 480p with 4x4x4 cubes.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -19,6 +23,7 @@ from ._cube_index import _cube_tokens, _grid_args
 
 _EPS = tl.constexpr(1e-12)  # torch.nn.functional.normalize's eps
 _TILE_ELEMENTS = 8192
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # its 16-bit tl.dot is wrong: fp32 there
 
 
 @triton.jit
@@ -45,7 +50,8 @@ def _kth_smallest_key(key, cand, need):
 def _query_select_kernel(Q, Keep, Centre, QCount, QIndex, QSource, QBar, n_heads, GT, GH, GW, NH, NW,
                          stride_qb, stride_qh, stride_qn, stride_qs, stride_qd, KQ_WIDTH,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr,
-                         BLOCK_I: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr):
+                         BLOCK_I: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+                         DOT_F32: tl.constexpr):
     S: tl.constexpr = CT * CH * CW
     tl.static_assert(S_PAD >= S)
     tl.static_assert(S_PAD % BLOCK_I == 0)
@@ -108,11 +114,14 @@ def _query_select_kernel(Q, Keep, Centre, QCount, QIndex, QSource, QBar, n_heads
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < HEAD_DIM
             q_i = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                          mask=row_valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                          mask=row_valid[:, None] & d_ok[None, :], other=0.0)
             q_j = tl.load(q_base + slots[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                          mask=kept[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            sim += tl.dot(q_i, tl.trans(q_j * inv_norm[:, None]), input_precision="ieee")
-        sim = tl.where(kept[None, :], sim, float("-inf"))
+                          mask=kept[:, None] & d_ok[None, :], other=0.0)
+            if DOT_F32:
+                sim += tl.dot(q_i.to(tl.float32), tl.trans(q_j.to(tl.float32)), input_precision="ieee")
+            else:  # 16-bit products are exact in the fp32 accumulator: tensor cores, same argmax
+                sim += tl.dot(q_i, tl.trans(q_j))
+        sim = tl.where(kept[None, :], sim * inv_norm[None, :], float("-inf"))
         best = tl.argmax(sim, 1, tie_break_left=True)
         is_kept = tl.sum((kept[None, :] & (slots[None, :] == rows[:, None])).to(tl.int32), 1) > 0
         best = tl.where(is_kept, rows, best)
@@ -149,5 +158,6 @@ def query_select(q_cubes: torch.Tensor, layout, keep_ratio: float):
     _query_select_kernel[(N, B * H)](
         q_cubes, keep, layout.centre_slot, q_count, q_index, q_source, q_bar, H, *_grid_args(layout),
         *q_cubes.stride(), width, HEAD_DIM=D, BLOCK_D=block_d, S_PAD=s_pad, BLOCK_I=block_i,
-        CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2], num_warps=4 if s_pad <= 128 else 8)
+        CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2],
+        DOT_F32=q_cubes.dtype == torch.float32 or _INTERPRET, num_warps=4 if s_pad <= 128 else 8)
     return q_count, q_index, q_source, q_bar
