@@ -74,6 +74,87 @@ def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, confi
     return bsa_attention_reference(q, k, v, layout, config, scale, n_prefix, n_suffix)
 
 
+# Masked keys get weight exp(-1e4 + logit) == 0 in fp32: dropping them is exact.
+MASKED_KEY_LOGIT = -1.0e4
+
+
+def attended_keys(mask, batch: int, n_tokens: int, n_prefix: int, n_suffix: int):
+    """(keys [B', L] bool or None, reason): an attention mask BSA can honour exactly hides only extra
+    (prefix/suffix) keys, the same for every query and head. Bool masks: True = attend; float masks are
+    additive: 0 = attend, <= -1e4 = hidden. B' is 1 (shared) or the batch. Never raises."""
+    # ComfyUI's backends read a mask as [Lq, Lk], [B, Lq, Lk] or [B, H, Lq, Lk]
+    full = mask.reshape(1, 1, *mask.shape) if mask.dim() == 2 else mask.unsqueeze(1) if mask.dim() == 3 else mask
+    if full.dim() != 4 or full.shape[-1] != n_tokens or full.shape[1] != 1 or full.shape[2] != 1:
+        return None, f"attention mask of shape {tuple(mask.shape)} is not a key mask"
+    rows = full.reshape(-1, n_tokens)
+    if rows.shape[0] not in (1, batch):
+        return None, f"attention mask of shape {tuple(mask.shape)} is not a key mask"
+    if rows.dtype == torch.bool:
+        keys = rows
+    else:
+        keys = rows == 0
+        if not bool((keys | (rows <= MASKED_KEY_LOGIT)).all()):
+            return None, "attention mask has soft (not 0 / -inf) values"
+    if not bool(keys[:, n_prefix:n_tokens - n_suffix].all()):
+        return None, "attention mask hides video tokens"
+    return keys, None
+
+
+def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, keys: torch.Tensor, *, n_prefix: int = 0,
+                             n_suffix: int = 0, scale: float | None = None, backend: str = "auto"):
+    """BSA where `keys` [B' in (1, B), L] hides some extra keys: equals masked dense attention. The hidden
+    tokens drop out of the sequence; their queries attend the kept keys densely. Returns (out, kept
+    query fraction, kept KV fraction) like bsa_attention_op, the fractions averaged over calls."""
+    outs, kept_q, kept_kv = [], 0.0, 0.0
+    groups = [(slice(None), keys[0])] if keys.shape[0] == 1 else [(slice(b, b + 1), keys[b]) for b in range(q.shape[0])]
+    for rows, key_row in groups:
+        kept = key_row.nonzero().flatten()
+        hidden = (~key_row).nonzero().flatten()
+        qs, ks, vs = (t[rows].index_select(-2, kept) for t in (q, k, v))
+        hidden_prefix = int((~key_row[:n_prefix]).sum())
+        hidden_suffix = hidden.numel() - hidden_prefix
+        out_kept, fq, fkv = bsa_attention_op(qs, ks, vs, grid, config, n_prefix=n_prefix - hidden_prefix,
+                                             n_suffix=n_suffix - hidden_suffix, scale=scale, backend=backend)
+        out = torch.empty(q[rows].shape, dtype=q.dtype, device=q.device)
+        out.index_copy_(-2, kept, out_kept)
+        if hidden.numel():
+            out.index_copy_(-2, hidden, torch.nn.functional.scaled_dot_product_attention(
+                q[rows].index_select(-2, hidden), ks, vs, scale=scale).to(q.dtype))
+        outs.append(out)
+        kept_q, kept_kv = kept_q + fq / len(groups), kept_kv + fkv / len(groups)
+    return torch.cat(outs), kept_q, kept_kv
+
+
+@torch.library.custom_op("bsa::attention", mutates_args=())
+def _bsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], cube_size: list[int],
+                      keep_ratio: float, kv_threshold: float, threshold_mode: str, stat_lambda: float,
+                      min_blocks: int, n_prefix: int, n_suffix: int, scale: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks)
+    out, selection = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
+                                   scale=scale, backend=backend)
+    n_valid = cube_layout(tuple(grid), config.cube_size, q.device).n_valid
+    return out, selection.kept_query_fraction(n_valid), selection.kept_kv_fraction()
+
+
+@_bsa_attention_op.register_fake
+def _(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks, n_prefix,
+      n_suffix, scale, backend):
+    fraction = q.new_empty((), dtype=torch.float64)
+    return torch.empty_like(q), fraction, torch.empty_like(fraction)
+
+
+def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_suffix: int = 0,
+                     scale: float | None = None, backend: str = "auto"):
+    """bsa_attention as the torch custom op bsa::attention, so torch.compile (ComfyUI's TorchCompileModel)
+    treats it as one opaque call instead of tracing the data-dependent selection. Returns (out
+    [B, H, L, D], kept query fraction, kept KV-cube fraction), the fractions as 0-d float64 tensors."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _bsa_attention_op(q, k, v, [int(n) for n in grid], list(config.cube_size), float(config.keep_ratio),
+                             float(config.kv_threshold), config.threshold_mode, float(config.stat_lambda),
+                             int(config.min_blocks), int(n_prefix), int(n_suffix), scale, backend)
+
+
 def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int,
                           n_suffix: int):
     """permute (+ pooled keys) -> select -> block-sparse attention -> scatter back to raster order."""

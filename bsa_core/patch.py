@@ -9,9 +9,9 @@ import math
 import re
 from collections import Counter
 
-from .attention import bsa_attention, choose_backend, unsupported_reason
+from .adapters import TokenLayout, token_layout
+from .attention import attended_keys, bsa_attention_key_masked, bsa_attention_op, choose_backend, unsupported_reason
 from .config import BSAConfig
-from .cubes import cube_layout
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,11 @@ class RunStats:
     def dense_calls(self) -> int:
         return sum(self.dense_reasons.values())
 
-    def record_sparse(self, selection, n_valid) -> None:
-        """Accumulates on the selection's device: reading a GPU number every call would stall the GPU."""
+    def record_sparse(self, kept_query_fraction, kept_kv_fraction) -> None:
+        """Accumulates 0-d tensors on the attention's device: reading a GPU number every call would stall it."""
         self.sparse_calls += 1
-        self._kept_query_sum = self._kept_query_sum + selection.kept_query_fraction(n_valid)
-        self._kept_kv_sum = self._kept_kv_sum + selection.kept_kv_fraction()
+        self._kept_query_sum = self._kept_query_sum + kept_query_fraction
+        self._kept_kv_sum = self._kept_kv_sum + kept_kv_fraction
 
     def as_dict(self) -> dict:
         """Mean kept percentages are over sparse calls (None without one)."""
@@ -73,7 +73,7 @@ class RunStats:
 class BSAPatch:
     """Options of one patched model plus the state of the sampling run in progress.
 
-    The grid and the block counter are per forward (set by the diffusion-model wrapper); the stats
+    The token layout and the block counter are per model call (set by the apply-model wrapper); the stats
     and the set of already-logged reasons live until ON_CLEANUP, which logs the summary and resets.
     """
 
@@ -95,7 +95,7 @@ class BSAPatch:
         if stats is not None and (stats.sparse_calls or stats.dense_calls):
             log.info(f"{LOG_PREFIX} run: {stats.summary()}", extra={"bsa_run": stats.as_dict()})
         self.stats = RunStats()
-        self.grid = None
+        self.layout = TokenLayout("none", reason="unknown video grid")
         self.block = 0
         self._logged = set()
 
@@ -104,14 +104,10 @@ class BSAPatch:
         self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
         self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
 
-    def begin_forward(self, x_shape, patch_size) -> None:
-        """A new diffusion-model forward: learn its token grid, restart the block count.
-        The model pads the latent to its patch size, hence the ceil."""
+    def begin_forward(self, layout: TokenLayout) -> None:
+        """A new model call: where its video tokens sit; restart the block count."""
         self.block = 0
-        if len(x_shape) == 5 and patch_size is not None and len(patch_size) == 3:
-            self.grid = tuple(-(-int(n) // int(p)) for n, p in zip(x_shape[2:], patch_size))
-        else:
-            self.grid = None
+        self.layout = layout
 
     def install(self, transformer_options: dict) -> None:
         """Put this patch's override on top of the hook, chaining whatever was there. Idempotent."""
@@ -122,22 +118,25 @@ class BSAPatch:
         self._installed.append(override)
         transformer_options[OVERRIDE_KEY] = override
 
-    def dense_reason(self, q, k, v, mask, tokens: int, sigmas) -> str | None:
+    def dense_reason(self, q, k, v, tokens: int, sigmas) -> str | None:
         """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D].
         Counts self-attention calls as it goes: the k-th one of a forward is block k."""
         if q.shape[-2] != k.shape[-2]:
             return "cross-attention"
+        grid = self.layout.grid
+        if grid is not None and tokens < self.layout.n_prefix + math.prod(grid):
+            return "shorter than the video (e.g. text refiner)"  # not a transformer block: not counted
         block = self.block
         self.block += 1
-        if mask is not None:
-            return "attention mask present"
+        if self.layout.reason is not None:
+            return self.layout.reason
         if tokens < self.min_tokens:
             return f"fewer than min_tokens={self.min_tokens} tokens"
         if sigmas is not None and not (self.sigma_end <= float(sigmas.reshape(-1)[0]) <= self.sigma_start):
             return "sigma outside start_percent..end_percent"
         if block in self.dense_blocks:
             return "block listed in dense_blocks"
-        return unsupported_reason(q, k, v, self.grid)
+        return unsupported_reason(q, k, v, self.layout.grid, *self.layout.extra_tokens(tokens))
 
     def log_once(self, reason: str, warning: bool = False) -> None:
         if reason not in self._logged:
@@ -172,15 +171,26 @@ def _make_override(patch: BSAPatch, previous):
             return call(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
 
-        reason = patch.dense_reason(qh, kh, vh, mask, qh.shape[-2], transformer_options.get("sigmas"))
+        tokens = qh.shape[-2]
+        reason = patch.dense_reason(qh, kh, vh, tokens, transformer_options.get("sigmas"))
         if reason is not None:
             return dense(reason)
+        n_prefix, n_suffix = patch.layout.extra_tokens(tokens)
+        keys = None
+        if mask is not None:
+            keys, reason = attended_keys(mask, qh.shape[0], tokens, n_prefix, n_suffix)
+            if reason is not None:
+                return dense(reason)
+        args = dict(n_prefix=n_prefix, n_suffix=n_suffix, scale=kwargs.get("scale"), backend=patch.backend(qh))
         try:
-            out, selection = bsa_attention(qh, kh, vh, patch.grid, patch.config, scale=kwargs.get("scale"),
-                                           backend=patch.backend(qh))
+            if keys is None:
+                out, kept_queries, kept_kv = bsa_attention_op(qh, kh, vh, patch.layout.grid, patch.config, **args)
+            else:
+                out, kept_queries, kept_kv = bsa_attention_key_masked(qh, kh, vh, patch.layout.grid, patch.config,
+                                                                      keys, **args)
         except Exception as error:  # a failing sparse call must not kill a long render: run it dense
             return dense(f"BSA failed ({type(error).__name__}: {error})", warning=True)
-        patch.stats.record_sparse(selection, cube_layout(patch.grid, patch.config.cube_size, q.device).n_valid)
+        patch.stats.record_sparse(kept_queries, kept_kv)
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).flatten(-2)
@@ -212,11 +222,13 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent:
         patch.set_sigma_window(patcher.get_model_object("model_sampling"))
         patch.install((model_options if model_options is not None else patcher.model_options)["transformer_options"])
 
-    def learn_grid(executor, x, *args, **kwargs):
-        patch.begin_forward(x.shape, getattr(executor.class_obj, "patch_size", None))
+    def learn_token_layout(executor, x, *args, **kwargs):
+        # apply_model wraps every family's diffusion model (Mochi's has no wrapper of its own);
+        # x is the noisy latent, kwargs the model's extra conds (reference / guide latents)
+        patch.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs))
         return executor(x, *args, **kwargs)
 
-    patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, PATCH_KEY, learn_grid)
+    patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, learn_token_layout)
     patched.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, PATCH_KEY, on_prepare_state)
     patched.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, PATCH_KEY, lambda patcher: patch.reset())
     return patched

@@ -72,15 +72,13 @@ def test_chains_previous_override_and_forwards_kwargs(tiny_wan, caplog):
 
 @pytest.mark.parametrize("case,reason", [
     ("cross", "cross-attention"),
-    ("mask", "attention mask present"),
     ("no_grid", "unknown video grid"),
 ])
 def test_dense_with_one_logged_reason(tiny_wan, caplog, case, reason):
     caplog.set_level(logging.INFO)
     patched = apply_bsa(tiny_wan, SPARSE)
-    mask = torch.zeros(40, 40) if case == "mask" else None
     for _ in range(3):
-        attention(patched, 40, 12 if case == "cross" else 40, mask=mask)
+        attention(patched, 40, 12 if case == "cross" else 40)
     assert bsa_lines(caplog) == [f"[BSA] dense: {reason}"]
 
 

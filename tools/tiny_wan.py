@@ -49,23 +49,27 @@ def wan21_t2v_shapes(dim: int, layers: int, ffn_dim: int) -> dict[str, tuple[int
     return shapes
 
 
-def tiny_wan_state_dict(dim: int = 256, layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
     """Weights ~ N(0, 1/fan_in) so activations keep unit scale and attention is neither flat nor one-hot;
-    norm gains 1, biases 0, modulations small."""
+    norm gains 1, biases 0, modulations (and other 1-D or 3-D tables) small."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in wan21_t2v_shapes(dim, layers, ffn_dim=2 * dim).items():
-        if "norm" in name and name.endswith("weight"):
+    for name, shape in shapes.items():
+        if "norm" in name and (name.endswith("weight") or name.endswith("scale")):
             tensor = torch.ones(shape)
         elif name.endswith("bias"):
             tensor = torch.zeros(shape)
-        elif name.endswith("modulation"):
+        elif len(shape) < 2 or "modulation" in name or "scale_shift_table" in name:
             tensor = 0.1 * torch.randn(shape, generator=generator)
         else:
             fan_in = shape[1] * (shape[2] * shape[3] * shape[4] if len(shape) == 5 else 1)
             tensor = torch.randn(shape, generator=generator) / fan_in ** 0.5
-        state[name] = tensor.to(torch.float16).contiguous()
+        state[name] = tensor.to(dtype).contiguous()
     return state
+
+
+def tiny_wan_state_dict(dim: int = 256, layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    return random_weights(wan21_t2v_shapes(dim, layers, ffn_dim=2 * dim), seed)
 
 
 def write_tiny_wan(path, dim: int = 256, layers: int = 2, seed: int = 0) -> pathlib.Path:
