@@ -177,3 +177,24 @@ def test_layouts_of_extra_tokens():
     mochi = _layout("mochi", (1, 12, 5, 16, 16))
     assert mochi.grid == (5, 8, 8) and mochi.extra_tokens(320 + 7) == (0, 7)
     assert token_layout(torch.nn.Linear(1, 1), (1, 4, 2, 8, 8)).reason == UNKNOWN_FAMILY
+
+
+def test_ltxv_guide_frames_are_exact_suffix_tokens(caplog):
+    """An LTXVAddGuide-style guide: one latent frame appended to the video, its tokens listed in
+    keyframe_idxs. BSA takes the video (4 frames) and keeps the guide's 64 tokens exact."""
+    model = tiny_model("ltxv")
+    g = torch.Generator().manual_seed(4)
+    cond = {"attention_mask": torch.ones(1, 16, dtype=torch.long), "keyframe_idxs": torch.zeros(1, 3, 64)}
+    positive = [[_text(g, 16, 4096), cond]]
+    latent = {"samples": torch.zeros(1, 128, 5, 8, 8)}
+
+    def run(m):
+        return nodes.common_ksampler(m, 7, STEPS, 1.0, "euler", "simple", positive, positive, latent)[0]["samples"]
+
+    caplog.set_level(logging.INFO)
+    dense = run(model)
+    sparse = run(apply_bsa(model, SPARSE))
+    assert last_run(caplog)["sparse_calls"] == STEPS * 2
+    all_kept = run(apply_bsa(model, ALL_KEPT))
+    torch.testing.assert_close(all_kept, dense, atol=2e-4, rtol=2e-4)
+    assert not torch.allclose(sparse, dense, atol=1e-3)
