@@ -346,7 +346,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
 
     KQ = q_index.shape[-1]
     if plan is None:
-        plan = plan_block_sparse(kv_count, kv_index, slot_valid, max(1, 64 // max(KQ, 1)) if cubes_per_program
+        plan = plan_block_sparse(kv_count, kv_index, slot_valid, min(32, max(1, 64 // max(KQ, 1))) if cubes_per_program
                                  is None else cubes_per_program, schedule)
     elif cubes_per_program is not None and cubes_per_program != plan.group:
         raise ValueError(f"plan was made for {plan.group} cubes per program, not {cubes_per_program}")

@@ -1,0 +1,331 @@
+"""Property-based tests (hypothesis) of the public entry point, the node's attention override and the
+Triton pipeline (interpreter on CPU): every call either matches the reference / its spec or, through
+the override, runs dense with a logged reason; never an exception, never NaN/Inf.
+
+Budgets are fixed and derandomized so CI is deterministic; tiny shapes keep the file under a minute."""
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # before anything imports triton (ComfyUI may): the kernels then run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from comfyui_bsa.bsa_core import BSAConfig, bsa_attention, cube_layout  # noqa: E402
+from comfyui_bsa.bsa_core.reference import block_logits, keep_counts, pooled_cubes  # noqa: E402
+
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+MAX_TOKENS = 600  # video tokens per call
+MAX_ROWS = 3000  # batch * heads * tokens (the float64 oracle is [B, H, L, L])
+CUBES = [(4, 4, 4), (2, 8, 8), (4, 4, 8), (4, 8, 8)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DENSE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+unit = st.one_of(st.sampled_from([1.0, 1e-6, 0.05, 0.5, 0.999999]),
+                 st.floats(min_value=0.0, max_value=1.0, exclude_min=True))
+
+
+@st.composite
+def grids(draw, max_tokens=MAX_TOKENS):
+    """(T, H, W) with T 1..5, H 1..17, W 1..64 (primes and sub-cube sizes included), T*H*W <= max_tokens."""
+    T = draw(st.integers(1, 5))
+    H = draw(st.integers(1, min(17, max_tokens // T)))
+    W = draw(st.integers(1, min(64, max_tokens // (T * H))))
+    return T, H, W
+
+
+cubes = st.one_of(st.sampled_from(CUBES), st.tuples(*[st.integers(1, 8)] * 3))
+
+
+@st.composite
+def configs(draw, cube=cubes):
+    mode = draw(st.sampled_from(["cumulative", "statistical"]))
+    return BSAConfig(cube_size=draw(cube), keep_ratio=draw(unit), kv_threshold=draw(unit), threshold_mode=mode,
+                     stat_lambda=draw(st.floats(-10, 10)), min_blocks=draw(st.integers(1, 12)))
+
+
+def make_qkv(B, H, L, D, dtype, kind, seed, magnitude=1.0):
+    """Random, all-zero, constant or duplicated-token (tie-heavy) inputs."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (magnitude * torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    if kind == "zeros":
+        q, k = torch.zeros_like(q), torch.zeros_like(k)
+    elif kind == "constant":
+        q, k = torch.ones_like(q), -torch.ones_like(k)
+    elif kind == "duplicated":  # every token a copy of one of 3: ties in every similarity
+        pick = torch.randint(0, min(3, L), (L,), generator=g)
+        q, k = q[..., pick, :], k[..., pick, :]
+    return tuple(x.to(dtype).contiguous() for x in (q, k, v))
+
+
+def check_selection(sel, layout, config, q_cubes, k_cubes, scale):
+    """The selection table obeys BSA_SPEC.md, whatever the inputs (ties included)."""
+    B, H, N = sel.kv_count.shape
+    S = layout.cube_volume
+    valid = layout.slot_valid
+    # queries: ceil(r n) per cube, centre kept, each kept slot its own source, sources in range
+    assert torch.equal(sel.q_count.long(), keep_counts(layout.n_valid, config.keep_ratio).expand(B, H, N))
+    kept = sel.kept_query_mask()
+    assert not (kept & ~valid).any(), "a padding slot is kept"
+    assert kept.gather(-1, layout.centre_slot.view(1, 1, N, 1).expand(B, H, N, 1)).all(), "centre not kept"
+    src = sel.q_source.long()
+    assert ((src >= 0) == valid).all()
+    assert (src < sel.q_count[..., None].long()).all()
+    src_slot = sel.q_index.long().gather(-1, src.clamp(min=0))
+    assert (src_slot >= 0).all() and kept.gather(-1, src_slot).all(), "a source is not a kept query"
+    slots = torch.arange(S).expand(B, H, N, S)
+    assert torch.equal(torch.where(kept, src_slot, slots), slots), "a kept query copies another one"
+    # a dropped query copies the kept query most similar to it (float32 cosine, small slack for fp ties)
+    qn = torch.nn.functional.normalize(q_cubes.float(), dim=-1)
+    kept_idx = sel.q_index.long().clamp(min=0)
+    cos = qn @ qn.gather(-2, kept_idx[..., None].expand(*kept_idx.shape, qn.shape[-1])).transpose(-1, -2)
+    cos = cos.masked_fill((sel.q_index < 0)[..., None, :], -2.0)  # [B,H,N,S,Kq]
+    chosen = cos.gather(-1, src.clamp(min=0)[..., None])[..., 0]
+    assert ((chosen >= cos.amax(-1) - 1e-3) | ~valid).all(), "a dropped query copies a less similar query"
+    # KV cubes: ascending, in range, own cube, min_blocks, the threshold rule
+    idx, count = sel.kv_index.long(), sel.kv_count.long()
+    pos = torch.arange(idx.shape[-1])
+    live = pos < count[..., None]
+    assert ((idx >= 0) == live).all() and (idx < N).all()
+    assert (idx[..., 1:] > idx[..., :-1])[live[..., 1:]].all(), "kv_index not strictly ascending"
+    dense = sel.to_dense()
+    assert dense.diagonal(dim1=-2, dim2=-1).all(), "own cube missing"
+    assert (count >= min(config.min_blocks, N)).all()
+    q_bar, k_bar = pooled_cubes(q_cubes, k_cubes, layout, sel.q_count, sel.q_index)
+    z = block_logits(q_bar, k_bar, layout, scale)
+    if config.threshold_mode == "cumulative":
+        mass = (torch.softmax(z.double(), -1) * dense).sum(-1)
+        assert (mass >= min(config.kv_threshold, 1.0) - 1e-5).all(), "kept mass below kv_threshold"
+    else:
+        need = z >= z.mean(-1, keepdim=True) + config.stat_lambda * z.std(-1, unbiased=False, keepdim=True)
+        assert not (need & ~dense).any(), "a block above mean + lambda std is missing"
+
+
+def oracle(q, k, v, layout, sel, scale, n_prefix, n_suffix):
+    """Float64 dense-masked attention on the same selection, written independently of the reference."""
+    B, H, L, D = q.shape
+    q, k, v = q.double(), k.double(), v.double()
+    video = torch.arange(n_prefix, L - n_suffix)
+    token = layout.token_of_slot.view(layout.num_cubes, layout.cube_volume)
+    cube_of = torch.empty(layout.num_tokens, dtype=torch.long)
+    slot_of = torch.empty(layout.num_tokens, dtype=torch.long)
+    valid = layout.slot_valid
+    cube_of[token[valid]] = torch.arange(layout.num_cubes)[:, None].expand_as(token)[valid]
+    slot_of[token[valid]] = torch.arange(layout.cube_volume)[None].expand_as(token)[valid]
+    allowed = torch.ones(B, H, L, L, dtype=torch.bool)
+    dense = sel.to_dense()  # [B,H,N,N]
+    allowed[..., video[:, None], video[None, :]] = dense[..., cube_of[:, None], cube_of[None, :]]
+    logits = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(logits, -1) @ v
+    # every video token takes the row of its source (the kept query it copies)
+    src_pos = sel.q_source.long()[..., cube_of, slot_of]  # [B,H,Lv]
+    src_slot = sel.q_index.long()[..., cube_of, :].gather(-1, src_pos[..., None])[..., 0]
+    src_token = token[cube_of, src_slot] + n_prefix
+    out[..., video, :] = out.gather(-2, src_token[..., None].expand(B, H, len(video), D))
+    return out, src_token
+
+
+@FUZZ
+@given(grid=grids(), config=configs(), B=st.integers(1, 4), H=st.integers(1, 40),
+       D=st.sampled_from([64, 128, 24, 80]), dtype=st.sampled_from(DTYPES),
+       n_prefix=st.integers(0, 9), n_suffix=st.integers(0, 9),
+       kind=st.sampled_from(["randn", "randn", "randn", "zeros", "constant", "duplicated"]),
+       magnitude=st.sampled_from([1.0, 0.01, 8.0]), scale=st.sampled_from([None, 0.05, 1.0]),
+       seed=st.integers(0, 2**16))
+def test_entry_point_matches_oracle(grid, config, B, H, D, dtype, n_prefix, n_suffix, kind, magnitude, scale, seed):
+    L = n_prefix + math.prod(grid) + n_suffix
+    H = max(1, min(H, MAX_ROWS // (B * L)))
+    B = max(1, min(B, MAX_ROWS // (H * L)))
+    q, k, v = make_qkv(B, H, L, D, dtype, kind, seed, magnitude)
+    out, sel = bsa_attention(q, k, v, grid, config, n_prefix=n_prefix, n_suffix=n_suffix, scale=scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    s = 1.0 / math.sqrt(D) if scale is None else scale
+    layout = cube_layout(grid, config.cube_size)
+    video = slice(n_prefix, L - n_suffix)
+    check_selection(sel, layout, config, layout.to_cubes(q[..., video, :]), layout.to_cubes(k[..., video, :]), s)
+    expected, src_token = oracle(q, k, v, layout, sel, s, n_prefix, n_suffix)
+    # dropped query rows are bitwise their source rows
+    rows = out.gather(-2, src_token[..., None].expand(*src_token.shape, D))
+    assert torch.equal(out[..., video, :], rows)
+    tol = TOL[dtype] * max(1.0, magnitude)
+    assert torch.allclose(out.double(), expected, atol=tol, rtol=tol), float((out.double() - expected).abs().max())
+    if config.is_dense:
+        assert bool((sel.kv_count == layout.num_cubes).all()) and bool((sel.q_count.long() == layout.n_valid).all())
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=s)
+        tol = DENSE_TOL[dtype] * max(1.0, magnitude)
+        assert torch.allclose(out.double(), sdpa, atol=tol, rtol=tol)
+
+
+@FUZZ
+@given(grid=grids(), config=configs(), B=st.integers(1, 2), H=st.integers(1, 4), D=st.sampled_from([16, 24]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+       bad=st.sampled_from(["none", "grid", "prefix", "suffix", "rank", "dtype", "zero_grid"]))
+def test_entry_point_rejects_with_value_error(grid, config, B, H, D, dtype, seed, bad):
+    """Calls BSA cannot take raise ValueError naming q/k/v (never another exception)."""
+    L = math.prod(grid)
+    q, k, v = make_qkv(B, H, L, D, dtype, "randn", seed)
+    kwargs = {}
+    if bad == "grid":
+        grid = (grid[0], grid[1], grid[2] + 1)
+    elif bad == "prefix":
+        kwargs["n_prefix"] = 1
+    elif bad == "suffix":
+        kwargs["n_suffix"] = -1
+    elif bad == "rank":
+        q = q[0]
+    elif bad == "dtype":
+        q = q.double()
+    elif bad == "zero_grid":
+        grid = (0, *grid[1:])
+    if bad == "none":
+        out, _ = bsa_attention(q, k, v, grid, config, **kwargs)
+        assert torch.isfinite(out).all()
+    else:
+        with pytest.raises(ValueError, match="q/k/v"):
+            bsa_attention(q, k, v, grid, config, **kwargs)
+
+
+# ---- the node's override through ComfyUI's real attention function ---------------------------------
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def comfy_attention():
+    from comfy_env import require_comfyui
+    require_comfyui()
+    import comfy.ldm.modules.attention as module
+    return module
+
+
+def set_layout(patch, grid, n_prefix=0, n_suffix=0):
+    """What the model wrapper tells the patch at the start of a forward (whichever patch API is in)."""
+    if hasattr(patch, "layout"):
+        from comfyui_bsa.bsa_core.adapters import TokenLayout
+        patch.begin_forward(TokenLayout("test", grid, n_prefix, n_suffix,
+                                        reason=None if grid is not None else "unknown video grid"))
+        return True
+    patch.grid = grid
+    return False
+
+
+@FUZZ
+@given(grid=grids(300), config=configs(), B=st.integers(1, 3), heads=st.integers(1, 6),
+       D=st.sampled_from([64, 24, 80]), dtype=st.sampled_from(DTYPES),
+       case=st.sampled_from(["self", "self", "self", "declared_extra", "cross", "mask", "extra_tokens", "no_grid",
+                             "wrong_grid", "sigma_outside", "dense_block", "short"]),
+       skip_reshape=st.booleans(), seed=st.integers(0, 2**16))
+def test_override_sparse_or_dense_with_reason(comfy_attention, grid, config, B, heads, D, dtype, case, skip_reshape,
+                                              seed):
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BSAPatch, _make_override, log
+
+    n_prefix, n_suffix = (3, 4) if case in ("declared_extra", "extra_tokens") else (0, 0)
+    L = n_prefix + math.prod(grid) + n_suffix
+    Lk = 7 if case == "cross" else L
+    g = torch.Generator().manual_seed(seed)
+    shape = (lambda n: (B, heads, n, D)) if skip_reshape else (lambda n: (B, n, heads * D))
+    q = torch.randn(shape(L), generator=g).to(dtype)
+    k, v = (torch.randn(shape(Lk), generator=g).to(dtype) for _ in range(2))
+    mask = (0.1 * torch.randn(L, Lk, generator=g)).to(dtype) if case == "mask" else None
+    patch = BSAPatch(config, 0.0, 1.0, dense_blocks={0} if case == "dense_block" else (),
+                     min_tokens=L + 1 if case == "short" else 0)
+    patch.sigma_start, patch.sigma_end = 10.0, 1.0
+    layout_grid = {"no_grid": None, "wrong_grid": (grid[0] + 1, *grid[1:])}.get(case, grid)
+    declared = (n_prefix, n_suffix) if case == "declared_extra" else (0, 0)
+    if not set_layout(patch, layout_grid, *declared):
+        assume(case != "declared_extra")  # the grid-only patch API has no extra tokens
+    sigmas = torch.tensor([0.5 if case == "sigma_outside" else 5.0])
+    options = {OVERRIDE_KEY: _make_override(patch, None), "sigmas": sigmas}
+    call = dict(mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_reshape)
+    records = _Records()
+    level = log.level
+    log.addHandler(records)
+    log.setLevel(logging.INFO)
+    try:
+        outs = [comfy_attention.optimized_attention(q, k, v, heads, transformer_options=options, **call)
+                for _ in range(2)]
+    finally:
+        log.removeHandler(records)
+        log.setLevel(level)
+    plain = comfy_attention.optimized_attention(q, k, v, heads, **call)
+    for out in outs:
+        assert out.shape == plain.shape and out.dtype == plain.dtype and torch.isfinite(out).all()
+    stats = patch.stats.as_dict()
+    assert stats["sparse_calls"] + stats["dense_calls"] == 2
+    assert not any(r.startswith("BSA failed") for r in stats["dense_reasons"]), stats
+    if case in ("self", "declared_extra"):
+        assert stats["sparse_calls"] == 2, stats
+        qh, kh, vh = (t if skip_reshape else t.unflatten(-1, (heads, D)).transpose(1, 2) for t in (q, k, v))
+        expected, _ = bsa_attention(qh, kh, vh, grid, config, n_prefix=n_prefix, n_suffix=n_suffix)
+        expected = expected if skip_reshape else expected.transpose(1, 2).flatten(-2)
+        assert torch.equal(outs[0], expected) and torch.equal(outs[1], expected)
+    else:
+        # dense_block: only block 0 of the forward is listed; the second call is block 1 and goes sparse
+        assert stats["dense_calls"] == (1 if case == "dense_block" else 2), stats
+        (reason,) = stats["dense_reasons"]
+        assert [line for line in records.lines if "dense:" in line] == [f"[BSA] dense: {reason}"]
+        tol = DENSE_TOL[dtype]
+        assert torch.allclose(outs[0].float(), plain.float(), atol=tol, rtol=tol)
+
+
+# ---- the Triton pipeline (interpreter without CUDA) ------------------------------------------------
+
+@settings(FUZZ, max_examples=8)
+@given(grid=grids(48), config=configs(cube=st.sampled_from([(2, 2, 2), (2, 2, 4), (1, 4, 4), (4, 4, 4)])),
+       H=st.integers(1, 2), D=st.sampled_from([32, 64]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       n_prefix=st.integers(0, 3), n_suffix=st.integers(0, 3),
+       kind=st.sampled_from(["randn", "randn", "duplicated"]), seed=st.integers(0, 2**16))
+def test_triton_pipeline_fuzz(grid, config, H, D, dtype, n_prefix, n_suffix, kind, seed):
+    pytest.importorskip("triton")
+    from comfyui_bsa.bsa_core import attention
+    from comfyui_bsa.bsa_core.reference import bsa_attention_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    L = n_prefix + math.prod(grid) + n_suffix
+    q, k, v = (x.to(device) for x in make_qkv(1, H, L, D, dtype, kind, seed))
+    layout = cube_layout(grid, config.cube_size, device)
+    scale = 1.0 / math.sqrt(D)
+    out, sel = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    sel_cpu = type(sel)(*(t.cpu() for t in (sel.q_count, sel.q_index, sel.q_source, sel.kv_count, sel.kv_index)))
+    layout_cpu = cube_layout(grid, config.cube_size)
+    video = slice(n_prefix, L - n_suffix)
+    qc, kc = (layout_cpu.to_cubes(x[..., video, :].cpu()) for x in (q, k))
+    # the kernels' fp16 similarity may break near-ties differently: keep the cosine slack loose there
+    if kind == "randn":
+        check_selection(sel_cpu, layout_cpu, config, qc, kc, scale)
+    ref, _ = bsa_attention_reference(q, k, v, layout, config, scale, n_prefix, n_suffix, selection=sel)
+    err = float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-6))
+    assert err < 2e-2, err
+
+
+def test_triton_pipeline_one_kept_query_per_cube():
+    """Found by the fuzz test: one kept query per cube made the default packing 64 cubes per program,
+    past the kernel's 32-cube limit (a ValueError, so a dense fallback on GPU)."""
+    pytest.importorskip("triton")
+    from comfyui_bsa.bsa_core import attention
+    from comfyui_bsa.bsa_core.reference import bsa_attention_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    grid, config = (1, 2, 3), BSAConfig((4, 4, 4), keep_ratio=0.05, kv_threshold=0.5)
+    q, k, v = (x.to(device) for x in make_qkv(1, 1, math.prod(grid), 32, torch.float16, "randn", 0))
+    layout = cube_layout(grid, config.cube_size, device)
+    out, sel = attention._bsa_attention_triton(q, k, v, layout, config, 32 ** -0.5, 0, 0)
+    assert int(sel.q_index.shape[-1]) == 1
+    ref, _ = bsa_attention_reference(q, k, v, layout, config, 32 ** -0.5, selection=sel)
+    assert torch.allclose(out.float(), ref.float(), atol=2e-3)
