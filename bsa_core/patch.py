@@ -1,4 +1,4 @@
-"""Puts BSA on a ComfyUI model: an attention override on a clone, a grid-learning wrapper, run stats.
+"""Puts BSA on a ComfyUI model: an attention override on a clone, a token-layout wrapper, run stats.
 
 Importable without ComfyUI: comfy.* is imported inside apply_bsa only.
 """

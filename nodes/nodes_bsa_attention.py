@@ -14,10 +14,12 @@ class BSASparseAttention(io.ComfyNode):
             node_id="BSASparseAttention",
             display_name="BSA Sparse Attention",
             category="model_patches/attention",
-            description="Bidirectional Sparse Attention for video models (Wan 2.1/2.2): in each cube of video tokens "
+            description="Bidirectional Sparse Attention for video models (Wan 2.1/2.2, HunyuanVideo, LTX-Video, Cosmos "
+                        "predict2, Mochi): in each cube of video tokens "
                         "only the least redundant queries are computed, and each cube attends only the KV cubes that "
                         "carry most of its attention mass. Calls it cannot take (cross-attention, masks, short "
-                        "sequences, steps outside start/end, dense_blocks) run the normal attention.",
+                        "sequences, steps outside start/end, dense_blocks) run the normal attention; text and reference "
+                        "tokens in joint attention are always computed and attended.",
             inputs=[
                 io.Model.Input("model", tooltip="The video diffusion model to patch (a patched copy is returned)."),
                 io.Float.Input("keep_ratio", default=0.5, min=0.05, max=1.0, step=0.05,
