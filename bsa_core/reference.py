@@ -103,16 +103,17 @@ def sparse_attention_reference(q_cubes, k_cubes, v_cubes, layout: CubeLayout, se
         keys = torch.cat([keys, k_extra.float()], -2)
         values = torch.cat([values, v_extra.float()], -2)
     n_extra = keys.shape[-2] - N * S
-    allowed = selection.to_dense()[..., :, :, None] & layout.slot_valid  # [B,H,N,N,S]
-    allowed = allowed.reshape(B, H, N, 1, N * S)
-    allowed = torch.cat([allowed, allowed.new_ones(B, H, N, 1, n_extra)], -1)
+    cube_mask = selection.to_dense()  # [B,H,N,N]
 
     out = torch.empty_like(q_kept)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * q_kept.shape[-2] * keys.shape[-2]))
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
+        # the key mask of this chunk only: for all cubes at once it is [B,H,N,N*S], O(L^2 / S)
+        allowed = (cube_mask[:, :, n0:n1, :, None] & layout.slot_valid).reshape(B, H, n1 - n0, 1, N * S)
+        allowed = torch.cat([allowed, allowed.new_ones(B, H, n1 - n0, 1, n_extra)], -1)
         logits = torch.einsum("bhnqd,bhkd->bhnqk", q_kept[:, :, n0:n1], keys) * scale
-        logits = logits.masked_fill(~allowed[:, :, n0:n1], float("-inf"))
+        logits = logits.masked_fill(~allowed, float("-inf"))
         out[:, :, n0:n1] = torch.einsum("bhnqk,bhkd->bhnqd", torch.softmax(logits, -1), values)
     source = selection.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
     return out.gather(-2, source) * layout.slot_valid[..., None]
