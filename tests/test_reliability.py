@@ -66,3 +66,123 @@ def test_default_chunk_bounds_the_attention_temporary():
     with largest:
         bsa_attention(q, k, v, grid, BSAConfig(keep_ratio=0.05, kv_threshold=0.5))
     assert largest.nbytes <= 4 * reference_module._CHUNK_ELEMENTS, largest.op
+
+
+# ---- ComfyUI: the node, patch state, soak ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wan(request):
+    """The tiny Wan 2.1 through ComfyUI's loader; skips this part without ComfyUI."""
+    from comfy_env import require_comfyui
+    require_comfyui()
+    return request.getfixturevalue("tiny_wan")
+
+
+from comfy_env import tiny_wan, tiny_wan_path  # noqa: E402,F401  (fixtures)
+
+NODE = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative", start_percent=0.0,
+            end_percent=1.0, stat_lambda=1.0, min_blocks=1, dense_blocks="", min_tokens=0)
+
+
+def node_model(wan, **settings):
+    from comfyui_bsa.nodes.nodes_bsa_attention import BSASparseAttention
+    return BSASparseAttention.execute(wan, **{**NODE, **settings}).result[0]
+
+
+def patch_of(model):
+    """The BSAPatch behind a patched model's override (read from the override's closure)."""
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BSAPatch
+    override = model.model_options["transformer_options"][OVERRIDE_KEY]
+    (patch,) = [c.cell_contents for c in override.__closure__ if isinstance(c.cell_contents, BSAPatch)]
+    return patch
+
+
+def conds(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, 16, 4096, generator=g), {}]], [[torch.randn(1, 16, 4096, generator=g), {}]]
+
+
+def sample(model, frames=5, height=16, width=16, steps=1, callback=None, start_step=None, last_step=None,
+           latent=None, seed=0):
+    """Latent of a short cfg run; grid frames x height/2 x width/2 tokens."""
+    import comfy.sample
+    positive, negative = conds()
+    latent = torch.zeros(1, 16, frames, height, width) if latent is None else latent
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, 3.0, "euler", "simple", positive, negative, latent,
+                               start_step=start_step, last_step=last_step, callback=callback, disable_pbar=True,
+                               seed=seed)
+
+
+def runs_logged(caplog) -> list[dict]:
+    return [r.bsa_run for r in caplog.records if hasattr(r, "bsa_run")]
+
+
+def fresh_state(patch) -> bool:
+    stats = patch.stats.as_dict()
+    return stats["sparse_calls"] == 0 and stats["dense_calls"] == 0 and patch.block == 0 and not patch._logged
+
+
+def test_two_patched_models_keep_independent_state(wan, caplog):
+    """A Wan 2.2 style high/low pair: two patched clones, different settings, one sampling schedule."""
+    caplog.set_level(logging.INFO)
+    high = node_model(wan, keep_ratio=0.5, cube_size="4x4x4")
+    low = node_model(wan, keep_ratio=0.25, kv_threshold=0.5, cube_size="2x8x8", dense_blocks="1")
+    assert patch_of(high) is not patch_of(low)
+    first = sample(high, steps=4, start_step=0, last_step=2)
+    caplog.clear()
+    both = sample(low, steps=4, start_step=2, last_step=4, latent=first)
+    (low_run,) = runs_logged(caplog)
+    assert low_run["kept_query_pct"] == pytest.approx(25.0) and low_run["dense_reasons"].get("block listed in "
+                                                                                           "dense_blocks") == 2
+    assert fresh_state(patch_of(high)) and fresh_state(patch_of(low))
+    # the second stage alone, from the same latent, with a freshly patched low model: same output
+    alone = sample(node_model(wan, keep_ratio=0.25, kv_threshold=0.5, cube_size="2x8x8", dense_blocks="1"), steps=4,
+                   start_step=2, last_step=4, latent=first)
+    assert torch.equal(both, alone)
+    # interleaving the two models does not mix their stats
+    caplog.clear()
+    sample(high, steps=2)
+    sample(low, steps=2)
+    high_run, low_run = runs_logged(caplog)
+    assert high_run["kept_query_pct"] == pytest.approx(50.0) and low_run["kept_query_pct"] == pytest.approx(25.0)
+    assert high_run["sparse_calls"] == 4 and high_run["dense_reasons"] == {"cross-attention": 4}
+    assert low_run["sparse_calls"] == 2 and low_run["dense_reasons"]["block listed in dense_blocks"] == 2
+
+
+class Cancel(Exception):
+    pass
+
+
+def test_cancelled_run_leaves_nothing_behind(wan, caplog):
+    caplog.set_level(logging.INFO)
+    model = node_model(wan, keep_ratio=0.5, kv_threshold=0.7)
+    reference = sample(node_model(wan, keep_ratio=0.5, kv_threshold=0.7), steps=3)
+
+    def cancel(step, *args):
+        if step == 1:
+            raise Cancel("user cancelled")
+
+    with pytest.raises(Cancel):
+        sample(model, steps=3, callback=cancel)
+    assert fresh_state(patch_of(model)), "ON_CLEANUP did not reset the patch after the exception"
+    caplog.clear()
+    again = sample(model, steps=3)
+    assert torch.equal(again, reference)
+    (run,) = runs_logged(caplog)
+    assert run["sparse_calls"] == 6 and run["dense_calls"] == 6, run
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("[BSA] dense:")] == [
+        "[BSA] dense: cross-attention"]
+
+
+def test_state_resets_at_cleanup(wan, caplog):
+    caplog.set_level(logging.INFO)
+    model = node_model(wan)
+    patch = patch_of(model)
+    sample(model, steps=2)
+    assert fresh_state(patch)
+    sample(model, steps=2)
+    first, second = runs_logged(caplog)
+    assert first == second, "the second run's stats include the first's"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[BSA] dense:")]
+    assert lines == ["[BSA] dense: cross-attention"] * 2, "each run logs its reasons once"
