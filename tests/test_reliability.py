@@ -186,3 +186,42 @@ def test_state_resets_at_cleanup(wan, caplog):
     assert first == second, "the second run's stats include the first's"
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[BSA] dense:")]
     assert lines == ["[BSA] dense: cross-attention"] * 2, "each run logs its reasons once"
+
+
+def rss_mb() -> float:
+    import psutil
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def test_soak_fifty_runs(wan, caplog):
+    """50 one-step runs through the node, resolutions and settings varying: equal inputs give bitwise
+    equal outputs, process memory does not grow over the last 25 runs, the layout cache stays bounded."""
+    from comfyui_bsa.bsa_core.cubes import _cube_layout
+    caplog.set_level(logging.WARNING)  # no record kept per run
+    cubes, modes = ["4x4x4", "2x8x8", "4x4x8", "4x8x8"], ["cumulative", "statistical"]
+    configs = [dict(frames=1 + i % 3, height=8 + 4 * (i % 3), width=8 + 4 * (i // 3 % 3),
+                    settings=dict(keep_ratio=(0.05, 0.3, 0.5, 1.0)[i % 4], kv_threshold=(0.2, 0.9, 1.0)[i % 3],
+                                  cube_size=cubes[i % 4], threshold_mode=modes[i // 4 % 2], min_blocks=1 + i % 3))
+               for i in range(40)]
+    repeated = [0, 7, 13]  # runs 40..49 repeat these configs (and one from the first half is run again)
+    schedule = configs + [configs[i] for i in repeated * 3 + [21]]
+    outputs, rss = {}, {}
+    for run, c in enumerate(schedule):
+        if run == 25:
+            rss[25] = rss_mb()
+        out = sample(node_model(wan, **c["settings"]), c["frames"], c["height"], c["width"], steps=1)
+        assert torch.isfinite(out).all()
+        key = configs.index(c)
+        if key in outputs:
+            assert torch.equal(out, outputs[key]), f"run {run}: config {key} gave a different output"
+        outputs[key] = out
+    rss[50] = rss_mb()
+    growth = rss[50] - rss[25]
+    info = _cube_layout.cache_info()
+    message = (f"RSS after run 25: {rss[25]:.1f} MiB, after run 50: {rss[50]:.1f} MiB, growth {growth:+.1f} MiB; "
+               f"layout cache {info.currsize}/{info.maxsize} (hits {info.hits}, misses {info.misses})")
+    print(message)
+    assert not [r for r in caplog.records if r.getMessage().startswith("[BSA] dense: BSA failed")], message
+    assert info.currsize <= info.maxsize, message
+    assert growth < 40, message
