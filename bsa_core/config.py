@@ -70,5 +70,6 @@ def parse_cube_size(text: str) -> tuple[int, int, int]:
     except ValueError:
         cube = ()
     if len(cube) != 3:
-        raise ValueError(f"cube_size must look like '4x4x4' (time x height x width), got {text!r}")
+        raise ValueError(f"cube_size must look like '4x4x4' (time x height x width, each an integer in [1, 64]), "
+                         f"got {text!r}")
     return cube

@@ -225,3 +225,70 @@ def test_soak_fifty_runs(wan, caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("[BSA] dense: BSA failed")], message
     assert info.currsize <= info.maxsize, message
     assert growth < 40, message
+
+
+# ---- bad node inputs: rejected at execute, naming the input and what it accepts ---------------------
+
+UNIT = r"in \(0, 1\]"
+BAD_INPUTS = [
+    ({"keep_ratio": 0.0}, "keep_ratio", UNIT), ({"keep_ratio": -0.5}, "keep_ratio", UNIT),
+    ({"keep_ratio": 1.5}, "keep_ratio", UNIT), ({"keep_ratio": math.nan}, "keep_ratio", UNIT),
+    ({"kv_threshold": 0.0}, "kv_threshold", UNIT), ({"kv_threshold": math.inf}, "kv_threshold", UNIT),
+    ({"kv_threshold": 2.0}, "kv_threshold", UNIT),
+    ({"cube_size": "4x4"}, "cube_size", r"\[1, 64\]"), ({"cube_size": "ax4x4"}, "cube_size", r"\[1, 64\]"),
+    ({"cube_size": ""}, "cube_size", r"\[1, 64\]"), ({"cube_size": "0x4x4"}, "cube_size", r"\[1, 64\]"),
+    ({"cube_size": "4x4x65"}, "cube_size", r"\[1, 64\]"), ({"cube_size": "4x4x4x4"}, "cube_size", r"\[1, 64\]"),
+    ({"threshold_mode": "topk"}, "threshold_mode", "cumulative.*statistical"),
+    ({"threshold_mode": ""}, "threshold_mode", "cumulative.*statistical"),
+    ({"stat_lambda": math.nan}, "stat_lambda", r"\[-10, 10\]"), ({"stat_lambda": 11.0}, "stat_lambda", r"\[-10, 10\]"),
+    ({"min_blocks": 0}, "min_blocks", ">= 1"), ({"min_blocks": 2.5}, "min_blocks", ">= 1"),
+    ({"min_tokens": -1}, "min_tokens", ">= 0"),
+    ({"start_percent": 0.8, "end_percent": 0.5}, "start_percent", "0 <= start_percent <= end_percent <= 1"),
+    ({"end_percent": 1.5}, "end_percent", "0 <= start_percent <= end_percent <= 1"),
+    ({"start_percent": -0.1}, "start_percent", "0 <= start_percent <= end_percent <= 1"),
+    ({"start_percent": math.nan}, "start_percent", "0 <= start_percent <= end_percent <= 1"),
+    ({"dense_blocks": "0,a"}, "dense_blocks", "0,1,28-29"), ({"dense_blocks": "1;2"}, "dense_blocks", "0,1,28-29"),
+    ({"dense_blocks": "-1"}, "dense_blocks", "0,1,28-29"), ({"dense_blocks": "1-"}, "dense_blocks", "0,1,28-29"),
+    ({"dense_blocks": "1.5"}, "dense_blocks", "0,1,28-29"),
+]
+
+
+@pytest.mark.parametrize("bad,name,accepted", BAD_INPUTS,
+                         ids=[f"{k}={v!r}" for bad, _, _ in BAD_INPUTS for k, v in list(bad.items())[-1:]])
+def test_bad_node_input_names_input_and_range(wan, bad, name, accepted):
+    """Raised by execute, so before any sampling; the model given to the node is untouched."""
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY
+    with pytest.raises(ValueError, match=name) as error:
+        node_model(wan, **bad)
+    assert name in str(error.value)
+    import re
+    assert re.search(accepted, str(error.value)), str(error.value)
+    assert OVERRIDE_KEY not in wan.model_options["transformer_options"]
+
+
+def test_node_inputs_fuzz(wan):
+    """Any mix of in- and out-of-range values: a patched model, or a ValueError naming a bad input."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    number = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-0.5, 1.5))
+    inputs = st.fixed_dictionaries({
+        "keep_ratio": number, "kv_threshold": number, "start_percent": number, "end_percent": number,
+        "stat_lambda": st.one_of(st.floats(-20, 20), st.just(math.nan)),
+        "cube_size": st.one_of(st.sampled_from(["4x4x4", "2x8x8", "4x4x8", "4x8x8", "4x4", "0x1x1", "x"]),
+                               st.text(max_size=8)),
+        "threshold_mode": st.sampled_from(["cumulative", "statistical", "topk"]),
+        "min_blocks": st.integers(-2, 5000), "min_tokens": st.integers(-2, 1 << 21),
+        "dense_blocks": st.one_of(st.sampled_from(["", "0", "0,1,28-29", "3-1", " 2 , 4 "]), st.text(max_size=8)),
+    })
+
+    @settings(max_examples=80, deadline=None, derandomize=True)
+    @given(values=inputs)
+    def check(values):
+        try:
+            model = node_model(wan, **values)
+        except ValueError as error:
+            assert any(name in str(error) for name in values), str(error)
+        else:
+            assert model is not wan
+    check()
