@@ -115,6 +115,7 @@ ADAPTERS = {  # class name (anywhere in the model's MRO) -> adapter; the most de
 def token_layout(diffusion_model, x_shape, kwargs=None) -> TokenLayout:
     """The TokenLayout of one model call: `diffusion_model` is the torch module (model.diffusion_model
     of a ComfyUI BaseModel), x_shape the latent's shape, kwargs the model's extra conds."""
+    diffusion_model = getattr(diffusion_model, "_orig_mod", diffusion_model)  # under TorchCompileModel
     if len(x_shape) != 5:
         return TokenLayout(type(diffusion_model).__name__, reason=f"not a video latent (shape {tuple(x_shape)})")
     for cls in type(diffusion_model).__mro__:

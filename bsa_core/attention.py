@@ -141,7 +141,7 @@ def _bsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: l
 def _(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks, n_prefix,
       n_suffix, scale, backend):
     fraction = q.new_empty((), dtype=torch.float64)
-    return torch.empty_like(q), fraction, torch.empty_like(fraction)
+    return q.new_empty(q.shape), fraction, torch.empty_like(fraction)  # contiguous like the real output, whatever q's strides
 
 
 def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_suffix: int = 0,

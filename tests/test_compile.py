@@ -3,6 +3,7 @@ data-dependent selection is never traced and a compiled model matches eager."""
 import pytest
 import torch
 
+from comfy_env import require_comfyui, tiny_wan_path  # noqa: F401  (fixture)
 from comfyui_bsa.bsa_core import BSAConfig
 from comfyui_bsa.bsa_core.attention import bsa_attention, bsa_attention_op
 
@@ -30,10 +31,11 @@ def test_op_matches_bsa_attention():
 
 
 def test_op_passes_torch_library_checks():
-    q, k, v = qkv()
+    """Inputs as ComfyUI hands them over: [B, L, H*D] viewed as [B, H, L, D] (not contiguous)."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv())
     torch.library.opcheck(torch.ops.bsa.attention.default,
                           (q, k, v, list(GRID), [4, 4, 4], 0.5, 0.9, "cumulative", 1.0, 1, 0, 0, 0.125, "auto"),
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
@@ -52,3 +54,32 @@ def test_inductor_on_cuda_matches_eager():
     compiled = torch.compile(attention_block, backend="inductor", fullgraph=True)
     for got, expected in zip(compiled(q, k, v), attention_block(q, k, v)):
         torch.testing.assert_close(got, expected)
+
+
+def test_comfyui_torch_compile_model_with_the_patch(tiny_wan_path, caplog):
+    """ComfyUI's TorchCompileModel wrapper (aot_eager: no C++ compiler needed) over the patched tiny Wan:
+    the family is still recognised through the compiled module, sampling goes sparse, and matches eager."""
+    require_comfyui()  # skips without ComfyUI; the op tests above need none
+    import logging
+
+    import comfy.sd
+    import nodes
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    from comfyui_bsa.bsa_core.patch import apply_bsa
+
+    def sample(model):
+        g = torch.Generator().manual_seed(0)
+        positive, negative = ([[torch.randn(1, 16, 4096, generator=g), {}]] for _ in range(2))
+        latent = {"samples": torch.zeros(1, 16, 5, 16, 16)}
+        return nodes.common_ksampler(model, 7, 2, 3.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+
+    torch._dynamo.reset()
+    caplog.set_level(logging.INFO)
+    patched = apply_bsa(comfy.sd.load_diffusion_model(str(tiny_wan_path)), SPARSE)
+    compiled = patched.clone()
+    set_torch_compile_wrapper(compiled, backend="aot_eager")
+    eager_latent, compiled_latent = sample(patched), sample(compiled)
+    eager_run, compiled_run = [r.bsa_run for r in caplog.records if hasattr(r, "bsa_run")]
+    assert compiled_run == eager_run and compiled_run["sparse_calls"] == 4, compiled_run
+    torch.testing.assert_close(compiled_latent, eager_latent, atol=1e-4, rtol=1e-4)
