@@ -188,6 +188,28 @@ def test_state_resets_at_cleanup(wan, caplog):
     assert lines == ["[BSA] dense: cross-attention"] * 2, "each run logs its reasons once"
 
 
+def test_override_chain_stays_bounded_under_a_later_override(wan):
+    """A node applied after ours replaces the override; ours re-installs on top every run without
+    piling up closures (each would keep the previous chain alive)."""
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY
+    model = node_model(wan)
+    later = model.clone()
+    calls = []
+
+    def foreign(func, *args, **kwargs):
+        calls.append(1)
+        return func(*args, **kwargs)
+
+    later.model_options["transformer_options"][OVERRIDE_KEY] = foreign
+    patch = patch_of(model)
+    sizes = []
+    for _ in range(3):
+        sample(later, 1, 8, 8)
+        sizes.append(len(patch._installed))
+    assert sizes[0] == sizes[-1] <= 2, sizes
+    assert calls, "the later override was dropped instead of chained"
+
+
 def rss_mb() -> float:
     import psutil
     gc.collect()
