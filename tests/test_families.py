@@ -179,6 +179,22 @@ def test_layouts_of_extra_tokens():
     assert token_layout(torch.nn.Linear(1, 1), (1, 4, 2, 8, 8)).reason == UNKNOWN_FAMILY
 
 
+def stand_in(class_name, **attributes):
+    """An object whose class has the name of a ComfyUI model class (adapters match on class names)."""
+    return type(class_name, (), attributes)()
+
+
+def test_layouts_from_class_names_and_attributes():
+    wan_with_ref = stand_in("WanModel", patch_size=(1, 2, 2), ref_conv=object())
+    layout = token_layout(wan_with_ref, (1, 16, 3, 16, 16), {"reference_latent": torch.zeros(1, 16, 16, 16)})
+    assert (layout.grid, layout.n_prefix, layout.n_suffix) == ((3, 8, 8), 64, 0)
+    other_video_model = stand_in("NewVideoModel", patch_size=(1, 2, 2))
+    assert token_layout(other_video_model, (1, 16, 3, 15, 16)).grid == (3, 8, 8)
+    assert "not a video latent" in token_layout(other_video_model, (1, 16, 16, 16)).reason
+    flux_like = stand_in("Flux", patch_size=2)
+    assert token_layout(flux_like, (1, 16, 3, 16, 16)).reason == UNKNOWN_FAMILY
+
+
 def test_ltxv_guide_frames_are_exact_suffix_tokens(caplog):
     """An LTXVAddGuide-style guide: one latent frame appended to the video, its tokens listed in
     keyframe_idxs. BSA takes the video (4 frames) and keeps the guide's 64 tokens exact."""
