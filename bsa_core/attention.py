@@ -104,7 +104,7 @@ def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, keys: torch.Tenso
                              n_suffix: int = 0, scale: float | None = None, backend: str = "auto"):
     """BSA where `keys` [B' in (1, B), L] hides some extra keys: equals masked dense attention. The hidden
     tokens drop out of the sequence; their queries attend the kept keys densely. Returns (out, kept
-    query fraction, kept KV fraction) like bsa_attention_op, the fractions averaged over calls."""
+    query fraction, kept KV fraction) like bsa_attention_op, the fractions averaged over batch rows."""
     outs, kept_q, kept_kv = [], 0.0, 0.0
     groups = [(slice(None), keys[0])] if keys.shape[0] == 1 else [(slice(b, b + 1), keys[b]) for b in range(q.shape[0])]
     for rows, key_row in groups:
@@ -141,7 +141,8 @@ def _bsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: l
 def _(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks, n_prefix,
       n_suffix, scale, backend):
     fraction = q.new_empty((), dtype=torch.float64)
-    return q.new_empty(q.shape), fraction, torch.empty_like(fraction)  # contiguous like the real output, whatever q's strides
+    # contiguous like the real output, whatever q's strides: a compiled graph reshapes it as a view
+    return q.new_empty(q.shape), fraction, torch.empty_like(fraction)
 
 
 def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_suffix: int = 0,

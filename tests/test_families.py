@@ -36,6 +36,8 @@ def _wan_i2v_cond(g):
     return {"clip_vision_output": clip, "concat_latent_image": torch.randn(1, 16, 5, 16, 16, generator=g)}
 
 
+TEXT_MASK = torch.ones(1, 16, dtype=torch.long)  # integer: LTXV and Mochi turn it into their own masks
+
 # family -> (latent shape, text (tokens, width), extra cond, self-attention calls per forward,
 #            dense calls per forward (cross-attention, text refiner), detected model class or None)
 CASES = {
@@ -44,9 +46,9 @@ CASES = {
     "hunyuan_video": ((1, 16, 5, 16, 16), (16, 4096),
                       lambda g: {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 6.0}, 2, 2,
                       "HunyuanVideo"),
-    "ltxv": ((1, 128, 4, 8, 8), (16, 4096), lambda g: {"attention_mask": torch.ones(1, 16, dtype=torch.long)}, 2, 2, "LTXV"),
+    "ltxv": ((1, 128, 4, 8, 8), (16, 4096), lambda g: {"attention_mask": TEXT_MASK}, 2, 2, "LTXV"),
     "cosmos_predict2": ((1, 16, 5, 16, 16), (16, 1024), lambda g: {}, 2, 2, None),
-    "mochi": ((1, 12, 5, 16, 16), (16, 4096), lambda g: {"attention_mask": torch.ones(1, 16, dtype=torch.long)}, 1, 0, None),
+    "mochi": ((1, 12, 5, 16, 16), (16, 4096), lambda g: {"attention_mask": TEXT_MASK}, 1, 0, None),
 }
 
 
@@ -200,7 +202,7 @@ def test_ltxv_guide_frames_are_exact_suffix_tokens(caplog):
     keyframe_idxs. BSA takes the video (4 frames) and keeps the guide's 64 tokens exact."""
     model = tiny_model("ltxv")
     g = torch.Generator().manual_seed(4)
-    cond = {"attention_mask": torch.ones(1, 16, dtype=torch.long), "keyframe_idxs": torch.zeros(1, 3, 64)}
+    cond = {"attention_mask": TEXT_MASK, "keyframe_idxs": torch.zeros(1, 3, 64)}
     positive = [[_text(g, 16, 4096), cond]]
     latent = {"samples": torch.zeros(1, 128, 5, 8, 8)}
 
