@@ -32,9 +32,12 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # LoadImage inputs of image-to-video workflows
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "clip_vision", "vae",
                  "loras")
 # Debian Chromium in a sandbox with no network but the package registries (see the project's CI notes).
@@ -106,13 +109,13 @@ def ui_workflows() -> list[pathlib.Path]:
 
 
 def model_names(graphs) -> set[str]:
-    """Model file names that UI workflows select in their widgets."""
+    """Model and input image file names that UI workflows select in their widgets."""
     names = set()
     for graph in graphs:
         for node in graph.get("nodes", []):
             values = node.get("widgets_values") or []
             for value in values.values() if isinstance(values, dict) else values:
-                if isinstance(value, str) and value.lower().endswith(MODEL_SUFFIXES):
+                if isinstance(value, str) and value.lower().endswith(MODEL_SUFFIXES + IMAGE_SUFFIXES):
                     names.add(value)
     return names
 
@@ -178,6 +181,10 @@ class ComfyServer:
             from tiny_wan import write_tiny_wan
             write_tiny_wan(self.base / "models" / "diffusion_models" / TINY_WAN_FILE)
         for name in self.placeholders:
+            if name.lower().endswith(IMAGE_SUFFIXES):  # a real small image: LoadImage opens it
+                (self.base / "input").mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (64, 64), (90, 120, 160)).save(self.base / "input" / name)
+                continue
             for folder in MODEL_FOLDERS:
                 path = self.base / "models" / folder / name
                 if not path.exists():
