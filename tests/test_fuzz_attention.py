@@ -20,7 +20,7 @@ from hypothesis import strategies as st  # noqa: E402
 from comfyui_bsa.bsa_core import BSAConfig, bsa_attention, cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.reference import block_logits, keep_counts, pooled_cubes  # noqa: E402
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, print_blob=True,
+FUZZ = settings(max_examples=80, deadline=None, derandomize=True, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MAX_TOKENS = 600  # video tokens per call
 MAX_ROWS = 3000  # batch * heads * tokens (the float64 oracle is [B, H, L, L])
@@ -156,13 +156,15 @@ def test_entry_point_matches_oracle(grid, config, B, H, D, dtype, n_prefix, n_su
     # dropped query rows are bitwise their source rows
     rows = out.gather(-2, src_token[..., None].expand(*src_token.shape, D))
     assert torch.equal(out[..., video, :], rows)
-    tol = TOL[dtype] * max(1.0, magnitude)
+    # output rounding of the dtype, plus the fp32 compute error, which grows with the logits' spread
+    fp32_error = 1e-5 * magnitude * magnitude ** 2 * s * math.sqrt(D)
+    tol = TOL[dtype] * max(1.0, magnitude) + fp32_error
     assert torch.allclose(out.double(), expected, atol=tol, rtol=tol), float((out.double() - expected).abs().max())
     if config.is_dense:
         assert bool((sel.kv_count == layout.num_cubes).all()) and bool((sel.q_count.long() == layout.n_valid).all())
         sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=s)
-        tol = DENSE_TOL[dtype] * max(1.0, magnitude)
-        assert torch.allclose(out.double(), sdpa, atol=tol, rtol=tol)
+        tol = DENSE_TOL[dtype] * max(1.0, magnitude) + fp32_error
+        assert torch.allclose(out.double(), sdpa, atol=tol, rtol=tol), float((out.double() - sdpa).abs().max())
 
 
 @FUZZ
@@ -227,14 +229,14 @@ def set_layout(patch, grid, n_prefix=0, n_suffix=0):
 @FUZZ
 @given(grid=grids(300), config=configs(), B=st.integers(1, 3), heads=st.integers(1, 6),
        D=st.sampled_from([64, 24, 80]), dtype=st.sampled_from(DTYPES),
-       case=st.sampled_from(["self", "self", "self", "declared_extra", "cross", "mask", "extra_tokens", "no_grid",
-                             "wrong_grid", "sigma_outside", "dense_block", "short"]),
+       case=st.sampled_from(["self", "self", "self", "declared_extra", "key_mask", "cross", "mask", "extra_tokens",
+                             "no_grid", "wrong_grid", "sigma_outside", "dense_block", "short"]),
        skip_reshape=st.booleans(), seed=st.integers(0, 2**16))
 def test_override_sparse_or_dense_with_reason(comfy_attention, grid, config, B, heads, D, dtype, case, skip_reshape,
                                               seed):
     from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BSAPatch, _make_override, log
 
-    n_prefix, n_suffix = (3, 4) if case in ("declared_extra", "extra_tokens") else (0, 0)
+    n_prefix, n_suffix = (3, 4) if case in ("declared_extra", "extra_tokens", "key_mask") else (0, 0)
     L = n_prefix + math.prod(grid) + n_suffix
     Lk = 7 if case == "cross" else L
     g = torch.Generator().manual_seed(seed)
@@ -242,13 +244,17 @@ def test_override_sparse_or_dense_with_reason(comfy_attention, grid, config, B, 
     q = torch.randn(shape(L), generator=g).to(dtype)
     k, v = (torch.randn(shape(Lk), generator=g).to(dtype) for _ in range(2))
     mask = (0.1 * torch.randn(L, Lk, generator=g)).to(dtype) if case == "mask" else None
+    if case == "key_mask":  # hides some extra (text / reference) keys from every query: BSA honours it exactly
+        mask = torch.ones(1, L, dtype=torch.bool)
+        extra = torch.cat([torch.arange(n_prefix), torch.arange(L - n_suffix, L)])
+        mask[0, extra[torch.randperm(len(extra), generator=g)[:1 + seed % len(extra)]]] = False
     patch = BSAPatch(config, 0.0, 1.0, dense_blocks={0} if case == "dense_block" else (),
                      min_tokens=L + 1 if case == "short" else 0)
     patch.sigma_start, patch.sigma_end = 10.0, 1.0
     layout_grid = {"no_grid": None, "wrong_grid": (grid[0] + 1, *grid[1:])}.get(case, grid)
-    declared = (n_prefix, n_suffix) if case == "declared_extra" else (0, 0)
+    declared = (n_prefix, n_suffix) if case in ("declared_extra", "key_mask") else (0, 0)
     if not set_layout(patch, layout_grid, *declared):
-        assume(case != "declared_extra")  # the grid-only patch API has no extra tokens
+        assume(case not in ("declared_extra", "key_mask"))  # the grid-only patch API has no extra tokens
     sigmas = torch.tensor([0.5 if case == "sigma_outside" else 5.0])
     options = {OVERRIDE_KEY: _make_override(patch, None), "sigmas": sigmas}
     call = dict(mask=mask, skip_reshape=skip_reshape, skip_output_reshape=skip_reshape)
@@ -268,7 +274,12 @@ def test_override_sparse_or_dense_with_reason(comfy_attention, grid, config, B, 
     stats = patch.stats.as_dict()
     assert stats["sparse_calls"] + stats["dense_calls"] == 2
     assert not any(r.startswith("BSA failed") for r in stats["dense_reasons"]), stats
-    if case in ("self", "declared_extra"):
+    if case == "key_mask":
+        assert stats["sparse_calls"] == 2, stats
+        if config.is_dense:
+            tol = DENSE_TOL[dtype]
+            assert torch.allclose(outs[0].float(), plain.float(), atol=tol, rtol=tol)
+    elif case in ("self", "declared_extra"):
         assert stats["sparse_calls"] == 2, stats
         qh, kh, vh = (t if skip_reshape else t.unflatten(-1, (heads, D)).transpose(1, 2) for t in (q, k, v))
         expected, _ = bsa_attention(qh, kh, vh, grid, config, n_prefix=n_prefix, n_suffix=n_suffix)
@@ -287,10 +298,11 @@ def test_override_sparse_or_dense_with_reason(comfy_attention, grid, config, B, 
 
 @settings(FUZZ, max_examples=8)
 @given(grid=grids(48), config=configs(cube=st.sampled_from([(2, 2, 2), (2, 2, 4), (1, 4, 4), (4, 4, 4)])),
-       H=st.integers(1, 2), D=st.sampled_from([32, 64]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       H=st.integers(1, 2), D=st.sampled_from([32, 64]), dtype=st.sampled_from(DTYPES),
        n_prefix=st.integers(0, 3), n_suffix=st.integers(0, 3),
        kind=st.sampled_from(["randn", "randn", "duplicated"]), seed=st.integers(0, 2**16))
 def test_triton_pipeline_fuzz(grid, config, H, D, dtype, n_prefix, n_suffix, kind, seed):
+    """fp32 inputs run the kernels in bf16 (their documented behaviour): a bf16-sized tolerance."""
     pytest.importorskip("triton")
     from comfyui_bsa.bsa_core import attention
     from comfyui_bsa.bsa_core.reference import bsa_attention_reference
