@@ -23,7 +23,7 @@ from comfyui_bsa.bsa_core.reference import block_logits, keep_counts, pooled_cub
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 MAX_TOKENS = 600  # video tokens per call
-MAX_ROWS = 3000  # batch * heads * tokens (the float64 oracle is [B, H, L, L])
+MAX_ROWS = 2000  # batch * heads * tokens (the float64 oracle is [B, H, L, L])
 CUBES = [(4, 4, 4), (2, 8, 8), (4, 4, 8), (4, 8, 8)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -42,7 +42,7 @@ def grids(draw, max_tokens=MAX_TOKENS):
     return T, H, W
 
 
-cubes = st.one_of(st.sampled_from(CUBES), st.tuples(*[st.integers(1, 8)] * 3))
+cubes = st.one_of(st.sampled_from(CUBES), st.tuples(*[st.integers(1, 4)] * 3))
 
 
 @st.composite
@@ -52,8 +52,9 @@ def configs(draw, cube=cubes):
                      stat_lambda=draw(st.floats(-10, 10)), min_blocks=draw(st.integers(1, 12)))
 
 
-def make_qkv(B, H, L, D, dtype, kind, seed, magnitude=1.0):
-    """Random, all-zero, constant or duplicated-token (tie-heavy) inputs."""
+def make_qkv(B, H, L, D, dtype, kind, seed, magnitude=1.0, strided=False):
+    """Random, all-zero, constant or duplicated-token (tie-heavy) inputs; strided: [B, L, H, D] memory seen
+    as [B, H, L, D], what the override hands over."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (magnitude * torch.randn(B, H, L, D, generator=g) for _ in range(3))
     if kind == "zeros":
@@ -63,6 +64,8 @@ def make_qkv(B, H, L, D, dtype, kind, seed, magnitude=1.0):
     elif kind == "duplicated":  # every token a copy of one of 3: ties in every similarity
         pick = torch.randint(0, min(3, L), (L,), generator=g)
         q, k = q[..., pick, :], k[..., pick, :]
+    if strided:
+        return tuple(x.to(dtype).transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     return tuple(x.to(dtype).contiguous() for x in (q, k, v))
 
 
@@ -139,17 +142,19 @@ def oracle(q, k, v, layout, sel, scale, n_prefix, n_suffix):
        n_prefix=st.integers(0, 9), n_suffix=st.integers(0, 9),
        kind=st.sampled_from(["randn", "randn", "randn", "zeros", "constant", "duplicated"]),
        magnitude=st.sampled_from([1.0, 0.01, 8.0]), scale=st.sampled_from([None, 0.05, 1.0]),
-       seed=st.integers(0, 2**16))
-def test_entry_point_matches_oracle(grid, config, B, H, D, dtype, n_prefix, n_suffix, kind, magnitude, scale, seed):
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_entry_point_matches_oracle(grid, config, B, H, D, dtype, n_prefix, n_suffix, kind, magnitude, scale, strided,
+                                    seed):
     L = n_prefix + math.prod(grid) + n_suffix
-    H = max(1, min(H, MAX_ROWS // (B * L)))
-    B = max(1, min(B, MAX_ROWS // (H * L)))
-    q, k, v = make_qkv(B, H, L, D, dtype, kind, seed, magnitude)
+    layout = cube_layout(grid, config.cube_size)
+    rows = max(L, layout.num_cubes * layout.cube_volume)  # padded cubes cost like tokens
+    H = max(1, min(H, MAX_ROWS // (B * rows)))
+    B = max(1, min(B, MAX_ROWS // (H * rows)))
+    q, k, v = make_qkv(B, H, L, D, dtype, kind, seed, magnitude, strided)
     out, sel = bsa_attention(q, k, v, grid, config, n_prefix=n_prefix, n_suffix=n_suffix, scale=scale)
     assert out.shape == q.shape and out.dtype == dtype
     assert torch.isfinite(out).all()
     s = 1.0 / math.sqrt(D) if scale is None else scale
-    layout = cube_layout(grid, config.cube_size)
     video = slice(n_prefix, L - n_suffix)
     check_selection(sel, layout, config, layout.to_cubes(q[..., video, :]), layout.to_cubes(k[..., video, :]), s)
     expected, src_token = oracle(q, k, v, layout, sel, s, n_prefix, n_suffix)
@@ -300,8 +305,8 @@ def test_override_sparse_or_dense_with_reason(comfy_attention, grid, config, B, 
 @given(grid=grids(48), config=configs(cube=st.sampled_from([(2, 2, 2), (2, 2, 4), (1, 4, 4), (4, 4, 4)])),
        H=st.integers(1, 2), D=st.sampled_from([32, 64]), dtype=st.sampled_from(DTYPES),
        n_prefix=st.integers(0, 3), n_suffix=st.integers(0, 3),
-       kind=st.sampled_from(["randn", "randn", "duplicated"]), seed=st.integers(0, 2**16))
-def test_triton_pipeline_fuzz(grid, config, H, D, dtype, n_prefix, n_suffix, kind, seed):
+       kind=st.sampled_from(["randn", "randn", "duplicated"]), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_triton_pipeline_fuzz(grid, config, H, D, dtype, n_prefix, n_suffix, kind, strided, seed):
     """fp32 inputs run the kernels in bf16 (their documented behaviour): a bf16-sized tolerance."""
     pytest.importorskip("triton")
     from comfyui_bsa.bsa_core import attention
@@ -309,7 +314,7 @@ def test_triton_pipeline_fuzz(grid, config, H, D, dtype, n_prefix, n_suffix, kin
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     L = n_prefix + math.prod(grid) + n_suffix
-    q, k, v = (x.to(device) for x in make_qkv(1, H, L, D, dtype, kind, seed))
+    q, k, v = (x.to(device) for x in make_qkv(1, H, L, D, dtype, kind, seed, strided=strided))
     layout = cube_layout(grid, config.cube_size, device)
     scale = 1.0 / math.sqrt(D)
     out, sel = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
