@@ -1,10 +1,16 @@
 """Loads the pack as the package `comfyui_bsa` (ComfyUI imports the folder as a package too)."""
 import importlib.util
+import os
 import pathlib
 import sys
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter without CUDA. Set before any test module imports ComfyUI,
+    # which imports triton: a kernel test collected later would set it too late.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
