@@ -9,6 +9,8 @@ import math
 import re
 from collections import Counter
 
+import torch
+
 from .adapters import TokenLayout, token_layout
 from .attention import attended_keys, bsa_attention_key_masked, bsa_attention_op, choose_backend, unsupported_reason
 from .config import BSAConfig
@@ -97,6 +99,8 @@ class BSAPatch:
         self.stats = RunStats()
         self.layout = TokenLayout("none", reason="unknown video grid")
         self.block = 0
+        self.cross_tokens = None
+        self._self_attention_pending_cross = False
         self._logged = set()
 
     def set_sigma_window(self, model_sampling) -> None:
@@ -104,10 +108,25 @@ class BSAPatch:
         self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
         self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
 
-    def begin_forward(self, layout: TokenLayout) -> None:
-        """A new model call: where its video tokens sit; restart the block count."""
+    def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None) -> None:
+        """A new model call: where its video tokens sit and how long its cross-attention context is;
+        restart the block count."""
         self.block = 0
         self.layout = layout
+        self.cross_tokens = cross_tokens
+        self._self_attention_pending_cross = False
+
+    def is_cross_attention(self, q, k) -> bool:
+        """Cross-attention has its own key length, except when the text is exactly as long as the video
+        (a 512-token video and umT5's 512 padded tokens): then the block order decides, since a block's
+        cross-attention always follows its self-attention."""
+        if q.shape[-2] != k.shape[-2]:
+            return True
+        if q.shape[-2] == self.cross_tokens and self._self_attention_pending_cross:
+            self._self_attention_pending_cross = False
+            return True
+        self._self_attention_pending_cross = True
+        return False
 
     def install(self, transformer_options: dict) -> None:
         """Put this patch's override on top of the hook, chaining whatever was there. Idempotent."""
@@ -121,7 +140,7 @@ class BSAPatch:
     def dense_reason(self, q, k, v, tokens: int, sigmas) -> str | None:
         """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D].
         Counts self-attention calls as it goes: the k-th one of a forward is block k."""
-        if q.shape[-2] != k.shape[-2]:
+        if self.is_cross_attention(q, k):
             return "cross-attention"
         grid = self.layout.grid
         if grid is not None and tokens < self.layout.n_prefix + math.prod(grid):
@@ -225,7 +244,10 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent:
     def learn_token_layout(executor, x, *args, **kwargs):
         # apply_model wraps every family's diffusion model (Mochi's has no wrapper of its own);
         # x is the noisy latent, kwargs the model's extra conds (reference / guide latents)
-        patch.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs))
+        # apply_model(x, t, c_concat, c_crossattn, ...): the text context, for is_cross_attention
+        context = kwargs.get("c_crossattn", args[2] if len(args) > 2 else None)
+        patch.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs),
+                            context.shape[1] if isinstance(context, torch.Tensor) and context.dim() >= 2 else None)
         return executor(x, *args, **kwargs)
 
     patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, learn_token_layout)
