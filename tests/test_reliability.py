@@ -3,13 +3,12 @@ bad node inputs rejected at execute with the accepted range in the message."""
 import gc
 import logging
 import math
+import pathlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_bsa.bsa_core import BSAConfig, bsa_attention
-from comfyui_bsa.bsa_core import reference as reference_module
 from comfyui_bsa.bsa_core.reference import keep_counts
 from comfyui_bsa.bsa_core.cubes import cube_layout
 
@@ -23,9 +22,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class LargestTemporary(TorchDispatchMode):
-    """The largest storage any aten op creates while active (deterministic, unlike RSS)."""
+_MEASURE = r"""
+import json, math, sys
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+sys.path.insert(0, sys.argv[1])
+import conftest  # noqa: F401  (loads the pack as comfyui_bsa)
+from comfyui_bsa.bsa_core import BSAConfig, bsa_attention
+from comfyui_bsa.bsa_core import reference
 
+class LargestTemporary(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.nbytes, self.op = 0, None
@@ -37,44 +43,63 @@ class LargestTemporary(TorchDispatchMode):
                 self.nbytes, self.op = t.untyped_storage().nbytes(), f"{func} -> {tuple(t.shape)} {t.dtype}"
         return out
 
+args = json.loads(sys.argv[2])
+torch.set_num_threads(1)
+if args["chunk"]:
+    reference._CHUNK_ELEMENTS = args["chunk"]
+grid = tuple(args["grid"])
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(args["B"], args["H"], math.prod(grid), args["D"], generator=g) for _ in range(3))
+largest = LargestTemporary()
+with largest:
+    out, _ = bsa_attention(q, k, v, grid, BSAConfig(cube_size=tuple(args["cube"]), keep_ratio=args["keep"],
+                                                  kv_threshold=args["p"]))
+print(json.dumps({"nbytes": largest.nbytes, "op": largest.op, "finite": bool(torch.isfinite(out).all()),
+                  "chunk": reference._CHUNK_ELEMENTS}))
+"""
+
+
+def largest_temporary(**args) -> dict:
+    """The largest storage any aten op creates during one bsa_attention call (a TorchDispatchMode:
+    deterministic, unlike RSS). In a child process: the mode must not touch this process's dispatcher
+    state (a later bsa::attention custom-op call crashed after it, now and then)."""
+    import json
+    import subprocess
+    import sys
+    tests = str(pathlib.Path(__file__).parent)
+    result = subprocess.run([sys.executable, "-c", _MEASURE, tests, json.dumps(args)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
 
 # ---- memory ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", [4, 16], ids=["L4096", "L16384"])
-def test_largest_temporary_is_linear_in_tokens(monkeypatch, T):
+def test_largest_temporary_is_linear_in_tokens(T):
     """No temporary grows like L^2/S: the largest is an attention chunk, one [B,H,L,D]-sized tensor,
     a cube row of logits, or a cubes x cubes selection table (O(N^2), what BSA_SPEC allows)."""
     chunk = 1 << 16
-    monkeypatch.setattr(reference_module, "_CHUNK_ELEMENTS", chunk)
     B, H, D, grid, cube = 1, 1, 8, (T, 32, 32), (4, 4, 4)
     config = BSAConfig(cube_size=cube, keep_ratio=0.05, kv_threshold=0.5)
     L = math.prod(grid)
     layout = cube_layout(grid, cube)
     N, S = layout.num_cubes, layout.cube_volume
     Kq = int(keep_counts(layout.n_valid, config.keep_ratio).max())
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
     bound = max(4 * chunk,  # one chunk of fp32 logits
                 4 * B * H * Kq * N * S,  # one cube row of logits when a row alone exceeds the chunk
                 8 * B * H * N * S * D,  # a [B,H,L,D] tensor in a 64-bit type
                 8 * B * H * N * N * 2)  # selection tables [B,H,N,N] (int64 sort, with slack)
-    largest = LargestTemporary()
-    with largest:
-        out, _ = bsa_attention(q, k, v, grid, config)
-    print(f"L={L}: largest temporary {largest.nbytes / 1e6:.2f} MB ({largest.op}), bound {bound / 1e6:.2f} MB")
-    assert torch.isfinite(out).all()
-    assert largest.nbytes <= bound, f"L={L}: {largest.op} is {largest.nbytes / 1e6:.2f} MB > {bound / 1e6:.2f} MB"
+    got = largest_temporary(chunk=chunk, grid=grid, cube=cube, B=B, H=H, D=D, keep=0.05, p=0.5)
+    print(f"L={L}: largest temporary {got['nbytes'] / 1e6:.2f} MB ({got['op']}), bound {bound / 1e6:.2f} MB")
+    assert got["finite"]
+    assert got["nbytes"] <= bound, f"L={L}: {got['op']} is {got['nbytes'] / 1e6:.2f} MB > {bound / 1e6:.2f} MB"
 
 
 def test_default_chunk_bounds_the_attention_temporary():
     """With the shipped chunk size, the logits of 2 heads x 16k tokens stay one 64 MiB chunk."""
-    grid = (16, 32, 32)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, math.prod(grid), 8, generator=g) for _ in range(3))
-    largest = LargestTemporary()
-    with largest:
-        bsa_attention(q, k, v, grid, BSAConfig(keep_ratio=0.05, kv_threshold=0.5))
-    assert largest.nbytes <= 4 * reference_module._CHUNK_ELEMENTS, largest.op
+    got = largest_temporary(chunk=0, grid=(16, 32, 32), cube=(4, 4, 4), B=1, H=2, D=8, keep=0.05, p=0.5)
+    assert got["finite"] and got["nbytes"] <= 4 * got["chunk"], got["op"]
 
 
 # ---- ComfyUI: the node, patch state, soak ---------------------------------------------------------
