@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import torch
 
@@ -125,11 +127,10 @@ def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, keys: torch.Tenso
     return torch.cat(outs), kept_q, kept_kv
 
 
-@torch.library.custom_op("bsa::attention", mutates_args=())
-def _bsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], cube_size: list[int],
-                      keep_ratio: float, kv_threshold: float, threshold_mode: str, stat_lambda: float,
-                      min_blocks: int, n_prefix: int, n_suffix: int, scale: float,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], cube_size: list[int],
+                        keep_ratio: float, kv_threshold: float, threshold_mode: str, stat_lambda: float,
+                        min_blocks: int, n_prefix: int, n_suffix: int, scale: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks)
     out, selection = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
                                    scale=scale, backend=backend)
@@ -137,12 +138,26 @@ def _bsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: l
     return out, selection.kept_query_fraction(n_valid), selection.kept_kv_fraction()
 
 
-@_bsa_attention_op.register_fake
-def _(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks, n_prefix,
-      n_suffix, scale, backend):
+def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda,
+                        min_blocks, n_prefix, n_suffix, scale, backend):
     fraction = q.new_empty((), dtype=torch.float64)
     # contiguous like the real output, whatever q's strides: a compiled graph reshapes it as a view
     return q.new_empty(q.shape), fraction, torch.empty_like(fraction)
+
+
+def _registered_op():
+    """bsa::attention, defined once per process. ComfyUI (or a test) may import this pack a second time
+    under another module name; defining the op again there replaced the first registration under the
+    first module's feet (intermittent crashes), so later imports reuse the first definition."""
+    registry = sys.modules.setdefault("_bsa_custom_ops", types.ModuleType("_bsa_custom_ops"))
+    if not hasattr(registry, "attention"):
+        op = torch.library.custom_op("bsa::attention", _bsa_attention_impl, mutates_args=())
+        op.register_fake(_bsa_attention_fake)
+        registry.attention = op
+    return registry.attention
+
+
+_bsa_attention_op = _registered_op()
 
 
 def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_suffix: int = 0,
