@@ -13,13 +13,7 @@ from comfyui_bsa.bsa_core.reference import keep_counts
 from comfyui_bsa.bsa_core.cubes import cube_layout
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and two threads crawl when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
 
 
 _MEASURE = r"""
