@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import comfy.model_detection  # noqa: E402
 import nodes  # noqa: E402
-from tiny_models import TINY_CONFIGS, tiny_model, tiny_state_dict  # noqa: E402
+from tiny_models import tiny_model, tiny_state_dict  # noqa: E402
 
 from comfyui_bsa.bsa_core import BSAConfig  # noqa: E402
 from comfyui_bsa.bsa_core.adapters import UNKNOWN_FAMILY, token_layout  # noqa: E402

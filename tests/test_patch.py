@@ -2,7 +2,6 @@
 import asyncio
 import json
 import logging
-import pathlib
 import subprocess
 import sys
 

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from comfyui_bsa.bsa_core import BSAConfig, bsa_attention
+from comfyui_bsa.bsa_core import BSAConfig
 from comfyui_bsa.bsa_core.reference import keep_counts
 from comfyui_bsa.bsa_core.cubes import cube_layout
 
