@@ -129,9 +129,10 @@ def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, keys: torch.Tenso
 
 def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], cube_size: list[int],
                         keep_ratio: float, kv_threshold: float, threshold_mode: str, stat_lambda: float,
-                        min_blocks: int, n_prefix: int, n_suffix: int, scale: float,
+                        min_blocks: int, pooled_remainder: bool, n_prefix: int, n_suffix: int, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks)
+    config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
+                       pooled_remainder)
     out, selection = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
                                    scale=scale, backend=backend)
     n_valid = cube_layout(tuple(grid), config.cube_size, q.device).n_valid
@@ -139,7 +140,7 @@ def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
 
 
 def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda,
-                        min_blocks, n_prefix, n_suffix, scale, backend):
+                        min_blocks, pooled_remainder, n_prefix, n_suffix, scale, backend):
     fraction = q.new_empty((), dtype=torch.float64)
     # contiguous like the real output, whatever q's strides: a compiled graph reshapes it as a view
     return q.new_empty(q.shape), fraction, torch.empty_like(fraction)
@@ -168,7 +169,8 @@ def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_s
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _bsa_attention_op(q, k, v, [int(n) for n in grid], list(config.cube_size), float(config.keep_ratio),
                              float(config.kv_threshold), config.threshold_mode, float(config.stat_lambda),
-                             int(config.min_blocks), int(n_prefix), int(n_suffix), scale, backend)
+                             int(config.min_blocks), bool(config.pooled_remainder), int(n_prefix), int(n_suffix),
+                             scale, backend)
 
 
 def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int,
@@ -181,8 +183,12 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
 
     q_cubes = cube_permute(q, layout, n_prefix)
     k_cubes, k_bar = cube_permute(k, layout, n_prefix, with_mean=True)
-    v_cubes = cube_permute(v, layout, n_prefix)
+    if config.pooled_remainder:
+        v_cubes, v_bar = cube_permute(v, layout, n_prefix, with_mean=True)
+    else:
+        v_cubes = cube_permute(v, layout, n_prefix)
     selection = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar)
+    remainder = (k_bar, v_bar, selection.to_dense()) if config.pooled_remainder else None
     L = q.shape[-2]
     extra = None
     if n_prefix or n_suffix:
@@ -190,7 +196,8 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     k_extra = None if extra is None else k.index_select(-2, extra).contiguous()
     v_extra = None if extra is None else v.index_select(-2, extra).contiguous()
     out_kept = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
-                                      selection.kv_index, layout.slot_valid, scale, k_extra, v_extra)
+                                      selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
+                                      remainder=remainder)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     output_scatter(out_kept, selection.q_source, layout, out, n_prefix)
     if extra is not None:

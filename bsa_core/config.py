@@ -17,6 +17,9 @@ class BSAConfig:
     threshold_mode: "cumulative" (mass share p) or "statistical" (z >= mean + stat_lambda * std).
     stat_lambda:    lambda of the statistical mode, in standard deviations of the row's block logits.
     min_blocks:     every query cube keeps at least this many KV cubes (its own cube always).
+    pooled_remainder: fold every KV cube a query cube did not select into its softmax as one pooled key
+                    (mean key, mean value, weight = the cube's token count), so the dropped mass still
+                    counts in the denominator and the output instead of vanishing.
     """
 
     cube_size: tuple[int, int, int] = (4, 4, 4)
@@ -25,6 +28,7 @@ class BSAConfig:
     threshold_mode: str = "cumulative"
     stat_lambda: float = 1.0
     min_blocks: int = 1
+    pooled_remainder: bool = False
 
     def __post_init__(self):
         cube = tuple(int(c) for c in self.cube_size) if _is_triple(self.cube_size) else None
@@ -39,6 +43,8 @@ class BSAConfig:
             raise ValueError(f"stat_lambda must be a finite number in [-10, 10], got {self.stat_lambda!r}")
         if not isinstance(self.min_blocks, int) or isinstance(self.min_blocks, bool) or self.min_blocks < 1:
             raise ValueError(f"min_blocks must be an integer >= 1, got {self.min_blocks!r}")
+        if not isinstance(self.pooled_remainder, bool):
+            raise ValueError(f"pooled_remainder must be True or False, got {self.pooled_remainder!r}")
 
     @property
     def cube_volume(self) -> int:

@@ -91,9 +91,12 @@ def bsa_select(q_cubes, k_cubes, layout: CubeLayout, config: BSAConfig, scale: f
 
 
 def sparse_attention_reference(q_cubes, k_cubes, v_cubes, layout: CubeLayout, selection: BSASelection,
-                               scale: float, k_extra=None, v_extra=None) -> torch.Tensor:
+                               scale: float, k_extra=None, v_extra=None, pooled_remainder: bool = False) -> torch.Tensor:
     """Exact attention of the kept queries over their selected KV cubes (+ every extra key), then
-    each slot copies its source's output. Inputs [B,H,N,S,D] (+ extras [B,H,E,D]); out [B,H,N,S,D] fp32."""
+    each slot copies its source's output. Inputs [B,H,N,S,D] (+ extras [B,H,E,D]); out [B,H,N,S,D] fp32.
+
+    pooled_remainder: every KV cube a query cube did not select joins the same softmax as one key,
+    its mean key with logit bias log(n_valid) and its mean value: n * exp(q . k_bar) * v_bar."""
     B, H, N, S, D = q_cubes.shape
     idx = selection.q_index.clamp(min=0).long()[..., None].expand(*selection.q_index.shape, D)
     q_kept = q_cubes.float().gather(-2, idx)  # [B,H,N,Kq,D]
@@ -105,8 +108,13 @@ def sparse_attention_reference(q_cubes, k_cubes, v_cubes, layout: CubeLayout, se
     n_extra = keys.shape[-2] - N * S
     cube_mask = selection.to_dense()  # [B,H,N,N]
 
+    if pooled_remainder:
+        n_valid = layout.n_valid.float()[:, None]
+        k_bar, v_bar = (x.float().sum(-2) / n_valid for x in (k_cubes, v_cubes))  # padding slots are 0
+        log_n = torch.log(n_valid[:, 0])
+
     out = torch.empty_like(q_kept)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * q_kept.shape[-2] * keys.shape[-2]))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * q_kept.shape[-2] * (keys.shape[-2] + N)))
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         # the key mask of this chunk only: for all cubes at once it is [B,H,N,N*S], O(L^2 / S)
@@ -114,7 +122,14 @@ def sparse_attention_reference(q_cubes, k_cubes, v_cubes, layout: CubeLayout, se
         allowed = torch.cat([allowed, allowed.new_ones(B, H, n1 - n0, 1, n_extra)], -1)
         logits = torch.einsum("bhnqd,bhkd->bhnqk", q_kept[:, :, n0:n1], keys) * scale
         logits = logits.masked_fill(~allowed, float("-inf"))
-        out[:, :, n0:n1] = torch.einsum("bhnqk,bhkd->bhnqd", torch.softmax(logits, -1), values)
+        if not pooled_remainder:
+            out[:, :, n0:n1] = torch.einsum("bhnqk,bhkd->bhnqd", torch.softmax(logits, -1), values)
+            continue
+        pooled = torch.einsum("bhnqd,bhmd->bhnqm", q_kept[:, :, n0:n1], k_bar) * scale + log_n
+        pooled = pooled.masked_fill(cube_mask[:, :, n0:n1, None, :], float("-inf"))
+        weights = torch.softmax(torch.cat([logits, pooled], -1), -1)
+        out[:, :, n0:n1] = (torch.einsum("bhnqk,bhkd->bhnqd", weights[..., :keys.shape[-2]], values)
+                            + torch.einsum("bhnqm,bhmd->bhnqd", weights[..., keys.shape[-2]:], v_bar))
     source = selection.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
     return out.gather(-2, source) * layout.slot_valid[..., None]
 
@@ -129,7 +144,8 @@ def bsa_attention_reference(q, k, v, layout: CubeLayout, config: BSAConfig, scal
         selection = bsa_select(qc, kc, layout, config, scale)
     extra = torch.cat([torch.arange(n_prefix), torch.arange(q.shape[-2] - n_suffix, q.shape[-2])]).to(q.device)
     k_extra, v_extra = k.index_select(-2, extra), v.index_select(-2, extra)
-    out_video = layout.to_raster(sparse_attention_reference(qc, kc, vc, layout, selection, scale, k_extra, v_extra))
+    out_video = layout.to_raster(sparse_attention_reference(qc, kc, vc, layout, selection, scale, k_extra, v_extra,
+                                                            config.pooled_remainder))
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     out[..., video, :] = out_video
     if extra.numel():

@@ -39,13 +39,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
                     row_cube, qk_scale, offs_n, offs_d, n_keys,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr, KV_PER_ITER: tl.constexpr,
                     SPARSE: tl.constexpr, HAS_BITS: tl.constexpr, EVEN_N: tl.constexpr, USE_TMA: tl.constexpr,
-                    DOT_F32: tl.constexpr):
+                    DOT_F32: tl.constexpr, POOLED: tl.constexpr = False):
     """Online softmax over KV blocks; returns the running (acc, l_i, m_i).
 
     SPARSE: one step covers KV_PER_ITER table entries; entry j is KV cube idx_ptr[j] (CUBE tokens, key
     bias from bias_ptr masks padding slots), and with HAS_BITS row r only sees it when bit row_cube[r]
     of bits_ptr[j] is set. Otherwise: step j is extra keys [j * BLOCK_N, (j + 1) * BLOCK_N) of n_keys,
-    seen by every row. USE_TMA (sparse, one cube per step): K/V tiles come through tensor descriptors
+    seen by every row; with POOLED they are the n_keys pooled cube keys instead, key c with log2 bias
+    bias_ptr[c], hidden from row r where bits_ptr[row_cube[r] * n_keys + c] is set (cubes the row's query
+    cube attends exactly). USE_TMA (sparse, one cube per step): K/V tiles come through tensor descriptors
     over [B*H*N*CUBE, HEAD_DIM], rows row_base + kv * CUBE.
     """
     if SPARSE:
@@ -72,7 +74,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
         else:
             rows = (j * BLOCK_N + offs_n).to(tl.int64)
             key_ok = rows < n_keys
-            col_bias = tl.where(key_ok, 0.0, float("-inf"))
+            if POOLED:
+                col_bias = tl.load(bias_ptr + rows, mask=key_ok, other=float("-inf"))
+            else:
+                col_bias = tl.where(key_ok, 0.0, float("-inf"))
         kv_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
         if USE_TMA:
             k = K_desc.load([(row_base + kv * CUBE).to(tl.int32), 0])
@@ -93,6 +98,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
                 else:
                     bits = tl.load(bits_ptr + entry, mask=key_ok, other=0)
                     s = tl.where(((bits[None, :] >> row_cube[:, None]) & 1) != 0, s, float("-inf"))
+        if POOLED:
+            attended = tl.load(bits_ptr + row_cube.to(tl.int64)[:, None] * n_keys + rows[None, :],
+                               mask=key_ok[None, :], other=0)
+            s = tl.where(attended != 0, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no valid key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -114,14 +123,17 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "KV_PER_ITER", "USE_TMA"],
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "KV_PER_ITER", "USE_TMA",
+                                        "HAS_REMAINDER"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, Out, Lse, order_ptr, q_index_ptr, grp_count_ptr, grp_index_ptr,
-                           grp_bits_ptr, key_bias_ptr, qk_scale, H, N, KQ, NG, KG, E,
+def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
+                           q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
+                           H, N, KQ, NG, KG, E,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                            CUBE: tl.constexpr, GROUP: tl.constexpr, KV_PER_ITER: tl.constexpr,
-                           HAS_EXTRA: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
+                           HAS_EXTRA: tl.constexpr, HAS_REMAINDER: tl.constexpr, USE_TMA: tl.constexpr,
+                           DOT_F32: tl.constexpr):
     tl.static_assert(BLOCK_N >= CUBE * KV_PER_ITER, "KV_PER_ITER cubes must fit one key block")
     tl.static_assert(not USE_TMA or (KV_PER_ITER == 1 and BLOCK_N == CUBE), "TMA loads one whole cube per step")
     tl.static_assert(KV_PER_ITER == 1 or BLOCK_N == CUBE * KV_PER_ITER, "packed cubes need a power-of-2 volume")
@@ -164,6 +176,13 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, Out, Lse, order_ptr,
                                         grp_index_ptr, grp_bits_ptr, key_bias_ptr, tl.cdiv(E, BLOCK_N),
                                         row_cube.to(tl.int32), qk_scale, offs_n, offs_d, E, BLOCK_N, HEAD_DIM,
                                         CUBE, 1, False, False, False, False, DOT_F32)
+    if HAS_REMAINDER:
+        # every KV cube the row's cube did not select, as one pooled key: n * exp(q . k_bar) * v_bar
+        pooled_bh = bh * N * HEAD_DIM
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KBar + pooled_bh, VBar + pooled_bh, K_desc, V_desc, 0,
+                                        grp_index_ptr, Attended + bh * N * N, Log2N, tl.cdiv(N, BLOCK_N),
+                                        tl.where(row_store, cube, 0).to(tl.int32), qk_scale, offs_n, offs_d, N,
+                                        BLOCK_N, HEAD_DIM, CUBE, 1, False, False, False, False, DOT_F32, True)
 
     # rows that saw no valid key (or are padding) write 0 and LSE -inf
     seen = l_i > 0.0
@@ -287,7 +306,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                            cubes_per_program: int | None = None, kv_per_iter: int | None = None,
                            schedule: str = "head", use_tma: bool | None = None, plan: "BlockSparsePlan | None" = None,
-                           return_lse: bool = False):
+                           return_lse: bool = False, remainder: tuple | None = None):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
@@ -303,6 +322,10 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     it can run (sm90+, compiled, kv_per_iter 1, power-of-2 cube volume).
     plan: a `plan_block_sparse` result for this selection, to build the grouped table once per call
     site instead of once per launch.
+    remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] mean key / value of every cube, attended
+    [B, H, N, N] bool the same table as a dense mask (`BSASelection.to_dense`, O(cubes^2) per head). Each KV
+    cube a query cube did not select joins its softmax as one key k_bar with weight n_valid and value
+    v_bar (pooled remainder).
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with
     return_lse the log2-domain LSE [B, H, N, Kq] fp32.
     """
@@ -353,6 +376,18 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     group = plan.group
     NG, KG = plan.count.shape[-1], plan.index.shape[-1]
 
+    if remainder is not None:
+        k_bar, v_bar, attended = remainder
+        if k_bar.shape != (B, H, N, D) or v_bar.shape != (B, H, N, D) or attended.shape != (B, H, N, N):
+            raise ValueError(f"remainder must be (k_bar, v_bar, attended) of shapes [B, H, N, D] x 2 and "
+                             f"[B, H, N, N] (B={B}, H={H}, N={N}, D={D}), got "
+                             f"{[tuple(x.shape) for x in remainder]}")
+        k_bar, v_bar = (x.to(q.dtype).contiguous() for x in (k_bar, v_bar))
+        attended = attended.to(torch.bool).contiguous().view(torch.uint8)
+        log2_n = torch.log2(slot_valid.to(q.device).sum(-1).float()).contiguous()
+    else:
+        k_bar = v_bar = log2_n = attended = q
+
     out = torch.empty(B, H, N, KQ, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q.device)
     BLOCK_M = max(16, triton.next_power_of_2(group * KQ))
@@ -374,11 +409,12 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     else:
         k_desc, v_desc = k, v
     grid = (B * H * NG,)
-    _block_sparse_attn_fwd[grid](q, k, v, k_desc, v_desc, ke, ve, out, lse, plan.order, q_index.contiguous(),
-                                 plan.count, plan.index, plan.bits, plan.key_bias, scale, H, N, KQ, NG, KG, E,
+    _block_sparse_attn_fwd[grid](q, k, v, k_desc, v_desc, ke, ve, k_bar, v_bar, log2_n, attended, out, lse,
+                                 plan.order, q_index.contiguous(), plan.count, plan.index, plan.bits, plan.key_bias,
+                                 scale, H, N, KQ, NG, KG, E,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, CUBE=S, GROUP=group,
-                                 KV_PER_ITER=kv_per_iter, HAS_EXTRA=has_extra, USE_TMA=bool(use_tma),
-                                 DOT_F32=_INTERPRET)
+                                 KV_PER_ITER=kv_per_iter, HAS_EXTRA=has_extra, HAS_REMAINDER=remainder is not None,
+                                 USE_TMA=bool(use_tma), DOT_F32=_INTERPRET)
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out
 

@@ -30,16 +30,17 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("grid, cube, dtype, n_prefix, n_suffix, keep, p", [
-    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 0, 0, 0.5, 0.6),
-    ((3, 4, 5), (2, 2, 2), torch.float16, 4, 3, 0.5, 0.8),
-    ((2, 4, 4), (2, 2, 4), torch.float16, 0, 5, 1.0, 1.0),
-], ids=["partial-bf16", "extras-fp16", "dense-fp16"])
-def test_triton_pipeline_matches_reference(grid, cube, dtype, n_prefix, n_suffix, keep, p):
+@pytest.mark.parametrize("grid, cube, dtype, n_prefix, n_suffix, keep, p, pooled", [
+    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 0, 0, 0.5, 0.6, False),
+    ((3, 4, 5), (2, 2, 2), torch.float16, 4, 3, 0.5, 0.8, False),
+    ((2, 4, 4), (2, 2, 4), torch.float16, 0, 5, 1.0, 1.0, False),
+    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 2, 3, 1.0, 0.5, True),
+], ids=["partial-bf16", "extras-fp16", "dense-fp16", "pooled-remainder-bf16"])
+def test_triton_pipeline_matches_reference(grid, cube, dtype, n_prefix, n_suffix, keep, p, pooled):
     B, H, D = 2, 3, 32
     L = n_prefix + math.prod(grid) + n_suffix
     q, k, v = _qkv(B, H, L, D, dtype, seed=7)
-    config = BSAConfig(cube, keep_ratio=keep, kv_threshold=p)
+    config = BSAConfig(cube, keep_ratio=keep, kv_threshold=p, pooled_remainder=pooled)
     layout = cube_layout(grid, cube, DEVICE)
     scale = 1.0 / math.sqrt(D)
     out, selection = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
@@ -62,10 +63,12 @@ def test_auto_backend_is_reference_without_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grid, heads, D", [((9, 30, 52), 4, 128), ((5, 17, 23), 2, 64)], ids=["480p-slice", "odd-64"])
-def test_triton_backend_on_gpu(grid, heads, D):
+@pytest.mark.parametrize("grid, heads, D, pooled", [((9, 30, 52), 4, 128, False), ((5, 17, 23), 2, 64, False),
+                                                    ((9, 30, 52), 4, 128, True)],
+                         ids=["480p-slice", "odd-64", "480p-slice-pooled"])
+def test_triton_backend_on_gpu(grid, heads, D, pooled):
     q, k, v = _qkv(1, heads, math.prod(grid) + 16, D, torch.bfloat16, seed=3)
-    config = BSAConfig((4, 4, 4), keep_ratio=0.5, kv_threshold=0.7)
+    config = BSAConfig((4, 4, 4), keep_ratio=0.5, kv_threshold=0.7, pooled_remainder=pooled)
     out, selection = attention.bsa_attention(q, k, v, grid, config, n_suffix=16, backend="triton")
     layout = cube_layout(grid, config.cube_size, DEVICE)
     ref, _ = bsa_attention_reference(q, k, v, layout, config, None, 0, 16, selection=selection)

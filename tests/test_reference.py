@@ -131,3 +131,33 @@ def test_statistical_keeps_z_above_mean_plus_lambda_sigma(lam):
     eye = torch.eye(16, dtype=torch.bool)
     top1 = torch.nn.functional.one_hot(z.argmax(-1), 16).bool()  # min_blocks = 1: the top block
     assert torch.equal(keep, (z >= threshold) | eye | top1)
+
+
+@pytest.mark.parametrize("grid, cube, n_suffix", [((4, 4, 8), (2, 2, 4), 0), ((3, 5, 6), (2, 2, 4), 3)],
+                         ids=["full-cubes", "partial-cubes-text"])
+def test_pooled_remainder_is_exact_when_keys_are_constant_per_cube(grid, cube, n_suffix):
+    """With every key and value constant inside its cube, a pooled cube n*exp(q.k_bar)*v_bar is exactly the
+    cube's attention: BSA at any threshold (r = 1) then equals dense SDPA; without the term it does not."""
+    B, H, D = 2, 2, 16
+    layout = cube_layout(grid, cube)
+    q, k, v = qkv(B, H, math.prod(grid) + n_suffix, D, seed=3)
+    cube_of_token = torch.empty(layout.num_tokens, dtype=torch.long)
+    cube_of_token[layout.token_of_slot[layout.slot_valid.flatten()]] = torch.arange(
+        layout.num_cubes).repeat_interleave(layout.n_valid)
+    g = torch.Generator().manual_seed(4)
+    for x in (k, v):
+        x[..., :layout.num_tokens, :] = 2 * torch.randn(B, H, layout.num_cubes, D, generator=g)[:, :, cube_of_token]
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for p in (0.05, 0.5):
+        config = BSAConfig(cube, keep_ratio=1.0, kv_threshold=p, pooled_remainder=True)
+        out, selection = bsa_attention(q, k, v, grid, config, n_suffix=n_suffix)
+        assert float(selection.kept_kv_fraction()) < 1.0
+        assert rms_rel(out, dense) < 1e-5
+        plain, _ = bsa_attention(q, k, v, grid, BSAConfig(cube, keep_ratio=1.0, kv_threshold=p), n_suffix=n_suffix)
+        assert rms_rel(plain, dense) > 1e-3
+
+
+def test_pooled_remainder_is_a_no_op_when_everything_is_kept():
+    q, k, v = qkv(1, 2, 5 * 6 * 7, 16, seed=5)
+    out, _ = bsa_attention(q, k, v, (5, 6, 7), BSAConfig(keep_ratio=1.0, kv_threshold=1.0, pooled_remainder=True))
+    assert rms_rel(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5
