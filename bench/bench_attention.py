@@ -3,7 +3,7 @@ comfy-kitchen's sol_attn, on Wan sizes. A script, not a test:
 
     PYTHONPATH=.ck python bench/bench_attention.py [--shapes 480p,720p] [--tables random,local,video]
 
-Tables (kept queries: bsa_core's real query selection at keep_ratio 0.5; KV cubes per query cube):
+Tables (kept queries: bsa_core's real query selection at --keep-ratio, 0.5 by default; KV cubes per query cube):
   random  own cube + uniformly random cubes, per-head share spread over [4 %, 10 %] (worst case for
           packing several query cubes into one program: neighbours share almost nothing);
   local   own cube + the nearest cubes in 3D, same per-head shares (neighbours share most of it);
@@ -127,7 +127,7 @@ def _variant(text):
     return int(g[1:]), int(p[1:]), sched, bool(tma)
 
 
-def bench_shape(name, tables, variants, video_threshold, gen):
+def bench_shape(name, tables, variants, video_threshold, gen, keep_ratio=0.5):
     grid, H = SHAPES[name]
     dev = "cuda"
     layout = cube_layout(grid, (4, 4, 4), dev)
@@ -152,7 +152,7 @@ def bench_shape(name, tables, variants, video_threshold, gen):
     else:
         print(f"[{name}] sol_attn skipped: {why}", flush=True)
 
-    _, q_index, q_source = select_queries(qc, layout, 0.5)
+    _, q_index, q_source = select_queries(qc, layout, keep_ratio)
     for table in tables:
         if table == "video":
             if name != "480p":
@@ -161,7 +161,7 @@ def bench_shape(name, tables, variants, video_threshold, gen):
             from video_qkv import video_qkv
             q, k, v = video_qkv(grid, H, D, device=dev, seed=1)
             qc, kc, vc = (layout.to_cubes(x).contiguous() for x in (q, k, v))
-            sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=video_threshold), D ** -0.5)
+            sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=keep_ratio, kv_threshold=video_threshold), D ** -0.5)
             q_index, q_source, kv_count, kv_index = sel.q_index, sel.q_source, sel.kv_count, sel.kv_index
         elif table in ("pair", "quad"):  # KV chosen per 2 / 4 cubes (local lists): the union wastes nothing
             kv_count, kv_index = _synthetic_table(layout, H, "local", gen)
@@ -207,7 +207,7 @@ def bench_shape(name, tables, variants, video_threshold, gen):
                 ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
             err = _rel(out, ref)
             rows[-1] = rows[-1][:-1] + (rows[-1][-1] + f"; BSA vs dense {err:.3f}",)
-            print(f"  BSA (r=0.5, p={video_threshold}) vs dense SDPA rel RMS {err:.3f}", flush=True)
+            print(f"  BSA (r={keep_ratio}, p={video_threshold}) vs dense SDPA rel RMS {err:.3f}", flush=True)
     return rows
 
 
@@ -218,13 +218,14 @@ def main():
     ap.add_argument("--variants", default="G1-P2-head,G2-P1-head-tma,G4-P1-head-tma",
                     help="G query cubes per program, P KV cubes per inner step, launch schedule head|lpt")
     ap.add_argument("--video-threshold", type=float, default=0.5)
+    ap.add_argument("--keep-ratio", type=float, default=0.5, help="query keep ratio of every table")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     gen = torch.Generator().manual_seed(0)
     variants = args.variants.split(",")
     rows = []
     for name in args.shapes.split(","):
-        rows += bench_shape(name, args.tables.split(","), variants, args.video_threshold, gen)
+        rows += bench_shape(name, args.tables.split(","), variants, args.video_threshold, gen, args.keep_ratio)
         torch.cuda.empty_cache()
     print(f"\n{'shape':6} {'table':13} {'provider':26} {'ms':>9} {'TFLOP/s':>8} {'vs cuDNN':>9}  note")
     for shape, table, prov, t, tf, ratio, note in rows:
