@@ -1,0 +1,411 @@
+"""End to end: a full-size Wan 2.1 T2V 1.3B (random weights, real key names) sampled through ComfyUI at
+480p x 81 frames (latent [1, 16, 21, 60, 104], 32760 tokens): seconds per denoising step, dense
+(ComfyUI's own attention, torch SDPA forced to cuDNN) vs BSA at BSAConfig's defaults. A script, not a test.
+
+The state dict is made directly on the GPU in bf16 (tools/tiny_wan.py, size "1.3B": N(0, 1/fan_in)
+weights, std 0.026 at width 1536, so activations stay at unit scale) and loaded with
+comfy.sd.load_diffusion_model_state_dict, so ComfyUI's own model detection (WAN21) builds the model and
+its attention dispatch runs. Sampling is comfy.sample.sample (KSampler path), euler, cfg 1.0 (one model
+call per step), through the ModelPatcher: dense = the model as loaded, BSA = bsa_core.patch.apply_bsa
+on a clone with start_percent 0 (every step sparse). One warm-up step (Triton autotuning) precedes the
+timed steps; each step is timed with torch.cuda.synchronize between the sampler's callbacks. A last
+one-step run per variant times every attention call with CUDA events (self- vs cross-attention) for the
+attention share and the Amdahl bound.
+
+On the GPU machine (no ComfyUI there: carry [".whl", ".comfy_min"]; .whl holds the pure-Python wheels
+ComfyUI's sampling path needs beyond that machine's packages, torchsde and trampoline; .comfy_min is a
+pruned ComfyUI 0.3.75), from the repository root:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && COMFYUI_PATH=.comfy_min/ComfyUI python3 bench/e2e_wan.py
+
+CPU smoke check (tiny Wan, small latent, 2 steps, BSA's pure-torch reference):
+
+    python bench/e2e_wan.py --tiny
+
+COMFYUI_PATH points at a ComfyUI checkout (default: <repo>/.comfyui/ComfyUI). Where torchvision is
+missing (or does not import), ComfyUI's unrelated Cascade/Cosmos modules get a stand-in for it, used
+only while ComfyUI imports; Wan never calls torchvision.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.machinery
+import importlib.util
+import itertools
+import logging
+import os
+import pathlib
+import platform
+import sys
+import time
+import types
+
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from tiny_wan import WAN21_T2V_SIZES, wan21_t2v_state_dict
+
+if "comfyui_bsa" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("comfyui_bsa", REPO / "__init__.py",
+                                                   submodule_search_locations=[str(REPO)])
+    _mod = importlib.util.module_from_spec(_spec)
+    sys.modules["comfyui_bsa"] = _mod
+    _spec.loader.exec_module(_mod)
+
+from comfyui_bsa.bsa_core.config import BSAConfig, parse_cube_size
+
+TEXT_DIM = 4096  # umT5-XXL width
+SIZES = {  # model size, latent (T, H, W), text tokens, steps
+    "full": ("1.3B", (21, 60, 104), 512, 4),  # 480x832, 81 frames -> 21 x 60 x 104 latent, 32760 tokens
+    "tiny": ("tiny", (5, 16, 16), 32, 2),
+}
+
+
+def comfyui_path() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("COMFYUI_PATH") or REPO / ".comfyui" / "ComfyUI").resolve()
+
+
+@contextlib.contextmanager
+def torchvision_stand_in():
+    """ComfyUI's model zoo imports torchvision at module level (Stable Cascade, Cosmos) but Wan never uses
+    it. Where it does not import, put an empty stand-in in sys.modules while ComfyUI imports, then take it
+    out again so that nothing later mistakes it for the real package. Yields why (None: real one used)."""
+    try:
+        import torchvision  # noqa: F401
+        why = None
+    except (ImportError, RuntimeError, OSError, AttributeError) as error:  # absent, or built for another torch
+        why = f"{type(error).__name__}: {error}".splitlines()[0]
+    if why is None:
+        yield None
+        return
+    names = ("torchvision", "torchvision.transforms", "torchvision.models")
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] == "torchvision"}
+    for name in names:
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        sys.modules[name] = module
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision"].models = sys.modules["torchvision.models"]
+    try:
+        yield why
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def bootstrap_comfyui(path: pathlib.Path, cpu: bool) -> str | None:
+    """Import ComfyUI's model, sampler and memory code without parsing our command line. On the GPU it
+    keeps ComfyUI's default attention choice, made explicit: torch SDPA (as --use-pytorch-cross-attention).
+    Returns why torchvision was stood in for (None when it was not)."""
+    if not (path / "comfy").is_dir():
+        raise SystemExit(f"ComfyUI not found at {path}: run tools/setup.sh or set COMFYUI_PATH")
+    sys.path.insert(0, str(path))
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = cpu
+    comfy.cli_args.args.use_pytorch_cross_attention = not cpu
+    with torchvision_stand_in() as why:
+        import comfy.ldm.wan.model  # (comfy.model_management reads the args above on import)
+        import comfy.model_management
+        import comfy.patcher_extension
+        import comfy.sample
+        import comfy.samplers
+        import comfy.sd
+    return why
+
+
+class BSARunLog(logging.Handler):
+    """Collects the per-run summaries the patch logs at the end of each sampling run."""
+
+    def __init__(self):
+        super().__init__()
+        self.runs = []
+
+    def emit(self, record):
+        if hasattr(record, "bsa_run"):
+            self.runs.append(record.bsa_run)
+
+
+class ConsoleFilter(logging.Filter):
+    """ComfyUI's warnings once its import is over (import-time ones name optional packages Wan does not
+    need), errors always, and each distinct [BSA] line once; the per-run summaries are printed by main."""
+
+    def __init__(self):
+        super().__init__()
+        self.show_warnings = False
+        self._seen = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        if message.startswith("[BSA]"):
+            if message.startswith("[BSA] run:") or message in self._seen:
+                return False
+            self._seen.add(message)
+            return True
+        return record.levelno >= (logging.WARNING if self.show_warnings else logging.ERROR)
+
+
+def sdpa_context(name: str, device: torch.device):
+    """torch SDPA restricted to one backend (CUDA only); 'default' leaves torch's own priority."""
+    if device.type != "cuda" or name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    return sdpa_kernel([backend])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class AttentionTimer:
+    """Replaces the optimized_attention that comfy/ldm/wan/model.py calls (ComfyUI's dispatch, the BSA
+    override inside it) with one that times each call: CUDA events on the GPU (no stall), wall clock on the
+    CPU. Self-attention: as many keys as queries."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.calls = {"self": [], "cross": []}
+
+    def __enter__(self):
+        import comfy.ldm.wan.model as wan
+        self._module, self._original = wan, wan.optimized_attention
+        original = self._original
+
+        def timed(q, k, v, *args, **kwargs):
+            kind = "self" if q.shape[-2 if kwargs.get("skip_reshape") else 1] == k.shape[
+                -2 if kwargs.get("skip_reshape") else 1] else "cross"
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = original(q, k, v, *args, **kwargs)
+                end.record()
+                self.calls[kind].append((start, end))
+            else:
+                start = time.perf_counter()
+                out = original(q, k, v, *args, **kwargs)
+                self.calls[kind].append(time.perf_counter() - start)
+            return out
+
+        wan.optimized_attention = timed
+        return self
+
+    def __exit__(self, *exc):
+        self._module.optimized_attention = self._original
+
+    def seconds(self, kind: str) -> float:
+        sync(self.device)
+        if self.device.type == "cuda":
+            return sum(start.elapsed_time(end) for start, end in self.calls[kind]) / 1000
+        return sum(self.calls[kind])
+
+
+def run(model, inputs: dict, steps: int, device: torch.device, sdpa: str) -> dict:
+    """One comfy.sample.sample call; per-step seconds between the sampler's callbacks (synchronized),
+    the first step from the first model call on."""
+    import comfy.patcher_extension as pe
+    import comfy.sample
+
+    marks = []
+    timed = model.clone()
+
+    def first_call(executor, *args, **kwargs):
+        if not marks:
+            sync(device)
+            marks.append(time.perf_counter())
+        return executor(*args, **kwargs)
+
+    def callback(step, x0, x, total_steps):
+        sync(device)
+        marks.append(time.perf_counter())
+
+    timed.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "e2e_wan_timer", first_call)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with sdpa_context(sdpa, device):
+        latent = comfy.sample.sample(timed, inputs["noise"], steps, 1.0, "euler", "simple", inputs["positive"],
+                                     inputs["negative"], inputs["latent"], seed=inputs["seed"], callback=callback,
+                                     disable_pbar=True)
+    step_seconds = [b - a for a, b in itertools.pairwise(marks)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"latent": latent.float(), "steps": step_seconds, "peak_gib": peak}
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def bsa_config(args) -> BSAConfig:
+    overrides = {}
+    if args.keep_ratio is not None:
+        overrides["keep_ratio"] = args.keep_ratio
+    if args.kv_threshold is not None:
+        overrides["kv_threshold"] = args.kv_threshold
+    if args.cube is not None:
+        overrides["cube_size"] = parse_cube_size(args.cube)
+    if args.pooled_remainder is not None:
+        overrides["pooled_remainder"] = args.pooled_remainder
+    return dataclasses.replace(BSAConfig(), **overrides)
+
+
+def summary(run_stats: dict | None) -> str:
+    if not run_stats:
+        return "no BSA run summary logged"
+    kept = (f"kept queries {run_stats['kept_query_pct']:.1f}%, kept KV cubes {run_stats['kept_kv_pct']:.1f}%"
+            if run_stats["sparse_calls"] else "no sparse call")
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in run_stats["dense_reasons"].items())
+    return f"{run_stats['sparse_calls']} sparse / {run_stats['dense_calls']} dense calls, {kept}" + (
+        f" (dense: {reasons})" if reasons else "")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke check: tiny Wan, latent 5x16x16, 32 text tokens, 2 steps, BSA reference")
+    parser.add_argument("--steps", type=int, help="timed denoising steps (default 4; --tiny: 2)")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first, per variant (Triton autotuning)")
+    parser.add_argument("--latent", help="latent T,H,W (default 21,60,104: 480x832, 81 frames)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sdpa", choices=("cudnn", "flash", "efficient", "default"), default="cudnn",
+                        help="torch SDPA backend for ComfyUI's dense attention (both runs: BSA's cross-attention "
+                             "stays dense); ignored on the CPU")
+    parser.add_argument("--keep-ratio", type=float, help="BSAConfig.keep_ratio (default: BSAConfig's)")
+    parser.add_argument("--kv-threshold", type=float, help="BSAConfig.kv_threshold (default: BSAConfig's)")
+    parser.add_argument("--cube", help="BSAConfig.cube_size as TxHxW, e.g. 4x4x4 (default: BSAConfig's)")
+    parser.add_argument("--pooled-remainder", action=argparse.BooleanOptionalAction, default=None,
+                        help="BSAConfig.pooled_remainder (default: BSAConfig's)")
+    parser.add_argument("--no-attention-share", action="store_true", help="skip the attention-timing step")
+    parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log lines")
+    args = parser.parse_args(argv)
+
+    console = logging.StreamHandler(sys.stdout)
+    if not args.verbose:
+        console.addFilter(ConsoleFilter())
+    run_log = BSARunLog()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[console, run_log], force=True)
+
+    size_name, (T, H, W), text_tokens, default_steps = SIZES["tiny" if args.tiny else "full"]
+    if args.latent:
+        T, H, W = (int(n) for n in args.latent.split(","))
+    steps = args.steps or default_steps
+    if args.tiny:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        raise SystemExit("no CUDA device: the full-size run needs a GPU (use --tiny for the CPU smoke check)")
+    config = bsa_config(args)
+
+    path = comfyui_path()
+    stand_in = bootstrap_comfyui(path, cpu=device.type == "cpu")
+    for f in console.filters:
+        f.show_warnings = True  # from here on, e.g. "unet missing: ..." from the loader
+    import comfy.ldm.modules.attention
+    import comfy.sample
+    import comfy.sd
+    import comfyui_version
+    from comfyui_bsa.bsa_core.patch import apply_bsa
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    print(f"device {name}; torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN "
+          f"{torch.backends.cudnn.version()}), triton {triton_version}, Python {platform.python_version()}")
+    print(f"ComfyUI {comfyui_version.__version__} at {path}" +
+          (f"; torchvision stood in for ({stand_in})" if stand_in else ""))
+
+    # the model: random weights made on the target device, loaded by ComfyUI's own detection and loader
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    start = time.perf_counter()
+    state = wan21_t2v_state_dict(size_name, seed=args.seed, dtype=torch.bfloat16, device=device)
+    n_params = sum(t.numel() for t in state.values())
+    model = comfy.sd.load_diffusion_model_state_dict(state, model_options={"dtype": dtype})
+    del state
+    if model is None:
+        raise SystemExit("ComfyUI did not recognise the state dict as a model")
+    detected = f"{type(model.model).__name__} / {type(model.model.model_config).__name__}"
+    dims = WAN21_T2V_SIZES[size_name]
+    print(f"model Wan 2.1 T2V {size_name}: {n_params / 1e9:.3f} B params, dim {dims['dim']}, ffn "
+          f"{dims['ffn_dim']}, {dims['layers']} blocks, {dims['dim'] // 128} heads; ComfyUI detected {detected}, "
+          f"weights {model.model_dtype()}, built + loaded in {time.perf_counter() - start:.1f} s")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the state dict made on the GPU is gone: ComfyUI copied it to its own model
+
+    generator = torch.Generator().manual_seed(args.seed)
+    latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, 16, T, H, W))
+    inputs = {
+        "latent": latent, "seed": args.seed, "noise": comfy.sample.prepare_noise(latent, args.seed),
+        "positive": [[torch.randn(1, text_tokens, TEXT_DIM, generator=generator), {}]],
+        "negative": [[torch.randn(1, text_tokens, TEXT_DIM, generator=generator), {}]],  # unused at cfg 1
+    }
+    grid = (T, H // 2, W // 2)
+    tokens = grid[0] * grid[1] * grid[2]
+    print(f"latent {list(latent.shape)} -> grid {grid} = {tokens} tokens; text {text_tokens} x {TEXT_DIM}; "
+          f"euler / simple, cfg 1.0 (one model call per step), {args.warmup_steps} warm-up + {steps} timed steps, "
+          f"seed {args.seed}")
+    sdpa = args.sdpa if device.type == "cuda" else "default"
+    backend = f", torch SDPA backend {sdpa}" if device.type == "cuda" else ""
+    print(f"dense attention: ComfyUI's {comfy.ldm.modules.attention.optimized_attention.__name__}{backend}; "
+          f"the BSA run uses the same for cross-attention")
+    print(f"BSA: {config} (start_percent 0, end_percent 1: every step sparse)")
+
+    bsa_model = apply_bsa(model, config, start_percent=0.0, end_percent=1.0)
+    variants = {"dense": model, "bsa": bsa_model}
+    results, stats = {}, {}
+    for label, m in variants.items():
+        if args.warmup_steps:
+            start = time.perf_counter()
+            run(m, inputs, args.warmup_steps, device, sdpa)
+            print(f"{label:5s} warm-up ({args.warmup_steps} step, model load and autotuning included): "
+                  f"{time.perf_counter() - start:.2f} s", flush=True)
+    for label, m in variants.items():
+        runs_before = len(run_log.runs)
+        results[label] = run(m, inputs, steps, device, sdpa)
+        stats[label] = run_log.runs[-1] if len(run_log.runs) > runs_before else None
+        r = results[label]
+        per_step = sum(r["steps"]) / len(r["steps"])
+        r["per_step"] = per_step
+        peak = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
+        print(f"{label:5s} {per_step:8.3f} s/step (steps: {', '.join(f'{s:.3f}' for s in r['steps'])}){peak}",
+              flush=True)
+
+    dense, bsa = results["dense"], results["bsa"]
+    print(f"speed-up dense/BSA: {dense['per_step'] / bsa['per_step']:.2f}x "
+          f"({dense['per_step']:.3f} -> {bsa['per_step']:.3f} s/step)")
+    print(f"BSA run: {summary(stats['bsa'])}")
+    diff = bsa["latent"] - dense["latent"]
+    print(f"final latent BSA vs dense (same seed, {steps} step{'s' * (steps != 1)}): max abs {float(diff.abs().max()):.3e}, "
+          f"rel L2 {rel_l2(bsa['latent'], dense['latent']):.3e} (|dense| max {float(dense['latent'].abs().max()):.3g})")
+
+    if not args.no_attention_share:
+        share = {}
+        for label, m in variants.items():
+            with AttentionTimer(device) as timer:
+                r = run(m, inputs, 1, device, sdpa)
+            share[label] = (r["steps"][0], timer.seconds("self"), timer.seconds("cross"),
+                            len(timer.calls["self"]), len(timer.calls["cross"]))
+            step, self_s, cross_s, n_self, n_cross = share[label]
+            print(f"{label:5s} one step {step:.3f} s: self-attention {self_s:.3f} s ({n_self} calls, "
+                  f"{100 * self_s / step:.1f}%), cross-attention {cross_s:.3f} s ({n_cross} calls, "
+                  f"{100 * cross_s / step:.1f}%), rest {step - self_s - cross_s:.3f} s")
+        step, self_s = share["dense"][0], share["dense"][1]
+        bsa_self = share["bsa"][1]
+        print(f"Amdahl: self-attention is {100 * self_s / step:.1f}% of a dense step; free self-attention "
+              f"would give at most {step / max(step - self_s, 1e-12):.2f}x; BSA's self-attention takes "
+              f"{bsa_self / max(self_s, 1e-12):.2f}x dense's ({self_s / max(bsa_self, 1e-12):.2f}x speed-up) -> predicted step "
+              f"{step - self_s + bsa_self:.3f} s ({step / (step - self_s + bsa_self):.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
