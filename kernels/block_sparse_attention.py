@@ -314,12 +314,13 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     KV cube ids (-1 pad); slot_valid [N, S] bool (padding key slots are never attended).
     k_extra, v_extra: [B, H, E, D] keys every query attends (E may be 0), or None.
     cubes_per_program: query cubes packed into one program (default: enough for a 64-row tile).
-    kv_per_iter: KV cubes per inner step (1 or 2; default 2 only for one cube per program with a power-of-2
-    volume <= 64: measured on H100, a 64 x 128 tile loses to 64 x 64 once cubes are packed).
+    kv_per_iter: KV cubes per inner step (1 or 2; default 1 where TMA runs, else 2 for one cube per program
+    with a power-of-2 volume <= 64: measured on H100 at keep_ratio 1, one 64-key cube per step through TMA
+    ran 340-352 TFLOP/s against 245-253 for two cubes per step without it).
     schedule: "head" (heads by descending work, cube order inside a head: neighbours share KV in L2)
     or "lpt" (all programs by descending work).
     use_tma: load K/V cubes through Hopper tensor descriptors (one cube per step); default: on where
-    it can run (sm90+, compiled, kv_per_iter 1, power-of-2 cube volume).
+    it can run (sm90+, compiled, kv_per_iter 1 or unset, power-of-2 cube volume).
     plan: a `plan_block_sparse` result for this selection, to build the grouped table once per call
     site instead of once per launch.
     remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] mean key / value of every cube, attended
@@ -392,11 +393,11 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q.device)
     BLOCK_M = max(16, triton.next_power_of_2(group * KQ))
     pow2 = S == triton.next_power_of_2(S) and S >= 16
+    if use_tma is None:
+        use_tma = (kv_per_iter in (None, 1) and pow2 and not _INTERPRET and q.is_cuda
+                   and torch.cuda.get_device_capability(q.device)[0] >= 9)
     if kv_per_iter is None:
         kv_per_iter = 2 if pow2 and S <= 64 and group == 1 and not use_tma else 1
-    if use_tma is None:
-        use_tma = (kv_per_iter == 1 and pow2 and not _INTERPRET and q.is_cuda
-                   and torch.cuda.get_device_capability(q.device)[0] >= 9)
     if kv_per_iter not in (1, 2) or (kv_per_iter == 2 and not pow2):
         raise ValueError(f"kv_per_iter must be 1, or 2 with a power-of-2 cube volume >= 16, got {kv_per_iter}")
     if use_tma and (kv_per_iter != 1 or not pow2 or _INTERPRET or torch.cuda.get_device_capability(q.device)[0] < 9):
