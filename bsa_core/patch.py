@@ -14,6 +14,7 @@ import torch
 from .adapters import TokenLayout, token_layout
 from .attention import attended_keys, bsa_attention_key_masked, bsa_attention_op, choose_backend, unsupported_reason
 from .config import BSAConfig
+from .report import ReportSpec, RunReport, render
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,12 @@ class BSAPatch:
 
     The token layout and the block counter are per model call (set by the apply-model wrapper); the stats
     and the set of already-logged reasons live until ON_CLEANUP, which logs the summary and resets.
+    With `record` (a BSA Report node is connected) each run also fills a RunReport, kept after the run
+    as `last_report` for the report node; without it nothing is timed or stored.
     """
 
     def __init__(self, config: BSAConfig, start_percent: float, end_percent: float,
-                 dense_blocks=frozenset(), min_tokens: int = 0):
+                 dense_blocks=frozenset(), min_tokens: int = 0, record: ReportSpec | None = None):
         self.config = config
         self.start_percent = start_percent
         self.end_percent = end_percent
@@ -89,6 +92,8 @@ class BSAPatch:
         self.sigma_start = math.inf  # sparse while sigma_end <= sigma <= sigma_start
         self.sigma_end = 0.0
         self._installed = []  # the overrides this patch has put on the hook
+        self.record = record
+        self.last_report: RunReport | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -96,9 +101,14 @@ class BSAPatch:
         stats = getattr(self, "stats", None)
         if stats is not None and (stats.sparse_calls or stats.dense_calls):
             log.info(f"{LOG_PREFIX} run: {stats.summary()}", extra={"bsa_run": stats.as_dict()})
+        report = getattr(self, "report", None)
+        if report is not None and report.rows:
+            self.last_report = report
+        self.report: RunReport | None = None  # created by the first model call of a recorded run
         self.stats = RunStats()
         self.layout = TokenLayout("none", reason="unknown video grid")
         self.block = 0
+        self.call_block = None  # transformer block of the attention call in progress (None: not a block)
         self.cross_tokens = None
         self._self_attention_pending_cross = False
         self._logged = set()
@@ -108,13 +118,17 @@ class BSAPatch:
         self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
         self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
 
-    def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None) -> None:
+    def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None, sigma=None) -> None:
         """A new model call: where its video tokens sit and how long its cross-attention context is;
-        restart the block count."""
+        restart the block count. `sigma` (the call's timestep) numbers the steps of a recorded run."""
         self.block = 0
         self.layout = layout
         self.cross_tokens = cross_tokens
         self._self_attention_pending_cross = False
+        if self.record is not None:
+            if self.report is None:
+                self.report = RunReport(self.record)
+            self.report.begin_forward(sigma)
 
     def is_cross_attention(self, q, k) -> bool:
         """Cross-attention has its own key length, except when the text is exactly as long as the video
@@ -140,12 +154,13 @@ class BSAPatch:
     def dense_reason(self, q, k, v, tokens: int, sigmas) -> str | None:
         """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D].
         Counts self-attention calls as it goes: the k-th one of a forward is block k."""
+        self.call_block = None
         if self.is_cross_attention(q, k):
             return "cross-attention"
         grid = self.layout.grid
         if grid is not None and tokens < self.layout.n_prefix + math.prod(grid):
             return "shorter than the video (e.g. text refiner)"  # not a transformer block: not counted
-        block = self.block
+        block = self.call_block = self.block
         self.block += 1
         if self.layout.reason is not None:
             return self.layout.reason
@@ -178,6 +193,9 @@ def _make_override(patch: BSAPatch, previous):
     def bsa_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                      skip_output_reshape=False, **kwargs):
         transformer_options = kwargs.get("transformer_options") or {}
+        report = patch.report  # None unless a BSA Report node is connected
+        if report is not None and torch.compiler.is_compiling():
+            report = None  # timers and python-side tables do not trace
         if skip_reshape:  # [B, H, L, D]
             qh, kh, vh = q, k, v
         else:  # [B, L, H*D]
@@ -187,8 +205,13 @@ def _make_override(patch: BSAPatch, previous):
             patch.stats.dense_reasons[reason] += 1
             patch.log_once(reason, warning)
             call = func if previous is None else lambda *a, **kw: previous(func, *a, **kw)
-            return call(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
-                        skip_output_reshape=skip_output_reshape, **kwargs)
+            block = patch.call_block
+            timer = None if report is None or block is None else report.start_timer(q)
+            out = call(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                       skip_output_reshape=skip_output_reshape, **kwargs)
+            if timer is not None:
+                report.record_dense(block, timer, reason)
+            return out
 
         tokens = qh.shape[-2]
         reason = patch.dense_reason(qh, kh, vh, tokens, transformer_options.get("sigmas"))
@@ -201,6 +224,7 @@ def _make_override(patch: BSAPatch, previous):
             if reason is not None:
                 return dense(reason)
         args = dict(n_prefix=n_prefix, n_suffix=n_suffix, scale=kwargs.get("scale"), backend=patch.backend(qh))
+        timer = None if report is None else report.start_timer(qh)
         try:
             if keys is None:
                 out, kept_queries, kept_kv = bsa_attention_op(qh, kh, vh, patch.layout.grid, patch.config, **args)
@@ -210,6 +234,11 @@ def _make_override(patch: BSAPatch, previous):
         except Exception as error:  # a failing sparse call must not kill a long render: run it dense
             return dense(f"BSA failed ({type(error).__name__}: {error})", warning=True)
         patch.stats.record_sparse(kept_queries, kept_kv)
+        if report is not None:
+            report.record_sparse(patch.call_block, timer, kept_queries, kept_kv)
+            if report.wants_selection(patch.call_block):
+                report.capture_selection(patch.call_block, qh, kh, patch.layout.grid, patch.config, n_prefix,
+                                         args["scale"], args["backend"])
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).flatten(-2)
@@ -218,8 +247,9 @@ def _make_override(patch: BSAPatch, previous):
 
 
 def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent: float = 1.0,
-              dense_blocks=frozenset(), min_tokens: int = 0):
-    """A clone of `model` (a ComfyUI ModelPatcher) whose self-attention runs BSA; `model` is untouched."""
+              dense_blocks=frozenset(), min_tokens: int = 0, record: ReportSpec | None = None):
+    """A clone of `model` (a ComfyUI ModelPatcher) whose self-attention runs BSA; `model` is untouched.
+    `record`: keep per-step numbers of each run for the BSA Report node (see find_patch)."""
     import comfy.patcher_extension as pe
 
     if not 0.0 <= start_percent <= end_percent <= 1.0:
@@ -227,7 +257,7 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent:
                          "0 <= start_percent <= end_percent <= 1")
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
         raise ValueError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
-    patch = BSAPatch(config, start_percent, end_percent, dense_blocks, min_tokens)
+    patch = BSAPatch(config, start_percent, end_percent, dense_blocks, min_tokens, record)
     patch.set_sigma_window(model.get_model_object("model_sampling"))
 
     patched = model.clone()
@@ -247,10 +277,44 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent:
         # apply_model(x, t, c_concat, c_crossattn, ...): the text context, for is_cross_attention
         context = kwargs.get("c_crossattn", args[2] if len(args) > 2 else None)
         patch.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs),
-                            context.shape[1] if isinstance(context, torch.Tensor) and context.dim() >= 2 else None)
+                            context.shape[1] if isinstance(context, torch.Tensor) and context.dim() >= 2 else None,
+                            sigma=args[0] if args else kwargs.get("t"))
         return executor(x, *args, **kwargs)
+
+    def on_cleanup(patcher):
+        patch.reset()
+
+    on_cleanup.bsa_patch = patch  # find_patch: clones (LoRA, other patches) keep the callback, not a copy
 
     patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, learn_token_layout)
     patched.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, PATCH_KEY, on_prepare_state)
-    patched.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, PATCH_KEY, lambda patcher: patch.reset())
+    patched.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, PATCH_KEY, on_cleanup)
     return patched
+
+
+def find_patch(model) -> BSAPatch | None:
+    """The BSAPatch of the last apply_bsa on `model` or on a model it was cloned from, else None. Read from
+    the cleanup callback: ModelPatcher.clone deep-copies model_options (a patch stored there would be a
+    copy) and a later node may cover our attention override until sampling re-installs it."""
+    callbacks = getattr(model, "callbacks", None) or {}
+    patches = [getattr(c, "bsa_patch", None) for c in callbacks.get("on_cleanup", {}).get(PATCH_KEY, [])]
+    patches = [p for p in patches if p is not None]
+    return patches[-1] if patches else None
+
+
+def bsa_report(model, spec: ReportSpec) -> tuple[str, torch.Tensor]:
+    """(table, heat-map image) of the last finished sampling run of `model`'s BSA patch. Asks the patch to
+    record `spec` from its next run on: a cached BSA node is not executed again to learn of the report."""
+    patch = find_patch(model)
+    if patch is None:
+        return render(None, spec, "No BSA patch on this model: connect the MODEL output of BSA Sparse "
+                                  "Attention (directly or through other model nodes).")
+    was_recording, patch.record = patch.record is not None, spec
+    if was_recording:
+        message = ("Nothing recorded: this model has not finished a sampling run with BSA since recording "
+                   "started (change the seed or any sampler input and queue again).")
+    else:
+        message = ("Nothing recorded: the BSA Sparse Attention node came from ComfyUI's cache of a run "
+                   "without this report. Recording is on from the next sampling run: change the seed or any "
+                   "sampler input and queue again.")
+    return render(patch.last_report, spec, message)

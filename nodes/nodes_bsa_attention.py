@@ -3,6 +3,7 @@ from comfy_api.latest import io
 
 from ..bsa_core.config import THRESHOLD_MODES, BSAConfig, parse_cube_size
 from ..bsa_core.patch import apply_bsa, parse_block_list
+from ..bsa_core.report import find_report_spec
 
 CUBE_SIZES = ("4x4x4", "2x8x8", "4x4x8", "4x8x8")
 
@@ -54,14 +55,23 @@ class BSASparseAttention(io.ComfyNode):
                 io.Int.Input("min_tokens", default=12288, min=0, max=1 << 20, step=256, optional=True,
                              tooltip="Sequences shorter than this many tokens stay dense, where dense attention is "
                                      "already fast. Wan 480p 81 frames has 32760 tokens."),
+                io.Boolean.Input("pooled_remainder", default=False, optional=True,
+                                 tooltip="Fold every KV cube a query cube skips into its attention as one pooled "
+                                         "key (the cube's mean key and value, weighted by its size): the skipped "
+                                         "attention mass is approximated instead of dropped. Costs one extra "
+                                         "key per cube."),
             ],
             outputs=[io.Model.Output(tooltip="The model with BSA on its video self-attention.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # a BSA Report downstream turns recording on
         )
 
     @classmethod
     def execute(cls, model, keep_ratio, kv_threshold, cube_size, threshold_mode, start_percent, end_percent,
-                stat_lambda=1.0, min_blocks=1, dense_blocks="", min_tokens=12288) -> io.NodeOutput:
+                stat_lambda=1.0, min_blocks=1, dense_blocks="", min_tokens=12288,
+                pooled_remainder=False) -> io.NodeOutput:
         config = BSAConfig(cube_size=parse_cube_size(cube_size), keep_ratio=keep_ratio, kv_threshold=kv_threshold,
-                           threshold_mode=threshold_mode, stat_lambda=stat_lambda, min_blocks=min_blocks)
+                           threshold_mode=threshold_mode, stat_lambda=stat_lambda, min_blocks=min_blocks,
+                           pooled_remainder=pooled_remainder)
+        record = find_report_spec(getattr(cls.hidden, "prompt", None), getattr(cls.hidden, "unique_id", None))
         return io.NodeOutput(apply_bsa(model, config, start_percent, end_percent,
-                                       parse_block_list(dense_blocks), min_tokens))
+                                       parse_block_list(dense_blocks), min_tokens, record=record))

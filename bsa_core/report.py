@@ -1,0 +1,321 @@
+"""What the "BSA Report" node shows: per sampling step and transformer block, the kept query and KV-cube
+shares and the attention time, plus the kept query-cube x KV-cube matrix of one chosen call.
+
+Nothing here runs unless a report is connected: the patch builds a RunReport only when it was given a
+ReportSpec. In the hot path the kept shares stay 0-d tensors on the attention's device and CUDA times
+stay event pairs; both are read when the report is rendered. Importable without ComfyUI.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cubes import cube_layout
+
+REPORT_NODE = "BSAReport"
+MODEL_INPUT = "model"
+HEATMAP_MIN_PIXELS = 512  # small cube matrices are upscaled (nearest) to at least this many pixels
+HEATMAP_MAX_PIXELS = 2048  # larger cube matrices are averaged down to this many pixels
+KEPT_RGB = (1.0, 0.78, 0.2)  # amber: the query cube attends this KV cube
+SKIPPED_RGB = (0.1, 0.1, 0.18)  # dark: skipped
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """Which call the heat-map shows: sampling step (0-based; -1 = the last step that layer ran sparse),
+    transformer block, head. Batch row 0."""
+
+    step: int = -1
+    layer: int = 0
+    head: int = 0
+
+
+def find_report_spec(prompt: dict | None, node_id) -> ReportSpec | None:
+    """The ReportSpec of the first (by node id) BSA Report whose model input leads upstream, through any
+    links, to node `node_id` of the API prompt; None when there is none. Widget values that are links
+    (not literals) fall back to the defaults."""
+    if not isinstance(prompt, dict) or node_id is None:
+        return None
+    for report_id in sorted(prompt, key=str):
+        node = prompt[report_id]
+        if not isinstance(node, dict) or node.get("class_type") != REPORT_NODE:
+            continue
+        inputs = node.get("inputs") or {}
+        if _leads_to(prompt, inputs.get(MODEL_INPUT), str(node_id)):
+            defaults = ReportSpec()
+            values = {name: inputs.get(name) for name in ("step", "layer", "head")}
+            return ReportSpec(**{name: value if _is_int(value) else getattr(defaults, name)
+                                 for name, value in values.items()})
+    return None
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _leads_to(prompt: dict, link, target: str) -> bool:
+    """Whether following `link` ([node_id, output_index]) and every link upstream of it reaches `target`."""
+    pending, seen = [link], set()
+    while pending:
+        value = pending.pop()
+        if not _is_link(value):
+            continue
+        source = str(value[0])
+        if source == target:
+            return True
+        if source in seen:
+            continue
+        seen.add(source)
+        node = prompt.get(source, prompt.get(value[0]))
+        if isinstance(node, dict):
+            pending.extend((node.get("inputs") or {}).values())
+    return False
+
+
+class _Timer:
+    """Attention time of one call: a CUDA event pair (read when the report is rendered) or perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self._start = self._end = None
+        self._ms = None
+        if device.type == "cuda":
+            self._stream = torch.cuda.current_stream(device)
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record(self._stream)
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> _Timer:
+        if self._start is not None:
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record(self._stream)
+        else:
+            self._ms = 1e3 * (time.perf_counter() - self._t0)
+        return self
+
+    def ms(self) -> float:
+        if self._ms is None:
+            self._end.synchronize()
+            self._ms = self._start.elapsed_time(self._end)
+        return self._ms
+
+
+@dataclass
+class _Row:
+    """The calls of one (step, block): cond and uncond run as one call when batched, two otherwise."""
+
+    sigma: float | None
+    sparse_calls: int = 0
+    dense_calls: int = 0
+    kept_query_sum: object = 0.0  # 0-d tensors once a sparse call is recorded
+    kept_kv_sum: object = 0.0
+    sparse_timers: list = field(default_factory=list)
+    dense_timers: list = field(default_factory=list)
+    dense_reasons: list = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return "mixed" if self.sparse_calls and self.dense_calls else "sparse" if self.sparse_calls else "dense"
+
+    def kept_pct(self) -> tuple[float, float]:
+        """Mean kept query / KV-cube % over the row's sparse calls; a dense-only row keeps everything."""
+        if not self.sparse_calls:
+            return 100.0, 100.0
+        return (100 * float(self.kept_query_sum) / self.sparse_calls,
+                100 * float(self.kept_kv_sum) / self.sparse_calls)
+
+    def ms(self) -> tuple[float, float]:
+        """(sparse, dense) attention milliseconds."""
+        return sum(t.ms() for t in self.sparse_timers), sum(t.ms() for t in self.dense_timers)
+
+
+@dataclass
+class Heatmap:
+    """The kept KV-cube matrix of one call, batch row 0, one head: mask [N, N] bool, query cube x KV cube."""
+
+    step: int
+    sigma: float | None
+    layer: int
+    head: int
+    mask: torch.Tensor | None
+    how: str  # which selection produced it, or why there is no mask
+
+
+class RunReport:
+    """One sampling run's per-(step, block) numbers. A step is a distinct sigma: the model calls of one
+    sampler step (cond and uncond) share it; samplers that call the model twice per step (heun, dpm_2)
+    show two steps per sampler step."""
+
+    def __init__(self, spec: ReportSpec):
+        self.spec = spec
+        self.rows: dict[tuple[int, int], _Row] = {}
+        self.step = 0
+        self.sigma: float | None = None
+        self.heatmap: Heatmap | None = None
+
+    def begin_forward(self, sigma) -> None:
+        """A model call starts: a sigma other than the last one is the next step (one read per call)."""
+        if sigma is None:
+            return
+        value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+        if self.sigma is not None and value != self.sigma:
+            self.step += 1
+        self.sigma = value
+
+    def _row(self, block: int) -> _Row:
+        row = self.rows.get((self.step, block))
+        if row is None:
+            row = self.rows[(self.step, block)] = _Row(self.sigma)
+        return row
+
+    @staticmethod
+    def start_timer(q: torch.Tensor) -> _Timer:
+        return _Timer(q.device)
+
+    def record_sparse(self, block: int, timer: _Timer, kept_query_fraction, kept_kv_fraction) -> None:
+        timer.stop()
+        row = self._row(block)
+        row.sparse_calls += 1
+        row.kept_query_sum = row.kept_query_sum + kept_query_fraction
+        row.kept_kv_sum = row.kept_kv_sum + kept_kv_fraction
+        row.sparse_timers.append(timer)
+
+    def record_dense(self, block: int, timer: _Timer, reason: str) -> None:
+        timer.stop()
+        row = self._row(block)
+        row.dense_calls += 1
+        row.dense_timers.append(timer)
+        if reason not in row.dense_reasons:
+            row.dense_reasons.append(reason)
+
+    def wants_selection(self, block: int) -> bool:
+        """The chosen layer at the chosen step (every step for step -1: the last one stays), first call."""
+        spec = self.spec
+        if block != spec.layer or (spec.step >= 0 and self.step != spec.step):
+            return False
+        return self.heatmap is None or self.heatmap.step != self.step
+
+    def capture_selection(self, block: int, q: torch.Tensor, k: torch.Tensor, grid, config, n_prefix: int,
+                          scale: float | None, backend: str) -> None:
+        """Selects again, on the side, for batch row 0 and the chosen head of this call (q, k [B, H, L, D]):
+        the Triton selection when the call ran on the kernels, else the reference."""
+        head = self.spec.head
+        if not 0 <= head < q.shape[1]:
+            self.heatmap = Heatmap(self.step, self.sigma, block, head, None,
+                                   f"head {head} out of range: the model has {q.shape[1]} heads (0-{q.shape[1] - 1})")
+            return
+        layout = cube_layout(grid, config.cube_size, q.device)
+        video = slice(n_prefix, n_prefix + layout.num_tokens)
+        q_cubes, k_cubes = (layout.to_cubes(x[:1, head:head + 1, video, :]) for x in (q, k))
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        selection, how = _select(q_cubes, k_cubes, layout, config, scale, backend)
+        self.heatmap = Heatmap(self.step, self.sigma, block, head, selection.to_dense()[0, 0], how)
+
+    def table(self) -> str:
+        """One row per (step, block), then the totals."""
+        steps = sorted({step for step, _ in self.rows})
+        blocks = sorted({block for _, block in self.rows})
+        title = (f"BSA report: {len(steps)} steps x {len(blocks)} layers of self-attention (cross-attention not "
+                 "shown); kept %: mean over the row's sparse calls; calls: cond and uncond batched count once")
+        header = (f"{'step':>4} {'sigma':>8} {'layer':>5} {'mode':>6} {'kept queries %':>14} "
+                  f"{'kept KV cubes %':>15} {'attention ms':>12} {'calls':>5}  note")
+        lines = [title, header]
+        sparse_calls = dense_calls = 0
+        kept_q_sum = kept_kv_sum = sparse_ms = dense_ms = 0.0
+        for (step, block), row in sorted(self.rows.items()):
+            kept_q, kept_kv = row.kept_pct()
+            row_sparse_ms, row_dense_ms = row.ms()
+            sigma = "-" if row.sigma is None else f"{row.sigma:.4f}"
+            lines.append(f"{step:>4} {sigma:>8} {block:>5} {row.mode:>6} {kept_q:>14.1f} {kept_kv:>15.1f} "
+                         f"{row_sparse_ms + row_dense_ms:>12.3f} {row.sparse_calls + row.dense_calls:>5}  "
+                         f"{'; '.join(row.dense_reasons)}".rstrip())
+            sparse_calls, dense_calls = sparse_calls + row.sparse_calls, dense_calls + row.dense_calls
+            kept_q_sum, kept_kv_sum = kept_q_sum + float(row.kept_query_sum), kept_kv_sum + float(row.kept_kv_sum)
+            sparse_ms, dense_ms = sparse_ms + row_sparse_ms, dense_ms + row_dense_ms
+        kept = (f"kept queries {100 * kept_q_sum / sparse_calls:.1f}%, kept KV cubes "
+                f"{100 * kept_kv_sum / sparse_calls:.1f}%" if sparse_calls else "no sparse call")
+        lines.append(f"total: {sparse_calls} sparse calls, {kept}, {sparse_ms:.3f} ms; "
+                     f"{dense_calls} dense calls, {dense_ms:.3f} ms")
+        return "\n".join(lines)
+
+
+def _select(q_cubes, k_cubes, layout, config, scale: float, backend: str):
+    if backend == "triton":
+        try:
+            from ..kernels.bsa_select import select_triton
+        except ImportError:
+            pass
+        else:
+            return select_triton(q_cubes, k_cubes, layout, config, scale), "Triton selection"
+    from .reference import bsa_select
+    return bsa_select(q_cubes, k_cubes, layout, config, scale), "reference selection"
+
+
+def heatmap_image(mask: torch.Tensor) -> torch.Tensor:
+    """[N, M] bool -> [1, H, W, 3] float in 0..1: dark = skipped, amber = attended. Small matrices are
+    upscaled (nearest) to at least HEATMAP_MIN_PIXELS; one over HEATMAP_MAX_PIXELS cubes is averaged
+    down, each pixel shaded by the kept share of the cubes it covers."""
+    kept = mask.detach().to("cpu", torch.float32)
+    side = max(kept.shape)
+    shrink = heatmap_shrink(side)
+    if shrink > 1:
+        kept = torch.nn.functional.avg_pool2d(kept[None, None], shrink, ceil_mode=True)[0, 0]
+    scale = max(1, -(-HEATMAP_MIN_PIXELS // side))
+    colours = torch.lerp(torch.tensor(SKIPPED_RGB), torch.tensor(KEPT_RGB), kept[..., None])
+    return colours.repeat_interleave(scale, 0).repeat_interleave(scale, 1)[None].contiguous()
+
+
+def heatmap_shrink(cubes: int) -> int:
+    """Cubes per pixel along each axis of the heat-map of `cubes` x `cubes`."""
+    return -(-cubes // HEATMAP_MAX_PIXELS)
+
+
+def placeholder_image(size: int = 256) -> torch.Tensor:
+    """Grey with a dark cross: nothing to show. [1, size, size, 3]."""
+    image = torch.full((size, size, 3), 0.5)
+    i = torch.arange(size)
+    width = max(1, size // 32)
+    cross = ((i[:, None] - i[None]).abs() < width) | ((i[:, None] + i[None] - (size - 1)).abs() < width)
+    image[cross] = 0.2
+    return image[None]
+
+
+def render(report: RunReport | None, spec: ReportSpec, no_report_message: str) -> tuple[str, torch.Tensor]:
+    """(table + heat-map line, heat-map image) of a finished run; the message and a placeholder without one."""
+    if report is None or not report.rows:
+        return no_report_message, placeholder_image()
+    text = report.table()
+    heatmap = report.heatmap
+    recorded = report.spec
+    if recorded != spec:
+        note = (f"heat-map: this run recorded step {recorded.step}, layer {recorded.layer}, head {recorded.head}; "
+                f"step {spec.step}, layer {spec.layer}, head {spec.head} is recorded from the next sampling run "
+                "(change the seed or any sampler input and queue again)")
+        return f"{text}\n{note}", placeholder_image()
+    step_text = f"step {spec.step}" if spec.step >= 0 else "step -1 (the last step it ran sparse)"
+    if heatmap is None:
+        rows = [row for (step, layer), row in report.rows.items()
+                if layer == spec.layer and (spec.step < 0 or step == spec.step)]
+        why = (f"not in this run (steps 0-{max(s for s, _ in report.rows)}, layers "
+               f"{min(b for _, b in report.rows)}-{max(b for _, b in report.rows)})" if not rows else
+               "it ran dense: " + "; ".join(dict.fromkeys(r for row in rows for r in row.dense_reasons)))
+        return f"{text}\nheat-map: {step_text}, layer {spec.layer}: {why}", placeholder_image()
+    if heatmap.mask is None:
+        return f"{text}\nheat-map: {heatmap.how}", placeholder_image()
+    mask = heatmap.mask.cpu()
+    kept, total = int(mask.sum()), mask.numel()
+    sigma = "" if heatmap.sigma is None else f" (sigma {heatmap.sigma:.4f})"
+    note = (f"heat-map: step {heatmap.step}{sigma}, layer {heatmap.layer}, head {heatmap.head}, batch row 0: "
+            f"{mask.shape[0]} query cubes (rows) x {mask.shape[1]} KV cubes (columns), {kept}/{total} kept "
+            f"({100 * kept / total:.1f}%), {heatmap.how}")
+    shrink = heatmap_shrink(max(mask.shape))
+    if shrink > 1:
+        note += f"; image: {shrink}x{shrink} cubes a pixel, shaded by their kept share"
+    return f"{text}\n{note}", heatmap_image(mask)

@@ -1,0 +1,258 @@
+"""The BSA Report node: recording only when a report is connected, the per-(step, layer) table against the
+run summary and each call's own numbers, the heat-map against the reference selection, and a full run of
+BSA -> KSampler -> BSA Report through ComfyUI's executor (CPU, tiny Wan)."""
+import asyncio
+import json
+import logging
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from comfy_env import REPO, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
+
+require_comfyui()
+
+import nodes  # noqa: E402
+
+import comfyui_bsa.bsa_core.patch as patch_module  # noqa: E402
+import comfyui_bsa.bsa_core.report as report_module  # noqa: E402
+from comfyui_bsa.bsa_core import BSAConfig, cube_layout  # noqa: E402
+from comfyui_bsa.bsa_core.patch import apply_bsa, bsa_report, find_patch  # noqa: E402
+from comfyui_bsa.bsa_core.reference import bsa_attention_reference  # noqa: E402
+from comfyui_bsa.bsa_core.report import ReportSpec, find_report_spec, heatmap_image  # noqa: E402
+from comfyui_bsa.nodes.nodes_bsa_attention import BSASparseAttention  # noqa: E402
+from comfyui_bsa.nodes.nodes_bsa_report import BSAReport  # noqa: E402
+
+SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9)
+STEPS, BLOCKS, HEADS = 2, 2, 2  # the tiny Wan: 2 blocks of 2 heads; cond and uncond batched into one call
+NODE = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative",
+            start_percent=0.0, end_percent=1.0, min_tokens=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads(one_torch_thread):
+    yield
+
+
+def sample(model, steps=STEPS):
+    """A short cfg run; grid 5x8x8 = 320 tokens, 8 cubes of 4x4x4."""
+    g = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 16, 4096, generator=g), {}]]
+    negative = [[torch.randn(1, 16, 4096, generator=g), {}]]
+    latent = {"samples": torch.zeros(1, 16, 5, 16, 16)}
+    return nodes.common_ksampler(model, 7, steps, 3.0, "euler", "simple", positive, negative, latent)[0]
+
+
+def table_rows(text: str) -> list[dict]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["step", "sigma"]) + 1
+    rows = []
+    for line in lines[start:]:
+        if line.startswith("total:"):
+            break
+        step, sigma, layer, mode, kept_q, kept_kv, ms, calls = line.split()[:8]
+        rows.append(dict(step=int(step), sigma=float(sigma), layer=int(layer), mode=mode, kept_q=float(kept_q),
+                         kept_kv=float(kept_kv), ms=float(ms), calls=int(calls)))
+    return rows
+
+
+# ---- which BSA node records ------------------------------------------------------------------------
+
+def test_prompt_walk_finds_a_report_two_links_downstream():
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "x"}},
+        "2": {"class_type": "BSASparseAttention", "inputs": {"model": ["1", 0], "keep_ratio": 0.5}},
+        "3": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["2", 0], "lora_name": "l"}},
+        "4": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["3", 0], "shift": 8.0}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "latent_image": ["9", 0]}},
+        "6": {"class_type": "BSAReport", "inputs": {"model": ["4", 0], "samples": ["5", 0], "step": 3,
+                                                    "layer": 7, "head": ["11", 0]}},
+        # unrelated: another BSA node's report, and a report whose model is not patched by "2"
+        "7": {"class_type": "BSASparseAttention", "inputs": {"model": ["1", 0]}},
+        "8": {"class_type": "BSAReport", "inputs": {"model": ["7", 0], "samples": ["5", 0], "step": 1}},
+        "10": {"class_type": "BSAReport", "inputs": {"model": ["1", 0], "samples": ["5", 0], "step": 2}},
+        "11": {"class_type": "PrimitiveInt", "inputs": {"value": 1}},
+    }
+    assert find_report_spec(prompt, "2") == ReportSpec(step=3, layer=7, head=0), "a linked widget: its default"
+    assert find_report_spec(prompt, "7") == ReportSpec(step=1, layer=0, head=0)
+    assert find_report_spec({k: v for k, v in prompt.items() if k not in ("6", "8")}, "2") is None, \
+        "a report reaching node 2 only through its samples (the sampler) reads another model"
+    assert find_report_spec(prompt, "1") is not None  # the loader is upstream of every report
+    assert find_report_spec(None, "2") is None and find_report_spec(prompt, None) is None
+    cyclic = {"1": {"class_type": "A", "inputs": {"x": ["2", 0]}}, "2": {"class_type": "A", "inputs": {"x": ["1", 0]}},
+              "3": {"class_type": "BSAReport", "inputs": {"model": ["1", 0]}}}
+    assert find_report_spec(cyclic, "9") is None
+
+
+def test_node_records_only_with_a_report_in_the_prompt(tiny_wan):
+    report = {"class_type": "BSAReport", "inputs": {"model": ["2", 0], "samples": ["5", 0], "step": 1,
+                                                     "layer": 0, "head": 1}}
+    hidden = lambda prompt: type("Hidden", (), {"prompt": prompt, "unique_id": "2"})()  # noqa: E731
+    with_report = type("Clone", (BSASparseAttention,), {"hidden": hidden({"2": {}, "9": report})})
+    without = type("Clone", (BSASparseAttention,), {"hidden": hidden({"2": {}})})
+    assert find_patch(with_report.execute(tiny_wan, **NODE).result[0]).record == ReportSpec(1, 0, 1)
+    assert find_patch(without.execute(tiny_wan, **NODE).result[0]).record is None
+    assert find_patch(BSASparseAttention.execute(tiny_wan, **NODE).result[0]).record is None  # no hidden: no prompt
+    assert find_patch(tiny_wan) is None
+
+
+# ---- recording -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Every sparse call's q, k, v, grid and returned kept fractions, captured around bsa_attention_op."""
+    calls = []
+    original = patch_module.bsa_attention_op
+
+    def capturing(q, k, v, grid, config, **kwargs):
+        out, kept_q, kept_kv = original(q, k, v, grid, config, **kwargs)
+        calls.append(dict(q=q.clone(), k=k.clone(), v=v.clone(), grid=grid, n_prefix=kwargs["n_prefix"],
+                          kept_q=float(kept_q), kept_kv=float(kept_kv)))
+        return out, kept_q, kept_kv
+
+    monkeypatch.setattr(patch_module, "bsa_attention_op", capturing)
+    return calls
+
+
+@pytest.mark.parametrize("spec", [ReportSpec(-1, 0, 0), ReportSpec(0, 1, 1)], ids=["last-L0-H0", "S0-L1-H1"])
+def test_table_and_heatmap_match_each_call(tiny_wan, op_calls, caplog, spec):
+    caplog.set_level(logging.INFO)
+    model = apply_bsa(tiny_wan, SPARSE, record=spec).clone()  # a later clone (LoRA, ...) keeps the patch
+    sample(model)
+    run = [r.bsa_run for r in caplog.records if hasattr(r, "bsa_run")][-1]
+    text, image = BSAReport.execute(model, {"samples": None}, spec.step, spec.layer, spec.head).result
+
+    rows = table_rows(text)
+    assert [(r["step"], r["layer"]) for r in rows] == [(s, b) for s in range(STEPS) for b in range(BLOCKS)]
+    assert len(op_calls) == STEPS * BLOCKS == run["sparse_calls"]
+    for row, call in zip(rows, op_calls):  # calls run step by step, block by block
+        assert row["mode"] == "sparse" and row["calls"] == 1 and row["ms"] > 0
+        assert row["kept_q"] == pytest.approx(100 * call["kept_q"], abs=0.06)
+        assert row["kept_kv"] == pytest.approx(100 * call["kept_kv"], abs=0.06)
+    assert rows[0]["sigma"] > rows[-1]["sigma"]
+    total = next(line for line in text.splitlines() if line.startswith("total:"))
+    assert f"kept queries {run['kept_query_pct']:.1f}%, kept KV cubes {run['kept_kv_pct']:.1f}%" in total
+    assert f"total: {run['sparse_calls']} sparse calls" in total
+
+    step = STEPS - 1 if spec.step < 0 else spec.step
+    call = op_calls[step * BLOCKS + spec.layer]
+    layout = cube_layout(call["grid"], SPARSE.cube_size)
+    _, selection = bsa_attention_reference(call["q"], call["k"], call["v"], layout, SPARSE)
+    expected = selection.to_dense()[0, spec.head]
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] == image.shape[2] >= 512
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert torch.equal(image, heatmap_image(expected))
+    assert not expected.all(), "a sparse pattern, not the trivial all-kept one"
+    assert f"heat-map: step {step} " in text and f"layer {spec.layer}, head {spec.head}, batch row 0" in text
+    assert "reference selection" in text
+
+
+def test_no_report_records_nothing(tiny_wan, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recorded without a report")
+
+    monkeypatch.setattr(report_module._Timer, "__init__", forbidden)
+    monkeypatch.setattr(report_module.RunReport, "__init__", forbidden)
+    model = apply_bsa(tiny_wan, SPARSE)
+    sample(model)
+    patch = find_patch(model)
+    assert patch.record is None and patch.report is None and patch.last_report is None
+    assert patch.stats.sparse_calls == 0, "reset at the end of the run, as before"
+
+
+def test_report_of_a_cached_bsa_node_records_from_the_next_run(tiny_wan):
+    """The report connected after the BSA node ran (ComfyUI reuses its cached model): a message, then the
+    next sampling run of that same model records."""
+    model = apply_bsa(tiny_wan, SPARSE)
+    sample(model)
+    text, image = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
+    assert text.startswith("Nothing recorded: the BSA Sparse Attention node came from ComfyUI's cache")
+    assert image.shape == (1, 256, 256, 3)
+    sample(model)
+    text, image = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
+    assert len(table_rows(text)) == STEPS * BLOCKS and image.shape[1] >= 512
+
+    text, image = BSAReport.execute(model, {"samples": None}, 0, 1, 0).result  # another layer: next run
+    assert len(table_rows(text)) == STEPS * BLOCKS and "is recorded from the next sampling run" in text
+    assert image.shape == (1, 256, 256, 3)
+
+
+def test_dense_rows_and_a_head_out_of_range(tiny_wan):
+    model = apply_bsa(tiny_wan, SPARSE, start_percent=0.5, dense_blocks={1}, record=ReportSpec(-1, 0, 5))
+    sample(model, steps=3)
+    text, image = bsa_report(model, ReportSpec(-1, 0, 5))
+    rows = {(r["step"], r["layer"]): r for r in table_rows(text)}
+    assert set(rows) == {(s, b) for s in range(3) for b in range(BLOCKS)}
+    assert rows[(0, 0)]["mode"] == "dense" and rows[(0, 0)]["kept_q"] == 100.0
+    assert all(rows[(s, 1)]["mode"] == "dense" for s in range(3))
+    assert rows[(2, 0)]["mode"] == "sparse"
+    assert "block listed in dense_blocks" in text and "sigma outside start_percent..end_percent" in text
+    assert "heat-map: head 5 out of range: the model has 2 heads (0-1)" in text
+    assert image.shape == (1, 256, 256, 3)
+
+    text, _ = bsa_report(model, ReportSpec(-1, 1, 0))  # not what this run recorded
+    assert "is recorded from the next sampling run" in text
+
+
+def test_report_without_anything_recorded(tiny_wan):
+    text, image = BSAReport.execute(tiny_wan, {"samples": None}, -1, 0, 0).result
+    assert text.startswith("No BSA patch on this model") and image.shape == (1, 256, 256, 3)
+    model = apply_bsa(tiny_wan, SPARSE, record=ReportSpec())
+    text, image = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
+    assert text.startswith("Nothing recorded: this model has not finished a sampling run")
+    assert image.shape == (1, 256, 256, 3) and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
+
+
+def test_heatmap_image_sizes():
+    small = torch.eye(8, dtype=torch.bool)
+    image = heatmap_image(small)
+    assert image.shape == (1, 512, 512, 3)
+    assert torch.equal(image[0, ::64, ::64, 0] == 1.0, small), "nearest: one colour per cube, amber red = 1"
+    big = heatmap_image(torch.rand(5000, 5000, generator=torch.Generator().manual_seed(0)) < 0.25)
+    assert big.shape == (1, 1667, 1667, 3), "over 2048 cubes: averaged 3x3 cubes a pixel"
+    assert 0.1 < float(big[..., 0].mean()) < 0.4
+
+
+def test_every_input_has_a_tooltip():
+    schema = BSAReport.GET_SCHEMA()
+    assert all(i.tooltip for i in schema.inputs) and all(o.tooltip for o in schema.outputs)
+
+
+# ---- through ComfyUI's executor ----------------------------------------------------------------------
+
+def test_workflow_through_the_executor(tiny_wan_path, tmp_path):
+    """BSA -> KSampler -> BSA Report -> Preview as Text / Preview Image, the pack loaded by ComfyUI's loader."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import execution
+    import folder_paths
+    import run_workflow
+
+    folder_paths.add_model_folder_path("diffusion_models", str(tiny_wan_path.parent))
+    output, temp = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    folder_paths.set_temp_directory(str(tmp_path / "temp"))
+    try:
+        (tmp_path / "custom_nodes").mkdir()
+        asyncio.run(run_workflow.load_nodes(nodes, tmp_path / "custom_nodes"))
+        extras = pathlib.Path(nodes.__file__).parent / "comfy_extras"
+        asyncio.run(nodes.load_custom_node(str(extras / "nodes_preview_any.py"), module_parent="comfy_extras"))
+        prompt = json.loads((REPO / "workflows" / "tiny_wan_t2v_report_api.json").read_text())
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("report", prompt, None))
+        assert valid, (error, node_errors)
+        executor = execution.PromptExecutor(run_workflow.ServerStub(), cache_type=execution.CacheType.CLASSIC,
+                                            cache_args={"lru": 0, "ram": 0})
+        executor.execute(prompt, "report", {}, outputs)
+        assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    finally:
+        folder_paths.set_output_directory(output)
+        folder_paths.set_temp_directory(temp)
+    report_id = next(i for i, n in prompt.items() if n["class_type"] == "BSAReport")
+    text_id = next(i for i, n in prompt.items() if n["inputs"].get("source") == [report_id, 0])
+    image_id = next(i for i, n in prompt.items() if n["inputs"].get("images") == [report_id, 1])
+    (text,) = executor.history_result["outputs"][text_id]["text"]
+    steps = next(n["inputs"]["steps"] for n in prompt.values() if n["class_type"] == "KSampler")
+    assert len(table_rows(text)) == steps * BLOCKS, text
+    assert "heat-map: step 1 " in text and "total: 4 sparse calls" in text
+    assert executor.history_result["outputs"][image_id]["images"]
