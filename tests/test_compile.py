@@ -34,7 +34,7 @@ def test_op_passes_torch_library_checks():
     """Inputs as ComfyUI hands them over: [B, L, H*D] viewed as [B, H, L, D] (not contiguous)."""
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv())
     torch.library.opcheck(torch.ops.bsa.attention.default,
-                          (q, k, v, list(GRID), [4, 4, 4], 0.5, 0.9, "cumulative", 1.0, 1, 0, 0, 0.125, "auto"),
+                          (q, k, v, list(GRID), [4, 4, 4], 0.5, 0.9, "cumulative", 1.0, 1, True, 0, 0, 0.125, "auto"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
