@@ -1,6 +1,6 @@
 """End to end: a full-size Wan 2.1 T2V 1.3B (random weights, real key names) sampled through ComfyUI at
 480p x 81 frames (latent [1, 16, 21, 60, 104], 32760 tokens): seconds per denoising step, dense
-(ComfyUI's own attention, torch SDPA forced to cuDNN) vs BSA at BSAConfig's defaults. A script, not a test.
+(ComfyUI's own attention, torch SDPA forced to cuDNN) vs BSA at the node's defaults (bsa_core.config.RECOMMENDED). A script, not a test.
 
 The state dict is made directly on the GPU in bf16 (tools/tiny_wan.py, size "1.3B": N(0, 1/fan_in)
 weights, std 0.026 at width 1536, so activations stay at unit scale) and loaded with
@@ -55,7 +55,7 @@ if "comfyui_bsa" not in sys.modules:
     sys.modules["comfyui_bsa"] = _mod
     _spec.loader.exec_module(_mod)
 
-from comfyui_bsa.bsa_core.config import BSAConfig, parse_cube_size
+from comfyui_bsa.bsa_core.config import RECOMMENDED, THRESHOLD_MODES, BSAConfig, parse_cube_size
 
 TEXT_DIM = 4096  # umT5-XXL width
 SIZES = {  # model size, latent (T, H, W), text tokens, steps
@@ -252,7 +252,11 @@ def bsa_config(args) -> BSAConfig:
         overrides["cube_size"] = parse_cube_size(args.cube)
     if args.pooled_remainder is not None:
         overrides["pooled_remainder"] = args.pooled_remainder
-    return dataclasses.replace(BSAConfig(), **overrides)
+    if args.threshold_mode is not None:
+        overrides["threshold_mode"] = args.threshold_mode
+    if args.stat_lambda is not None:
+        overrides["stat_lambda"] = args.stat_lambda
+    return dataclasses.replace(RECOMMENDED, **overrides)
 
 
 def summary(run_stats: dict | None) -> str:
@@ -276,11 +280,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sdpa", choices=("cudnn", "flash", "efficient", "default"), default="cudnn",
                         help="torch SDPA backend for ComfyUI's dense attention (both runs: BSA's cross-attention "
                              "stays dense); ignored on the CPU")
-    parser.add_argument("--keep-ratio", type=float, help="BSAConfig.keep_ratio (default: BSAConfig's)")
-    parser.add_argument("--kv-threshold", type=float, help="BSAConfig.kv_threshold (default: BSAConfig's)")
-    parser.add_argument("--cube", help="BSAConfig.cube_size as TxHxW, e.g. 4x4x4 (default: BSAConfig's)")
+    parser.add_argument("--keep-ratio", type=float, help="BSAConfig.keep_ratio (default: the node's, RECOMMENDED)")
+    parser.add_argument("--kv-threshold", type=float, help="BSAConfig.kv_threshold (default: the node's, RECOMMENDED)")
+    parser.add_argument("--cube", help="BSAConfig.cube_size as TxHxW, e.g. 4x4x4 (default: the node's, RECOMMENDED)")
     parser.add_argument("--pooled-remainder", action=argparse.BooleanOptionalAction, default=None,
-                        help="BSAConfig.pooled_remainder (default: BSAConfig's)")
+                        help="BSAConfig.pooled_remainder (default: the node's, RECOMMENDED)")
+    parser.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
+                        help="BSAConfig.threshold_mode (default: the node's, RECOMMENDED)")
+    parser.add_argument("--stat-lambda", type=float, help="BSAConfig.stat_lambda (default: the node's, RECOMMENDED)")
     parser.add_argument("--no-attention-share", action="store_true", help="skip the attention-timing step")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log lines")
     args = parser.parse_args(argv)

@@ -23,14 +23,25 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# num_warps x num_stages; block shapes follow the data (kept queries per cube, cube volume)
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+# num_warps x num_stages; block shapes follow the data (kept queries per cube, cube volume). One stage is
+# only for tiles whose pipelined K/V buffers do not fit shared memory (256-token cubes at head_dim 128).
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3, 4)]
+_SHARED_MEMORY_BUDGET = 227 * 1024  # bytes per block on H100; a config over it cannot launch (the autotuner
+# also skips any config that still runs out, but it fails when every config does)
+
+
+def _shared_memory(block_m: int, block_n: int, head_dim: int, stages: int) -> int:
+    """Rough bytes of shared memory: 16-bit Q tile plus `stages` buffered K and V tiles."""
+    return 2 * head_dim * (block_m + 2 * block_n * stages)
 
 
 def _prune_configs(configs, named_args, **kwargs):
     # 8 warps only pay off on an M = 128 tile; the interpreter runs one config (it times nothing)
-    block_m = kwargs["BLOCK_M"]
+    block_m, block_n, head_dim = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["HEAD_DIM"]
     kept = [c for c in configs if block_m >= 128 or c.num_warps == 4]
+    fits = [c for c in kept if c.num_stages > 1 and _shared_memory(block_m, block_n, head_dim, c.num_stages)
+            <= _SHARED_MEMORY_BUDGET]
+    kept = fits or [c for c in kept if c.num_stages == 1]
     return kept[:1] if _INTERPRET else kept
 
 
