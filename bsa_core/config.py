@@ -56,15 +56,6 @@ class BSAConfig:
         return self.keep_ratio >= 1.0 and self.kv_threshold >= 1.0 and self.threshold_mode == "cumulative"
 
 
-# The node's defaults, from the H100 Pareto sweep on video-like attention (bench/NOTES_pareto.md): every
-# query kept (dropping half of them alone cost rel L2 >= 0.28), the KV cubes scoring >= mean + 1 std of
-# their row, plus the pooled remainder: rel L2 0.075 (480p) / 0.078 (720p) vs dense at 14-16 % of the KV
-# cubes, where the same cut without the remainder gave 0.17-0.20. The statistical cut adapts to each row,
-# so a head with flat attention stays sparse too (a mass threshold would keep most of its cubes).
-RECOMMENDED = BSAConfig(keep_ratio=1.0, kv_threshold=0.7, threshold_mode="statistical", stat_lambda=1.0,
-                        pooled_remainder=True)
-
-
 def _is_triple(value) -> bool:
     try:
         return len(value) == 3 and all(float(c).is_integer() for c in value)
@@ -88,3 +79,12 @@ def parse_cube_size(text: str) -> tuple[int, int, int]:
         raise ValueError(f"cube_size must look like '4x4x4' (time x height x width, each an integer in [1, 64]), "
                          f"got {text!r}")
     return cube
+
+
+# The node's defaults, from the H100 Pareto sweep on video-like attention (bench/NOTES_pareto.md): every
+# query kept (dropping half of them alone cost rel L2 >= 0.28), the KV cubes scoring >= mean + 1 std of
+# their row, plus the pooled remainder: rel L2 0.075 (480p) / 0.078 (720p) vs dense at 14-16 % of the KV
+# cubes, where the same cut without the remainder gave 0.17-0.20. The statistical cut adapts to each row,
+# so a head with flat attention stays sparse too (a mass threshold would keep most of its cubes).
+RECOMMENDED = BSAConfig(keep_ratio=1.0, kv_threshold=0.7, threshold_mode="statistical", stat_lambda=1.0,
+                        pooled_remainder=True)

@@ -138,7 +138,9 @@ def check_selection(sel, layout, config, q_cubes, k_cubes, scale, mass_slack=1e-
         mass = (torch.softmax(z.double(), -1) * dense).sum(-1)
         assert (mass >= min(config.kv_threshold, 1.0) - mass_slack).all(), "kept mass below kv_threshold"
     else:
-        need = z >= z.mean(-1, keepdim=True) + config.stat_lambda * z.std(-1, unbiased=False, keepdim=True)
+        # the kernels pool and reduce in another fp32 order: blocks within 1e-4 std of the cut may go either way
+        std = z.std(-1, unbiased=False, keepdim=True)
+        need = z >= z.mean(-1, keepdim=True) + config.stat_lambda * std + 1e-4 * std
         assert not (need & ~dense).any(), "a block above mean + lambda std is missing"
 
 
