@@ -15,7 +15,6 @@ TFLOP/s of sparse providers count kept blocks only: 4 * D * sum(kept queries * s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import pathlib
 import sys
@@ -24,12 +23,10 @@ import torch
 import triton
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if "comfyui_bsa" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("comfyui_bsa", REPO / "__init__.py",
-                                                   submodule_search_locations=[str(REPO)])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["comfyui_bsa"] = _mod
-    _spec.loader.exec_module(_mod)
+sys.path.insert(0, str(REPO / "tools"))
+from pack import load_pack  # noqa: E402
+
+load_pack()
 
 from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402

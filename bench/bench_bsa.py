@@ -97,22 +97,11 @@ def check_against_reference(state, heads=2):
 
 
 def sol_rows(q, k, v, dense_out, dense_ms):
-    try:
-        import comfy_kitchen as ck
-        if not ck.sol_attn_is_available(q.device):
-            print("sol_attn: not available on this device")
-            return
-    except Exception as e:  # noqa: BLE001 - a failed import only drops this provider
-        print(f"sol_attn: comfy_kitchen import failed: {type(e).__name__}: {e}")
-        return
-    # raster order, as ComfyUI hands it over; its 64-token blocks are then rows of the frame
-    qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    for kwargs in (dict(topk_ratio=0.05), dict(topk_ratio=0.10), dict(topk_ratio=0.20), dict(tau=1.0),
-                   dict(tau=2.0), dict(topk_ratio=0.10, tail=False)):
-        fn = lambda: ck.sol_attn(qs, ks, vs, **kwargs)  # noqa: E731
-        t = _ms(fn)
-        rel, cos = _errors(fn().transpose(1, 2), dense_out)
-        print(f"  sol_attn {str(kwargs):36s} {t:8.2f} ms  x{dense_ms / t:5.1f}  relL2 {rel:.3f}  cos {cos:.4f}")
+    from pareto_bsa import sol_rows as sol_points  # pareto_bsa imports this module: import here, not at the top
+
+    for row in sol_points("", q, k, v, dense_out, dense_ms):
+        print(f"  sol_attn {row['mode']}={row['value']:<6} {row['ms']:8.2f} ms  x{row['speedup']:5.1f}  "
+              f"relL2 {row['rel_l2']:.3f}  cos {row['cos']:.4f}")
 
 
 def main():

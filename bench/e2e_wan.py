@@ -46,14 +46,12 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+from run_workflow import BSARunLog
 from tiny_wan import WAN21_T2V_SIZES, wan21_t2v_state_dict
 
-if "comfyui_bsa" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("comfyui_bsa", REPO / "__init__.py",
-                                                   submodule_search_locations=[str(REPO)])
-    _mod = importlib.util.module_from_spec(_spec)
-    sys.modules["comfyui_bsa"] = _mod
-    _spec.loader.exec_module(_mod)
+from pack import load_pack  # noqa: E402
+
+load_pack()
 
 from comfyui_bsa.bsa_core.config import RECOMMENDED, THRESHOLD_MODES, BSAConfig, parse_cube_size
 
@@ -117,18 +115,6 @@ def bootstrap_comfyui(path: pathlib.Path, cpu: bool) -> str | None:
         import comfy.samplers
         import comfy.sd
     return why
-
-
-class BSARunLog(logging.Handler):
-    """Collects the per-run summaries the patch logs at the end of each sampling run."""
-
-    def __init__(self):
-        super().__init__()
-        self.runs = []
-
-    def emit(self, record):
-        if hasattr(record, "bsa_run"):
-            self.runs.append(record.bsa_run)
 
 
 class ConsoleFilter(logging.Filter):

@@ -1,5 +1,4 @@
 """Loads the pack as the package `comfyui_bsa` (ComfyUI imports the folder as a package too)."""
-import importlib.util
 import os
 import pathlib
 import sys
@@ -15,17 +14,10 @@ if not torch.cuda.is_available():
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_pack():
-    if "comfyui_bsa" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("comfyui_bsa", REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["comfyui_bsa"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["comfyui_bsa"]
+sys.path.insert(0, str(REPO / "tools"))
+from pack import load_pack  # noqa: E402
 
-
-_load_pack()
+load_pack()
 
 
 def pytest_collection_modifyitems(config, items):
