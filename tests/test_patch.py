@@ -152,8 +152,8 @@ def test_min_tokens_keeps_short_sequences_dense(tiny_wan, caplog):
 
 # ---- node inputs ----------------------------------------------------------------------------------
 
-NODE_DEFAULTS = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative",
-                     start_percent=0.0, end_percent=1.0)
+NODE_INPUTS = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative",
+                   start_percent=0.0, end_percent=1.0)
 
 
 @pytest.mark.parametrize("bad,name", [
@@ -169,11 +169,11 @@ NODE_DEFAULTS = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", thresh
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_invalid_settings_name_the_input(tiny_wan, bad, name):
     with pytest.raises(ValueError, match=name):
-        BSASparseAttention.execute(tiny_wan, **{**NODE_DEFAULTS, **bad})
+        BSASparseAttention.execute(tiny_wan, **{**NODE_INPUTS, **bad})
 
 
 def test_node_maps_inputs(tiny_wan):
-    out = BSASparseAttention.execute(tiny_wan, **NODE_DEFAULTS, dense_blocks=" 0, 2-3 ", min_tokens=5)
+    out = BSASparseAttention.execute(tiny_wan, **NODE_INPUTS, dense_blocks=" 0, 2-3 ", min_tokens=5)
     assert OVERRIDE_KEY in out.result[0].model_options["transformer_options"]
     assert parse_block_list(" 0, 2-3 ") == {0, 2, 3} and parse_block_list("") == frozenset()
 
@@ -193,9 +193,15 @@ def test_comfyui_loader_registers_the_node(tmp_path):
                                                      "threshold_mode", "start_percent", "end_percent"]
 
 
-def test_runner_prints_times_and_sparsity():
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "run_workflow.py"), "--width", "128",
-                             "--height", "128", "--length", "17", "--steps", "2"],
+def test_runner_prints_times_and_sparsity(tmp_path):
+    """The tiny workflow with an explicit keep_ratio of 0.5 (the node's default keeps every query)."""
+    prompt = json.loads((REPO / "workflows" / "tiny_wan_t2v_api.json").read_text())
+    (bsa,) = [n for n in prompt.values() if n["class_type"] == "BSASparseAttention"]
+    bsa["inputs"]["keep_ratio"] = 0.5
+    workflow = tmp_path / "tiny_wan_t2v_half_queries_api.json"
+    workflow.write_text(json.dumps(prompt))
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "run_workflow.py"), "--workflow", str(workflow),
+                             "--width", "128", "--height", "128", "--length", "17", "--steps", "2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if " wall " in line}
