@@ -3,6 +3,7 @@
 sol_attn (tau; topk_ratio) and FlexAttention on BSA's own tables. A script, not a test:
 
     PYTHONPATH=.ck python bench/pareto_bsa.py [--shapes 480p,720p] [--out DIR] [--quick]
+    python bench/pareto_bsa.py --plot-only bench/results/pareto_h100_480p.csv bench/results/pareto_h100_720p.csv
 
 Every time is the median of triton.testing.do_bench on the same card in the same run, end to end (BSA:
 permute + select + attention + scatter; sol_attn: its whole call on raster-order tensors). Errors are
@@ -98,6 +99,15 @@ def sol_rows(shape, q, k, v, dense_out, dense_ms):
                    kv_pct=float("nan"), q_pct=100.0, ms=ms, speedup=dense_ms / ms, rel_l2=rel, cos=cos)
 
 
+def _typed(row: dict) -> dict:
+    """A CSV row with its numbers back as numbers."""
+    out = dict(row)
+    for key in ("keep_ratio", "value", "kv_pct", "q_pct", "ms", "speedup", "rel_l2", "cos"):
+        out[key] = float(row[key])
+    out["pooled"] = int(row["pooled"])
+    return out
+
+
 def series(row) -> str:
     if row["provider"] != "bsa":
         return row["provider"]
@@ -146,11 +156,12 @@ def summarize(shape, rows):
                       f" best BSA at that error: {describe(ours_at)}")
 
 
-def plot(all_rows, path):
+def plot(all_rows, path, device_name):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib not installed: no plot")
         return
@@ -173,12 +184,17 @@ def plot(all_rows, path):
             ax.axvline(level, color="k", lw=0.6, ls=":")
         ax.axhline(1.0, color="k", lw=0.6)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
         ax.set_xlabel("relative L2 error vs dense (log)")
         ax.set_ylabel("speed-up over cuDNN SDPA")
-        ax.set_title(f"{shape}: {rows[0].get('title', '')}")
+        grid, heads = SHAPES[shape]
+        ax.set_title(f"{shape}: grid {grid}, {heads} heads, L={math.prod(grid)}, "
+                     f"cuDNN {rows[0]['ms'] * rows[0]['speedup']:.2f} ms")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Sparse attention on video-like Q/K/V, {torch.cuda.get_device_name()}")
+    fig.suptitle(f"Sparse attention on video-like Q/K/V, {device_name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
@@ -189,7 +205,13 @@ def main():
     parser.add_argument("--shapes", default="480p,720p")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true", help="a few settings only (smoke run)")
+    parser.add_argument("--plot-only", nargs="+", metavar="CSV", help="redraw pareto.png from saved CSVs (no GPU)")
+    parser.add_argument("--device-name", default="NVIDIA H100 80GB HBM3", help="plot title with --plot-only")
     args = parser.parse_args()
+    if args.plot_only:
+        rows = [_typed(r) for path in args.plot_only for r in csv.DictReader(open(path))]
+        plot(rows, pathlib.Path(args.plot_only[0]).with_name("pareto_h100.png"), args.device_name)
+        return
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
@@ -206,7 +228,6 @@ def main():
         rows = []
         for row in itertools.chain(bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, args.quick),
                                    sol_rows(shape, q, k, v, dense_out, dense_ms)):
-            row["title"] = title
             rows.append(row)
             print("  " + " ".join(f"{row[f]:9.3f}" if isinstance(row[f], float) else f"{row[f]!s:>9s}"
                                   for f in FIELDS[1:]), flush=True)
@@ -218,7 +239,7 @@ def main():
         all_rows += rows
         del q, k, v, dense_out
         torch.cuda.empty_cache()
-    plot(all_rows, out_dir / "pareto.png")
+    plot(all_rows, out_dir / "pareto.png", torch.cuda.get_device_name())
 
 
 if __name__ == "__main__":
