@@ -139,7 +139,6 @@ class BSAPatch:
         if q.shape[-2] == self.cross_tokens and self._self_attention_pending_cross:
             self._self_attention_pending_cross = False
             return True
-        self._self_attention_pending_cross = True
         return False
 
     def install(self, transformer_options: dict) -> None:
@@ -160,6 +159,7 @@ class BSAPatch:
         grid = self.layout.grid
         if grid is not None and tokens < self.layout.n_prefix + math.prod(grid):
             return "shorter than the video (e.g. text refiner)"  # not a transformer block: not counted
+        self._self_attention_pending_cross = True  # a block's self-attention: its cross-attention may follow
         block = self.call_block = self.block
         self.block += 1
         if self.layout.reason is not None:
