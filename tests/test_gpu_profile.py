@@ -37,7 +37,7 @@ GPU_OVERRIDE_FUZZ = settings(GPU_FUZZ, max_examples=20)
 
 # the shipped cubes plus non-power-of-2 volumes (another kernel path); few shapes: each compiles kernels
 CUBES = st.sampled_from([*fuzz.CUBES, (2, 2, 2), (3, 3, 3), (1, 3, 5)])
-POOLED = st.booleans() if hasattr(BSAConfig(), "pooled_remainder") else None
+POOLED = st.booleans()
 # fixed shapes next to random ones: video sizes, all-prime axes, grids smaller than one cube
 NAMED_GRIDS = [(21, 30, 52), (31, 31, 31), (8, 64, 64), (13, 61, 37), (1, 1, 1), (1, 3, 5), (64, 1, 1), (2, 64, 64)]
 
@@ -50,7 +50,8 @@ def grids(max_tokens):
 # keep_ratio = kv_threshold = 1 (cumulative) is dense attention: one example in four, to compare with SDPA
 CONFIGS = st.one_of(fuzz.configs(cube=CUBES, pooled=POOLED), fuzz.configs(cube=CUBES, pooled=POOLED),
                     fuzz.configs(cube=CUBES, pooled=POOLED),
-                    st.builds(BSAConfig, cube_size=CUBES, keep_ratio=st.just(1.0), kv_threshold=st.just(1.0)))
+                    st.builds(BSAConfig, cube_size=CUBES, keep_ratio=st.just(1.0), kv_threshold=st.just(1.0),
+                              threshold_mode=st.just("cumulative")))
 HEAD_DIMS = st.sampled_from([64, 128, 80])  # 80: no kernel for it, the reference runs on the GPU
 
 
