@@ -12,7 +12,8 @@ timed steps; each step is timed with torch.cuda.synchronize between the sampler'
 one-step run per variant times every attention call with CUDA events (self- vs cross-attention) for the
 attention share and the Amdahl bound.
 
-On the GPU machine (no ComfyUI there: carry [".whl", ".comfy_min"]; .whl holds the pure-Python wheels
+On the GPU machine (no ComfyUI there: make the two git-ignored folders with `bash tools/gpu_carry.sh`, then
+carry [".whl", ".comfy_min"]; .whl holds the pure-Python wheels
 ComfyUI's sampling path needs beyond that machine's packages, torchsde and trampoline; .comfy_min is a
 pruned ComfyUI 0.3.75), from the repository root:
 

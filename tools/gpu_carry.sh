@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Folders the GPU machine needs for bench/e2e_wan.py (it has torch but no ComfyUI and no internet):
+#   .whl/        pure-Python wheels of ComfyUI's sampling path missing there (torchsde, trampoline)
+#   .comfy_min/  ComfyUI's Python sources only (from .comfyui/ComfyUI, see tools/setup.sh), ~3 MiB
+# Both are git-ignored; carry them with the run and follow bench/e2e_wan.py's docstring.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+SRC="${COMFYUI_PATH:-.comfyui/ComfyUI}"
+[ -d "$SRC/comfy" ] || { echo "ComfyUI not found at $SRC: run tools/setup.sh first" >&2; exit 1; }
+PY="${PYTHON:-.venv/bin/python}"
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl torchsde==0.2.6 trampoline==0.1.2
+rm -rf .comfy_min && mkdir -p .comfy_min/ComfyUI
+(cd "$SRC" && find comfy -name '*.py' -print0 | xargs -0 -I{} cp --parents {} "$REPO/.comfy_min/ComfyUI/")
+cp "$SRC"/{comfyui_version.py,node_helpers.py,folder_paths.py,LICENSE} .comfy_min/ComfyUI/
+du -sh .whl .comfy_min
