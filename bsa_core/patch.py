@@ -267,7 +267,8 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent:
 
     def on_prepare_state(patcher, timestep, model_options=None):
         # a node applied later (e.g. ModelSamplingSD3, another attention patch) may have changed the
-        # model's sampling or replaced the override; newer ComfyUI passes the live model_options
+        # model's sampling or replaced the override. ComfyUI 0.3.64-0.3.75 call callback(patcher, timestep);
+        # model_options is taken in case a later version passes the live options
         patch.set_sigma_window(patcher.get_model_object("model_sampling"))
         patch.install((model_options if model_options is not None else patcher.model_options)["transformer_options"])
 

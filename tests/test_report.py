@@ -241,8 +241,7 @@ def test_workflow_through_the_executor(tiny_wan_path, tmp_path):
         prompt = json.loads((REPO / "workflows" / "tiny_wan_t2v_report_api.json").read_text())
         valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("report", prompt, None))
         assert valid, (error, node_errors)
-        executor = execution.PromptExecutor(run_workflow.ServerStub(), cache_type=execution.CacheType.CLASSIC,
-                                            cache_args={"lru": 0, "ram": 0})
+        executor = run_workflow.prompt_executor(execution, run_workflow.ServerStub())
         executor.execute(prompt, "report", {}, outputs)
         assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
     finally:

@@ -133,12 +133,20 @@ def apply_overrides(prompt: dict, args) -> dict:
     return prompt
 
 
+def prompt_executor(execution, server):
+    """ComfyUI's PromptExecutor with the classic cache and no LRU (its cache options changed in 0.3.68)."""
+    import inspect
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)
+
+
 def run_prompt(execution, prompt: dict, prompt_id: str):
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
         raise SystemExit(f"invalid workflow: {error} {node_errors}")
-    executor = execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+    executor = prompt_executor(execution, ServerStub())
     start = time.perf_counter()
     executor.execute(prompt, prompt_id, {}, outputs)
     seconds = time.perf_counter() - start

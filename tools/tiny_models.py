@@ -22,8 +22,7 @@ TINY_CONFIGS = {
     "hunyuan_video": (dict(image_model="hunyuan_video", in_channels=16, out_channels=16, patch_size=[1, 2, 2],
                            vec_in_dim=768, axes_dim=[16, 56, 56], meanflow=False, context_in_dim=4096,
                            hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, theta=256,
-                           qkv_bias=True, byt5=False, guidance_embed=True, use_cond_type_embedding=False,
-                           vision_in_dim=None), True),
+                           qkv_bias=True, byt5=False, guidance_embed=True), True),
     "ltxv": (dict(image_model="ltxv", num_layers=2, attention_head_dim=8, cross_attention_dim=256), True),
     "cosmos_predict2": (dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240, max_frames=128,
                              in_channels=16, out_channels=16, patch_spatial=2, patch_temporal=1, model_channels=256,
@@ -44,7 +43,15 @@ TINY_CONFIGS = {
 
 def _model_config(family: str):
     import comfy.model_detection
-    return comfy.model_detection.model_config_from_unet_config(dict(TINY_CONFIGS[family][0]))
+    config = dict(TINY_CONFIGS[family][0])
+    if family == "hunyuan_video":
+        import dataclasses
+
+        from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
+        # HunyuanVideo 1.5's switches (ComfyUI >= 0.3.71), off: HunyuanVideo 1 on every version
+        fields = {f.name for f in dataclasses.fields(HunyuanVideoParams)}
+        config.update({k: v for k, v in (("use_cond_type_embedding", False), ("vision_in_dim", None)) if k in fields})
+    return comfy.model_detection.model_config_from_unet_config(config)
 
 
 def tiny_state_dict(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
