@@ -104,17 +104,24 @@ def sol_rows(q, k, v, dense_out, dense_ms):
               f"relL2 {row['rel_l2']:.3f}  cos {row['cos']:.4f}")
 
 
+def video_inputs(shape: str):
+    """(grid, heads, (q, k, v), dense output, dense ms) of a Wan shape: video-like bf16 Q/K/V on the GPU and
+    cuDNN SDPA on them, the baseline every ratio is taken against."""
+    grid, heads = SHAPES[shape]
+    q, k, v = video_qkv(grid, heads, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense_ms = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        dense_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return grid, heads, (q, k, v), dense_out, dense_ms
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="480p,720p")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     for name in args.shapes.split(","):
-        grid, heads = SHAPES[name]
-        q, k, v = video_qkv(grid, heads, device="cuda", dtype=torch.bfloat16)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            dense_ms = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-            dense_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        grid, heads, (q, k, v), dense_out, dense_ms = video_inputs(name)
         print(f"\n{name}: grid {grid}, {heads} heads, L={math.prod(grid)}, video-like bf16; cuDNN SDPA {dense_ms:.2f} ms")
         print("  cube  r    mode        p/lam  kvkept  total ms  speed-up  perm  select  attn  scatter  ovh%  "
               "TFLOP/s  flex ms  relL2  cos")

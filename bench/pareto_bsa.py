@@ -21,12 +21,10 @@ import pathlib
 import sys
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_attention import SHAPES, _flex_setup, _ms  # noqa: E402  (also loads the pack as comfyui_bsa)
-from bench_bsa import _errors  # noqa: E402
-from video_qkv import video_qkv  # noqa: E402
+from bench_bsa import _errors, video_inputs  # noqa: E402
 
 from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
@@ -217,11 +215,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     all_rows = []
     for shape in args.shapes.split(","):
-        grid, heads = SHAPES[shape]
-        q, k, v = video_qkv(grid, heads, device="cuda", dtype=torch.bfloat16)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            dense_ms = _ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-            dense_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        grid, heads, (q, k, v), dense_out, dense_ms = video_inputs(shape)
         title = f"grid {grid}, {heads} heads, L={math.prod(grid)}, cuDNN {dense_ms:.2f} ms"
         print(f"\n{shape}: {title}")
         print("  " + " ".join(f"{f:>9s}" for f in FIELDS[1:]))
