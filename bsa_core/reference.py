@@ -50,13 +50,17 @@ def select_queries(q_cubes: torch.Tensor, layout: CubeLayout, keep_ratio: float)
     return q_count, q_index, source.to(torch.int32)
 
 
+def cube_mean(x_cubes, layout: CubeLayout) -> torch.Tensor:
+    """Mean of each cube's valid rows (padding slots are zero): [..., N, S, D] -> [..., N, D] float32."""
+    return x_cubes.float().sum(-2) / layout.n_valid[:, None].float()
+
+
 def pooled_cubes(q_cubes, k_cubes, layout: CubeLayout, q_count, q_index):
     """Mean of each cube's kept queries and of its valid keys: [B,H,N,D] each, float32."""
     kept_q = q_cubes.float().gather(-2, q_index.clamp(min=0).long()[..., None].expand(*q_index.shape, q_cubes.shape[-1]))
     kept_q = kept_q * (q_index >= 0)[..., None]
     q_bar = kept_q.sum(-2) / q_count[..., None].float()
-    k_bar = k_cubes.float().sum(-2) / layout.n_valid[:, None].float()
-    return q_bar, k_bar
+    return q_bar, cube_mean(k_cubes, layout)
 
 
 def block_logits(q_bar, k_bar, layout: CubeLayout, scale: float) -> torch.Tensor:
@@ -109,9 +113,8 @@ def sparse_attention_reference(q_cubes, k_cubes, v_cubes, layout: CubeLayout, se
     cube_mask = selection.to_dense()  # [B,H,N,N]
 
     if pooled_remainder:
-        n_valid = layout.n_valid.float()[:, None]
-        k_bar, v_bar = (x.float().sum(-2) / n_valid for x in (k_cubes, v_cubes))  # padding slots are 0
-        log_n = torch.log(n_valid[:, 0])
+        k_bar, v_bar = cube_mean(k_cubes, layout), cube_mean(v_cubes, layout)
+        log_n = torch.log(layout.n_valid.float())
 
     out = torch.empty_like(q_kept)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * q_kept.shape[-2] * (keys.shape[-2] + N)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..bsa_core.reference import cube_mean
 from ..bsa_core.selection import BSASelection, mask_to_index
 from .kv_select import kv_select
 from .query_select import query_select
@@ -26,11 +27,11 @@ def select_triton(q_cubes: torch.Tensor, k_cubes: torch.Tensor, layout, config, 
     if config.keep_ratio >= 1.0:
         q_count, q_index, q_source = _all_queries(layout, q_cubes.shape[:2])
         if q_bar is None:
-            q_bar = q_cubes.sum(-2, dtype=torch.float32) / layout.n_valid[:, None].float()
+            q_bar = cube_mean(q_cubes, layout)
     else:
         q_count, q_index, q_source, q_bar = query_select(q_cubes, layout, config.keep_ratio)
     if k_bar is None:
-        k_bar = k_cubes.sum(-2, dtype=torch.float32) / layout.n_valid[:, None].float()
+        k_bar = cube_mean(k_cubes, layout)
     kv_count, kv_index = kv_select(q_bar, k_bar, layout, config, scale)
     return BSASelection(q_count, q_index, q_source, kv_count, kv_index)
 
