@@ -2,7 +2,8 @@
 
 Per (batch, head, query cube): which queries of the cube are computed (q_count, q_index), which
 kept query every slot copies its output from (q_source), and which KV cubes the kept queries attend
-(kv_count, kv_index, ascending). Index lists are padded with -1 past their count.
+(kv_count, kv_index, ascending). Index lists are padded with -1 past their count; their width is any
+bound >= the largest count (the GPU selection uses N to avoid a host sync): compare lists, not widths.
 """
 from __future__ import annotations
 

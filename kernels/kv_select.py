@@ -110,7 +110,8 @@ def _kv_select_kernel(Z, Index, Count, N, p, stat_lambda, min_blocks,
 
 def kv_select(q_bar: torch.Tensor, k_bar: torch.Tensor, layout, config, scale: float):
     """q_bar, k_bar [B, H, N, D] float32 -> (kv_count [B,H,N] int32, kv_index [B,H,N,Kkv] int32
-    ascending, -1 padded, Kkv = the largest count, as `mask_to_index`; one host sync per head group).
+    ascending, -1 padded). When every head's logits fit the scratch at once, Kkv = N and nothing waits
+    for the device; otherwise heads go in groups, one host sync each, and Kkv = the largest count.
     p >= 1 in cumulative mode keeps every cube and returns an expanded arange view without a launch."""
     if q_bar.dim() != 4 or k_bar.shape != q_bar.shape or q_bar.shape[2] != layout.num_cubes:
         raise ValueError(f"q_bar and k_bar must both be [B, H, {layout.num_cubes}, D], "
@@ -144,6 +145,9 @@ def kv_select(q_bar: torch.Tensor, k_bar: torch.Tensor, layout, config, scale: f
             scratch, index, kv_count[g0:], N, float(config.kv_threshold), float(config.stat_lambda),
             min(config.min_blocks, N), N_PAD=n_pad, CUMULATIVE=config.threshold_mode == "cumulative",
             num_warps=max(4, min(16, n_pad // 256)))
+        if group == BH:
+            # one group: the index written over the logits is the result, full width, no host sync
+            return kv_count.view(B, H, N), index.view(B, H, N, N)
         # the scratch is reused by the next group: keep only the used width of this one
         parts.append(index[:g, :, :int(kv_count[g0:g0 + g].max())].clone())
     width = max(part.shape[-1] for part in parts)
