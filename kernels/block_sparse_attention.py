@@ -58,7 +58,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
     of bits_ptr[j] is set. Otherwise: step j is extra keys [j * BLOCK_N, (j + 1) * BLOCK_N) of n_keys,
     seen by every row; with POOLED they are the n_keys pooled cube keys instead, key c with log2 bias
     bias_ptr[c], hidden from row r where bits_ptr[row_cube[r] * n_keys + c] is set (cubes the row's query
-    cube attends exactly). USE_TMA (sparse, one cube per step): K/V tiles come through tensor descriptors
+    cube attends exactly; without HAS_BITS every row of the tile is one cube's and one mask row is read). USE_TMA (sparse, one cube per step): K/V tiles come through tensor descriptors
     over [B*H*N*CUBE, HEAD_DIM], rows row_base + kv * CUBE.
     """
     if SPARSE:
@@ -110,8 +110,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
                     bits = tl.load(bits_ptr + entry, mask=key_ok, other=0)
                     s = tl.where(((bits[None, :] >> row_cube[:, None]) & 1) != 0, s, float("-inf"))
         if POOLED:
-            attended = tl.load(bits_ptr + row_cube.to(tl.int64)[:, None] * n_keys + rows[None, :],
-                               mask=key_ok[None, :], other=0)
+            if HAS_BITS:  # several query cubes in the tile: each row reads its own cube's mask row
+                attended = tl.load(bits_ptr + row_cube.to(tl.int64)[:, None] * n_keys + rows[None, :],
+                                   mask=key_ok[None, :], other=0)
+            else:  # one query cube: one mask row for the whole tile
+                attended = tl.load(bits_ptr + tl.max(row_cube, 0).to(tl.int64) * n_keys + rows,
+                                   mask=key_ok, other=0)[None, :]
             s = tl.where(attended != 0, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no valid key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
@@ -193,7 +197,7 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KBar + pooled_bh, VBar + pooled_bh, K_desc, V_desc, 0,
                                         grp_index_ptr, Attended + bh * N * N, Log2N, tl.cdiv(N, BLOCK_N),
                                         tl.where(row_store, cube, 0).to(tl.int32), qk_scale, offs_n, offs_d, N,
-                                        BLOCK_N, HEAD_DIM, CUBE, 1, False, False, False, False, DOT_F32, True)
+                                        BLOCK_N, HEAD_DIM, CUBE, 1, False, GROUP > 1, False, False, DOT_F32, True)
 
     # rows that saw no valid key (or are padding) write 0 and LSE -inf
     seen = l_i > 0.0
