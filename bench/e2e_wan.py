@@ -54,7 +54,7 @@ from pack import load_pack  # noqa: E402
 
 load_pack()
 
-from comfyui_bsa.bsa_core.config import REMAINDER_GRANULARITIES, RECOMMENDED, THRESHOLD_MODES, BSAConfig, parse_cube_size
+from comfyui_bsa.bsa_core.config import RECOMMENDED, THRESHOLD_MODES, BSAConfig, parse_cube_size
 
 TEXT_DIM = 4096  # umT5-XXL width
 SIZES = {  # model size, latent (T, H, W), text tokens, steps
@@ -230,10 +230,19 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bsa_config(args) -> BSAConfig:
-    fields = ("keep_ratio", "kv_threshold", "threshold_mode", "stat_lambda", "pooled_remainder", "remainder_granularity")
-    overrides = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    overrides = {}
+    if args.keep_ratio is not None:
+        overrides["keep_ratio"] = args.keep_ratio
+    if args.kv_threshold is not None:
+        overrides["kv_threshold"] = args.kv_threshold
     if args.cube is not None:
         overrides["cube_size"] = parse_cube_size(args.cube)
+    if args.pooled_remainder is not None:
+        overrides["pooled_remainder"] = args.pooled_remainder
+    if args.threshold_mode is not None:
+        overrides["threshold_mode"] = args.threshold_mode
+    if args.stat_lambda is not None:
+        overrides["stat_lambda"] = args.stat_lambda
     return dataclasses.replace(RECOMMENDED, **overrides)
 
 
@@ -263,8 +272,6 @@ def main(argv=None) -> int:
     parser.add_argument("--cube", help="BSAConfig.cube_size as TxHxW, e.g. 4x4x4 (default: the node's, RECOMMENDED)")
     parser.add_argument("--pooled-remainder", action=argparse.BooleanOptionalAction, default=None,
                         help="BSAConfig.pooled_remainder (default: the node's, RECOMMENDED)")
-    parser.add_argument("--remainder-granularity", choices=REMAINDER_GRANULARITIES,
-                        help="BSAConfig.remainder_granularity (default: the node's, RECOMMENDED)")
     parser.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
                         help="BSAConfig.threshold_mode (default: the node's, RECOMMENDED)")
     parser.add_argument("--stat-lambda", type=float, help="BSAConfig.stat_lambda (default: the node's, RECOMMENDED)")

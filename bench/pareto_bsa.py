@@ -1,6 +1,5 @@
 """Pareto sweep on video-like attention: speed-up over cuDNN SDPA vs error against dense, for BSA
-(keep_ratio x kv_threshold / stat_lambda x threshold mode x pooled remainder off / per query / per cube x
-cube), comfy-kitchen's
+(keep_ratio x kv_threshold / stat_lambda x threshold mode x pooled remainder x cube), comfy-kitchen's
 sol_attn (tau; topk_ratio) and FlexAttention on BSA's own tables. A script, not a test:
 
     PYTHONPATH=.ck python bench/pareto_bsa.py [--shapes 480p,720p] [--out DIR] [--quick]
@@ -38,7 +37,6 @@ THRESHOLDS = (("cumulative", 0.5), ("cumulative", 0.7), ("cumulative", 0.85), ("
               ("statistical", 0.5), ("statistical", 1.0), ("statistical", 1.5), ("statistical", 2.0))
 SOL_SETTINGS = ({"tau": 0.5}, {"tau": 1.0}, {"tau": 2.0}, {"tau": 3.0}, {"tau": 4.0}, {"topk_ratio": 0.03},
                 {"topk_ratio": 0.05}, {"topk_ratio": 0.10}, {"topk_ratio": 0.20}, {"topk_ratio": 0.30})
-REMAINDERS = (None, "query", "cube")  # CSV column pooled: 0 off, 1 per query, 2 per cube (one key per query cube)
 FIELDS = ("shape", "provider", "cube", "keep_ratio", "mode", "value", "pooled", "kv_pct", "q_pct", "ms", "speedup",
           "rel_l2", "cos")
 ERROR_LEVELS = (0.05, 0.10)
@@ -46,12 +44,11 @@ ERROR_LEVELS = (0.05, 0.10)
 
 def bsa_settings(quick: bool):
     cubes, keeps, thresholds = (CUBES[:1], (1.0, 0.5), THRESHOLDS[1::3]) if quick else (CUBES, KEEP_RATIOS, THRESHOLDS)
-    for cube, keep, (mode, value), remainder in itertools.product(cubes, keeps, thresholds, REMAINDERS):
+    for cube, keep, (mode, value), pooled in itertools.product(cubes, keeps, thresholds, (False, True)):
         if keep < 1.0 and cube != cubes[0]:
             continue  # query dropping is far off the front (first sweep); one cube size shows it
         extra = {"stat_lambda": value, "kv_threshold": 1.0} if mode == "statistical" else {"kv_threshold": value}
-        yield BSAConfig(cube, keep_ratio=keep, threshold_mode=mode, pooled_remainder=remainder is not None,
-                        remainder_granularity=remainder or "query", **extra), mode, value
+        yield BSAConfig(cube, keep_ratio=keep, threshold_mode=mode, pooled_remainder=pooled, **extra), mode, value
 
 
 def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick):
@@ -62,8 +59,7 @@ def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick):
         rel, cos = _errors(out, dense_out)
         layout = cube_layout(grid, config.cube_size, q.device)
         row = dict(shape=shape, provider="bsa", cube="x".join(map(str, config.cube_size)),
-                   keep_ratio=config.keep_ratio, mode=mode, value=value,
-                   pooled=REMAINDERS.index(config.remainder_granularity if config.pooled_remainder else None),
+                   keep_ratio=config.keep_ratio, mode=mode, value=value, pooled=int(config.pooled_remainder),
                    kv_pct=100 * float(sel.kept_kv_fraction()), q_pct=100 * float(sel.kept_query_fraction(layout.n_valid)),
                    ms=ms, speedup=dense_ms / ms, rel_l2=rel, cos=cos)
         yield row
@@ -113,7 +109,7 @@ def _typed(row: dict) -> dict:
 def series(row) -> str:
     if row["provider"] != "bsa":
         return row["provider"]
-    return "bsa" + ("", " +pooled", " +pooled/cube")[row["pooled"]]
+    return f"bsa{' +pooled' if row['pooled'] else ''}"
 
 
 def pareto_front(rows):
@@ -134,8 +130,7 @@ def best_at(rows, level):
 def describe(row) -> str:
     if row is None:
         return "none"
-    setting = f"{row['mode']} {row['value']}" + (f", r {row['keep_ratio']}, {row['cube']}, {series(row)}"
-                                                 if row["cube"] != "-" else "")
+    setting = f"{row['mode']} {row['value']}" + (f", r {row['keep_ratio']}, {row['cube']}" if row["cube"] != "-" else "")
     return f"x{row['speedup']:.2f} (rel L2 {row['rel_l2']:.3f}, {setting})"
 
 
@@ -170,8 +165,8 @@ def plot(all_rows, path, device_name):
         return
     shapes = sorted({r["shape"] for r in all_rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 5.5), squeeze=False)
-    styles = {"bsa": ("tab:blue", "o"), "bsa +pooled": ("tab:green", "s"), "bsa +pooled/cube": ("tab:purple", "D"),
-              "sol_attn": ("tab:red", "^"), "flex_same_table": ("tab:gray", "x")}
+    styles = {"bsa": ("tab:blue", "o"), "bsa +pooled": ("tab:green", "s"), "sol_attn": ("tab:red", "^"),
+              "flex_same_table": ("tab:gray", "x")}
     for ax, shape in zip(axes[0], shapes):
         rows = [r for r in all_rows if r["shape"] == shape]
         for name, (color, marker) in styles.items():

@@ -9,7 +9,7 @@ import torch
 
 from .config import BSAConfig
 from .cubes import CubeLayout, cube_layout
-from .reference import bsa_attention_reference, cube_remainder
+from .reference import bsa_attention_reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (32, 64, 128, 256)
@@ -129,10 +129,10 @@ def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, keys: torch.Tenso
 
 def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], cube_size: list[int],
                         keep_ratio: float, kv_threshold: float, threshold_mode: str, stat_lambda: float,
-                        min_blocks: int, pooled_remainder: bool, remainder_granularity: str, n_prefix: int,
-                        n_suffix: int, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        min_blocks: int, pooled_remainder: bool, n_prefix: int, n_suffix: int, scale: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
-                       pooled_remainder, remainder_granularity)
+                       pooled_remainder)
     out, selection = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
                                    scale=scale, backend=backend)
     n_valid = cube_layout(tuple(grid), config.cube_size, q.device).n_valid
@@ -140,7 +140,7 @@ def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
 
 
 def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda,
-                        min_blocks, pooled_remainder, remainder_granularity, n_prefix, n_suffix, scale, backend):
+                        min_blocks, pooled_remainder, n_prefix, n_suffix, scale, backend):
     fraction = q.new_empty((), dtype=torch.float64)
     # contiguous like the real output, whatever q's strides: a compiled graph reshapes it as a view
     return q.new_empty(q.shape), fraction, torch.empty_like(fraction)
@@ -169,8 +169,7 @@ def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_s
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _bsa_attention_op(q, k, v, [int(n) for n in grid], list(config.cube_size), float(config.keep_ratio),
                              float(config.kv_threshold), config.threshold_mode, float(config.stat_lambda),
-                             int(config.min_blocks), bool(config.pooled_remainder), config.remainder_granularity,
-                             int(n_prefix), int(n_suffix),
+                             int(config.min_blocks), bool(config.pooled_remainder), int(n_prefix), int(n_suffix),
                              scale, backend)
 
 
@@ -188,13 +187,8 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
         v_cubes, v_bar = cube_permute(v, layout, n_prefix, with_mean=True)
     else:
         v_cubes = cube_permute(v, layout, n_prefix)
-    selection, q_bar = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
-                                     return_q_bar=True)
-    remainder = cube_rem = None
-    if config.pooled_remainder and config.remainder_granularity == "cube":
-        cube_rem = cube_remainder(q_bar, k_bar, v_bar, selection.to_dense(), layout, scale)
-    elif config.pooled_remainder:
-        remainder = (k_bar, v_bar, selection.to_dense())
+    selection = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar)
+    remainder = (k_bar, v_bar, selection.to_dense()) if config.pooled_remainder else None
     L = q.shape[-2]
     extra = None
     if n_prefix or n_suffix:
@@ -203,7 +197,7 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     v_extra = None if extra is None else v.index_select(-2, extra).contiguous()
     out_kept = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
                                       selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
-                                      remainder=remainder, cube_remainder=cube_rem)
+                                      remainder=remainder)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     output_scatter(out_kept, selection.q_source, layout, out, n_prefix)
     if extra is not None:

@@ -139,7 +139,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
 
 
 @triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "KV_PER_ITER", "USE_TMA",
-                                        "HAS_REMAINDER", "CUBE_REMAINDER"],
+                                        "HAS_REMAINDER"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
@@ -147,8 +147,8 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
                            H, N, KQ, NG, KG, E,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                            CUBE: tl.constexpr, GROUP: tl.constexpr, KV_PER_ITER: tl.constexpr,
-                           HAS_EXTRA: tl.constexpr, HAS_REMAINDER: tl.constexpr, CUBE_REMAINDER: tl.constexpr,
-                           USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
+                           HAS_EXTRA: tl.constexpr, HAS_REMAINDER: tl.constexpr, USE_TMA: tl.constexpr,
+                           DOT_F32: tl.constexpr):
     tl.static_assert(BLOCK_N >= CUBE * KV_PER_ITER, "KV_PER_ITER cubes must fit one key block")
     tl.static_assert(not USE_TMA or (KV_PER_ITER == 1 and BLOCK_N == CUBE), "TMA loads one whole cube per step")
     tl.static_assert(KV_PER_ITER == 1 or BLOCK_N == CUBE * KV_PER_ITER, "packed cubes need a power-of-2 volume")
@@ -191,19 +191,7 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
                                         grp_index_ptr, grp_bits_ptr, key_bias_ptr, tl.cdiv(E, BLOCK_N),
                                         row_cube.to(tl.int32), qk_scale, offs_n, offs_d, E, BLOCK_N, HEAD_DIM,
                                         CUBE, 1, False, False, False, False, DOT_F32)
-    if CUBE_REMAINDER:
-        # the skipped KV cubes as one key per query cube (KBar, VBar: k_rem, v_rem fp32; Log2N: its log2 bias)
-        rem = (bh * N + tl.where(row_store, cube, 0)).to(tl.int64)
-        k_rem = tl.load(KBar + rem[:, None] * HEAD_DIM + offs_d[None, :])
-        s = tl.sum(q.to(tl.float32) * k_rem, 1) * qk_scale + tl.load(Log2N + rem)
-        m_new = tl.maximum(m_i, s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe)
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * tl.load(VBar + rem[:, None] * HEAD_DIM + offs_d[None, :])
-        m_i = m_new
-    elif HAS_REMAINDER:
+    if HAS_REMAINDER:
         # every KV cube the row's cube did not select, as one pooled key: n * exp(q . k_bar) * v_bar
         pooled_bh = bh * N * HEAD_DIM
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KBar + pooled_bh, VBar + pooled_bh, K_desc, V_desc, 0,
@@ -333,8 +321,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                            cubes_per_program: int | None = None, kv_per_iter: int | None = None,
                            schedule: str = "head", use_tma: bool | None = None, plan: "BlockSparsePlan | None" = None,
-                           return_lse: bool = False, remainder: tuple | None = None,
-                           cube_remainder: tuple | None = None):
+                           return_lse: bool = False, remainder: tuple | None = None):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
@@ -355,8 +342,6 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     [B, H, N, N] bool the same table as a dense mask (`BSASelection.to_dense`, O(cubes^2) per head). Each KV
     cube a query cube did not select joins its softmax as one key k_bar with weight n_valid and value
     v_bar (pooled remainder).
-    cube_remainder: (k_rem, v_rem, bias) of `bsa_core.reference.cube_remainder`, [B, H, N, D] x 2 and [B, H, N]:
-    the pooled remainder as one key per query cube instead (not together with remainder).
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with
     return_lse the log2-domain LSE [B, H, N, Kq] fp32.
     """
@@ -407,8 +392,6 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     group = plan.group
     NG, KG = plan.count.shape[-1], plan.index.shape[-1]
 
-    if remainder is not None and cube_remainder is not None:
-        raise ValueError("pass remainder or cube_remainder, not both")
     if remainder is not None:
         k_bar, v_bar, attended = remainder
         if k_bar.shape != (B, H, N, D) or v_bar.shape != (B, H, N, D) or attended.shape != (B, H, N, N):
@@ -418,15 +401,6 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
         k_bar, v_bar = (x.to(q.dtype).contiguous() for x in (k_bar, v_bar))
         attended = attended.to(torch.bool).contiguous().view(torch.uint8)
         log2_n = torch.log2(slot_valid.to(q.device).sum(-1).float()).contiguous()
-    elif cube_remainder is not None:
-        k_bar, v_bar, bias = cube_remainder
-        if k_bar.shape != (B, H, N, D) or v_bar.shape != (B, H, N, D) or bias.shape != (B, H, N):
-            raise ValueError(f"cube_remainder must be (k_rem, v_rem, bias) of shapes [B, H, N, D] x 2 and "
-                             f"[B, H, N] (B={B}, H={H}, N={N}, D={D}), got "
-                             f"{[tuple(x.shape) for x in cube_remainder]}")
-        k_bar, v_bar = (x.float().contiguous() for x in (k_bar, v_bar))
-        log2_n = (bias.float() * math.log2(math.e)).contiguous()
-        attended = q
     else:
         k_bar = v_bar = log2_n = attended = q
 
@@ -456,7 +430,6 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
                                  scale, H, N, KQ, NG, KG, E,
                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, CUBE=S, GROUP=group,
                                  KV_PER_ITER=kv_per_iter, HAS_EXTRA=has_extra, HAS_REMAINDER=remainder is not None,
-                                 CUBE_REMAINDER=cube_remainder is not None,
                                  USE_TMA=bool(use_tma), DOT_F32=_INTERPRET)
     out = out.to(in_dtype)
     return (out, lse) if return_lse else out

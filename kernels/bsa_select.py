@@ -16,12 +16,11 @@ from .query_select import query_select
 
 
 def select_triton(q_cubes: torch.Tensor, k_cubes: torch.Tensor, layout, config, scale: float,
-                  k_bar: torch.Tensor | None = None, q_bar: torch.Tensor | None = None, return_q_bar: bool = False):
+                  k_bar: torch.Tensor | None = None, q_bar: torch.Tensor | None = None) -> BSASelection:
     """q_cubes, k_cubes [B, H, N, S, D] in cube order with zero padding slots (`cube_permute` or
     `CubeLayout.to_cubes`); k_bar [B, H, N, D] float32 if already pooled, likewise q_bar (used when
     keep_ratio is 1: every query is kept, so no similarity is computed). Returns the BSASelection
-    `bsa_core.reference.bsa_select` returns (up to the tie orders documented in the two ops); with
-    return_q_bar, (selection, q_bar): the mean of each cube's kept queries [B, H, N, D] float32."""
+    `bsa_core.reference.bsa_select` returns (up to the tie orders documented in the two ops)."""
     if k_cubes.shape[:3] != q_cubes.shape[:3] or k_cubes.shape[-1] != q_cubes.shape[-1]:
         raise ValueError(f"k_cubes must match q_cubes [B, H, N, ., D], got {tuple(k_cubes.shape)} "
                          f"and {tuple(q_cubes.shape)}")
@@ -34,8 +33,7 @@ def select_triton(q_cubes: torch.Tensor, k_cubes: torch.Tensor, layout, config, 
     if k_bar is None:
         k_bar = cube_mean(k_cubes, layout)
     kv_count, kv_index = kv_select(q_bar, k_bar, layout, config, scale)
-    selection = BSASelection(q_count, q_index, q_source, kv_count, kv_index)
-    return (selection, q_bar) if return_q_bar else selection
+    return BSASelection(q_count, q_index, q_source, kv_count, kv_index)
 
 
 def _all_queries(layout, batch_heads):

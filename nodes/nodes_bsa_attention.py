@@ -1,7 +1,7 @@
 """The "BSA Sparse Attention" model patch node: maps its inputs onto bsa_core.patch.apply_bsa."""
 from comfy_api.latest import io
 
-from ..bsa_core.config import REMAINDER_GRANULARITIES, RECOMMENDED, THRESHOLD_MODES, BSAConfig, parse_cube_size
+from ..bsa_core.config import RECOMMENDED, THRESHOLD_MODES, BSAConfig, parse_cube_size
 from ..bsa_core.patch import apply_bsa, parse_block_list
 from ..bsa_core.report import find_report_spec
 
@@ -63,12 +63,6 @@ class BSASparseAttention(io.ComfyNode):
                                          "key (the cube's mean key and value, weighted by its size): the skipped "
                                          "attention mass is approximated instead of dropped. Roughly halves the "
                                          "error for about one extra key per cube."),
-                io.Combo.Input("remainder_granularity", options=list(REMAINDER_GRANULARITIES),
-                               default=DEFAULT.remainder_granularity, optional=True,
-                               tooltip="pooled_remainder only. query: every query scores each skipped cube "
-                                       "(most exact; costs ~15 % of the attention time at the defaults). cube: "
-                                       "one pooled key per query cube, computed for the cube's mean query "
-                                       "(nearly free, a little less exact)."),
             ],
             outputs=[io.Model.Output(tooltip="The model with BSA on its video self-attention.")],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # a BSA Report downstream turns recording on
@@ -77,11 +71,10 @@ class BSASparseAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, keep_ratio, kv_threshold, cube_size, threshold_mode, start_percent, end_percent,
                 stat_lambda=DEFAULT.stat_lambda, min_blocks=1, dense_blocks="", min_tokens=12288,
-                pooled_remainder=DEFAULT.pooled_remainder,
-                remainder_granularity=DEFAULT.remainder_granularity) -> io.NodeOutput:
+                pooled_remainder=DEFAULT.pooled_remainder) -> io.NodeOutput:
         config = BSAConfig(cube_size=parse_cube_size(cube_size), keep_ratio=keep_ratio, kv_threshold=kv_threshold,
                            threshold_mode=threshold_mode, stat_lambda=stat_lambda, min_blocks=min_blocks,
-                           pooled_remainder=pooled_remainder, remainder_granularity=remainder_granularity)
+                           pooled_remainder=pooled_remainder)
         record = find_report_spec(getattr(cls.hidden, "prompt", None), getattr(cls.hidden, "unique_id", None))
         return io.NodeOutput(apply_bsa(model, config, start_percent, end_percent,
                                        parse_block_list(dense_blocks), min_tokens, record=record))

@@ -19,7 +19,6 @@ if not torch.cuda.is_available():
 
 from comfyui_bsa.bsa_core import BSAConfig, bsa_attention, cube_layout
 from comfyui_bsa.bsa_core.attention import choose_backend
-from comfyui_bsa.bsa_core.config import REMAINDER_GRANULARITIES
 from comfyui_bsa.bsa_core.reference import (
     block_logits,
     bsa_attention_reference,
@@ -75,12 +74,9 @@ cubes = st.one_of(st.sampled_from(CUBES), st.tuples(*[st.integers(1, 4)] * 3))
 
 @st.composite
 def configs(draw, cube=cubes, pooled=None):
-    """pooled: a strategy for pooled_remainder (None: the field is left at its default); a drawn remainder
-    gets either granularity."""
+    """pooled: a strategy for pooled_remainder (None: the field is left at its default)."""
     mode = draw(st.sampled_from(["cumulative", "statistical"]))
     extra = {} if pooled is None else {"pooled_remainder": draw(pooled)}
-    if extra.get("pooled_remainder"):
-        extra["remainder_granularity"] = draw(st.sampled_from(REMAINDER_GRANULARITIES))
     return BSAConfig(cube_size=draw(cube), keep_ratio=draw(unit), kv_threshold=draw(unit), threshold_mode=mode,
                      stat_lambda=draw(st.floats(-10, 10)), min_blocks=draw(st.integers(1, 12)), **extra)
 

@@ -30,22 +30,18 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("grid, cube, dtype, n_prefix, n_suffix, keep, p, remainder", [
-    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 0, 0, 0.5, 0.6, None),
-    ((3, 4, 5), (2, 2, 2), torch.float16, 4, 3, 0.5, 0.8, None),
-    ((2, 4, 4), (2, 2, 4), torch.float16, 0, 5, 1.0, 1.0, None),
-    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 2, 3, 1.0, 0.5, "query"),
-    ((5, 6, 9), (4, 4, 4), torch.bfloat16, 0, 2, 1.0, 0.6, "query"),
-    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 2, 3, 0.5, 0.5, "cube"),
-    ((5, 6, 9), (4, 4, 4), torch.float16, 0, 2, 1.0, 0.6, "cube"),
-], ids=["partial-bf16", "extras-fp16", "dense-fp16", "pooled-remainder-bf16", "pooled-one-cube-tiles-bf16",
-        "cube-remainder-bf16", "cube-remainder-one-cube-tiles-fp16"])
-def test_triton_pipeline_matches_reference(grid, cube, dtype, n_prefix, n_suffix, keep, p, remainder):
+@pytest.mark.parametrize("grid, cube, dtype, n_prefix, n_suffix, keep, p, pooled", [
+    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 0, 0, 0.5, 0.6, False),
+    ((3, 4, 5), (2, 2, 2), torch.float16, 4, 3, 0.5, 0.8, False),
+    ((2, 4, 4), (2, 2, 4), torch.float16, 0, 5, 1.0, 1.0, False),
+    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 2, 3, 1.0, 0.5, True),
+    ((5, 6, 9), (4, 4, 4), torch.bfloat16, 0, 2, 1.0, 0.6, True),
+], ids=["partial-bf16", "extras-fp16", "dense-fp16", "pooled-remainder-bf16", "pooled-one-cube-tiles-bf16"])
+def test_triton_pipeline_matches_reference(grid, cube, dtype, n_prefix, n_suffix, keep, p, pooled):
     B, H, D = 2, 3, 32
     L = n_prefix + math.prod(grid) + n_suffix
     q, k, v = _qkv(B, H, L, D, dtype, seed=7)
-    config = BSAConfig(cube, keep_ratio=keep, kv_threshold=p, pooled_remainder=remainder is not None,
-                       remainder_granularity=remainder or "query")
+    config = BSAConfig(cube, keep_ratio=keep, kv_threshold=p, pooled_remainder=pooled)
     layout = cube_layout(grid, cube, DEVICE)
     scale = 1.0 / math.sqrt(D)
     out, selection = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
@@ -68,18 +64,14 @@ def test_auto_backend_is_reference_without_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grid, heads, D, keep, remainder", [((9, 30, 52), 4, 128, 0.5, None),
-                                                             ((5, 17, 23), 2, 64, 0.5, None),
-                                                             ((9, 30, 52), 4, 128, 0.5, "query"),
-                                                             ((9, 30, 52), 4, 128, 1.0, "query"),
-                                                             ((9, 30, 52), 4, 128, 1.0, "cube"),
-                                                             ((5, 17, 23), 2, 64, 0.5, "cube")],
-                         ids=["480p-slice", "odd-64", "480p-slice-pooled", "480p-slice-pooled-all-queries",
-                              "480p-slice-cube-remainder", "odd-64-cube-remainder"])
-def test_triton_backend_on_gpu(grid, heads, D, keep, remainder):
+@pytest.mark.parametrize("grid, heads, D, keep, pooled", [((9, 30, 52), 4, 128, 0.5, False),
+                                                          ((5, 17, 23), 2, 64, 0.5, False),
+                                                          ((9, 30, 52), 4, 128, 0.5, True),
+                                                          ((9, 30, 52), 4, 128, 1.0, True)],
+                         ids=["480p-slice", "odd-64", "480p-slice-pooled", "480p-slice-pooled-all-queries"])
+def test_triton_backend_on_gpu(grid, heads, D, keep, pooled):
     q, k, v = _qkv(1, heads, math.prod(grid) + 16, D, torch.bfloat16, seed=3)
-    config = BSAConfig((4, 4, 4), keep_ratio=keep, kv_threshold=0.7, pooled_remainder=remainder is not None,
-                       remainder_granularity=remainder or "query")
+    config = BSAConfig((4, 4, 4), keep_ratio=keep, kv_threshold=0.7, pooled_remainder=pooled)
     out, selection = attention.bsa_attention(q, k, v, grid, config, n_suffix=16, backend="triton")
     layout = cube_layout(grid, config.cube_size, DEVICE)
     ref, _ = bsa_attention_reference(q, k, v, layout, config, None, 0, 16, selection=selection)

@@ -188,16 +188,15 @@ def test_api_workflow_matches_schema(path, our_nodes, comfy_node_types):
 
 
 def test_checker_catches_a_stale_widget_list(our_nodes):
-    """The checker itself: a value removed (the last optional widget, remainder_granularity, too), one out of
+    """The checker itself: a value removed (the last optional widget, pooled_remainder, too), one out of
     range, a wrong choice, a wrong type and an extra value."""
     info = our_nodes["BSASparseAttention"]
-    good = {"widgets_values": [1.0, 0.7, "4x4x4", "statistical", 0.2, 1.0, 1.0, 1, "", 12288, True, "query"]}
-    assert len(good["widgets_values"]) == 12
+    good = {"widgets_values": [1.0, 0.7, "4x4x4", "statistical", 0.2, 1.0, 1.0, 1, "", 12288, True]}
+    assert len(good["widgets_values"]) == 11
     assert _ui_node_errors(good, info) == []
     assert _ui_node_errors({"widgets_values": good["widgets_values"][:-1]}, info)
     assert _ui_node_errors({"widgets_values": [1.5] + good["widgets_values"][1:]}, info)
     assert _ui_node_errors({"widgets_values": [1.0, 0.7, "3x3x3"] + good["widgets_values"][3:]}, info)
-    assert _ui_node_errors({"widgets_values": good["widgets_values"][:-2] + ["true", "query"]}, info)
-    assert _ui_node_errors({"widgets_values": good["widgets_values"][:-1] + ["per cube"]}, info)
+    assert _ui_node_errors({"widgets_values": good["widgets_values"][:-1] + ["true"]}, info)
     assert _ui_node_errors({"widgets_values": good["widgets_values"] + [7]}, info)
     assert _ui_node_errors({"widgets_values": [0.7, 1.0, "statistical", "4x4x4"] + good["widgets_values"][4:]}, info)
