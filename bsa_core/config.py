@@ -5,7 +5,6 @@ import math
 from dataclasses import dataclass
 
 THRESHOLD_MODES = ("cumulative", "statistical")
-REMAINDER_GRANULARITIES = ("query", "cube")
 
 
 @dataclass(frozen=True)
@@ -21,10 +20,6 @@ class BSAConfig:
     pooled_remainder: fold every KV cube a query cube did not select into its softmax as one pooled key
                     (mean key, mean value, weight = the cube's token count), so the dropped mass still
                     counts in the denominator and the output instead of vanishing.
-    remainder_granularity: "query": every kept query scores each skipped cube's mean key (one key per KV
-                    cube per query tile in the kernel); "cube": one key per query cube, the skipped cubes'
-                    weighted mean under the cube's mean query: exact where q equals that mean, its mass
-                    first-order right elsewhere (one key per row: nearly free, a little less exact).
     """
 
     cube_size: tuple[int, int, int] = (4, 4, 4)
@@ -34,7 +29,6 @@ class BSAConfig:
     stat_lambda: float = 1.0
     min_blocks: int = 1
     pooled_remainder: bool = False
-    remainder_granularity: str = "query"
 
     def __post_init__(self):
         cube = tuple(int(c) for c in self.cube_size) if _is_triple(self.cube_size) else None
@@ -51,9 +45,6 @@ class BSAConfig:
             raise ValueError(f"min_blocks must be an integer >= 1, got {self.min_blocks!r}")
         if not isinstance(self.pooled_remainder, bool):
             raise ValueError(f"pooled_remainder must be True or False, got {self.pooled_remainder!r}")
-        if self.remainder_granularity not in REMAINDER_GRANULARITIES:
-            raise ValueError(f"remainder_granularity must be one of {REMAINDER_GRANULARITIES}, "
-                             f"got {self.remainder_granularity!r}")
 
     @property
     def cube_volume(self) -> int:

@@ -63,31 +63,6 @@ def pooled_cubes(q_cubes, k_cubes, layout: CubeLayout, q_count, q_index):
     return q_bar, cube_mean(k_cubes, layout)
 
 
-def cube_remainder(q_bar, k_bar, v_bar, attended, layout: CubeLayout, scale: float):
-    """The pooled remainder as one key per query cube (remainder_granularity "cube").
-
-    Over the KV cubes j that cube c skipped, w_j = n_j exp(q_bar_c . k_bar_j * scale); the key k_rem is their
-    w-weighted mean key, the value v_rem their w-weighted mean value, and the log-weight
-    bias = log(sum w) - q_bar_c . k_rem * scale, so that a query q of cube c adds the single term
-    exp(q . k_rem * scale + bias) * v_rem: the per-query remainder exactly at q = q_bar_c; elsewhere its mass
-    is right to first order in q - q_bar_c and its value is q_bar_c's. q_bar, k_bar, v_bar [B,H,N,D] (float32), attended [B,H,N,N] bool ->
-    (k_rem, v_rem [B,H,N,D], bias [B,H,N]) float32; bias is -inf where a cube skipped nothing.
-    O(N^2) per head, heads in chunks."""
-    B, H, N, D = q_bar.shape
-    qb, kb, vb = (x.float().reshape(B * H, N, D) for x in (q_bar, k_bar, v_bar))
-    skipped = ~attended.reshape(B * H, N, N)
-    log_n = torch.log(layout.n_valid.float())
-    k_rem, v_rem, bias = torch.empty_like(qb), torch.empty_like(qb), qb.new_empty(B * H, N)
-    step = max(1, _CHUNK_ELEMENTS // (N * N))
-    for g in (slice(g0, g0 + step) for g0 in range(0, B * H, step)):
-        z = ((qb[g] @ kb[g].transpose(-1, -2)) * scale + log_n).masked_fill(~skipped[g], float("-inf"))
-        lse = torch.logsumexp(z, -1)
-        w = torch.where(torch.isfinite(lse)[..., None], torch.exp(z - lse[..., None]), 0.0)
-        k_rem[g], v_rem[g] = w @ kb[g], w @ vb[g]
-        bias[g] = lse - (qb[g] * k_rem[g]).sum(-1) * scale
-    return k_rem.view(B, H, N, D), v_rem.view(B, H, N, D), bias.view(B, H, N)
-
-
 def block_logits(q_bar, k_bar, layout: CubeLayout, scale: float) -> torch.Tensor:
     """z = q_bar . k_bar * scale + log(n_valid_keys): [B,H,N,N]; a partial cube weighs its real size."""
     return (q_bar @ k_bar.transpose(-1, -2)) * scale + torch.log(layout.n_valid.float())
@@ -120,14 +95,12 @@ def bsa_select(q_cubes, k_cubes, layout: CubeLayout, config: BSAConfig, scale: f
 
 
 def sparse_attention_reference(q_cubes, k_cubes, v_cubes, layout: CubeLayout, selection: BSASelection,
-                               scale: float, k_extra=None, v_extra=None, pooled_remainder: bool = False,
-                               remainder_granularity: str = "query") -> torch.Tensor:
+                               scale: float, k_extra=None, v_extra=None, pooled_remainder: bool = False) -> torch.Tensor:
     """Exact attention of the kept queries over their selected KV cubes (+ every extra key), then
     each slot copies its source's output. Inputs [B,H,N,S,D] (+ extras [B,H,E,D]); out [B,H,N,S,D] fp32.
 
     pooled_remainder: every KV cube a query cube did not select joins the same softmax as one key,
-    its mean key with logit bias log(n_valid) and its mean value: n * exp(q . k_bar) * v_bar; with
-    remainder_granularity "cube", all of them as the one key of `cube_remainder` instead."""
+    its mean key with logit bias log(n_valid) and its mean value: n * exp(q . k_bar) * v_bar."""
     B, H, N, S, D = q_cubes.shape
     idx = selection.q_index.clamp(min=0).long()[..., None].expand(*selection.q_index.shape, D)
     q_kept = q_cubes.float().gather(-2, idx)  # [B,H,N,Kq,D]
@@ -140,11 +113,8 @@ def sparse_attention_reference(q_cubes, k_cubes, v_cubes, layout: CubeLayout, se
     cube_mask = selection.to_dense()  # [B,H,N,N]
 
     if pooled_remainder:
-        q_bar, k_bar = pooled_cubes(q_cubes, k_cubes, layout, selection.q_count, selection.q_index)
-        v_bar = cube_mean(v_cubes, layout)
+        k_bar, v_bar = cube_mean(k_cubes, layout), cube_mean(v_cubes, layout)
         log_n = torch.log(layout.n_valid.float())
-        if remainder_granularity == "cube":
-            k_rem, v_rem, rem_bias = cube_remainder(q_bar, k_bar, v_bar, cube_mask, layout, scale)
 
     out = torch.empty_like(q_kept)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * q_kept.shape[-2] * (keys.shape[-2] + N)))
@@ -158,17 +128,11 @@ def sparse_attention_reference(q_cubes, k_cubes, v_cubes, layout: CubeLayout, se
         if not pooled_remainder:
             out[:, :, n0:n1] = torch.einsum("bhnqk,bhkd->bhnqd", torch.softmax(logits, -1), values)
             continue
-        if remainder_granularity == "cube":
-            pooled = ((q_kept[:, :, n0:n1] * k_rem[:, :, n0:n1, None]).sum(-1, keepdim=True) * scale
-                      + rem_bias[:, :, n0:n1, None, None])
-            pooled_values = v_rem[:, :, n0:n1, None]  # [B,H,n,1,D]: one key per query cube
-        else:
-            pooled = torch.einsum("bhnqd,bhmd->bhnqm", q_kept[:, :, n0:n1], k_bar) * scale + log_n
-            pooled = pooled.masked_fill(cube_mask[:, :, n0:n1, None, :], float("-inf"))
-            pooled_values = v_bar[:, :, None]  # [B,H,1,N,D]: every cube's mean value
+        pooled = torch.einsum("bhnqd,bhmd->bhnqm", q_kept[:, :, n0:n1], k_bar) * scale + log_n
+        pooled = pooled.masked_fill(cube_mask[:, :, n0:n1, None, :], float("-inf"))
         weights = torch.softmax(torch.cat([logits, pooled], -1), -1)
         out[:, :, n0:n1] = (torch.einsum("bhnqk,bhkd->bhnqd", weights[..., :keys.shape[-2]], values)
-                            + weights[..., keys.shape[-2]:] @ pooled_values)
+                            + torch.einsum("bhnqm,bhmd->bhnqd", weights[..., keys.shape[-2]:], v_bar))
     source = selection.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
     return out.gather(-2, source) * layout.slot_valid[..., None]
 
@@ -184,7 +148,7 @@ def bsa_attention_reference(q, k, v, layout: CubeLayout, config: BSAConfig, scal
     extra = torch.cat([torch.arange(n_prefix), torch.arange(q.shape[-2] - n_suffix, q.shape[-2])]).to(q.device)
     k_extra, v_extra = k.index_select(-2, extra), v.index_select(-2, extra)
     out_video = layout.to_raster(sparse_attention_reference(qc, kc, vc, layout, selection, scale, k_extra, v_extra,
-                                                            config.pooled_remainder, config.remainder_granularity))
+                                                            config.pooled_remainder))
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     out[..., video, :] = out_video
     if extra.numel():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from comfyui_bsa.bsa_core import BSAConfig, bsa_attention, cube_layout
-from comfyui_bsa.bsa_core.reference import block_logits, cube_remainder, keep_counts, select_kv, select_queries
+from comfyui_bsa.bsa_core.reference import block_logits, keep_counts, select_kv, select_queries
 
 DENSE = BSAConfig(keep_ratio=1.0, kv_threshold=1.0)
 
@@ -141,9 +141,12 @@ def test_pooled_remainder_is_exact_when_keys_are_constant_per_cube(grid, cube, n
     B, H, D = 2, 2, 16
     layout = cube_layout(grid, cube)
     q, k, v = qkv(B, H, math.prod(grid) + n_suffix, D, seed=3)
+    cube_of_token = torch.empty(layout.num_tokens, dtype=torch.long)
+    cube_of_token[layout.token_of_slot[layout.slot_valid.flatten()]] = torch.arange(
+        layout.num_cubes).repeat_interleave(layout.n_valid)
     g = torch.Generator().manual_seed(4)
     for x in (k, v):
-        x[..., :layout.num_tokens, :] = 2 * torch.randn(B, H, layout.num_cubes, D, generator=g)[:, :, cube_of_token(layout)]
+        x[..., :layout.num_tokens, :] = 2 * torch.randn(B, H, layout.num_cubes, D, generator=g)[:, :, cube_of_token]
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for p in (0.05, 0.5):
         config = BSAConfig(cube, keep_ratio=1.0, kv_threshold=p, pooled_remainder=True)
@@ -154,63 +157,7 @@ def test_pooled_remainder_is_exact_when_keys_are_constant_per_cube(grid, cube, n
         assert rms_rel(plain, dense) > 1e-3
 
 
-@pytest.mark.parametrize("granularity", ["query", "cube"])
-def test_pooled_remainder_is_a_no_op_when_everything_is_kept(granularity):
+def test_pooled_remainder_is_a_no_op_when_everything_is_kept():
     q, k, v = qkv(1, 2, 5 * 6 * 7, 16, seed=5)
-    config = BSAConfig(keep_ratio=1.0, kv_threshold=1.0, pooled_remainder=True, remainder_granularity=granularity)
-    out, _ = bsa_attention(q, k, v, (5, 6, 7), config)
+    out, _ = bsa_attention(q, k, v, (5, 6, 7), BSAConfig(keep_ratio=1.0, kv_threshold=1.0, pooled_remainder=True))
     assert rms_rel(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5
-
-
-def cube_of_token(layout):
-    """[T*H*W] long: the cube each raster token lies in."""
-    cube = torch.empty(layout.num_tokens, dtype=torch.long)
-    cube[layout.token_of_slot[layout.slot_valid.flatten()]] = torch.arange(layout.num_cubes).repeat_interleave(layout.n_valid)
-    return cube
-
-
-@pytest.mark.parametrize("keep_ratio, mode", [(1.0, "statistical"), (0.5, "cumulative")])
-def test_cube_remainder_equals_query_remainder_at_the_mean_query(keep_ratio, mode):
-    """With every query of a cube at the cube's mean, one pooled key per cube is the per-query remainder."""
-    grid, cube, B, H, D = (4, 6, 8), (2, 2, 4), 1, 2, 16
-    layout = cube_layout(grid, cube)
-    _, k, v = qkv(B, H, math.prod(grid) + 3, D, seed=6)
-    g = torch.Generator().manual_seed(7)
-    q = torch.cat([torch.randn(B, H, layout.num_cubes, D, generator=g)[:, :, cube_of_token(layout)],
-                   torch.randn(B, H, 3, D, generator=g)], -2)
-    base = dict(cube_size=cube, keep_ratio=keep_ratio, kv_threshold=0.5, threshold_mode=mode, pooled_remainder=True)
-    by_query, selection = bsa_attention(q, k, v, grid, BSAConfig(**base), n_suffix=3)
-    by_cube, _ = bsa_attention(q, k, v, grid, BSAConfig(**base, remainder_granularity="cube"), n_suffix=3)
-    plain, _ = bsa_attention(q, k, v, grid, BSAConfig(**{**base, "pooled_remainder": False}), n_suffix=3)
-    assert float(selection.kept_kv_fraction()) < 0.9
-    assert rms_rel(by_cube, by_query) < 1e-5 < rms_rel(plain, by_query)
-
-
-def test_cube_remainder_mass_is_first_order_exact():
-    """cube_remainder's one key carries the skipped cubes' mass sum_j n_j exp(q . k_bar_j * scale) exactly at
-    q = q_bar and to first order around it (the gap shrinks ~4x when the offset halves); its value is the
-    skipped cubes' mean value weighted for q_bar; a cube that skipped nothing gets weight 0."""
-    layout = cube_layout((4, 6, 8), (2, 2, 4))
-    B, H, N, D, scale = 1, 3, layout.num_cubes, 16, 0.3
-    g = torch.Generator().manual_seed(8)
-    q_bar, k_bar, v_bar, u = (torch.randn(B, H, N, D, generator=g) for _ in range(4))
-    attended = torch.rand(B, H, N, N, generator=g) < 0.3
-    attended[..., 0, :] = True  # cube 0 skipped nothing
-    k_rem, v_rem, bias = cube_remainder(q_bar, k_bar, v_bar, attended, layout, scale)
-    log_n = torch.log(layout.n_valid.float())
-
-    def exact(q):  # [B,H,N] log of the skipped mass, [B,H,N,D] its mean value
-        z = ((q @ k_bar.transpose(-1, -2)) * scale + log_n).masked_fill(attended, float("-inf"))
-        return torch.logsumexp(z, -1), torch.nan_to_num(torch.softmax(z, -1)) @ v_bar
-
-    live = ~attended.all(-1)
-    gaps = []
-    for eps in (0.0, 0.02, 0.01):
-        q = q_bar + eps * u
-        log_mass, value = exact(q)
-        approx = (q * k_rem).sum(-1) * scale + bias
-        gaps.append(float((approx - log_mass)[live].abs().max()))
-        if eps == 0.0:
-            assert torch.allclose(v_rem[live], value[live], atol=1e-5)
-    assert gaps[0] < 1e-4 and 3.8 < gaps[1] / gaps[2] < 4.2, gaps
-    assert torch.isneginf(bias[..., 0]).all() and (v_rem[..., 0, :] == 0).all()
