@@ -203,11 +203,14 @@ def main():
     parser.add_argument("--shapes", default="480p,720p")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true", help="a few settings only (smoke run)")
-    parser.add_argument("--plot-only", nargs="+", metavar="CSV", help="redraw pareto.png from saved CSVs (no GPU)")
+    parser.add_argument("--plot-only", nargs="+", metavar="CSV",
+                        help="summaries and pareto_h100.png again from saved CSVs (no GPU)")
     parser.add_argument("--device-name", default="NVIDIA H100 80GB HBM3", help="plot title with --plot-only")
     args = parser.parse_args()
     if args.plot_only:
         rows = [_typed(r) for path in args.plot_only for r in csv.DictReader(open(path))]
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            summarize(shape, [r for r in rows if r["shape"] == shape])
         plot(rows, pathlib.Path(args.plot_only[0]).with_name("pareto_h100.png"), args.device_name)
         return
     out_dir = pathlib.Path(args.out)
