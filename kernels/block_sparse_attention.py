@@ -25,6 +25,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # num_warps x num_stages; block shapes follow the data (kept queries per cube, cube volume). One stage is
 # only for tiles whose pipelined K/V buffers do not fit shared memory (256-token cubes at head_dim 128).
+# The autotuner's choice is cached on disk next to the compiled kernels (cache_results), so only the
+# first ComfyUI run on a machine pays the timing runs.
 _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3, 4)]
 _SHARED_MEMORY_BUDGET = 227 * 1024  # bytes per block on H100; a config over it cannot launch (the autotuner
 # also skips any config that still runs out, but it fails when every config does)
@@ -140,7 +142,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
 
 @triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "KV_PER_ITER", "USE_TMA",
                                         "HAS_REMAINDER"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+                 prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit
 def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
                            q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
