@@ -120,6 +120,23 @@ def test_kv_select(name):
     assert_same_lists(kv_index, ref_index)
 
 
+def test_kv_select_in_head_groups_equals_one_group(monkeypatch):
+    """Heads whose logits do not fit the scratch at once go in groups (one host sync each, index trimmed to
+    the largest count): the same lists as all heads in one group (no sync, width N)."""
+    from comfyui_bsa.kernels import kv_select as module
+    layout = cube_layout((3, 5, 7), (2, 2, 4), DEVICE)
+    N = layout.num_cubes
+    config = BSAConfig((2, 2, 4), threshold_mode="statistical", stat_lambda=0.5)
+    q_bar, k_bar = _randn(2, 3, N, 32, seed=12) * 2, _randn(2, 3, N, 32, seed=13)
+    count, index = kv_select(q_bar, k_bar, layout, config, 0.25)
+    assert index.shape[-1] == N
+    monkeypatch.setattr(module, "_SCRATCH_ELEMENTS", 2 * N * N)  # 6 heads -> 3 groups of 2
+    grouped_count, grouped_index = kv_select(q_bar, k_bar, layout, config, 0.25)
+    assert torch.equal(grouped_count, count)
+    assert grouped_index.shape[-1] == int(count.max()) < N
+    assert_same_lists(index, grouped_index)
+
+
 @pytest.mark.parametrize("mode", ["cumulative", "statistical"])
 def test_kv_select_ties_in_index_order(mode):
     # zero pools: every full cube has the same mass; min_blocks then takes the lowest indices
