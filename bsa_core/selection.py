@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+_DENSE_CHUNK = 1 << 22  # index entries converted to int64 at once in to_dense
+
 
 def mask_to_index(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., M] bool -> (count [...] int32, index [..., width] int32 ascending, -1 padded)."""
@@ -39,10 +41,16 @@ class BSASelection:
         return self.kv_count.shape[-1]
 
     def to_dense(self) -> torch.Tensor:
-        """[B, H, N, N] bool: query cube n attends KV cube m."""
-        dense = torch.zeros(*self.kv_count.shape, self.num_cubes + 1, dtype=torch.bool, device=self.kv_count.device)
-        dense.scatter_(-1, self.kv_index.long().where(self.kv_index >= 0, self.num_cubes), True)
-        return dense[..., : self.num_cubes]
+        """[B, H, N, N] bool: query cube n attends KV cube m. Built a few heads at a time: the int64 copy
+        of the index that scatter needs stays under _DENSE_CHUNK elements."""
+        N = self.num_cubes
+        index = self.kv_index.reshape(-1, *self.kv_index.shape[-2:])
+        dense = torch.zeros(index.shape[0], N, N + 1, dtype=torch.bool, device=index.device)
+        step = max(1, _DENSE_CHUNK // max(1, index[0].numel()))
+        for h in range(0, index.shape[0], step):
+            part = index[h:h + step].long()
+            dense[h:h + step].scatter_(-1, part.where(part >= 0, N), True)
+        return dense.view(*self.kv_count.shape, N + 1)[..., :N]
 
     def kept_query_mask(self) -> torch.Tensor:
         """[B, H, N, S] bool: the slot's query is computed, not copied."""

@@ -161,3 +161,18 @@ def test_pooled_remainder_is_a_no_op_when_everything_is_kept():
     q, k, v = qkv(1, 2, 5 * 6 * 7, 16, seed=5)
     out, _ = bsa_attention(q, k, v, (5, 6, 7), BSAConfig(keep_ratio=1.0, kv_threshold=1.0, pooled_remainder=True))
     assert rms_rel(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
+def test_to_dense_inverts_mask_to_index_in_any_chunking(monkeypatch, chunk):
+    """BSASelection.to_dense builds the mask a few heads at a time (bounded int64 temporary): the same mask
+    whatever the chunk, and the inverse of mask_to_index, also with extra -1 padding columns."""
+    from comfyui_bsa.bsa_core import selection as selection_module
+    g = torch.Generator().manual_seed(9)
+    mask = (torch.rand(2, 5, 17, 17, generator=g) < 0.3) | torch.eye(17, dtype=torch.bool)
+    count, index = selection_module.mask_to_index(mask)
+    padded = torch.nn.functional.pad(index, (0, 4), value=-1)
+    monkeypatch.setattr(selection_module, "_DENSE_CHUNK", chunk)
+    for idx in (index, padded):
+        sel = selection_module.BSASelection(count, idx, count, count, idx)
+        assert torch.equal(sel.to_dense(), mask)
