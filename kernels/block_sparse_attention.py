@@ -60,8 +60,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_
     of bits_ptr[j] is set. Otherwise: step j is extra keys [j * BLOCK_N, (j + 1) * BLOCK_N) of n_keys,
     seen by every row; with POOLED they are the n_keys pooled cube keys instead, key c with log2 bias
     bias_ptr[c], hidden from row r where bits_ptr[row_cube[r] * n_keys + c] is set (cubes the row's query
-    cube attends exactly; without HAS_BITS every row of the tile is one cube's and one mask row is read). USE_TMA (sparse, one cube per step): K/V tiles come through tensor descriptors
-    over [B*H*N*CUBE, HEAD_DIM], rows row_base + kv * CUBE.
+    cube attends exactly; without HAS_BITS every row of the tile is one cube's and one mask row is read).
+    USE_TMA (sparse, one cube per step): K/V tiles come through tensor descriptors over
+    [B*H*N*CUBE, HEAD_DIM], rows row_base + kv * CUBE.
     """
     if SPARSE:
         n_steps = tl.cdiv(count, KV_PER_ITER)
