@@ -38,8 +38,8 @@ def _prune_logit_configs(configs, named_args, **kwargs):
     return configs[:1] if _INTERPRET else configs
 
 
-@triton.autotune(configs=_LOGIT_CONFIGS, key=["HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_logit_configs},
-                 cache_results=True)
+@triton.autotune(configs=_LOGIT_CONFIGS, key=["HEAD_DIM"], cache_results=True,
+                 prune_configs_by={"early_config_prune": _prune_logit_configs})
 @triton.jit
 def _block_logits_kernel(QBar, KBar, LogN, Z, N, scale,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
