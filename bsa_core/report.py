@@ -216,7 +216,7 @@ class RunReport:
         q_cubes, k_cubes = (layout.to_cubes(x[:1, head:head + 1, video, :]) for x in (q, k))
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         selection, how = _select(q_cubes, k_cubes, layout, config, scale, backend)
-        self.heatmap = Heatmap(self.step, self.sigma, block, head, selection.to_dense()[0, 0].cpu(), how)
+        self.heatmap = Heatmap(self.step, self.sigma, block, head, selection.to_dense()[0, 0], how)
 
     def table(self) -> str:
         """One row per (step, block), then the totals."""
