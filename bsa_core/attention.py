@@ -181,12 +181,15 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     from ..kernels.cube_permute import cube_permute
     from ..kernels.output_scatter import output_scatter
 
-    q_cubes, q_bar = cube_permute(q, layout, n_prefix, with_mean=True)
-    k_cubes, k_bar = cube_permute(k, layout, n_prefix, with_mean=True)
-    if config.pooled_remainder:
-        v_cubes, v_bar = cube_permute(v, layout, n_prefix, with_mean=True)
-    else:
-        v_cubes = cube_permute(v, layout, n_prefix)
+    def permute(x, with_mean: bool):
+        """(cubes, per-cube mean or None): the mean comes from the same pass, only where it is used."""
+        if with_mean:
+            return cube_permute(x, layout, n_prefix, with_mean=True)
+        return cube_permute(x, layout, n_prefix), None
+
+    q_cubes, q_bar = permute(q, config.keep_ratio >= 1.0)  # below 1, query selection pools the kept queries
+    k_cubes, k_bar = permute(k, True)
+    v_cubes, v_bar = permute(v, config.pooled_remainder)
     selection = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar)
     remainder = (k_bar, v_bar, selection.to_dense()) if config.pooled_remainder else None
     L = q.shape[-2]
