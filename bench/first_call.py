@@ -12,8 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attention import SHAPES  # noqa: E402  (also loads the pack as comfyui_bsa)
-from video_qkv import video_qkv  # noqa: E402
+from common import SHAPES, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
 
 from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402

@@ -23,8 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attention import SHAPES, _flex_setup, _ms  # noqa: E402  (also loads the pack as comfyui_bsa)
-from bench_bsa import _errors, video_inputs  # noqa: E402
+from common import SHAPES, errors, flex_on_table, ms, video_inputs  # noqa: E402  (also loads the pack)
 
 from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
@@ -34,7 +33,8 @@ from comfyui_bsa.kernels.cube_permute import cube_permute  # noqa: E402
 CUBES = ((4, 4, 4), (4, 4, 8))
 KEEP_RATIOS = (1.0, 0.5)  # a first sweep with 0.75 too: dropping queries never reached rel L2 < 0.28
 THRESHOLDS = (("cumulative", 0.5), ("cumulative", 0.7), ("cumulative", 0.85), ("cumulative", 0.95),
-              ("statistical", 0.5), ("statistical", 1.0), ("statistical", 1.5), ("statistical", 2.0))
+              ("statistical", 0.5), ("statistical", 1.0), ("statistical", 1.5), ("statistical", 2.0),
+              ("statistical", 2.5))
 SOL_SETTINGS = ({"tau": 0.5}, {"tau": 1.0}, {"tau": 2.0}, {"tau": 3.0}, {"tau": 4.0}, {"topk_ratio": 0.03},
                 {"topk_ratio": 0.05}, {"topk_ratio": 0.10}, {"topk_ratio": 0.20}, {"topk_ratio": 0.30})
 FIELDS = ("shape", "provider", "cube", "keep_ratio", "mode", "value", "pooled", "kv_pct", "q_pct", "ms", "speedup",
@@ -55,13 +55,13 @@ def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick):
     for config, mode, value in bsa_settings(quick):
         fn = lambda: bsa_attention(q, k, v, grid, config, backend="triton")  # noqa: E731
         out, sel = fn()
-        ms = _ms(fn)
-        rel, cos = _errors(out, dense_out)
+        t = ms(fn)
+        rel, cos = errors(out, dense_out)
         layout = cube_layout(grid, config.cube_size, q.device)
         row = dict(shape=shape, provider="bsa", cube="x".join(map(str, config.cube_size)),
                    keep_ratio=config.keep_ratio, mode=mode, value=value, pooled=int(config.pooled_remainder),
                    kv_pct=100 * float(sel.kept_kv_fraction()), q_pct=100 * float(sel.kept_query_fraction(layout.n_valid)),
-                   ms=ms, speedup=dense_ms / ms, rel_l2=rel, cos=cos)
+                   ms=t, speedup=dense_ms / t, rel_l2=rel, cos=cos)
         yield row
         if (not config.pooled_remainder and config.cube_size == CUBES[0] and config.keep_ratio in (1.0, 0.5)
                 and mode == "cumulative"):
@@ -72,10 +72,10 @@ def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick):
 def flex_row(bsa_row, q, k, v, layout, sel, dense_out, dense_ms):
     """FlexAttention on the very table BSA chose (attention only: BSA's selection cost is not charged)."""
     qc, kc, vc = (cube_permute(x, layout) for x in (q, k, v))
-    run = _flex_setup(layout, sel.q_index, sel.kv_count, sel.kv_index, qc, kc, vc)
+    run = flex_on_table(layout, sel.q_index, sel.kv_count, sel.kv_index, qc, kc, vc)
     run()
-    ms = _ms(run)
-    return dict(bsa_row, provider="flex_same_table", ms=ms, speedup=dense_ms / ms)
+    t = ms(run)
+    return dict(bsa_row, provider="flex_same_table", ms=t, speedup=dense_ms / t)
 
 
 def sol_rows(shape, q, k, v, dense_out, dense_ms):
@@ -90,11 +90,11 @@ def sol_rows(shape, q, k, v, dense_out, dense_ms):
     qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # raster order, as ComfyUI hands it over
     for kwargs in SOL_SETTINGS:
         fn = lambda: ck.sol_attn(qs, ks, vs, **kwargs)  # noqa: E731
-        ms = _ms(fn)
-        rel, cos = _errors(fn().transpose(1, 2), dense_out)
+        t = ms(fn)
+        rel, cos = errors(fn().transpose(1, 2), dense_out)
         (mode, value), = kwargs.items()
         yield dict(shape=shape, provider="sol_attn", cube="-", keep_ratio=1.0, mode=mode, value=value, pooled=1,
-                   kv_pct=float("nan"), q_pct=100.0, ms=ms, speedup=dense_ms / ms, rel_l2=rel, cos=cos)
+                   kv_pct=float("nan"), q_pct=100.0, ms=t, speedup=dense_ms / t, rel_l2=rel, cos=cos)
 
 
 def _typed(row: dict) -> dict:

@@ -1,6 +1,7 @@
 """Where one BSA call's time goes on the GPU: per-kernel time (torch.profiler), the sum of kernel time
-per call against the call's wall time back to back (the gap is host work: launches, the host sync of
-the KV cut, Python), at the node defaults unless flags say otherwise:
+per call against the call's wall time back to back (the gap is host work: launches, Python), and the
+fixed cost = wall time per call minus the kept blocks' work at cuDNN's per-FLOP rate (cuDNN SDPA timed
+on the same inputs), at the node defaults unless flags say otherwise:
 
     python bench/profile_bsa.py [--shape 480p] [--cube 4x4x4] [--keep 1.0] [--mode statistical]
                                 [--threshold 0.7] [--stat-lambda 1.0] [--no-pooled]
@@ -16,11 +17,11 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attention import SHAPES  # noqa: E402  (also loads the pack as comfyui_bsa)
-from video_qkv import video_qkv  # noqa: E402
+from common import SHAPES, video_inputs  # noqa: E402  (also loads the pack as comfyui_bsa)
 
 from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED, parse_cube_size  # noqa: E402
+from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 
 
 def main():
@@ -34,9 +35,9 @@ def main():
     parser.add_argument("--stat-lambda", type=float, default=d.stat_lambda)
     parser.add_argument("--no-pooled", action="store_true")
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=20, help="kernels listed")
     args = parser.parse_args()
-    grid, heads = SHAPES[args.shape]
-    q, k, v = video_qkv(grid, heads, device="cuda", dtype=torch.bfloat16)
+    grid, heads, (q, k, v), _, dense_ms = video_inputs(args.shape)
     config = dataclasses.replace(d, cube_size=parse_cube_size(args.cube), keep_ratio=args.keep,
                                  threshold_mode=args.mode, kv_threshold=args.threshold,
                                  stat_lambda=args.stat_lambda, pooled_remainder=not args.no_pooled)
@@ -45,7 +46,11 @@ def main():
         return bsa_attention(q, k, v, grid, config, backend="triton")
 
     for _ in range(3):
-        call()
+        _, selection = call()
+    layout = cube_layout(grid, config.cube_size, q.device)
+    kv_tokens = layout.n_valid[selection.kv_index.clamp(min=0).long()] * (selection.kv_index >= 0)
+    kept_flops = 4 * q.shape[-1] * float((selection.q_count.double() * kv_tokens.sum(-1).double()).sum())
+    dense_flops = 4 * q.shape[-1] * float(q.shape[-2]) ** 2 * heads
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(args.calls):
@@ -62,7 +67,24 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  {args.shape} grid {grid} heads {heads}  {config}")
     print(f"per call, {args.calls} back to back: wall {wall_ms:.2f} ms, host (launch side) {host_ms:.2f} ms, "
           f"GPU kernels {kernel_ms:.2f} ms, idle GPU {wall_ms - kernel_ms:.2f} ms")
-    print(events.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    kept_ms = dense_ms * kept_flops / dense_flops
+    print(f"cuDNN SDPA {dense_ms:.2f} ms; kept KV cubes {100 * float(selection.kept_kv_fraction()):.2f} %, their work "
+          f"at cuDNN's rate {kept_ms:.3f} ms; fixed cost = wall - that = {wall_ms - kept_ms:.3f} ms; "
+          f"x{dense_ms / wall_ms:.2f} over cuDNN")
+    # the same call replayed from a CUDA graph: what is left once the host launches cost nothing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.calls):
+        graph.replay()
+    torch.cuda.synchronize()
+    graph_ms = (time.perf_counter() - t0) * 1e3 / args.calls
+    print(f"CUDA graph replay per call {graph_ms:.3f} ms (fixed cost {graph_ms - kept_ms:.3f} ms, "
+          f"x{dense_ms / graph_ms:.2f} over cuDNN)")
+    print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from .cubes import CubeLayout, cube_layout
 from .reference import bsa_attention_reference
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-KERNEL_HEAD_DIMS = (32, 64, 128, 256)
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -41,8 +40,9 @@ def kernel_reason(q: torch.Tensor) -> str | None:
         return f"device {q.device.type} (kernels need CUDA)"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "GPU older than sm80"
-    if q.shape[-1] not in KERNEL_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} not in {KERNEL_HEAD_DIMS}"
+    from ..kernels.block_sparse_attention import HEAD_DIMS  # imported here: CUDA machines have Triton
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} not in {HEAD_DIMS}"
     return None
 
 
@@ -135,8 +135,11 @@ def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
                        pooled_remainder)
     out, selection = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
                                    scale=scale, backend=backend)
-    n_valid = cube_layout(tuple(grid), config.cube_size, q.device).n_valid
-    return out, selection.kept_query_fraction(n_valid), selection.kept_kv_fraction()
+    if config.keep_ratio >= 1.0:  # every query kept: no reduction to launch
+        kept_queries = q.new_ones((), dtype=torch.float64)
+    else:
+        kept_queries = selection.kept_query_fraction(cube_layout(tuple(grid), config.cube_size, q.device).n_valid)
+    return out, kept_queries, selection.kept_kv_fraction()
 
 
 def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda,
@@ -175,36 +178,42 @@ def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_s
 
 def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int,
                           n_suffix: int):
-    """permute (+ pooled keys) -> select -> block-sparse attention -> scatter back to raster order."""
-    from ..kernels.block_sparse_attention import block_sparse_attention
-    from ..kernels.bsa_select import select_triton
-    from ..kernels.cube_permute import cube_permute
+    """permute Q/K/V (+ pooled means, one launch) -> select -> block-sparse attention -> raster output.
+
+    keep_ratio 1 (the default): Q is only pooled (one read); the attention kernel reads Q's raster rows
+    and writes the output rows itself. Below 1: Q is permuted for query selection, the kernel computes
+    the kept queries, and the scatter copies every dropped query's source row."""
+    from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
+    from ..kernels.cube_permute import permute_qkv
     from ..kernels.output_scatter import output_scatter
+    from .gpu_select import select_triton
 
-    def permute(x, with_mean: bool):
-        """(cubes, per-cube mean or None): the mean comes from the same pass, only where it is used."""
-        if with_mean:
-            return cube_permute(x, layout, n_prefix, with_mean=True)
-        return cube_permute(x, layout, n_prefix), None
-
-    q_cubes, q_bar = permute(q, config.keep_ratio >= 1.0)  # below 1, query selection pools the kept queries
-    k_cubes, k_bar = permute(k, True)
-    v_cubes, v_bar = permute(v, config.pooled_remainder)
-    selection = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar)
-    remainder = (k_bar, v_bar, selection.to_dense()) if config.pooled_remainder else None
+    in_dtype = q.dtype
+    if in_dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    all_queries = config.keep_ratio >= 1.0
+    q_cubes, q_bar, k_cubes, k_bar, v_cubes, v_bar = permute_qkv(q, k, v, layout, n_prefix, q_cubes=not all_queries,
+                                                                 v_mean=config.pooled_remainder)
+    selection, attended = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
+                                        return_mask=True)
+    remainder = (k_bar, v_bar, attended) if config.pooled_remainder else None
     L = q.shape[-2]
-    extra = None
-    if n_prefix or n_suffix:
-        extra = torch.cat([torch.arange(n_prefix), torch.arange(L - n_suffix, L)]).to(q.device)
-    k_extra = None if extra is None else k.index_select(-2, extra).contiguous()
-    v_extra = None if extra is None else v.index_select(-2, extra).contiguous()
-    out_kept = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
-                                      selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
-                                      remainder=remainder)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    output_scatter(out_kept, selection.q_source, layout, out, n_prefix)
-    if extra is not None:
+    extra = [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
+    k_extra = torch.cat([k[..., part, :] for part in extra], -2) if extra else None
+    v_extra = torch.cat([v[..., part, :] for part in extra], -2) if extra else None
+    out = torch.empty_like(q)  # q's strides: a [B, L, H, D] view stays one for the caller's reshape
+    if all_queries:
+        block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index, out,
+                                      n_prefix, scale, k_extra, v_extra, remainder=remainder)
+    else:
+        out_kept = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
+                                          selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
+                                          remainder=remainder)
+        output_scatter(out_kept, selection.q_source, layout, out, n_prefix)
+    if extra:
         # extra tokens (text, reference frames) are never pruned: dense rows over every key
-        out[..., extra, :] = torch.nn.functional.scaled_dot_product_attention(
-            q.index_select(-2, extra), k, v, scale=scale).to(q.dtype)
-    return out, selection
+        rows = torch.nn.functional.scaled_dot_product_attention(
+            torch.cat([q[..., part, :] for part in extra], -2), k, v, scale=scale)
+        out[..., :n_prefix, :] = rows[..., :n_prefix, :]
+        out[..., L - n_suffix:, :] = rows[..., n_prefix:, :]
+    return out.to(in_dtype), selection

@@ -9,17 +9,12 @@ import math
 
 import torch
 
+from ..kernels.cube_index import keep_counts
 from .config import BSAConfig
 from .cubes import CubeLayout
 from .selection import BSASelection, mask_to_index
 
 _CHUNK_ELEMENTS = 1 << 24  # logits per attention chunk
-
-
-def keep_counts(n_valid: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """ceil(r * n) per cube, at least 1; r*n is rounded first so 0.3 * 10 keeps 3, not 4."""
-    raw = torch.round(n_valid.double() * keep_ratio * 1e6) / 1e6
-    return torch.ceil(raw).clamp(min=1).long()
 
 
 def select_queries(q_cubes: torch.Tensor, layout: CubeLayout, keep_ratio: float):

@@ -248,7 +248,7 @@ class RunReport:
 
 def _select(q_cubes, k_cubes, layout, config, scale: float, backend: str):
     if backend == "triton":  # the call itself just ran on the kernels: they import
-        from ..kernels.bsa_select import select_triton
+        from .gpu_select import select_triton
         return select_triton(q_cubes, k_cubes, layout, config, scale), "Triton selection"
     from .reference import bsa_select
     return bsa_select(q_cubes, k_cubes, layout, config, scale), "reference selection"

@@ -1,15 +1,20 @@
 """Block-sparse flash-attention forward over BSA's kept queries and selected KV cubes.
 
-Inputs are in cube order (`CubeLayout.to_cubes`): q, k, v [B, H, N, S, D]. One program computes the
-kept queries of GROUP consecutive query cubes of one (batch, head) against the union of their KV
-lists; a query row only sees the KV cubes its own cube selected (per-row membership bits), so the
-result is exact. Packing GROUP cubes turns 32 kept queries (64-token cube, r = 0.5) into an M = 64/128
-MMA tile; the union costs extra MMA work where neighbouring cubes select different KV cubes.
-Every query also attends the optional extra keys (text / reference tokens) [B, H, E, D].
+K and V are in cube order (`cube_permute`): [B, H, N, S, D]. One program computes the kept queries of
+GROUP consecutive query cubes of one (batch, head) against the union of their KV lists, a row seeing
+only the KV cubes its own cube selected (per-row membership bits). GROUP packs enough cubes for a
+64-row tile: 1 at keep_ratio 1, 2 at keep_ratio 0.5. Measured on an H200 (bench/kernel_variants.py,
+bench/NOTES_speed.md), 64-row tiles with one KV cube per step beat 128-row tiles (two cubes, union or
+per-pair lists) and two KV cubes per step at every density with Triton 3.6.
 
-Softmax runs in the log2 domain with the scale folded in (exp2), fp32 accumulators; rows that see no
-valid key give 0. Launch order: heads by descending work (long rows start first), cube order inside a
-head (programs in flight share one head's KV cubes, which then stay in L2).
+The loop is split by what it iterates, as in Triton's fused-attention tutorial: the selected cubes,
+the extra keys (text / reference tokens every query attends), and the pooled keys (every cube a query
+cube skipped, as its mean key with weight n_valid: the pooled remainder). Softmax runs in the log2
+domain with the scale folded in (exp2), fp32 accumulators; rows that see no valid key give 0.
+
+Queries come either from cube order (kept-query lists, keep_ratio < 1) or straight from the raster
+[B, H, L, D] tensor through the cube -> token map (`raster`: every query kept, output written back
+to the raster rows, so neither a Q permute nor an output scatter runs).
 """
 from __future__ import annotations
 
@@ -21,194 +26,236 @@ import torch
 import triton
 import triton.language as tl
 
+from .cube_index import _cube_tokens, _grid_args
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# num_warps x num_stages; block shapes follow the data (kept queries per cube, cube volume). One stage is
-# only for tiles whose pipelined K/V buffers do not fit shared memory (256-token cubes at head_dim 128).
-# The autotuner's choice is cached on disk next to the compiled kernels (cache_results), so only the
-# first ComfyUI run on a machine pays the timing runs.
+# num_warps x num_stages; block shapes follow the data. The autotuner's choice is cached on disk next to
+# the compiled kernels (cache_results), so only the first run on a machine pays the timing runs.
 _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3, 4)]
-_SHARED_MEMORY_BUDGET = 227 * 1024  # bytes per block on H100; a config over it cannot launch (the autotuner
-# also skips any config that still runs out, but it fails when every config does)
+
+
+def shared_memory_budget(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on this device (227 KB on H100/H200, 163 KB on A100,
+    99 KB on consumer Ampere/Ada/Blackwell cards). Configs over it are pruned before tuning."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+
+
+_device_facts_cache: dict = {}
+
+
+def _device_facts(device: torch.device) -> tuple[int, int]:
+    """(compute capability major, shared-memory budget) of a device, read once per process (the CPU, where
+    the interpreter runs the kernel, has no budget)."""
+    if device.type != "cuda":
+        return 0, 1 << 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_facts_cache:
+        _device_facts_cache[index] = (torch.cuda.get_device_capability(index)[0], shared_memory_budget(device))
+    return _device_facts_cache[index]
 
 
 def _shared_memory(block_m: int, block_n: int, head_dim: int, stages: int) -> int:
-    """Rough bytes of shared memory: 16-bit Q tile plus `stages` buffered K and V tiles."""
-    return 2 * head_dim * (block_m + 2 * block_n * stages)
+    """Rough bytes of shared memory: the 16-bit Q tile plus `stages` buffered K and V tiles and the layout
+    conversion Triton adds around the dots (one K-sized tile)."""
+    return 2 * head_dim * (block_m + block_n * (2 * stages + 1))
+
+
+def _key_block(cube_volume: int, head_dim: int, block_m: int, budget: int) -> int:
+    """Keys per tile: the whole cube (rounded up to a power of 2) up to 128 keys, less where one
+    unpipelined K/V tile pair would not fit the device's shared memory (consumer cards, big cubes)."""
+    block_n = min(128, max(16, triton.next_power_of_2(cube_volume)))
+    while block_n > 16 and _shared_memory(block_m, block_n, head_dim, 1) > budget:
+        block_n //= 2
+    return block_n
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    # 8 warps only pay off on an M = 128 tile; the interpreter runs one config (it times nothing)
+    """Drop configs whose buffers exceed the device's shared memory; 8 warps only pay on 128-row tiles."""
     block_m, block_n, head_dim = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["HEAD_DIM"]
+    budget = named_args["smem_budget"]
     kept = [c for c in configs if block_m >= 128 or c.num_warps == 4]
-    fits = [c for c in kept if c.num_stages > 1 and _shared_memory(block_m, block_n, head_dim, c.num_stages)
-            <= _SHARED_MEMORY_BUDGET]
+    fits = [c for c in kept if c.num_stages > 1
+            and _shared_memory(block_m, block_n, head_dim, c.num_stages) <= budget]
     kept = fits or [c for c in kept if c.num_stages == 1]
     return kept[:1] if _INTERPRET else kept
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, row_base, idx_ptr, bits_ptr, bias_ptr, count,
-                    row_cube, qk_scale, offs_n, offs_d, n_keys,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr, KV_PER_ITER: tl.constexpr,
-                    SPARSE: tl.constexpr, HAS_BITS: tl.constexpr, EVEN_N: tl.constexpr, USE_TMA: tl.constexpr,
-                    DOT_F32: tl.constexpr, POOLED: tl.constexpr = False):
-    """Online softmax over KV blocks; returns the running (acc, l_i, m_i).
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    if DOT_F32:  # Triton's interpreter gets 16-bit tl.dot wrong (3.8): multiply upcast operands
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
 
-    SPARSE: one step covers KV_PER_ITER table entries; entry j is KV cube idx_ptr[j] (CUBE tokens, key
-    bias from bias_ptr masks padding slots), and with HAS_BITS row r only sees it when bit row_cube[r]
-    of bits_ptr[j] is set. Otherwise: step j is extra keys [j * BLOCK_N, (j + 1) * BLOCK_N) of n_keys,
-    seen by every row; with POOLED they are the n_keys pooled cube keys instead, key c with log2 bias
-    bias_ptr[c], hidden from row r where bits_ptr[row_cube[r] * n_keys + c] is set (cubes the row's query
-    cube attends exactly; without HAS_BITS every row of the tile is one cube's and one mask row is read).
-    USE_TMA (sparse, one cube per step): K/V tiles come through tensor descriptors over
-    [B*H*N*CUBE, HEAD_DIM], rows row_base + kv * CUBE.
-    """
-    if SPARSE:
-        n_steps = tl.cdiv(count, KV_PER_ITER)
-    else:
-        n_steps = count
-    for j in range(0, n_steps):
-        if SPARSE:
-            if KV_PER_ITER == 1:
-                kv = tl.load(idx_ptr + j).to(tl.int64)
-                rows = kv * CUBE + offs_n
-                if EVEN_N:
-                    col_bias = tl.load(bias_ptr + rows)
-                else:
-                    col_bias = tl.load(bias_ptr + rows, mask=offs_n < CUBE, other=float("-inf"))
-                key_ok = offs_n < CUBE
-            else:
-                # column c belongs to table entry j * KV_PER_ITER + c // CUBE (a missing last one is masked)
-                entry = j * KV_PER_ITER + offs_n // CUBE
-                key_ok = entry < count
-                kv = tl.load(idx_ptr + entry, mask=key_ok, other=0).to(tl.int64)
-                rows = kv * CUBE + offs_n % CUBE
-                col_bias = tl.load(bias_ptr + rows) + tl.where(key_ok, 0.0, float("-inf"))
-        else:
-            rows = (j * BLOCK_N + offs_n).to(tl.int64)
-            key_ok = rows < n_keys
-            if POOLED:
-                col_bias = tl.load(bias_ptr + rows, mask=key_ok, other=float("-inf"))
-            else:
-                col_bias = tl.where(key_ok, 0.0, float("-inf"))
-        kv_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        if USE_TMA:
-            k = K_desc.load([(row_base + kv * CUBE).to(tl.int32), 0])
-        elif SPARSE and EVEN_N:
-            k = tl.load(K_bh + kv_off)
-        else:
-            k = tl.load(K_bh + kv_off, mask=key_ok[:, None], other=0.0)
-        if DOT_F32:  # Triton's interpreter gets bf16 tl.dot wrong (3.8): multiply upcast operands
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        s = qk * qk_scale + col_bias[None, :]
+
+@triton.jit
+def _softmax_update(acc, l_i, m_i, s, v, DOT_F32: tl.constexpr):
+    """One online-softmax step over one key block (logits s in the log2 domain, values v)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row that has seen no valid key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_F32)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _selected_cubes(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, desc_row0, idx_ptr, bits_ptr, key_bias_ptr,
+                    count, row_cube, qk_scale, offs_n, offs_d, CUBE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HAS_BITS: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online softmax over the `count` KV cubes of the table, one cube per step in BLOCK_N-key pieces
+    (a cube larger than the tile the device's shared memory holds takes several); key_bias masks padding
+    slots. HAS_BITS: row r sees entry j only when bit row_cube[r] of bits_ptr[j] is set.
+    USE_TMA: K/V tiles through tensor descriptors over [B*H*N*CUBE, HEAD_DIM], rows desc_row0 + kv * CUBE."""
+    for j in range(0, count):
+        kv = tl.load(idx_ptr + j).to(tl.int64)
         if HAS_BITS:
-            if SPARSE:
-                if KV_PER_ITER == 1:
-                    bits = tl.load(bits_ptr + j)
-                    s = tl.where((((bits >> row_cube) & 1) != 0)[:, None], s, float("-inf"))
-                else:
-                    bits = tl.load(bits_ptr + entry, mask=key_ok, other=0)
-                    s = tl.where(((bits[None, :] >> row_cube[:, None]) & 1) != 0, s, float("-inf"))
-        if POOLED:
-            if HAS_BITS:  # several query cubes in the tile: each row reads its own cube's mask row
-                attended = tl.load(bits_ptr + row_cube.to(tl.int64)[:, None] * n_keys + rows[None, :],
-                                   mask=key_ok[None, :], other=0)
-            else:  # one query cube: one mask row for the whole tile
-                attended = tl.load(bits_ptr + tl.max(row_cube, 0).to(tl.int64) * n_keys + rows,
-                                   mask=key_ok, other=0)[None, :]
-            s = tl.where(attended != 0, float("-inf"), s)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no valid key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if USE_TMA:
-            v = V_desc.load([(row_base + kv * CUBE).to(tl.int32), 0])
-        elif SPARSE and EVEN_N:
-            v = tl.load(V_bh + kv_off)
-        else:
-            v = tl.load(V_bh + kv_off, mask=key_ok[:, None], other=0.0)
-        if DOT_F32:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+            member = ((tl.load(bits_ptr + j) >> row_cube) & 1) != 0
+        for piece in tl.static_range(0, (CUBE + BLOCK_N - 1) // BLOCK_N):
+            cols = piece * BLOCK_N + offs_n
+            key_ok = cols < CUBE
+            rows = kv * CUBE + cols
+            if USE_TMA:
+                k = K_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
+            else:
+                k = tl.load(K_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32)
+            s = s * qk_scale + tl.load(key_bias_ptr + rows, mask=key_ok, other=float("-inf"))[None, :]
+            if HAS_BITS:
+                s = tl.where(member[:, None], s, float("-inf"))
+            if USE_TMA:
+                v = V_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
+            else:
+                v = tl.load(V_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_F32)
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "KV_PER_ITER", "USE_TMA",
-                                        "HAS_REMAINDER"],
+@triton.jit
+def _extra_keys(acc, l_i, m_i, q, KE_bh, VE_bh, n_keys, qk_scale, offs_n, offs_d,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_F32: tl.constexpr):
+    """Online softmax over the n_keys extra keys every query attends (text, reference latents)."""
+    for start in range(0, n_keys, BLOCK_N):
+        rows = (start + offs_n).to(tl.int64)
+        key_ok = rows < n_keys
+        kv_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(KE_bh + kv_off, mask=key_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32)
+        s = s * qk_scale + tl.where(key_ok, 0.0, float("-inf"))[None, :]
+        v = tl.load(VE_bh + kv_off, mask=key_ok[:, None], other=0.0)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_F32)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _pooled_keys(acc, l_i, m_i, q, KBar_bh, VBar_bh, log2n_ptr, attended_bh, n_cubes, row_cube, first_cube, qk_scale,
+                 offs_n, offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_MASKS: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """Online softmax over one pooled key per KV cube (fp32 mean key and value, cast to q's type here;
+    log2 weight log2n_ptr[c]), hidden where the row's query cube attends that cube exactly (attended_bh
+    [N, N] bytes). ROW_MASKS: rows of different query cubes read their own mask rows; else one mask row
+    (first_cube's) serves all."""
+    for start in range(0, n_cubes, BLOCK_N):
+        cols = (start + offs_n).to(tl.int64)
+        key_ok = cols < n_cubes
+        kv_off = cols[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(KBar_bh + kv_off, mask=key_ok[:, None], other=0.0).to(q.dtype)
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32)
+        s = s * qk_scale + tl.load(log2n_ptr + cols, mask=key_ok, other=float("-inf"))[None, :]
+        if ROW_MASKS:
+            hidden = tl.load(attended_bh + (first_cube + row_cube).to(tl.int64)[:, None] * n_cubes + cols[None, :],
+                             mask=key_ok[None, :], other=0)
+        else:
+            hidden = tl.load(attended_bh + first_cube.to(tl.int64) * n_cubes + cols, mask=key_ok, other=0)[None, :]
+        s = tl.where(hidden != 0, float("-inf"), s)
+        v = tl.load(VBar_bh + kv_off, mask=key_ok[:, None], other=0.0).to(q.dtype)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_F32)
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "USE_TMA", "HAS_REMAINDER",
+                                        "RASTER", "smem_budget"],
                  prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
+def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out,
                            q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
-                           H, N, KQ, NG, KG, E,
+                           H, N, KQ, NG, KG, E, n_prefix, GT, GH, GW, NH, NW,
+                           stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, smem_budget,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           CUBE: tl.constexpr, GROUP: tl.constexpr, KV_PER_ITER: tl.constexpr,
-                           HAS_EXTRA: tl.constexpr, HAS_REMAINDER: tl.constexpr, USE_TMA: tl.constexpr,
+                           CUBE: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+                           GROUP: tl.constexpr, PIECES: tl.constexpr, HAS_EXTRA: tl.constexpr,
+                           HAS_REMAINDER: tl.constexpr, USE_TMA: tl.constexpr, RASTER: tl.constexpr,
                            DOT_F32: tl.constexpr):
-    tl.static_assert(BLOCK_N >= CUBE * KV_PER_ITER, "KV_PER_ITER cubes must fit one key block")
-    tl.static_assert(not USE_TMA or (KV_PER_ITER == 1 and BLOCK_N == CUBE), "TMA loads one whole cube per step")
-    tl.static_assert(KV_PER_ITER == 1 or BLOCK_N == CUBE * KV_PER_ITER, "packed cubes need a power-of-2 volume")
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles of at least 16")
-    tl.static_assert(GROUP <= 32, "membership bits are one int32 per block")
-    # order_ptr: heads by descending total work, each head's groups in cube order (shared KV stays in L2)
-    work = tl.load(order_ptr + tl.program_id(0)).to(tl.int64)
-    bh = work // NG
-    grp = work % NG
+    tl.static_assert(BLOCK_N >= 16 and BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
+    tl.static_assert(not USE_TMA or CUBE % BLOCK_N == 0, "TMA loads whole pieces of a cube")
+    tl.static_assert(GROUP <= 32, "membership bits are one int32 per table entry")
+    tl.static_assert(PIECES == 1 or (RASTER and GROUP == 1), "a cube split over programs is a raster-mode cube")
+    # (batch, head)-major, groups in cube order: programs in flight share one head's KV cubes in L2
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // (NG * PIECES)
+    grp = (pid // PIECES) % NG
+    piece = pid % PIECES
+    b = bh // H
+    h = bh % H
 
-    # query rows: row r is kept query r % KQ of cube grp * GROUP + r // KQ
+    # row r of the tile: query r % rows_per_cube of cube grp * GROUP + r // rows_per_cube; in raster mode
+    # a cube larger than the tile is split over PIECES programs (rows piece * BLOCK_M + r)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_cube = offs_m // KQ
+    if RASTER:
+        row_cube = offs_m // CUBE
+        slot = piece * BLOCK_M + offs_m % CUBE
+    else:
+        row_cube = offs_m // KQ
+        slot = offs_m % KQ
     cube = grp * GROUP + row_cube
-    row_live = (row_cube < GROUP) & (cube < N)
-    row_store = row_live
-    qi_off = (bh * N + cube) * KQ + offs_m % KQ
-    slot = tl.load(q_index_ptr + qi_off, mask=row_live, other=-1)
-    row_live = row_live & (slot >= 0)
-    q_off = ((bh * N + cube) * CUBE + slot)[:, None] * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=row_live[:, None], other=0.0)
+    row_store = (row_cube < GROUP) & (cube < N)
+    if RASTER:  # every query: slot -> raster token through the cube map
+        token, valid = _cube_tokens(cube, slot, GT, GH, GW, NH, NW, CT, CH, CW)
+        row_live = row_store & valid
+        q_rows = (token + n_prefix).to(tl.int64)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_ql + offs_d[None, :],
+                    mask=row_live[:, None], other=0.0)
+    else:  # kept queries of cube-order Q [B, H, N, S, D]
+        qi_off = (bh * N + cube) * KQ + slot
+        q_slot = tl.load(q_index_ptr + qi_off, mask=row_store, other=-1)
+        row_live = row_store & (q_slot >= 0)
+        q = tl.load(Q + ((bh * N + cube) * CUBE + q_slot)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=row_live[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = qk_scale * 1.44269504  # log2(e): exp2 instead of exp
+    row_cube = row_cube.to(tl.int32)
 
     kv_bh = bh * N * CUBE * HEAD_DIM
     table = (bh * NG + grp) * KG
     count = tl.load(grp_count_ptr + bh * NG + grp)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kv_bh, V + kv_bh, K_desc, V_desc, bh * N * CUBE,
-                                    grp_index_ptr + table, grp_bits_ptr + table, key_bias_ptr, count,
-                                    row_cube.to(tl.int32), qk_scale, offs_n, offs_d, 0, BLOCK_N, HEAD_DIM, CUBE,
-                                    KV_PER_ITER, True, GROUP > 1, BLOCK_N == CUBE * KV_PER_ITER, USE_TMA, DOT_F32)
+    acc, l_i, m_i = _selected_cubes(acc, l_i, m_i, q, K + kv_bh, V + kv_bh, K_desc, V_desc, bh * N * CUBE,
+                                    grp_index_ptr + table, grp_bits_ptr + table, key_bias_ptr, count, row_cube,
+                                    qk_scale, offs_n, offs_d, CUBE, BLOCK_N, HEAD_DIM, GROUP > 1, USE_TMA, DOT_F32)
     if HAS_EXTRA:
-        ext_bh = bh * E * HEAD_DIM
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KE + ext_bh, VE + ext_bh, K_desc, V_desc, 0,
-                                        grp_index_ptr, grp_bits_ptr, key_bias_ptr, tl.cdiv(E, BLOCK_N),
-                                        row_cube.to(tl.int32), qk_scale, offs_n, offs_d, E, BLOCK_N, HEAD_DIM,
-                                        CUBE, 1, False, False, False, False, DOT_F32)
+        acc, l_i, m_i = _extra_keys(acc, l_i, m_i, q, KE + bh * E * HEAD_DIM, VE + bh * E * HEAD_DIM, E, qk_scale,
+                                    offs_n, offs_d, BLOCK_N, HEAD_DIM, DOT_F32)
     if HAS_REMAINDER:
         # every KV cube the row's cube did not select, as one pooled key: n * exp(q . k_bar) * v_bar
-        pooled_bh = bh * N * HEAD_DIM
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, KBar + pooled_bh, VBar + pooled_bh, K_desc, V_desc, 0,
-                                        grp_index_ptr, Attended + bh * N * N, Log2N, tl.cdiv(N, BLOCK_N),
-                                        tl.where(row_store, cube, 0).to(tl.int32), qk_scale, offs_n, offs_d, N,
-                                        BLOCK_N, HEAD_DIM, CUBE, 1, False, GROUP > 1, False, False, DOT_F32, True)
+        acc, l_i, m_i = _pooled_keys(acc, l_i, m_i, q, KBar + bh * N * HEAD_DIM, VBar + bh * N * HEAD_DIM, Log2N,
+                                     Attended + bh * N * N, N, tl.where(row_store, row_cube, 0), grp * GROUP,
+                                     qk_scale, offs_n, offs_d, BLOCK_N, HEAD_DIM, GROUP > 1, DOT_F32)
 
-    # rows that saw no valid key (or are padding) write 0 and LSE -inf
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    o_off = qi_off[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=row_store[:, None])
-    tl.store(Lse + qi_off, lse, mask=row_store)
+    # rows that saw no valid key (or are padding) write 0
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if RASTER:
+        o_ptr = Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_ol + offs_d[None, :]
+        tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_live[:, None])
+    else:
+        tl.store(Out + qi_off[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_store[:, None])
 
 
 def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
@@ -249,40 +296,6 @@ def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
             bits[..., :KG].to(torch.int32).contiguous())
 
 
-class BlockSparsePlan(NamedTuple):
-    """Launch tables derived from one selection: grouped union table, launch order, key bias."""
-    group: int
-    count: torch.Tensor     # [B, H, NG] int32
-    index: torch.Tensor     # [B, H, NG, KG] int32 ascending, -1 pad
-    bits: torch.Tensor      # [B, H, NG, KG] int32 membership bits (dummy when group == 1)
-    order: torch.Tensor     # [B*H*NG] int32 launch order
-    key_bias: torch.Tensor  # [N, S] fp32: 0 on real key slots, -inf on padding
-
-
-def plan_block_sparse(kv_count: torch.Tensor, kv_index: torch.Tensor, slot_valid: torch.Tensor,
-                      cubes_per_program: int = 2, schedule: str = "head") -> BlockSparsePlan:
-    """Group `cubes_per_program` consecutive query cubes per program and fix the launch order."""
-    group = int(cubes_per_program)
-    if not 1 <= group <= 32:
-        raise ValueError(f"cubes_per_program must be in [1, 32], got {cubes_per_program}")
-    count, index, bits = _group_table(kv_count, kv_index, group)
-    key_bias = torch.zeros(slot_valid.shape, dtype=torch.float32, device=kv_count.device)
-    key_bias.masked_fill_(~slot_valid.to(kv_count.device), float("-inf"))
-    return BlockSparsePlan(group, count, index, bits, _work_order(count, schedule), key_bias)
-
-
-def _work_order(grp_count: torch.Tensor, schedule: str) -> torch.Tensor:
-    """Launch order of the (batch*head, group) programs, as flat ids [B*H*NG] int32."""
-    flat = grp_count.reshape(-1, grp_count.shape[-1]).long()
-    if schedule == "lpt":
-        return torch.argsort(flat.reshape(-1), descending=True).to(torch.int32)
-    if schedule != "head":
-        raise ValueError(f"schedule must be 'head' or 'lpt', got {schedule!r}")
-    heads = torch.argsort(flat.sum(-1), descending=True)
-    NG = flat.shape[-1]
-    return (heads[:, None] * NG + torch.arange(NG, device=flat.device)).reshape(-1).to(torch.int32)
-
-
 def _pair_table(kv_index: torch.Tensor):
     """_group_table for 2 cubes without a sort: merge two ascending lists by rank (searchsorted).
 
@@ -318,82 +331,149 @@ def _pair_table(kv_index: torch.Tensor):
     return count.int().contiguous(), index[..., :KG].contiguous(), bits[..., :KG].contiguous()
 
 
+class BlockSparsePlan(NamedTuple):
+    """Launch tables derived from one selection: the grouped union table and its membership bits."""
+    group: int
+    count: torch.Tensor     # [B, H, NG] int32
+    index: torch.Tensor     # [B, H, NG, KG] int32 ascending, -1 pad
+    bits: torch.Tensor      # [B, H, NG, KG] int32 membership bits (dummy when group == 1)
+
+
+def plan_block_sparse(kv_count: torch.Tensor, kv_index: torch.Tensor, cubes_per_program: int = 1) -> BlockSparsePlan:
+    """Group `cubes_per_program` consecutive query cubes per program (union table + membership bits)."""
+    group = int(cubes_per_program)
+    if not 1 <= group <= 32:
+        raise ValueError(f"cubes_per_program must be in [1, 32], got {cubes_per_program}")
+    return BlockSparsePlan(group, *_group_table(kv_count, kv_index, group))
+
+
+class _KeyTables(NamedTuple):
+    key_bias: torch.Tensor  # [N, S] fp32: 0 on real key slots, -inf on padding
+    log2_n: torch.Tensor    # [N] fp32: log2 of each cube's real key count (pooled key weight)
+
+
+_key_tables_cache: dict = {}
+
+
+def _key_tables(slot_valid: torch.Tensor) -> _KeyTables:
+    """Per-layout constants, built once per (layout, device) instead of once per call."""
+    key = (slot_valid.data_ptr(), tuple(slot_valid.shape), str(slot_valid.device))
+    tables = _key_tables_cache.get(key)
+    if tables is None or tables.key_bias.shape != slot_valid.shape:
+        bias = torch.zeros(slot_valid.shape, dtype=torch.float32, device=slot_valid.device)
+        bias.masked_fill_(~slot_valid, float("-inf"))
+        tables = _KeyTables(bias, torch.log2(slot_valid.sum(-1).float()).contiguous())
+        if len(_key_tables_cache) > 64:
+            _key_tables_cache.clear()
+        _key_tables_cache[key] = tables
+    return tables
+
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
 def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes: torch.Tensor,
                            q_index: torch.Tensor, kv_count: torch.Tensor, kv_index: torch.Tensor,
                            slot_valid: torch.Tensor, scale: float | None = None,
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
-                           cubes_per_program: int | None = None, kv_per_iter: int | None = None,
-                           schedule: str = "head", use_tma: bool | None = None, plan: "BlockSparsePlan | None" = None,
-                           return_lse: bool = False, remainder: tuple | None = None):
+                           cubes_per_program: int | None = None, use_tma: bool | None = None,
+                           plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
     q_index [B, H, N, Kq] kept slots (-1 pad); kv_count [B, H, N]; kv_index [B, H, N, Kkv] ascending
     KV cube ids (-1 pad); slot_valid [N, S] bool (padding key slots are never attended).
     k_extra, v_extra: [B, H, E, D] keys every query attends (E may be 0), or None.
-    cubes_per_program: query cubes packed into one program (default: enough for a 64-row tile).
-    kv_per_iter: KV cubes per inner step (1 or 2; default 1 where TMA runs, else 2 for one cube per program
-    with a power-of-2 volume <= 64: measured on H100 at keep_ratio 1, one 64-key cube per step through TMA
-    ran 340-352 TFLOP/s against 245-253 for two cubes per step without it).
-    schedule: "head" (heads by descending work, cube order inside a head: neighbours share KV in L2)
-    or "lpt" (all programs by descending work).
-    use_tma: load K/V cubes through Hopper tensor descriptors (one cube per step); default: on where
-    it can run (sm90+, compiled, kv_per_iter 1 or unset, power-of-2 cube volume).
-    plan: a `plan_block_sparse` result for this selection, to build the grouped table once per call
-    site instead of once per launch.
-    remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] mean key / value of every cube, attended
-    [B, H, N, N] bool the same table as a dense mask (`BSASelection.to_dense`, O(cubes^2) per head). Each KV
-    cube a query cube did not select joins its softmax as one key k_bar with weight n_valid and value
-    v_bar (pooled remainder).
-    Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with
-    return_lse the log2-domain LSE [B, H, N, Kq] fp32.
+    cubes_per_program: query cubes per program (default: enough for a 64-row tile, at most 32).
+    use_tma: load K/V cubes through Hopper tensor descriptors (default: where it can run).
+    plan: a `plan_block_sparse` result for this selection (built once per call site).
+    remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] fp32 mean key / value of every cube, attended
+    [B, H, N, N] bool the same table as a dense mask. Each KV cube a query cube did not select joins its
+    softmax as one key k_bar with weight n_valid and value v_bar (pooled remainder).
+    Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0).
     """
     if q_cubes.dim() != 5:
         raise ValueError(f"q_cubes must be [B, H, N, S, D], got shape {tuple(q_cubes.shape)}")
     B, H, N, S, D = q_cubes.shape
-    for name, x in (("k_cubes", k_cubes), ("v_cubes", v_cubes)):
-        if x.shape != q_cubes.shape or x.dtype != q_cubes.dtype or x.device != q_cubes.device:
-            raise ValueError(f"{name} must match q_cubes ({tuple(q_cubes.shape)}, {q_cubes.dtype}), "
-                             f"got {tuple(x.shape)}, {x.dtype}")
-    if q_cubes.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q_cubes: dtype must be float16, bfloat16 or float32, got {q_cubes.dtype}")
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"q_cubes: head_dim must be one of 16, 32, 64, 128, 256, got {D}")
-    if q_index.dim() != 4 or q_index.shape[:3] != (B, H, N):
-        raise ValueError(f"q_index must be [B, H, N, Kq] = [{B}, {H}, {N}, Kq], got {tuple(q_index.shape)}")
+    if q_index.dim() != 4 or q_index.shape[:3] != (B, H, N) or q_index.dtype != torch.int32:
+        raise ValueError(f"q_index must be int32 [B, H, N, Kq] = [{B}, {H}, {N}, Kq], got {q_index.dtype} "
+                         f"{tuple(q_index.shape)}")
+    in_dtype = q_cubes.dtype
+    if in_dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
+        q_cubes = q_cubes.to(torch.bfloat16)
+    KQ = q_index.shape[-1]
+    out = torch.empty(B, H, N, KQ, D, dtype=q_cubes.dtype, device=q_cubes.device)
+    _launch(q_cubes, None, 0, out, k_cubes, v_cubes, q_index.contiguous(), KQ, kv_count, kv_index, slot_valid, scale,
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, None)
+    return out.to(in_dtype)
+
+
+def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cubes: torch.Tensor, layout,
+                                  kv_count: torch.Tensor, kv_index: torch.Tensor, out: torch.Tensor,
+                                  n_prefix: int = 0, scale: float | None = None,
+                                  k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
+                                  cubes_per_program: int | None = None, use_tma: bool | None = None,
+                                  plan: "BlockSparsePlan | None" = None,
+                                  remainder: tuple | None = None) -> torch.Tensor:
+    """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
+    n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
+    [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
+    block_sparse_attention. Returns out."""
+    if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"q and out must be fp16/bf16 [B, H, L, D] of one shape and dtype, got {q.dtype} "
+                         f"{tuple(q.shape)} and {out.dtype} {tuple(out.shape)}")
+    if q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("q and out need a unit stride along head_dim")
+    if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
+        raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
+    _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
+            layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, layout)
+    return out
+
+
+def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, raster_layout):
+    """Validate the K/V side and the tables, build what the launch needs, launch."""
+    first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
+    if first.dim() != 5:
+        raise ValueError(f"k_cubes must be [B, H, N, S, D], got shape {tuple(first.shape)}")
+    B, H, N, S, D = first.shape
+    for name, x in (("q_cubes", q), ("k_cubes", k_cubes), ("v_cubes", v_cubes))[int(raster_layout is not None):]:
+        if x.shape != first.shape or x.device != first.device:
+            raise ValueError(f"{name} must be [B, H, N, S, D] = {tuple(first.shape)} on {first.device}, "
+                             f"got {tuple(x.shape)} on {x.device}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if raster_layout is not None and (q.shape[:2] != (B, H) or q.shape[3] != D):
+        raise ValueError(f"q must be [{B}, {H}, L, {D}], got {tuple(q.shape)}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"k_cubes: head_dim must be one of {HEAD_DIMS}, got {D}")
+    compute_dtype = q.dtype
+    k_cubes, v_cubes = (x.to(compute_dtype) for x in (k_cubes, v_cubes))
     if kv_count.shape != (B, H, N) or kv_index.dim() != 4 or kv_index.shape[:3] != (B, H, N):
         raise ValueError(f"kv_count/kv_index must be [B, H, N] / [B, H, N, K], got {tuple(kv_count.shape)}"
                          f" / {tuple(kv_index.shape)}")
-    if slot_valid.shape != (N, S):
-        raise ValueError(f"slot_valid must be [N, S] = [{N}, {S}], got {tuple(slot_valid.shape)}")
-    for name, x in (("q_index", q_index), ("kv_count", kv_count), ("kv_index", kv_index)):
+    for name, x in (("kv_count", kv_count), ("kv_index", kv_index)):
         if x.dtype != torch.int32:
             raise ValueError(f"{name} must be int32, got {x.dtype}")
+    if slot_valid.shape != (N, S):
+        raise ValueError(f"slot_valid must be [N, S] = [{N}, {S}], got {tuple(slot_valid.shape)}")
     has_extra = k_extra is not None and k_extra.shape[-2] > 0
-    if has_extra and (k_extra.shape != (B, H, k_extra.shape[2], D) or v_extra is None
-                      or v_extra.shape != k_extra.shape):
-        raise ValueError(f"k_extra/v_extra must both be [B, H, E, D], got {tuple(k_extra.shape)}, "
-                         f"{None if v_extra is None else tuple(v_extra.shape)}")
-    tensors = [q_cubes, k_cubes, v_cubes] + ([k_extra, v_extra] if has_extra else [])
-    for name, x in zip(("q_cubes", "k_cubes", "v_cubes", "k_extra", "v_extra"), tensors):
-        if not x.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    in_dtype = q_cubes.dtype
-    if in_dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
-        tensors = [x.to(torch.bfloat16) for x in tensors]
-    q, k, v = tensors[:3]
-    ke, ve = (tensors[3], tensors[4]) if has_extra else (q, q)
+    if has_extra:
+        if k_extra.shape != (B, H, k_extra.shape[2], D) or v_extra is None or v_extra.shape != k_extra.shape:
+            raise ValueError(f"k_extra/v_extra must both be [B, H, E, D], got {tuple(k_extra.shape)}, "
+                             f"{None if v_extra is None else tuple(v_extra.shape)}")
+        k_extra, v_extra = (x.to(compute_dtype).contiguous() for x in (k_extra, v_extra))
     E = k_extra.shape[2] if has_extra else 0
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
-    KQ = q_index.shape[-1]
     if plan is None:
-        plan = plan_block_sparse(kv_count, kv_index, slot_valid, min(32, max(1, 64 // max(KQ, 1))) if cubes_per_program
-                                 is None else cubes_per_program, schedule)
+        group = cubes_per_program or min(32, max(1, 64 // max(KQ, 1)))  # rows of a 64-row tile
+        plan = plan_block_sparse(kv_count, kv_index, group)
     elif cubes_per_program is not None and cubes_per_program != plan.group:
         raise ValueError(f"plan was made for {plan.group} cubes per program, not {cubes_per_program}")
-    group = plan.group
     NG, KG = plan.count.shape[-1], plan.index.shape[-1]
+    tables = _key_tables(slot_valid.to(k_cubes.device))
 
     if remainder is not None:
         k_bar, v_bar, attended = remainder
@@ -401,47 +481,39 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
             raise ValueError(f"remainder must be (k_bar, v_bar, attended) of shapes [B, H, N, D] x 2 and "
                              f"[B, H, N, N] (B={B}, H={H}, N={N}, D={D}), got "
                              f"{[tuple(x.shape) for x in remainder]}")
-        k_bar, v_bar = (x.to(q.dtype).contiguous() for x in (k_bar, v_bar))
+        k_bar, v_bar = (x.float().contiguous() for x in (k_bar, v_bar))
         attended = attended.to(torch.bool).contiguous().view(torch.uint8)
-        log2_n = torch.log2(slot_valid.to(q.device).sum(-1).float()).contiguous()
     else:
-        k_bar = v_bar = log2_n = attended = q
+        k_bar = v_bar = attended = k_cubes
 
-    out = torch.empty(B, H, N, KQ, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q.device)
-    BLOCK_M = max(16, triton.next_power_of_2(group * KQ))
+    rows = plan.group * KQ
+    # raster mode splits a cube of more than 64 queries over programs: 64-row tiles measured fastest
+    pieces = -(-rows // 64) if raster_layout is not None and plan.group == 1 and rows > 64 else 1
+    BLOCK_M = max(16, triton.next_power_of_2(-(-rows // pieces)))
+    major, budget = _device_facts(k_cubes.device)
+    BLOCK_N = _key_block(S, D, BLOCK_M, budget)
     pow2 = S == triton.next_power_of_2(S) and S >= 16
+    on_hopper = not _INTERPRET and major >= 9
     if use_tma is None:
-        use_tma = (kv_per_iter in (None, 1) and pow2 and not _INTERPRET and q.is_cuda
-                   and torch.cuda.get_device_capability(q.device)[0] >= 9)
-    if kv_per_iter is None:
-        kv_per_iter = 2 if pow2 and S <= 64 and group == 1 and not use_tma else 1
-    if kv_per_iter not in (1, 2) or (kv_per_iter == 2 and not pow2):
-        raise ValueError(f"kv_per_iter must be 1, or 2 with a power-of-2 cube volume >= 16, got {kv_per_iter}")
-    if use_tma and (kv_per_iter != 1 or not pow2 or _INTERPRET or torch.cuda.get_device_capability(q.device)[0] < 9):
-        raise ValueError("use_tma needs a Hopper+ GPU, kv_per_iter=1 and a power-of-2 cube volume")
-    BLOCK_N = max(16, triton.next_power_of_2(S)) * kv_per_iter
+        use_tma = pow2 and on_hopper
+    if use_tma and not (pow2 and on_hopper):
+        raise ValueError("use_tma needs a Hopper+ GPU and a power-of-2 cube volume >= 16")
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        k_desc = TensorDescriptor.from_tensor(k.view(-1, D), [S, D])
-        v_desc = TensorDescriptor.from_tensor(v.view(-1, D), [S, D])
+        k_desc = TensorDescriptor.from_tensor(k_cubes.view(-1, D), [BLOCK_N, D])
+        v_desc = TensorDescriptor.from_tensor(v_cubes.view(-1, D), [BLOCK_N, D])
     else:
-        k_desc, v_desc = k, v
-    grid = (B * H * NG,)
-    _block_sparse_attn_fwd[grid](q, k, v, k_desc, v_desc, ke, ve, k_bar, v_bar, log2_n, attended, out, lse,
-                                 plan.order, q_index.contiguous(), plan.count, plan.index, plan.bits, plan.key_bias,
-                                 scale, H, N, KQ, NG, KG, E,
-                                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, CUBE=S, GROUP=group,
-                                 KV_PER_ITER=kv_per_iter, HAS_EXTRA=has_extra, HAS_REMAINDER=remainder is not None,
-                                 USE_TMA=bool(use_tma), DOT_F32=_INTERPRET)
-    out = out.to(in_dtype)
-    return (out, lse) if return_lse else out
-
-
-def scatter_kept(out_kept: torch.Tensor, q_source: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
-    """[B,H,N,Kq,D] kept outputs -> [B,H,N,S,D]: every slot copies its source (padding slots 0).
-    Torch gather stand-in until the fused scatter kernel lands."""
-    B, H, N, _, D = out_kept.shape
-    S = q_source.shape[-1]
-    src = q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
-    return out_kept.gather(-2, src) * slot_valid.to(out_kept.device)[..., None].to(out_kept.dtype)
+        k_desc, v_desc = k_cubes, v_cubes
+    grid_args = _grid_args(raster_layout) if raster_layout is not None else (1, 1, 1, 1, 1)
+    cube = raster_layout.cube_size if raster_layout is not None else (1, 1, S)
+    q_strides = (q.stride(0), q.stride(1), q.stride(2)) if raster_layout is not None else (0, 0, 0)
+    o_strides = (out.stride(0), out.stride(1), out.stride(2)) if raster_layout is not None else (0, 0, 0)
+    _block_sparse_attn_fwd[(B * H * NG * pieces,)](
+        q, k_cubes, v_cubes, k_desc, v_desc, k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
+        k_bar, v_bar, tables.log2_n, attended, out,
+        q_index if q_index is not None else plan.count, plan.count, plan.index, plan.bits, tables.key_bias, scale,
+        H, N, KQ, NG, KG, E, n_prefix, *grid_args, *q_strides, *o_strides, budget,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, CUBE=S, CT=cube[0], CH=cube[1], CW=cube[2], GROUP=plan.group,
+        PIECES=pieces, HAS_EXTRA=has_extra,
+        HAS_REMAINDER=remainder is not None, USE_TMA=bool(use_tma), RASTER=raster_layout is not None,
+        DOT_F32=_INTERPRET)

@@ -4,7 +4,9 @@ x [B, H, L, D] holds the video tokens in raster order from row `n_prefix` on (pr
 stay where they are, so the caller needs no slice copy). One program moves one cube of one (batch,
 head): S rows gathered from the raster, written contiguously to [B, H, N, S, D] with padding slots
 zeroed. With WITH_MEAN the same rows are summed in fp32, which gives k_bar for KV selection without a
-second pass over K.
+second pass over K; `cube_means` runs the same pass without the copy (Q at keep_ratio 1, where the
+attention kernel reads the raster rows itself), and `permute_qkv` does a call's three permutes in one
+launch.
 """
 from __future__ import annotations
 
@@ -12,21 +14,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._cube_index import _cube_tokens, _grid_args
+from .cube_index import _cube_tokens, _grid_args
 
 _TILE_ELEMENTS = 8192  # rows x head_dim per loop step: ~64 fp32 registers a thread at 4 warps
 
 
 @triton.jit
-def _cube_permute_kernel(X, Y, Mean, n_prefix, n_heads, GT, GH, GW, NH, NW,
-                         stride_xb, stride_xh, stride_xl, stride_xd,
-                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-                         CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, WITH_MEAN: tl.constexpr):
+def _permute_cube(X, Y, Mean, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW,
+                  stride_xb, stride_xh, stride_xl, stride_xd,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                  CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, WITH_MEAN: tl.constexpr,
+                  WITH_CUBES: tl.constexpr):
+    """One cube of one (batch, head): copy its rows to cube order (WITH_CUBES) and/or store their mean."""
     tl.static_assert(D_PAD >= HEAD_DIM)
     S: tl.constexpr = CT * CH * CW
-    cube = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    n_cubes = tl.num_programs(0)
     x_base = X + (bh // n_heads) * stride_xb + (bh % n_heads) * stride_xh
     y_base = Y + (bh * n_cubes + cube) * (S * HEAD_DIM)
     offs_d = tl.arange(0, D_PAD)
@@ -39,8 +40,9 @@ def _cube_permute_kernel(X, Y, Mean, n_prefix, n_heads, GT, GH, GW, NH, NW,
         rows = (token + n_prefix).to(tl.int64)
         x = tl.load(x_base + rows[:, None] * stride_xl + offs_d[None, :] * stride_xd,
                     mask=valid[:, None] & d_ok[None, :], other=0.0)
-        tl.store(y_base + slots[:, None] * HEAD_DIM + offs_d[None, :], x,
-                 mask=(slots < S)[:, None] & d_ok[None, :])
+        if WITH_CUBES:
+            tl.store(y_base + slots[:, None] * HEAD_DIM + offs_d[None, :], x,
+                     mask=(slots < S)[:, None] & d_ok[None, :])
         if WITH_MEAN:
             acc += tl.sum(x.to(tl.float32), 0)
             n_rows += valid.to(tl.int32)
@@ -48,10 +50,55 @@ def _cube_permute_kernel(X, Y, Mean, n_prefix, n_heads, GT, GH, GW, NH, NW,
         tl.store(Mean + (bh * n_cubes + cube) * HEAD_DIM + offs_d, acc / tl.sum(n_rows, 0).to(tl.float32), mask=d_ok)
 
 
+@triton.jit
+def _cube_permute_kernel(X, Y, Mean, n_prefix, n_heads, GT, GH, GW, NH, NW,
+                         stride_xb, stride_xh, stride_xl, stride_xd,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                         CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, WITH_MEAN: tl.constexpr,
+                         WITH_CUBES: tl.constexpr):
+    _permute_cube(X, Y, Mean, tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(0), n_prefix,
+                  n_heads, GT, GH, GW, NH, NW, stride_xb, stride_xh, stride_xl, stride_xd, HEAD_DIM, D_PAD, BLOCK_S,
+                  CT, CH, CW, WITH_MEAN, WITH_CUBES)
+
+
+@triton.jit
+def _permute_qkv_kernel(Q, K, V, QC, KC, VC, QM, KM, VM, n_prefix, n_heads, GT, GH, GW, NH, NW,
+                        sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                        CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+                        Q_CUBES: tl.constexpr, V_MEAN: tl.constexpr):
+    """Q, K and V in one launch (axis 2 picks the tensor): K to cubes + mean, V to cubes (+ mean), Q to its
+    mean (keep_ratio 1) or to cubes (query selection pools the kept queries itself)."""
+    cube = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n_cubes = tl.num_programs(0)
+    which = tl.program_id(2)
+    if which == 0:
+        _permute_cube(K, KC, KM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, skb, skh, skl, skd,
+                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, True, True)
+    elif which == 1:
+        _permute_cube(V, VC, VM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, svb, svh, svl, svd,
+                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, V_MEAN, True)
+    else:
+        _permute_cube(Q, QC, QM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, sqb, sqh, sql, sqd,
+                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, not Q_CUBES, Q_CUBES)
+
+
 def cube_permute(x: torch.Tensor, layout, n_prefix: int = 0, with_mean: bool = False):
     """x [B, H, L, D] (video rows n_prefix .. n_prefix + T*H*W in raster order, any strides) ->
     cubes [B, H, N, S, D] contiguous in x.dtype, padding zero; with_mean also returns the mean of
     each cube's valid rows [B, H, N, D] float32 (k_bar)."""
+    cubes, mean = _launch(x, layout, n_prefix, with_mean, with_cubes=True)
+    return (cubes, mean) if with_mean else cubes
+
+
+def cube_means(x: torch.Tensor, layout, n_prefix: int = 0) -> torch.Tensor:
+    """Mean of each cube's valid rows of x [B, H, L, D] (video rows from n_prefix on, any strides):
+    [B, H, N, D] float32, the cube order itself is not written."""
+    return _launch(x, layout, n_prefix, with_mean=True, with_cubes=False)[1]
+
+
+def _launch(x, layout, n_prefix, with_mean, with_cubes):
     if x.dim() != 4:
         raise ValueError(f"x must be [B, H, L, D], got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -60,12 +107,40 @@ def cube_permute(x: torch.Tensor, layout, n_prefix: int = 0, with_mean: bool = F
         raise ValueError(f"n_prefix={n_prefix}: x has {x.shape[2]} rows, the grid needs {layout.num_tokens}")
     B, H, _, D = x.shape
     N, S = layout.num_cubes, layout.cube_volume
-    cubes = torch.empty(B, H, N, S, D, dtype=x.dtype, device=x.device)
-    mean = torch.empty(B, H, N, D, dtype=torch.float32, device=x.device) if with_mean else cubes
+    cubes, mean = _outputs(x, N, S, cubes=with_cubes, mean=with_mean)
     d_pad = triton.next_power_of_2(D)
     block_s = min(triton.next_power_of_2(S), max(1, _TILE_ELEMENTS // d_pad))
     _cube_permute_kernel[(N, B * H)](
-        x, cubes, mean, n_prefix, H, *_grid_args(layout), *x.stride(),
+        x, x if cubes is None else cubes, x if mean is None else mean, n_prefix, H, *_grid_args(layout), *x.stride(),
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_S=block_s, CT=layout.cube_size[0], CH=layout.cube_size[1],
-        CW=layout.cube_size[2], WITH_MEAN=with_mean)
-    return (cubes, mean) if with_mean else cubes
+        CW=layout.cube_size[2], WITH_MEAN=with_mean, WITH_CUBES=with_cubes)
+    return cubes, mean
+
+
+def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_prefix: int = 0,
+                q_cubes: bool = False, v_mean: bool = True):
+    """The three permutes of one BSA call in one launch. q, k, v [B, H, L, D] of one shape and dtype (any
+    strides). Returns (q_cubes or None, q_mean or None, k_cubes, k_mean, v_cubes, v_mean or None): Q is
+    permuted with q_cubes, else only pooled; the means are float32."""
+    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share shape and dtype, got {[(tuple(x.shape), x.dtype) for x in (q, k, v)]}")
+    B, H, _, D = q.shape
+    N, S = layout.num_cubes, layout.cube_volume
+    qc, qm = _outputs(q, N, S, cubes=q_cubes, mean=not q_cubes)
+    kc, km = _outputs(k, N, S, cubes=True, mean=True)
+    vc, vm = _outputs(v, N, S, cubes=True, mean=v_mean)
+    if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
+        raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
+    d_pad = triton.next_power_of_2(D)
+    _permute_qkv_kernel[(N, B * H, 3)](
+        q, k, v, q if qc is None else qc, kc, vc, q if qm is None else qm, km, k if vm is None else vm, n_prefix, H,
+        *_grid_args(layout), *q.stride(), *k.stride(), *v.stride(),
+        HEAD_DIM=D, D_PAD=d_pad, BLOCK_S=min(triton.next_power_of_2(S), max(1, _TILE_ELEMENTS // d_pad)),
+        CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2], Q_CUBES=q_cubes, V_MEAN=v_mean)
+    return qc, qm, kc, km, vc, vm
+
+
+def _outputs(x, N, S, cubes: bool, mean: bool):
+    B, H, _, D = x.shape
+    return (torch.empty(B, H, N, S, D, dtype=x.dtype, device=x.device) if cubes else None,
+            torch.empty(B, H, N, D, dtype=torch.float32, device=x.device) if mean else None)

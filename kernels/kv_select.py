@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-_SCRATCH_ELEMENTS = 1 << 26  # logits buffered at once: 256 MiB of fp32
+_SCRATCH_ELEMENTS = 1 << 27  # logits buffered at once (512 MiB of fp32): Wan 720p's 40 x 1440^2 fit, no host sync
 _ABOVE_ONE = tl.constexpr(0x3F800001)  # bit pattern of the float just above 1.0: no mass lies above it
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -42,8 +42,10 @@ def _prune_logit_configs(configs, named_args, **kwargs):
                  prune_configs_by={"early_config_prune": _prune_logit_configs})
 @triton.jit
 def _block_logits_kernel(QBar, KBar, LogN, Z, N, scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Z[g, m, n] = q_bar[g, m] . k_bar[g, n] * scale + log_n[n], in exact fp32 (ieee, no tf32)."""
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Z[g, m, n] = q_bar[g, m] . k_bar[g, n] * scale + log_n[n] at fp32 accuracy: three tf32 products
+    (tf32x3) on the tensor cores, plain fp32 ("ieee") in the interpreter."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(2).to(tl.int64)
@@ -55,7 +57,7 @@ def _block_logits_kernel(QBar, KBar, LogN, Z, N, scale,
                     mask=(rows < N)[:, None] & d_ok[None, :], other=0.0)
         k = tl.load(KBar + (g * N + cols[:, None]) * HEAD_DIM + offs_d[None, :],
                     mask=(cols < N)[:, None] & d_ok[None, :], other=0.0)
-        acc += tl.dot(q, tl.trans(k), input_precision="ieee")
+        acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     z = acc * scale + tl.load(LogN + cols, mask=cols < N, other=0.0)[None, :]
     tl.store(Z + (g * N + rows[:, None]) * N + cols[None, :], z, mask=(rows < N)[:, None] & (cols < N)[None, :])
 
@@ -77,9 +79,24 @@ def _mass_cut(mass, p, min_blocks, CUMULATIVE: tl.constexpr):
 
 
 @triton.jit
-def _kv_select_kernel(Z, Index, Count, N, p, stat_lambda, min_blocks,
-                      N_PAD: tl.constexpr, CUMULATIVE: tl.constexpr):
-    """One row of block logits -> count and ascending kept KV cubes, written over the row it read."""
+def _ranked_prefix(mass, ok, p, min_blocks, CUMULATIVE: tl.constexpr):
+    """Blocks of the (mass desc, index asc) prefix: the first min_blocks, and (CUMULATIVE) every block
+    while the mass ranked before it is short of p."""
+    t = _mass_cut(mass, p, min_blocks, CUMULATIVE)
+    above = mass > t
+    tied = ok & (mass == t)
+    tie_rank = tl.cumsum(tied.to(tl.int32), 0) - tied.to(tl.int32)
+    keep = above | (tied & (tl.sum(above.to(tl.int32), 0) + tie_rank < min_blocks))
+    if CUMULATIVE:
+        keep |= tied & (tl.sum(tl.where(above, mass, 0.0), 0) + tie_rank.to(tl.float32) * t < p)
+    return keep
+
+
+@triton.jit
+def _kv_select_kernel(Z, Index, Count, Mask, N, p, stat_lambda, min_blocks,
+                      N_PAD: tl.constexpr, CUMULATIVE: tl.constexpr, WRITE_MASK: tl.constexpr):
+    """One row of block logits -> count and ascending kept KV cubes, written over the row it read (and
+    with WRITE_MASK the row as N bytes, 1 = kept: the pooled remainder reads that)."""
     tl.static_assert(N_PAD >= 16)
     cube = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64) * N + cube
@@ -89,31 +106,46 @@ def _kv_select_kernel(Z, Index, Count, N, p, stat_lambda, min_blocks,
     e = tl.exp(z - tl.max(z, 0))
     mass = e / tl.sum(e, 0)
 
-    t = _mass_cut(mass, p, min_blocks, CUMULATIVE)
-    above = mass > t
-    tied = ok & (mass == t)
-    tie_rank = tl.cumsum(tied.to(tl.int32), 0) - tied.to(tl.int32)
-    keep = above | (tied & (tl.sum(above.to(tl.int32), 0) + tie_rank < min_blocks))
     if CUMULATIVE:
-        keep |= tied & (tl.sum(tl.where(above, mass, 0.0), 0) + tie_rank.to(tl.float32) * t < p)
+        keep = _ranked_prefix(mass, ok, p, min_blocks, True)
     else:
         mean = tl.sum(tl.where(ok, z, 0.0), 0) / N
         dev = tl.where(ok, z - mean, 0.0)
-        keep |= ok & (z >= mean + stat_lambda * tl.sqrt(tl.sum(dev * dev, 0) / N))
+        keep = ok & (z >= mean + stat_lambda * tl.sqrt(tl.sum(dev * dev, 0) / N))
+        if min_blocks > 1:
+            keep |= _ranked_prefix(mass, ok, p, min_blocks, False)
+        else:  # the top block by mass (ties: lower index) without the bisection
+            keep |= cols == tl.argmax(mass, 0)
     keep |= cols == cube
 
     count = tl.sum(keep.to(tl.int32), 0)
     position = tl.cumsum(keep.to(tl.int32), 0) - keep.to(tl.int32)
     tl.store(Count + row, count)
+    if WRITE_MASK:
+        tl.store(Mask + row * N + cols, keep.to(tl.int8), mask=ok)
     tl.store(Index + row * N + cols, tl.full([N_PAD], -1, tl.int32), mask=ok & (cols >= count))
     tl.store(Index + row * N + position, cols, mask=keep)
 
 
-def kv_select(q_bar: torch.Tensor, k_bar: torch.Tensor, layout, config, scale: float):
+_log_n_cache: dict = {}
+
+
+def _log_n(layout) -> torch.Tensor:
+    """log of each cube's real key count, once per layout (a partial cube weighs its real size)."""
+    key = (layout.grid, layout.cube_size, str(layout.n_valid.device))
+    if key not in _log_n_cache:
+        if len(_log_n_cache) >= 32:
+            _log_n_cache.clear()
+        _log_n_cache[key] = layout.n_valid.float().log()
+    return _log_n_cache[key]
+
+
+def kv_select(q_bar: torch.Tensor, k_bar: torch.Tensor, layout, config, scale: float, return_mask: bool = False):
     """q_bar, k_bar [B, H, N, D] float32 -> (kv_count [B,H,N] int32, kv_index [B,H,N,Kkv] int32
-    ascending, -1 padded). When every head's logits fit the scratch at once, Kkv = N and nothing waits
-    for the device; otherwise heads go in groups, one host sync each, and Kkv = the largest count.
-    p >= 1 in cumulative mode keeps every cube and returns an expanded arange view without a launch."""
+    ascending, -1 padded), with return_mask also the selection as a [B, H, N, N] bool mask. When every
+    head's logits fit the scratch at once, Kkv = N and nothing waits for the device; otherwise heads go
+    in groups, one host sync each, and Kkv = the largest count. p >= 1 in cumulative mode keeps every
+    cube and returns expanded views without a launch."""
     if q_bar.dim() != 4 or k_bar.shape != q_bar.shape or q_bar.shape[2] != layout.num_cubes:
         raise ValueError(f"q_bar and k_bar must both be [B, H, {layout.num_cubes}, D], "
                          f"got {tuple(q_bar.shape)} and {tuple(k_bar.shape)}")
@@ -126,12 +158,16 @@ def kv_select(q_bar: torch.Tensor, k_bar: torch.Tensor, layout, config, scale: f
     dev = q_bar.device
     if config.threshold_mode == "cumulative" and config.kv_threshold >= 1.0:
         kv_index = torch.arange(N, dtype=torch.int32, device=dev).expand(B, H, N, N)
-        return torch.full((B, H, N), N, dtype=torch.int32, device=dev), kv_index
+        kv_count = torch.full((B, H, N), N, dtype=torch.int32, device=dev)
+        if return_mask:
+            return kv_count, kv_index, torch.ones(1, 1, 1, 1, dtype=torch.bool, device=dev).expand(B, H, N, N)
+        return kv_count, kv_index
 
     BH = B * H
     qb, kb = q_bar.reshape(BH, N, D).contiguous(), k_bar.reshape(BH, N, D).contiguous()
-    log_n = layout.n_valid.float().log()
+    log_n = _log_n(layout)
     kv_count = torch.empty(BH, N, dtype=torch.int32, device=dev)
+    mask = torch.empty(BH, N, N, dtype=torch.bool, device=dev) if return_mask else kv_count
     group = max(1, min(BH, _SCRATCH_ELEMENTS // (N * N)))
     scratch = torch.empty(group, N, N, dtype=torch.float32, device=dev)
     index = scratch.view(torch.int32)
@@ -141,16 +177,20 @@ def kv_select(q_bar: torch.Tensor, k_bar: torch.Tensor, layout, config, scale: f
     for g0 in range(0, BH, group):
         g = min(group, BH - g0)
         _block_logits_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), g)](
-            qb[g0:], kb[g0:], log_n, scratch, N, scale, HEAD_DIM=D, BLOCK_D=block_d)
+            qb[g0:], kb[g0:], log_n, scratch, N, scale, HEAD_DIM=D, BLOCK_D=block_d,
+            PRECISION="ieee" if _INTERPRET else "tf32x3")
         _kv_select_kernel[(N, g)](
-            scratch, index, kv_count[g0:], N, float(config.kv_threshold), float(config.stat_lambda),
-            min(config.min_blocks, N), N_PAD=n_pad, CUMULATIVE=config.threshold_mode == "cumulative",
+            scratch, index, kv_count[g0:], mask[g0:].view(torch.int8) if return_mask else mask, N,
+            float(config.kv_threshold), float(config.stat_lambda), min(config.min_blocks, N), N_PAD=n_pad,
+            CUMULATIVE=config.threshold_mode == "cumulative", WRITE_MASK=return_mask,
             num_warps=max(4, min(16, n_pad // 256)))
         if group == BH:
             # one group: the index written over the logits is the result, full width, no host sync
-            return kv_count.view(B, H, N), index.view(B, H, N, N)
+            result = kv_count.view(B, H, N), index.view(B, H, N, N)
+            return (*result, mask.view(B, H, N, N)) if return_mask else result
         # the scratch is reused by the next group: keep only the used width of this one
         parts.append(index[:g, :, :int(kv_count[g0:g0 + g].max())].clone())
     width = max(part.shape[-1] for part in parts)
     kv_index = torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[-1]), value=-1) for part in parts])
-    return kv_count.view(B, H, N), kv_index.view(B, H, N, width)
+    result = kv_count.view(B, H, N), kv_index.view(B, H, N, width)
+    return (*result, mask.view(B, H, N, N)) if return_mask else result

@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..bsa_core.reference import keep_counts
-from ._cube_index import _cube_tokens, _grid_args
+from .cube_index import _cube_tokens, _grid_args, keep_counts
 
 _EPS = tl.constexpr(1e-12)  # torch.nn.functional.normalize's eps
 _TILE_ELEMENTS = 8192

@@ -18,8 +18,9 @@ from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.reference import bsa_select, sparse_attention_reference  # noqa: E402
 from comfyui_bsa.bsa_core.selection import BSASelection, mask_to_index  # noqa: E402
+from comfyui_bsa.kernels import block_sparse_attention as kernel_module  # noqa: E402
 from comfyui_bsa.kernels.block_sparse_attention import (  # noqa: E402
-    _group_table, block_sparse_attention, scatter_kept)
+    _group_table, _key_block, block_sparse_attention, block_sparse_attention_raster)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,9 +40,16 @@ def _inputs(B, H, grid, cube, D, dtype, seed, E=0):
     return layout, qc, kc, vc, ke, ve
 
 
-def _run(layout, qc, kc, vc, sel, scale, ke=None, ve=None, group=None, kv_per_iter=None, schedule="head"):
+def scatter_kept(out_kept, q_source, slot_valid):
+    """[B,H,N,Kq,D] kept outputs -> [B,H,N,S,D]: every slot copies its source (padding slots 0)."""
+    B, H, N, _, D = out_kept.shape
+    src = q_source.clamp(min=0).long()[..., None].expand(B, H, N, q_source.shape[-1], D)
+    return out_kept.gather(-2, src) * slot_valid.to(out_kept.device)[..., None].to(out_kept.dtype)
+
+
+def _run(layout, qc, kc, vc, sel, scale, ke=None, ve=None, group=None):
     kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, scale,
-                                  ke, ve, cubes_per_program=group, kv_per_iter=kv_per_iter, schedule=schedule)
+                                  ke, ve, cubes_per_program=group)
     return scatter_kept(kept, sel.q_source, layout.slot_valid)
 
 
@@ -60,15 +68,14 @@ def _case_id(c):
             f"{str(dtype).split('.')[-1]}-r{r}-p{p}-E{E}-G{group}")
 
 
-@pytest.mark.parametrize("kv_per_iter", [None, 1], ids=["kvp-auto", "kvp1"])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_matches_reference(case, kv_per_iter):
+def test_matches_reference(case):
     B, H, grid, cube, D, dtype, r, p, E, group = case
     layout, qc, kc, vc, ke, ve = _inputs(B, H, grid, cube, D, dtype, seed=hash(_case_id(case)) % 1000, E=E)
     scale = D ** -0.5
     sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=r, kv_threshold=p), scale)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
-    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group, kv_per_iter, "lpt" if kv_per_iter else "head")
+    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group)
     assert out.dtype == dtype and out.shape == ref.shape
     assert torch.isfinite(out).all()
     assert _rel_rms(out, ref) < 1e-2
@@ -156,15 +163,14 @@ def test_gpu_dense_selection_equals_sdpa(D):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_per_iter", [1, 2])
 @pytest.mark.parametrize("group", [1, 2, 4])
-def test_gpu_wan_sparse_matches_reference(group, kv_per_iter):
+def test_gpu_wan_sparse_matches_reference(group):
     grid, H, D = (21, 30, 52), 2, 128
     layout, qc, kc, vc, ke, ve = _inputs(1, H, grid, (4, 4, 4), D, torch.bfloat16, seed=11, E=77)
     scale = D ** -0.5
     sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8), scale)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
-    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group, kv_per_iter)
+    out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group)
     assert _rel_rms(out, ref) < 1e-2
 
 
@@ -178,5 +184,84 @@ def test_gpu_tma_matches_reference(group):
     sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8), D ** -0.5)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, D ** -0.5, ke, ve)
     kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid,
-                                  k_extra=ke, v_extra=ve, cubes_per_program=group, kv_per_iter=1, use_tma=True)
+                                  k_extra=ke, v_extra=ve, cubes_per_program=group, use_tma=True)
     assert _rel_rms(scatter_kept(kept, sel.q_source, layout.slot_valid), ref) < 1e-2
+
+
+# ---- raster I/O (keep_ratio 1), pooled remainder, per-group lists ------------------------------------------
+
+RASTER_CASES = [  # (B, H, grid, cube, D, dtype, kv_threshold, n_prefix, n_suffix, pooled, group)
+    (2, 3, (3, 5, 6), (2, 2, 2), 16, torch.bfloat16, 0.5, 0, 0, True, None),
+    (1, 2, (5, 4, 7), (2, 2, 4), 32, torch.float16, 0.6, 3, 2, True, 2),
+    (1, 2, (3, 3, 9), (1, 3, 3), 16, torch.bfloat16, 0.4, 0, 5, False, 1),
+    (1, 2, (4, 8, 8), (4, 4, 8), 16, torch.bfloat16, 0.6, 2, 0, True, None),  # 128 queries: two programs a cube
+]
+
+
+@pytest.mark.parametrize("case", RASTER_CASES, ids=lambda c: f"T{'x'.join(map(str, c[2]))}-c{'x'.join(map(str, c[3]))}"
+                         f"-pre{c[7]}-suf{c[8]}-pooled{int(c[9])}-G{c[10]}")
+@pytest.mark.parametrize("budget", [None, 12 * 1024], ids=["budget-any", "budget-12K"])
+def test_raster_matches_reference(case, budget, monkeypatch):
+    """keep_ratio 1: Q read from a strided raster view, output written into the raster rows of `out`. A small
+    shared-memory budget forces key tiles smaller than a cube (several pieces per cube)."""
+    B, H, grid, cube, D, dtype, p, n_prefix, n_suffix, pooled, group = case
+    if budget is not None:
+        if math.prod(cube) <= 16:
+            pytest.skip("cube fits the smallest key tile")
+        monkeypatch.setattr(kernel_module, "_device_facts", lambda device: (0, budget))
+    g = torch.Generator().manual_seed(5)
+    layout = cube_layout(grid, cube, DEVICE)
+    L = n_prefix + layout.num_tokens + n_suffix
+    q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2) for _ in range(3))
+    video = slice(n_prefix, n_prefix + layout.num_tokens)
+    qc, kc, vc = (layout.to_cubes(x[:, :, video]).contiguous() for x in (q, k, v))
+    ke = torch.cat([k[:, :, :n_prefix], k[:, :, L - n_suffix:]], 2).contiguous()
+    ve = torch.cat([v[:, :, :n_prefix], v[:, :, L - n_suffix:]], 2).contiguous()
+    scale = D ** -0.5
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=p), scale)
+    ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve, pooled_remainder=pooled)
+    remainder = None
+    if pooled:
+        from comfyui_bsa.bsa_core.reference import cube_mean
+        remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense())
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, n_prefix, scale, ke, ve,
+                                  cubes_per_program=group, remainder=remainder)
+    assert torch.isnan(out[:, :, :n_prefix]).all() and torch.isnan(out[:, :, L - n_suffix:]).all()
+    assert _rel_rms(out[:, :, video], layout.to_raster(ref)) < 1e-2
+
+
+def test_key_block_follows_the_shared_memory_budget():
+    """Whole cubes up to 128 keys where they fit; a 99 KB consumer card takes 256-key cubes in 64-key pieces."""
+    assert _key_block(64, 128, 64, 227 * 1024) == 64
+    assert _key_block(256, 128, 64, 227 * 1024) == 128
+    assert _key_block(256, 128, 64, 99 * 1024) == 64
+    assert _key_block(27, 64, 64, 99 * 1024) == 32
+
+
+BUDGET_CASES = [(cube, D, kb) for kb in (99, 163) for cube in ((4, 4, 4), (2, 8, 8), (4, 4, 8), (4, 8, 8))
+                for D in (64, 128) if kb == 99 or D == 128]  # 227 KB (H100/H200) is every other GPU test
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cube, D, budget_kb", BUDGET_CASES,
+                         ids=[f"{'x'.join(map(str, c))}-D{d}-{kb}KB" for c, d, kb in BUDGET_CASES])
+def test_gpu_every_shared_memory_budget_launches(cube, D, budget_kb, monkeypatch):
+    """The configs and key tiles chosen for a consumer card (99 KB), an A100 (163 KB) and an H100 (227 KB)
+    launch on this GPU and match the reference (the GPU has at least as much shared memory as forced)."""
+    major = torch.cuda.get_device_capability()[0]
+    if kernel_module.shared_memory_budget(torch.device("cuda")) < budget_kb * 1024:
+        pytest.skip("this GPU has less shared memory than forced")
+    monkeypatch.setattr(kernel_module, "_device_facts", lambda device: (major, budget_kb * 1024))
+    grid, H = (9, 16, 16), 2
+    layout = cube_layout(grid, cube, DEVICE)
+    g = torch.Generator().manual_seed(budget_kb + D)
+    q, k, v = (torch.randn(1, H, math.prod(grid), D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
+    qc, kc, vc = (layout.to_cubes(x).contiguous() for x in (q, k, v))
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=0.6), D ** -0.5)
+    from comfyui_bsa.bsa_core.reference import cube_mean
+    remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense())
+    ref = sparse_attention_reference(qc, kc, vc, layout, sel, D ** -0.5, pooled_remainder=True)
+    out = torch.empty_like(q)
+    block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, remainder=remainder)
+    assert _rel_rms(out, layout.to_raster(ref)) < 1e-2

@@ -21,8 +21,8 @@ from comfyui_bsa.bsa_core import reference  # noqa: E402
 from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.selection import mask_to_index  # noqa: E402
-from comfyui_bsa.kernels.bsa_select import select_triton  # noqa: E402
-from comfyui_bsa.kernels.cube_permute import cube_permute  # noqa: E402
+from comfyui_bsa.bsa_core.gpu_select import select_triton  # noqa: E402
+from comfyui_bsa.kernels.cube_permute import cube_permute, permute_qkv  # noqa: E402
 from comfyui_bsa.kernels.kv_select import kv_select  # noqa: E402
 from comfyui_bsa.kernels.output_scatter import output_scatter  # noqa: E402
 from comfyui_bsa.kernels.query_select import query_select  # noqa: E402
@@ -227,3 +227,20 @@ def test_select_triton_gpu(cube, D):
         out = output_scatter(kept_out, got.q_source, layout)
         source = got.q_source.clamp(min=0).long()[..., None].expand(*got.q_source.shape, D)
         assert torch.equal(out, layout.to_raster(kept_out.gather(-2, source)))
+
+
+@pytest.mark.parametrize("q_cubes", [False, True], ids=["q-mean", "q-cubes"])
+@pytest.mark.parametrize("v_mean", [False, True], ids=["no-v-mean", "v-mean"])
+def test_permute_qkv_equals_three_permutes(q_cubes, v_mean):
+    """One launch for Q, K and V gives what cube_permute gives for each (strided [B, L, H, D] views)."""
+    layout = cube_layout((3, 5, 7), (2, 2, 4), DEVICE)
+    n_prefix, L = 2, 2 + 105 + 3
+    q, k, v = (_randn(2, L, 3, 32, seed=s, dtype=torch.bfloat16).transpose(1, 2) for s in (1, 2, 3))
+    qc, qm, kc, km, vc, vm = permute_qkv(q, k, v, layout, n_prefix, q_cubes=q_cubes, v_mean=v_mean)
+    for x, cubes, mean in ((k, kc, km), (v, vc, vm), (q, qc, qm)):
+        want_cubes, want_mean = cube_permute(x, layout, n_prefix, with_mean=True)
+        if cubes is not None:
+            assert torch.equal(cubes, want_cubes)
+        if mean is not None:
+            assert torch.allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
+    assert (qc is None) != q_cubes and (qm is None) == q_cubes and (vm is None) != v_mean

@@ -79,3 +79,32 @@ def test_triton_backend_on_gpu(grid, heads, D, keep, pooled):
     dense, _ = attention.bsa_attention(q, k, v, grid, BSAConfig(keep_ratio=1.0, kv_threshold=1.0), n_suffix=16,
                                        backend="triton")
     assert _rel(dense, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_prefix, n_suffix, pooled", [(0, 0, True), (5, 257, True), (0, 40, False)],
+                         ids=["wan", "text-and-reference", "guides-no-pool"])
+def test_gpu_call_has_no_host_sync_and_replays_from_a_cuda_graph(n_prefix, n_suffix, pooled):
+    """A warm BSA call at Wan 480p never waits for the GPU (sync debug mode 'error'), so it can be captured in a
+    CUDA graph; the replay equals the eager call."""
+    grid, H, D = (21, 30, 52), 4, 128
+    L = n_prefix + math.prod(grid) + n_suffix
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _qkv(1, H, L, D, torch.bfloat16, seed=3))
+    config = BSAConfig(keep_ratio=1.0, threshold_mode="statistical", stat_lambda=1.0, pooled_remainder=pooled)
+
+    def call():
+        return attention.bsa_attention_op(q, k, v, grid, config, n_prefix=n_prefix, n_suffix=n_suffix)
+
+    eager = call()[0].clone()  # compiles, tunes and fills the per-layout caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()[0]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)

@@ -1,8 +1,18 @@
-"""Cube slot -> raster token, computed in-kernel so that no index table is read (shared by the
-permutation kernels; the definition is `bsa_core.cubes.CubeLayout`: cubes raster over
-(nt, nh, nw), slots raster over (ct, ch, cw))."""
+"""Rules the kernels and bsa_core share, in a module that imports nothing else of the pack.
+
+Cube slot -> raster token, computed in-kernel so that no index table is read (the definition is
+`bsa_core.cubes.CubeLayout`: cubes raster over (nt, nh, nw), slots raster over (ct, ch, cw)), and the
+number of queries a cube keeps at a keep ratio.
+"""
+import torch
 import triton
 import triton.language as tl
+
+
+def keep_counts(n_valid: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """ceil(r * n) per cube, at least 1; r*n is rounded first so 0.3 * 10 keeps 3, not 4."""
+    raw = torch.round(n_valid.double() * keep_ratio * 1e6) / 1e6
+    return torch.ceil(raw).clamp(min=1).long()
 
 
 @triton.jit

@@ -1,0 +1,82 @@
+"""What every bench script shares: the pack loaded as `comfyui_bsa`, the Wan shapes, the timer, the error
+measures and the video-like inputs with their cuDNN baseline."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+from pack import load_pack  # noqa: E402
+
+load_pack()
+
+from video_qkv import video_qkv  # noqa: E402  (bench/ is on sys.path: scripts run from there)
+
+SHAPES = {"480p": ((21, 30, 52), 12), "720p": ((21, 45, 80), 40)}  # Wan 81 frames: latent grid, heads
+
+
+def ms(fn) -> float:
+    """Median milliseconds of fn on the GPU (triton.testing.do_bench: L2 flushed between runs)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def errors(out, ref) -> tuple[float, float]:
+    """(relative L2, cosine) of out against ref over the whole tensor."""
+    a, b = out.float().flatten(), ref.float().flatten()
+    return float((a - b).norm() / b.norm()), float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def video_inputs(shape: str):
+    """(grid, heads, (q, k, v), dense output, dense ms) of a Wan shape: video-like bf16 Q/K/V on the GPU and
+    cuDNN SDPA on them, the baseline every ratio is taken against."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    grid, heads = SHAPES[shape]
+    q, k, v = video_qkv(grid, heads, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense_ms = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        dense_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return grid, heads, (q, k, v), dense_out, dense_ms
+
+
+def flex_on_table(layout, q_index, kv_count, kv_index, qc, kc, vc):
+    """FlexAttention on the very same work: kept queries packed per cube (Q block = Kq rows), keys in cube
+    order (KV block = one cube); full cubes as full blocks, partial cubes as mask_mod blocks."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    B, H, N, S, _ = qc.shape
+    Kq = q_index.shape[-1]
+    D = qc.shape[-1]
+    q_pack = qc.gather(-2, q_index.clamp(min=0).long()[..., None].expand(B, H, N, Kq, D)).reshape(B, H, N * Kq, D)
+    k_flat, v_flat = kc.reshape(B, H, N * S, D), vc.reshape(B, H, N * S, D)
+    full_cube = layout.n_valid == S
+    valid = kv_index >= 0
+    is_full = full_cube[kv_index.clamp(min=0).long()] & valid
+
+    def compact(sel):
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+        idx = kv_index.gather(-1, order).where(torch.arange(sel.shape[-1], device=sel.device) < sel.sum(-1, keepdim=True), 0)
+        out = torch.zeros(B, H, N, N, dtype=torch.int32, device=sel.device)
+        out[..., : idx.shape[-1]] = idx
+        return sel.sum(-1).to(torch.int32), out
+
+    full_n, full_i = compact(is_full)
+    part_n, part_i = compact(valid & ~is_full)
+    slot_ok = layout.slot_valid.reshape(-1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return slot_ok[kv_idx]
+
+    block_mask = BlockMask.from_kv_blocks(part_n, part_i, full_n, full_i, BLOCK_SIZE=(Kq, S), mask_mod=mask_mod,
+                                          seq_lengths=(N * Kq, N * S))
+    flex = torch.compile(flex_attention, dynamic=False)
+    # Flex's default tile (128 x 64) does not divide a 32-row query block: give it the block's own sizes
+    options = {"BLOCK_M": Kq, "BLOCK_N": S}
+
+    def run():
+        return flex(q_pack, k_flat, v_flat, block_mask=block_mask, kernel_options=options)
+
+    return run

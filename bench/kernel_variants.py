@@ -1,0 +1,95 @@
+"""The attention kernel alone on the node's own tables (video-like Q/K/V, Wan shapes), against cuDNN SDPA
+on the same inputs in the same run, and the whole BSA call beside it. A script, not a test:
+
+    python bench/kernel_variants.py [--shapes 480p,720p] [--settings stat1,stat1.5,stat2.5,cum0.9]
+                                    [--dtypes bf16,fp16] [--head-dims 128,64]
+
+Rows: keep_ratio 1 (raster Q/O), pooled remainder on, 4x4x4 cubes; G1 = one query cube per program
+(the default, 64-row tiles), G2 = two neighbouring cubes over the union of their lists (128-row tiles,
+each row masked to its own cube's list). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
+TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import SHAPES, errors, ms, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
+
+from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
+from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
+from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
+from comfyui_bsa.bsa_core.gpu_select import select_triton  # noqa: E402
+from comfyui_bsa.kernels.block_sparse_attention import block_sparse_attention_raster, plan_block_sparse  # noqa: E402
+from comfyui_bsa.kernels.cube_permute import permute_qkv  # noqa: E402
+
+SETTINGS = {"stat1": ("statistical", 1.0), "stat1.5": ("statistical", 1.5), "stat2.5": ("statistical", 2.5),
+            "cum0.9": ("cumulative", 0.9)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _config(name):
+    mode, value = SETTINGS[name]
+    extra = {"stat_lambda": value} if mode == "statistical" else {"kv_threshold": value}
+    return dataclasses.replace(RECOMMENDED, threshold_mode=mode, **extra)
+
+
+def run(shape, dtype_name, head_dim, settings):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    grid, heads = SHAPES[shape]
+    heads = heads * 128 // head_dim
+    q, k, v = video_qkv(grid, heads, head_dim=head_dim, device="cuda", dtype=DTYPES[dtype_name])
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense_ms = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        dense_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    scale = 1.0 / math.sqrt(head_dim)
+    layout = cube_layout(grid, (4, 4, 4), q.device)
+    N, S = layout.num_cubes, layout.cube_volume
+    L = q.shape[-2]
+    print(f"\n{shape} {dtype_name} head_dim {head_dim}: grid {grid}, {heads} heads; cuDNN SDPA {dense_ms:.2f} ms "
+          f"({4 * head_dim * L * L * heads / dense_ms / 1e9:.0f} TFLOP/s)")
+    print(f"  {'setting':8s} {'kv%':>5s} {'tile':4s} {'kernel ms':>9s} {'TFLOP/s':>7s} {'x cuDNN':>7s}  "
+          f"{'call ms':>8s} {'x cuDNN':>7s} {'relL2':>6s}")
+    _, q_bar, kc, k_bar, vc, v_bar = permute_qkv(q, k, v, layout)
+    for name in settings:
+        config = _config(name)
+        call = lambda: bsa_attention(q, k, v, grid, config, backend="triton")  # noqa: E731
+        out, _ = call()
+        call_ms = ms(call)
+        rel, _ = errors(out, dense_out)
+        sel, mask = select_triton(None, None, layout, config, scale, k_bar=k_bar, q_bar=q_bar, return_mask=True)
+        kv_tokens = layout.n_valid[sel.kv_index.clamp(min=0).long()] * (sel.kv_index >= 0)
+        useful = 4 * head_dim * (float(kv_tokens.sum().double()) * S + float(L) * heads * N)
+        for group in (1, 2):
+            plan = plan_block_sparse(sel.kv_count, sel.kv_index, group)
+            result = torch.empty_like(q)
+            kernel_ms = ms(lambda: block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, result,
+                                                                 0, scale, plan=plan, remainder=(k_bar, v_bar, mask)))
+            print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} G{group:<3d} {kernel_ms:9.3f} "
+                  f"{useful / kernel_ms / 1e9:7.0f} {dense_ms / kernel_ms:7.2f}  {call_ms:8.3f} {dense_ms / call_ms:7.2f} "
+                  f"{rel:6.3f}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="480p")
+    parser.add_argument("--settings", default="stat1,stat1.5,stat2.5,cum0.9")
+    parser.add_argument("--dtypes", default="bf16")
+    parser.add_argument("--head-dims", default="128")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for shape in args.shapes.split(","):
+        for dtype_name in args.dtypes.split(","):
+            for head_dim in (int(d) for d in args.head_dims.split(",")):
+                run(shape, dtype_name, head_dim, args.settings.split(","))
+
+
+if __name__ == "__main__":
+    main()
