@@ -6,7 +6,7 @@ on the same inputs in the same run, and the whole BSA call beside it. A script, 
 
 Rows: keep_ratio 1 (raster Q/O), pooled remainder on, 4x4x4 cubes; G1 = one query cube per program
 (the default, 64-row tiles), G2 = two neighbouring cubes over the union of their lists (128-row tiles,
-each row masked to its own cube's list). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
+each row masked to its own cube's list); P = pooled keys per step. head_dim 64 runs twice the heads (LTX-Video's shape: same work).
 TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys.
 """
 from __future__ import annotations
@@ -55,9 +55,9 @@ def run(shape, dtype_name, head_dim, settings):
     L = q.shape[-2]
     print(f"\n{shape} {dtype_name} head_dim {head_dim}: grid {grid}, {heads} heads; cuDNN SDPA {dense_ms:.2f} ms "
           f"({4 * head_dim * L * L * heads / dense_ms / 1e9:.0f} TFLOP/s)")
-    print(f"  {'setting':8s} {'kv%':>5s} {'tile':4s} {'kernel ms':>9s} {'TFLOP/s':>7s} {'x cuDNN':>7s}  "
+    print(f"  {'setting':8s} {'kv%':>5s} {'tile':6s} {'kernel ms':>9s} {'TFLOP/s':>7s} {'x cuDNN':>7s}  "
           f"{'call ms':>8s} {'x cuDNN':>7s} {'relL2':>6s}")
-    _, q_bar, kc, k_bar, vc, v_bar = permute_qkv(q, k, v, layout)
+    _, q_bar, kc, k_bar, vc, k_pooled, v_pooled = permute_qkv(q, k, v, layout)
     for name in settings:
         config = _config(name)
         call = lambda: bsa_attention(q, k, v, grid, config, backend="triton")  # noqa: E731
@@ -67,12 +67,13 @@ def run(shape, dtype_name, head_dim, settings):
         sel, mask = select_triton(None, None, layout, config, scale, k_bar=k_bar, q_bar=q_bar, return_mask=True)
         kv_tokens = layout.n_valid[sel.kv_index.clamp(min=0).long()] * (sel.kv_index >= 0)
         useful = 4 * head_dim * (float(kv_tokens.sum().double()) * S + float(L) * heads * N)
-        for group in (1, 2):
+        for group, pool in ((1, 64), (1, 128), (2, 64)):
             plan = plan_block_sparse(sel.kv_count, sel.kv_index, group)
             result = torch.empty_like(q)
             kernel_ms = ms(lambda: block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, result,
-                                                                 0, scale, plan=plan, remainder=(k_bar, v_bar, mask)))
-            print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} G{group:<3d} {kernel_ms:9.3f} "
+                                                                 0, scale, plan=plan, remainder=(k_pooled, v_pooled, mask),
+                                                                 pool_block=pool))
+            print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} G{group}P{pool:<3d} {kernel_ms:9.3f} "
                   f"{useful / kernel_ms / 1e9:7.0f} {dense_ms / kernel_ms:7.2f}  {call_ms:8.3f} {dense_ms / call_ms:7.2f} "
                   f"{rel:6.3f}", flush=True)
 

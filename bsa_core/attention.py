@@ -192,11 +192,11 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     if in_dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
         q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     all_queries = config.keep_ratio >= 1.0
-    q_cubes, q_bar, k_cubes, k_bar, v_cubes, v_bar = permute_qkv(q, k, v, layout, n_prefix, q_cubes=not all_queries,
-                                                                 v_mean=config.pooled_remainder)
+    q_cubes, q_bar, k_cubes, k_bar, v_cubes, k_pooled, v_pooled = permute_qkv(
+        q, k, v, layout, n_prefix, q_cubes=not all_queries, pooled=config.pooled_remainder)
     selection, attended = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
                                         return_mask=True)
-    remainder = (k_bar, v_bar, attended) if config.pooled_remainder else None
+    remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     L = q.shape[-2]
     extra = [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
     k_extra = torch.cat([k[..., part, :] for part in extra], -2) if extra else None

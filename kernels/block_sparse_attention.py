@@ -57,8 +57,9 @@ def _device_facts(device: torch.device) -> tuple[int, int]:
 
 
 def _shared_memory(block_m: int, block_n: int, head_dim: int, stages: int) -> int:
-    """Rough bytes of shared memory: the 16-bit Q tile plus `stages` buffered K and V tiles and the layout
-    conversion Triton adds around the dots (one K-sized tile)."""
+    """Rough bytes of shared memory: the 16-bit Q tile plus `stages` buffered K and V tiles of block_n keys
+    and the layout conversion Triton adds around the dots (one K-sized tile). The loops' buffers are not
+    live at once, so a kernel needs the largest loop's."""
     return 2 * head_dim * (block_m + block_n * (2 * stages + 1))
 
 
@@ -73,7 +74,8 @@ def _key_block(cube_volume: int, head_dim: int, block_m: int, budget: int) -> in
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose buffers exceed the device's shared memory; 8 warps only pay on 128-row tiles."""
-    block_m, block_n, head_dim = kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["HEAD_DIM"]
+    block_m, head_dim = kwargs["BLOCK_M"], kwargs["HEAD_DIM"]
+    block_n = max(kwargs["BLOCK_N"], kwargs["POOL_BLOCK"] if kwargs["HAS_REMAINDER"] else 0)
     budget = named_args["smem_budget"]
     kept = [c for c in configs if block_m >= 128 or c.num_warps == 4]
     fits = [c for c in kept if c.num_stages > 1
@@ -110,27 +112,28 @@ def _selected_cubes(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, desc_row0, idx
     (a cube larger than the tile the device's shared memory holds takes several); key_bias masks padding
     slots. HAS_BITS: row r sees entry j only when bit row_cube[r] of bits_ptr[j] is set.
     USE_TMA: K/V tiles through tensor descriptors over [B*H*N*CUBE, HEAD_DIM], rows desc_row0 + kv * CUBE."""
-    for j in range(0, count):
+    PIECES_PER_CUBE: tl.constexpr = (CUBE + BLOCK_N - 1) // BLOCK_N
+    for step in range(0, count * PIECES_PER_CUBE):  # one flat loop: one set of pipeline buffers
+        j = step // PIECES_PER_CUBE
+        piece = step % PIECES_PER_CUBE
         kv = tl.load(idx_ptr + j).to(tl.int64)
+        cols = piece * BLOCK_N + offs_n
+        key_ok = cols < CUBE
+        rows = kv * CUBE + cols
+        if USE_TMA:
+            k = K_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
+        else:
+            k = tl.load(K_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32)
+        s = s * qk_scale + tl.load(key_bias_ptr + rows, mask=key_ok, other=float("-inf"))[None, :]
         if HAS_BITS:
             member = ((tl.load(bits_ptr + j) >> row_cube) & 1) != 0
-        for piece in tl.static_range(0, (CUBE + BLOCK_N - 1) // BLOCK_N):
-            cols = piece * BLOCK_N + offs_n
-            key_ok = cols < CUBE
-            rows = kv * CUBE + cols
-            if USE_TMA:
-                k = K_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
-            else:
-                k = tl.load(K_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32)
-            s = s * qk_scale + tl.load(key_bias_ptr + rows, mask=key_ok, other=float("-inf"))[None, :]
-            if HAS_BITS:
-                s = tl.where(member[:, None], s, float("-inf"))
-            if USE_TMA:
-                v = V_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
-            else:
-                v = tl.load(V_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_F32)
+            s = tl.where(member[:, None], s, float("-inf"))
+        if USE_TMA:
+            v = V_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
+        else:
+            v = tl.load(V_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_F32)
     return acc, l_i, m_i
 
 
@@ -154,8 +157,7 @@ def _extra_keys(acc, l_i, m_i, q, KE_bh, VE_bh, n_keys, qk_scale, offs_n, offs_d
 def _pooled_keys(acc, l_i, m_i, q, KBar_bh, VBar_bh, log2n_ptr, attended_bh, n_cubes, row_cube, first_cube, qk_scale,
                  offs_n, offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROW_MASKS: tl.constexpr,
                  DOT_F32: tl.constexpr):
-    """Online softmax over one pooled key per KV cube (fp32 mean key and value, cast to q's type here;
-    log2 weight log2n_ptr[c]), hidden where the row's query cube attends that cube exactly (attended_bh
+    """Online softmax over one pooled key per KV cube (mean key and value; log2 weight log2n_ptr[c]), hidden where the row's query cube attends that cube exactly (attended_bh
     [N, N] bytes). ROW_MASKS: rows of different query cubes read their own mask rows; else one mask row
     (first_cube's) serves all."""
     for start in range(0, n_cubes, BLOCK_N):
@@ -176,15 +178,16 @@ def _pooled_keys(acc, l_i, m_i, q, KBar_bh, VBar_bh, log2n_ptr, attended_bh, n_c
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "HEAD_DIM", "GROUP", "USE_TMA", "HAS_REMAINDER",
-                                        "RASTER", "smem_budget"],
+@triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "POOL_BLOCK", "HEAD_DIM", "GROUP", "USE_TMA",
+                                        "HAS_REMAINDER", "RASTER", "smem_budget"],
                  prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out,
+def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, order_ptr,
                            q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
                            H, N, KQ, NG, KG, E, n_prefix, GT, GH, GW, NH, NW,
                            stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, smem_budget,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POOL_BLOCK: tl.constexpr,
+                           HEAD_DIM: tl.constexpr,
                            CUBE: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
                            GROUP: tl.constexpr, PIECES: tl.constexpr, HAS_EXTRA: tl.constexpr,
                            HAS_REMAINDER: tl.constexpr, USE_TMA: tl.constexpr, RASTER: tl.constexpr,
@@ -193,10 +196,12 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
     tl.static_assert(not USE_TMA or CUBE % BLOCK_N == 0, "TMA loads whole pieces of a cube")
     tl.static_assert(GROUP <= 32, "membership bits are one int32 per table entry")
     tl.static_assert(PIECES == 1 or (RASTER and GROUP == 1), "a cube split over programs is a raster-mode cube")
-    # (batch, head)-major, groups in cube order: programs in flight share one head's KV cubes in L2
-    pid = tl.program_id(0).to(tl.int64)
-    bh = pid // (NG * PIECES)
-    grp = (pid // PIECES) % NG
+    # order_ptr: heads by descending total work (long heads start first), each head's groups in cube order
+    # (programs in flight share one head's KV cubes in L2); a cube split over PIECES programs keeps them adjacent
+    pid = tl.program_id(0)
+    work = tl.load(order_ptr + pid // PIECES).to(tl.int64)
+    bh = work // NG
+    grp = work % NG
     piece = pid % PIECES
     b = bh // H
     h = bh % H
@@ -246,7 +251,8 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
         # every KV cube the row's cube did not select, as one pooled key: n * exp(q . k_bar) * v_bar
         acc, l_i, m_i = _pooled_keys(acc, l_i, m_i, q, KBar + bh * N * HEAD_DIM, VBar + bh * N * HEAD_DIM, Log2N,
                                      Attended + bh * N * N, N, tl.where(row_store, row_cube, 0), grp * GROUP,
-                                     qk_scale, offs_n, offs_d, BLOCK_N, HEAD_DIM, GROUP > 1, DOT_F32)
+                                     qk_scale, tl.arange(0, POOL_BLOCK), offs_d, POOL_BLOCK, HEAD_DIM, GROUP > 1,
+                                     DOT_F32)
 
     # rows that saw no valid key (or are padding) write 0
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -332,19 +338,31 @@ def _pair_table(kv_index: torch.Tensor):
 
 
 class BlockSparsePlan(NamedTuple):
-    """Launch tables derived from one selection: the grouped union table and its membership bits."""
+    """Launch tables derived from one selection: the grouped union table, its membership bits, the order."""
     group: int
     count: torch.Tensor     # [B, H, NG] int32
     index: torch.Tensor     # [B, H, NG, KG] int32 ascending, -1 pad
     bits: torch.Tensor      # [B, H, NG, KG] int32 membership bits (dummy when group == 1)
+    order: torch.Tensor     # [B*H*NG] int32 launch order
 
 
 def plan_block_sparse(kv_count: torch.Tensor, kv_index: torch.Tensor, cubes_per_program: int = 1) -> BlockSparsePlan:
-    """Group `cubes_per_program` consecutive query cubes per program (union table + membership bits)."""
+    """Group `cubes_per_program` consecutive query cubes per program (union table + membership bits) and
+    fix the launch order."""
     group = int(cubes_per_program)
     if not 1 <= group <= 32:
         raise ValueError(f"cubes_per_program must be in [1, 32], got {cubes_per_program}")
-    return BlockSparsePlan(group, *_group_table(kv_count, kv_index, group))
+    count, index, bits = _group_table(kv_count, kv_index, group)
+    return BlockSparsePlan(group, count, index, bits, _work_order(count))
+
+
+def _work_order(grp_count: torch.Tensor) -> torch.Tensor:
+    """Launch order of the (batch*head, group) programs as flat ids [B*H*NG] int32: heads by descending
+    work (the last wave is short), cube order inside a head (neighbours share KV cubes in L2)."""
+    flat = grp_count.reshape(-1, grp_count.shape[-1]).long()
+    heads = torch.argsort(flat.sum(-1), descending=True)
+    NG = flat.shape[-1]
+    return (heads[:, None] * NG + torch.arange(NG, device=flat.device)).reshape(-1).to(torch.int32)
 
 
 class _KeyTables(NamedTuple):
@@ -370,6 +388,7 @@ def _key_tables(slot_valid: torch.Tensor) -> _KeyTables:
 
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
+POOL_BLOCK = 64  # pooled keys per step
 
 
 def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes: torch.Tensor,
@@ -377,7 +396,8 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
                            slot_valid: torch.Tensor, scale: float | None = None,
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                            cubes_per_program: int | None = None, use_tma: bool | None = None,
-                           plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None):
+                           plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
+                           pool_block: int | None = None):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
@@ -385,9 +405,10 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     KV cube ids (-1 pad); slot_valid [N, S] bool (padding key slots are never attended).
     k_extra, v_extra: [B, H, E, D] keys every query attends (E may be 0), or None.
     cubes_per_program: query cubes per program (default: enough for a 64-row tile, at most 32).
+    pool_block: pooled keys per online-softmax step (16..128, a power of 2; default POOL_BLOCK).
     use_tma: load K/V cubes through Hopper tensor descriptors (default: where it can run).
     plan: a `plan_block_sparse` result for this selection (built once per call site).
-    remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] fp32 mean key / value of every cube, attended
+    remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] mean key / value of every cube, attended
     [B, H, N, N] bool the same table as a dense mask. Each KV cube a query cube did not select joins its
     softmax as one key k_bar with weight n_valid and value v_bar (pooled remainder).
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0).
@@ -404,7 +425,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     KQ = q_index.shape[-1]
     out = torch.empty(B, H, N, KQ, D, dtype=q_cubes.dtype, device=q_cubes.device)
     _launch(q_cubes, None, 0, out, k_cubes, v_cubes, q_index.contiguous(), KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, None)
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None)
     return out.to(in_dtype)
 
 
@@ -413,8 +434,8 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
                                   n_prefix: int = 0, scale: float | None = None,
                                   k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                                   cubes_per_program: int | None = None, use_tma: bool | None = None,
-                                  plan: "BlockSparsePlan | None" = None,
-                                  remainder: tuple | None = None) -> torch.Tensor:
+                                  plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
+                                  pool_block: int | None = None) -> torch.Tensor:
     """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
     n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
@@ -427,12 +448,12 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
     if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
         raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
     _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
-            layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, layout)
+            layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout)
     return out
 
 
 def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, raster_layout):
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout):
     """Validate the K/V side and the tables, build what the launch needs, launch."""
     first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
     if first.dim() != 5:
@@ -481,7 +502,7 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
             raise ValueError(f"remainder must be (k_bar, v_bar, attended) of shapes [B, H, N, D] x 2 and "
                              f"[B, H, N, N] (B={B}, H={H}, N={N}, D={D}), got "
                              f"{[tuple(x.shape) for x in remainder]}")
-        k_bar, v_bar = (x.float().contiguous() for x in (k_bar, v_bar))
+        k_bar, v_bar = (x.to(compute_dtype).contiguous() for x in (k_bar, v_bar))
         attended = attended.to(torch.bool).contiguous().view(torch.uint8)
     else:
         k_bar = v_bar = attended = k_cubes
@@ -498,6 +519,9 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
         use_tma = pow2 and on_hopper
     if use_tma and not (pow2 and on_hopper):
         raise ValueError("use_tma needs a Hopper+ GPU and a power-of-2 cube volume >= 16")
+    pool_block = POOL_BLOCK if pool_block is None else int(pool_block)
+    if pool_block not in (16, 32, 64, 128):
+        raise ValueError(f"pool_block must be 16, 32, 64 or 128, got {pool_block}")
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         k_desc = TensorDescriptor.from_tensor(k_cubes.view(-1, D), [BLOCK_N, D])
@@ -510,10 +534,10 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     o_strides = (out.stride(0), out.stride(1), out.stride(2)) if raster_layout is not None else (0, 0, 0)
     _block_sparse_attn_fwd[(B * H * NG * pieces,)](
         q, k_cubes, v_cubes, k_desc, v_desc, k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
-        k_bar, v_bar, tables.log2_n, attended, out,
+        k_bar, v_bar, tables.log2_n, attended, out, plan.order,
         q_index if q_index is not None else plan.count, plan.count, plan.index, plan.bits, tables.key_bias, scale,
         H, N, KQ, NG, KG, E, n_prefix, *grid_args, *q_strides, *o_strides, budget,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=D, CUBE=S, CT=cube[0], CH=cube[1], CW=cube[2], GROUP=plan.group,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, POOL_BLOCK=pool_block, HEAD_DIM=D, CUBE=S, CT=cube[0], CH=cube[1], CW=cube[2], GROUP=plan.group,
         PIECES=pieces, HAS_EXTRA=has_extra,
         HAS_REMAINDER=remainder is not None, USE_TMA=bool(use_tma), RASTER=raster_layout is not None,
         DOT_F32=_INTERPRET)

@@ -10,6 +10,8 @@ launch.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -20,12 +22,13 @@ _TILE_ELEMENTS = 8192  # rows x head_dim per loop step: ~64 fp32 registers a thr
 
 
 @triton.jit
-def _permute_cube(X, Y, Mean, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW,
+def _permute_cube(X, Y, Mean, Mean16, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW,
                   stride_xb, stride_xh, stride_xl, stride_xd,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
                   CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, WITH_MEAN: tl.constexpr,
-                  WITH_CUBES: tl.constexpr):
-    """One cube of one (batch, head): copy its rows to cube order (WITH_CUBES) and/or store their mean."""
+                  WITH_CUBES: tl.constexpr, WITH_MEAN16: tl.constexpr = False):
+    """One cube of one (batch, head): copy its rows to cube order (WITH_CUBES) and/or store their mean in
+    fp32 (WITH_MEAN, for selection) and in x's dtype (WITH_MEAN16, the pooled remainder's keys/values)."""
     tl.static_assert(D_PAD >= HEAD_DIM)
     S: tl.constexpr = CT * CH * CW
     x_base = X + (bh // n_heads) * stride_xb + (bh % n_heads) * stride_xh
@@ -43,11 +46,14 @@ def _permute_cube(X, Y, Mean, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, 
         if WITH_CUBES:
             tl.store(y_base + slots[:, None] * HEAD_DIM + offs_d[None, :], x,
                      mask=(slots < S)[:, None] & d_ok[None, :])
-        if WITH_MEAN:
+        if WITH_MEAN or WITH_MEAN16:
             acc += tl.sum(x.to(tl.float32), 0)
             n_rows += valid.to(tl.int32)
+    mean = acc / tl.sum(n_rows, 0).to(tl.float32)
     if WITH_MEAN:
-        tl.store(Mean + (bh * n_cubes + cube) * HEAD_DIM + offs_d, acc / tl.sum(n_rows, 0).to(tl.float32), mask=d_ok)
+        tl.store(Mean + (bh * n_cubes + cube) * HEAD_DIM + offs_d, mean, mask=d_ok)
+    if WITH_MEAN16:
+        tl.store(Mean16 + (bh * n_cubes + cube) * HEAD_DIM + offs_d, mean.to(Mean16.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -56,31 +62,32 @@ def _cube_permute_kernel(X, Y, Mean, n_prefix, n_heads, GT, GH, GW, NH, NW,
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
                          CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, WITH_MEAN: tl.constexpr,
                          WITH_CUBES: tl.constexpr):
-    _permute_cube(X, Y, Mean, tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(0), n_prefix,
+    _permute_cube(X, Y, Mean, Mean, tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(0), n_prefix,
                   n_heads, GT, GH, GW, NH, NW, stride_xb, stride_xh, stride_xl, stride_xd, HEAD_DIM, D_PAD, BLOCK_S,
                   CT, CH, CW, WITH_MEAN, WITH_CUBES)
 
 
 @triton.jit
-def _permute_qkv_kernel(Q, K, V, QC, KC, VC, QM, KM, VM, n_prefix, n_heads, GT, GH, GW, NH, NW,
+def _permute_qkv_kernel(Q, K, V, QC, KC, VC, QM, KM, KM16, VM16, n_prefix, n_heads, GT, GH, GW, NH, NW,
                         sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
                         CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
-                        Q_CUBES: tl.constexpr, V_MEAN: tl.constexpr):
-    """Q, K and V in one launch (axis 2 picks the tensor): K to cubes + mean, V to cubes (+ mean), Q to its
-    mean (keep_ratio 1) or to cubes (query selection pools the kept queries itself)."""
+                        Q_CUBES: tl.constexpr, POOLED: tl.constexpr):
+    """Q, K and V in one launch (axis 2 picks the tensor): K to cubes + fp32 mean, V to cubes, Q to its fp32
+    mean (keep_ratio 1) or to cubes (query selection pools the kept queries itself); with POOLED also K's and
+    V's means in their own dtype for the pooled remainder."""
     cube = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_cubes = tl.num_programs(0)
     which = tl.program_id(2)
     if which == 0:
-        _permute_cube(K, KC, KM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, skb, skh, skl, skd,
-                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, True, True)
+        _permute_cube(K, KC, KM, KM16, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, skb, skh, skl, skd,
+                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, True, True, POOLED)
     elif which == 1:
-        _permute_cube(V, VC, VM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, svb, svh, svl, svd,
-                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, V_MEAN, True)
+        _permute_cube(V, VC, VM16, VM16, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, svb, svh, svl,
+                      svd, HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, False, True, POOLED)
     else:
-        _permute_cube(Q, QC, QM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, sqb, sqh, sql, sqd,
+        _permute_cube(Q, QC, QM, QM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, sqb, sqh, sql, sqd,
                       HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, not Q_CUBES, Q_CUBES)
 
 
@@ -117,27 +124,38 @@ def _launch(x, layout, n_prefix, with_mean, with_cubes):
     return cubes, mean
 
 
+class PermutedQKV(NamedTuple):
+    q_cubes: torch.Tensor | None   # [B, H, N, S, D] (q_cubes=True) or None
+    q_mean: torch.Tensor | None    # [B, H, N, D] fp32 (q_cubes=False) or None
+    k_cubes: torch.Tensor          # [B, H, N, S, D]
+    k_mean: torch.Tensor           # [B, H, N, D] fp32 (selection)
+    v_cubes: torch.Tensor          # [B, H, N, S, D]
+    k_pooled: torch.Tensor | None  # [B, H, N, D] in x.dtype (pooled=True) or None
+    v_pooled: torch.Tensor | None  # likewise
+
+
 def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_prefix: int = 0,
-                q_cubes: bool = False, v_mean: bool = True):
+                q_cubes: bool = False, pooled: bool = True) -> PermutedQKV:
     """The three permutes of one BSA call in one launch. q, k, v [B, H, L, D] of one shape and dtype (any
-    strides). Returns (q_cubes or None, q_mean or None, k_cubes, k_mean, v_cubes, v_mean or None): Q is
-    permuted with q_cubes, else only pooled; the means are float32."""
+    strides). Q is permuted with q_cubes, else only pooled (fp32 mean); K is permuted and pooled (fp32);
+    with `pooled` the means of K and V are also written in x.dtype for the pooled remainder."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share shape and dtype, got {[(tuple(x.shape), x.dtype) for x in (q, k, v)]}")
+    if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
+        raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
     B, H, _, D = q.shape
     N, S = layout.num_cubes, layout.cube_volume
     qc, qm = _outputs(q, N, S, cubes=q_cubes, mean=not q_cubes)
     kc, km = _outputs(k, N, S, cubes=True, mean=True)
-    vc, vm = _outputs(v, N, S, cubes=True, mean=v_mean)
-    if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
-        raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
+    vc, _ = _outputs(v, N, S, cubes=True, mean=False)
+    k16, v16 = (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device) if pooled else None for _ in range(2))
     d_pad = triton.next_power_of_2(D)
     _permute_qkv_kernel[(N, B * H, 3)](
-        q, k, v, q if qc is None else qc, kc, vc, q if qm is None else qm, km, k if vm is None else vm, n_prefix, H,
-        *_grid_args(layout), *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, q if qc is None else qc, kc, vc, km if qm is None else qm, km, k if k16 is None else k16,
+        v if v16 is None else v16, n_prefix, H, *_grid_args(layout), *q.stride(), *k.stride(), *v.stride(),
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_S=min(triton.next_power_of_2(S), max(1, _TILE_ELEMENTS // d_pad)),
-        CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2], Q_CUBES=q_cubes, V_MEAN=v_mean)
-    return qc, qm, kc, km, vc, vm
+        CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2], Q_CUBES=q_cubes, POOLED=pooled)
+    return PermutedQKV(qc, qm, kc, km, vc, k16, v16)
 
 
 def _outputs(x, N, S, cubes: bool, mean: bool):

@@ -230,17 +230,19 @@ def test_select_triton_gpu(cube, D):
 
 
 @pytest.mark.parametrize("q_cubes", [False, True], ids=["q-mean", "q-cubes"])
-@pytest.mark.parametrize("v_mean", [False, True], ids=["no-v-mean", "v-mean"])
-def test_permute_qkv_equals_three_permutes(q_cubes, v_mean):
+@pytest.mark.parametrize("pooled", [False, True], ids=["no-pooled", "pooled"])
+def test_permute_qkv_equals_three_permutes(q_cubes, pooled):
     """One launch for Q, K and V gives what cube_permute gives for each (strided [B, L, H, D] views)."""
     layout = cube_layout((3, 5, 7), (2, 2, 4), DEVICE)
     n_prefix, L = 2, 2 + 105 + 3
     q, k, v = (_randn(2, L, 3, 32, seed=s, dtype=torch.bfloat16).transpose(1, 2) for s in (1, 2, 3))
-    qc, qm, kc, km, vc, vm = permute_qkv(q, k, v, layout, n_prefix, q_cubes=q_cubes, v_mean=v_mean)
-    for x, cubes, mean in ((k, kc, km), (v, vc, vm), (q, qc, qm)):
+    qc, qm, kc, km, vc, k16, v16 = permute_qkv(q, k, v, layout, n_prefix, q_cubes=q_cubes, pooled=pooled)
+    for x, cubes, mean, mean16 in ((k, kc, km, k16), (v, vc, None, v16), (q, qc, qm, None)):
         want_cubes, want_mean = cube_permute(x, layout, n_prefix, with_mean=True)
         if cubes is not None:
             assert torch.equal(cubes, want_cubes)
         if mean is not None:
             assert torch.allclose(mean, want_mean, rtol=1e-5, atol=1e-6)
-    assert (qc is None) != q_cubes and (qm is None) == q_cubes and (vm is None) != v_mean
+        if mean16 is not None:
+            assert mean16.dtype == x.dtype and torch.allclose(mean16.float(), want_mean, rtol=8e-3, atol=1e-3)  # bf16 rounding
+    assert (qc is None) != q_cubes and (qm is None) == q_cubes and (k16 is None) != pooled and (v16 is None) != pooled
