@@ -66,7 +66,7 @@ def test_comfyui_torch_compile_model_with_the_patch(tiny_wan_path, caplog):
     import nodes
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    from comfyui_bsa.bsa_core.patch import apply_bsa
+    from comfy_env import apply_bsa
 
     def sample(model):
         g = torch.Generator().manual_seed(0)

@@ -132,11 +132,11 @@ def _entry_point_call(grid):
 
 def _override_call(attention_module, grid):
     """ComfyUI's attention on [B, L, heads * D] through the node's override, as a model's block calls it."""
-    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BSAPatch, _make_override
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, make_override
 
-    patch = BSAPatch(MEMORY_CONFIG, 0.0, 1.0)
+    patch = fuzz.a_run(MEMORY_CONFIG)
     fuzz.set_layout(patch, grid)
-    options = {OVERRIDE_KEY: _make_override(patch, None)}
+    options = {OVERRIDE_KEY: make_override(patch, None)}
 
     def call(q, k, v):
         out = attention_module.optimized_attention(q, k, v, HEADS, transformer_options=options)

@@ -191,12 +191,14 @@ def test_checker_catches_a_stale_widget_list(our_nodes):
     """The checker itself: a value removed (the last optional widget, pooled_remainder, too), one out of
     range, a wrong choice, a wrong type and an extra value."""
     info = our_nodes["BSASparseAttention"]
-    good = {"widgets_values": [1.0, 0.7, "4x4x4", "statistical", 0.2, 1.0, 1.0, 1, "", 12288, True]}
-    assert len(good["widgets_values"]) == 11
+    values = ["statistical", 1.0, 0.7, 1.0, "4x4x4", 0.2, 1.0, 1, "", 12288, True]
+    good = {"widgets_values": values}
+    assert len(values) == 11
     assert _ui_node_errors(good, info) == []
-    assert _ui_node_errors({"widgets_values": good["widgets_values"][:-1]}, info)
-    assert _ui_node_errors({"widgets_values": [1.5] + good["widgets_values"][1:]}, info)
-    assert _ui_node_errors({"widgets_values": [1.0, 0.7, "3x3x3"] + good["widgets_values"][3:]}, info)
-    assert _ui_node_errors({"widgets_values": good["widgets_values"][:-1] + ["true"]}, info)
-    assert _ui_node_errors({"widgets_values": good["widgets_values"] + [7]}, info)
-    assert _ui_node_errors({"widgets_values": [0.7, 1.0, "statistical", "4x4x4"] + good["widgets_values"][4:]}, info)
+    assert _ui_node_errors({"widgets_values": values[:-1]}, info)
+    assert _ui_node_errors({"widgets_values": values[:2] + [1.5] + values[3:]}, info)
+    assert _ui_node_errors({"widgets_values": values[:4] + ["3x3x3"] + values[5:]}, info)
+    assert _ui_node_errors({"widgets_values": values[:-1] + ["true"]}, info)
+    assert _ui_node_errors({"widgets_values": values + [7]}, info)
+    old_order = [1.0, 0.7, "4x4x4", "statistical", 0.2, 1.0, 1.0, 1, "", 12288, True]  # before the reorder
+    assert _ui_node_errors({"widgets_values": old_order}, info)
