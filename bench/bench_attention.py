@@ -158,7 +158,8 @@ def bench_shape(name, tables, variants, video_threshold, gen, keep_ratio=0.5):
             from video_qkv import video_qkv
             q, k, v = video_qkv(grid, H, D, device=dev, seed=1)
             qc, kc, vc = (layout.to_cubes(x).contiguous() for x in (q, k, v))
-            sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=keep_ratio, kv_threshold=video_threshold), D ** -0.5)
+            sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=keep_ratio, kv_threshold=video_threshold,
+                                                       threshold_mode="cumulative", pooled_remainder=False), D ** -0.5)
             q_index, q_source, kv_count, kv_index = sel.q_index, sel.q_source, sel.kv_count, sel.kv_index
         elif table in ("pair", "quad"):  # KV chosen per 2 / 4 cubes (local lists): the union wastes nothing
             kv_count, kv_index = _synthetic_table(layout, H, "local", gen)

@@ -52,8 +52,8 @@ def _errors(out, ref):
 
 def _config(cube, keep, mode, value):
     if mode == "statistical":
-        return BSAConfig(cube, keep_ratio=keep, threshold_mode=mode, stat_lambda=value, kv_threshold=1.0)
-    return BSAConfig(cube, keep_ratio=keep, kv_threshold=value)
+        return BSAConfig(cube, keep_ratio=keep, threshold_mode=mode, stat_lambda=value, kv_threshold=1.0, pooled_remainder=False)
+    return BSAConfig(cube, keep_ratio=keep, kv_threshold=value, threshold_mode="cumulative", pooled_remainder=False)
 
 
 def bench_setting(q, k, v, grid, config, dense_out, dense_ms, flex: bool):

@@ -448,7 +448,8 @@ def test_triton_pipeline_one_kept_query_per_cube():
     from comfyui_bsa.bsa_core.reference import bsa_attention_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    grid, config = (1, 2, 3), BSAConfig((4, 4, 4), keep_ratio=0.05, kv_threshold=0.5)
+    grid, config = (1, 2, 3), BSAConfig((4, 4, 4), keep_ratio=0.05, kv_threshold=0.5,
+                                        threshold_mode="cumulative", pooled_remainder=False)
     q, k, v = (x.to(device) for x in make_qkv(1, 1, math.prod(grid), 32, torch.float16, "randn", 0))
     layout = cube_layout(grid, config.cube_size, device)
     out, sel = attention._bsa_attention_triton(q, k, v, layout, config, 32 ** -0.5, 0, 0)

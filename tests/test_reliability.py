@@ -47,7 +47,8 @@ q, k, v = (torch.randn(args["B"], args["H"], math.prod(grid), args["D"], generat
 largest = LargestTemporary()
 with largest:
     out, _ = bsa_attention(q, k, v, grid, BSAConfig(cube_size=tuple(args["cube"]), keep_ratio=args["keep"],
-                                                  kv_threshold=args["p"]))
+                                                  kv_threshold=args["p"],
+         threshold_mode="cumulative", pooled_remainder=False))
 print(json.dumps({"nbytes": largest.nbytes, "op": largest.op, "finite": bool(torch.isfinite(out).all()),
                   "chunk": reference._CHUNK_ELEMENTS}))
 """
@@ -75,7 +76,8 @@ def test_largest_temporary_is_linear_in_tokens(T):
     a cube row of logits, or a cubes x cubes selection table (O(N^2), what BSA_SPEC allows)."""
     chunk = 1 << 16
     B, H, D, grid, cube = 1, 1, 8, (T, 32, 32), (4, 4, 4)
-    config = BSAConfig(cube_size=cube, keep_ratio=0.05, kv_threshold=0.5)
+    config = BSAConfig(cube_size=cube, keep_ratio=0.05, kv_threshold=0.5,
+                       threshold_mode="cumulative", pooled_remainder=False)
     L = math.prod(grid)
     layout = cube_layout(grid, cube)
     N, S = layout.num_cubes, layout.cube_volume
