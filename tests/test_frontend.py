@@ -121,6 +121,29 @@ def test_ui_workflow_loads_validates_and_renders(path, server, frontend, artifac
     assert shot.stat().st_size > 10_000
 
 
+def test_workflow_saved_with_the_old_widget_order_loads(server, frontend):
+    """A workflow saved before the BSA node's widgets were reordered (tests/fixtures): web/bsa_migrate.js puts
+    each saved value into the widget of its name, and what the Run button queues passes /prompt validation."""
+    fixture = REPO / "tests" / "fixtures" / "wan21_t2v_1.3B_bsa_widget_order_v1.json"
+    graph = json.loads(fixture.read_text())
+    (saved,) = [n for n in graph["nodes"] if n["type"] == BSA]
+    old_order = ["keep_ratio", "kv_threshold", "cube_size", "threshold_mode", "start_percent", "end_percent",
+                 "stat_lambda", "min_blocks", "dense_blocks", "min_tokens", "pooled_remainder"]
+    console_before = len(frontend.console)
+    nodes = frontend.load(graph)
+    assert not frontend.errors_since(console_before)
+    (bsa,) = [n for n in nodes if n["type"] == BSA]
+    values = {w["name"]: w["value"] for w in frontend.widgets(bsa["id"])}
+    assert values == dict(zip(old_order, saved["widgets_values"]))
+    prompt = frontend.graph_to_prompt()
+    (inputs,) = [n["inputs"] for n in prompt.values() if n["class_type"] == BSA]
+    assert {name: inputs[name] for name in old_order} == values
+    try:
+        server.run_prompt(prompt, timeout=120)
+    except cf.PromptRejected as rejected:
+        pytest.fail(f"/prompt rejected the migrated workflow: {rejected}")
+
+
 def test_tiny_api_workflow_runs_over_websocket(server):
     if not TINY_API.is_file():
         pytest.skip(f"{TINY_API.name} not written yet")
