@@ -273,3 +273,28 @@ def test_ui_workflow_widgets_follow_the_schema(tiny_wan):
     BSASparseAttention.execute(tiny_wan, **dict(zip(widgets, node["widgets_values"])))
     linked = {(link[3], link[4]) for link in workflow["links"]}
     assert all((n["id"], slot) in linked for n in workflow["nodes"] for slot, i in enumerate(n["inputs"]))
+
+
+def test_a_key_mask_is_read_back_once_per_mask_tensor(monkeypatch):
+    """HunyuanVideo passes one text padding mask to every block: its plan (the only host read of the masked
+    path) is worked out on the first call; the calls after it reuse the plan and equal masked dense on the
+    text rows."""
+    plans = []
+    original = patch_module.key_mask_plan
+    monkeypatch.setattr(patch_module, "key_mask_plan", lambda *args: plans.append(args) or original(*args))
+    grid, n_text, n_hidden = (3, 8, 8), 20, 7
+    tokens = 3 * 8 * 8 + n_text
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, HEADS * HEAD_DIM, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, tokens)
+    mask[..., -n_hidden:] = float("-inf")
+    run = BSARun(BSAOptions(SPARSE, 0.0, 1.0, BlockRanges(), 0))
+    opts = {OVERRIDE_KEY: make_override(run, None)}
+    for _ in range(3):
+        run.begin_forward(TokenLayout("test", grid, 0, n_text))
+        out = comfy_attention.optimized_attention(q, k, v, HEADS, mask=mask, transformer_options=opts)
+    assert len(plans) == 1 and run.stats.sparse_calls == 3
+    heads = [t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (q, k, v)]
+    dense = torch.nn.functional.scaled_dot_product_attention(*heads, attn_mask=mask)
+    text = out.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2)[..., -n_text:, :]
+    torch.testing.assert_close(text, dense[..., -n_text:, :], atol=1e-5, rtol=1e-5)
