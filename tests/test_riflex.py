@@ -140,8 +140,10 @@ def test_no_op_returns_the_input_model(comfy, tiny_wan, caplog, length, k):
 
 
 def test_model_errors(comfy, tiny_wan):
-    with pytest.raises(ValueError, match="^length "):
+    with pytest.raises(ValueError, match="^latent_frames "):
         apply_riflex(tiny_wan, 0)
+    with pytest.raises(ValueError, match="^train_latent_frames "):
+        apply_riflex(tiny_wan, 41, train_latent_frames=-1)
     with pytest.raises(ValueError, match="^k "):
         apply_riflex(tiny_wan, 41, k=40)
     not_video = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object()),
