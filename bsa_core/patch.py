@@ -409,14 +409,10 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
         """OUTER_SAMPLE (noise, latent, sampler, sigmas, denoise_mask, callback, ...): one run."""
         guider = executor.class_obj
         original_options = guider.model_options
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         sigmas = _sample_args(args, kwargs, "sigmas", 3)
+        callback = _sample_args(args, kwargs, "callback", 5)
         run = BSARun(options, guider.model_patcher.get_model_object("model_sampling"),
                      [] if sigmas is None else sigmas.tolist(), _specs_to_record(options))
-        transformer_options = guider.model_options.setdefault("transformer_options", {})
-        transformer_options[RUN_KEY] = run
-        transformer_options[OVERRIDE_KEY] = make_override(run, transformer_options.get(OVERRIDE_KEY))
-        callback = _sample_args(args, kwargs, "callback", 5)
 
         def step_done(step, *rest):
             run.step_done(step)
@@ -425,6 +421,10 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
 
         args, kwargs = _with_sample_arg(args, kwargs, "callback", 5, step_done)
         try:
+            guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+            transformer_options = guider.model_options.setdefault("transformer_options", {})
+            transformer_options[RUN_KEY] = run
+            transformer_options[OVERRIDE_KEY] = make_override(run, transformer_options.get(OVERRIDE_KEY))
             return executor(*args, **kwargs)
         finally:
             guider.model_options = original_options
