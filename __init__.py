@@ -4,6 +4,8 @@ ComfyUI imports this folder as a package; the nodes (and with them ComfyUI's API
 when ComfyUI asks for the extension, so bsa_core and kernels stay importable without ComfyUI.
 """
 
+WEB_DIRECTORY = "./web"  # the frontend migration of workflows saved with the old widget order
+
 
 async def comfy_entrypoint():
     from .nodes import BSAExtension

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import sys
 import types
+from dataclasses import dataclass
 
 import torch
 
@@ -15,23 +16,56 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "triton", "reference")
 
 
+def _problem(q, k, v, grid, n_prefix, n_suffix) -> str | None:
+    """What is wrong with a call's arguments, as a sentence that starts with the argument's name; None if
+    nothing. Shared by unsupported_reason (the patch: logged, dense) and bsa_attention (raises)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return f"{name} must be a 4-D tensor [B, H, L, D], got {getattr(t, 'shape', type(t).__name__)}"
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            return f"{name} must have q's shape {tuple(q.shape)} (self-attention), got {tuple(t.shape)}"
+    if q.numel() == 0:
+        return f"q is empty: shape {tuple(q.shape)}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} has unsupported dtype {t.dtype} (float16, bfloat16 or float32)"
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            return f"{name} has dtype {t.dtype}, q has {q.dtype}: q, k and v must share one dtype"
+        if t.device != q.device:
+            return f"{name} is on {t.device}, q on {q.device}"
+    if grid is None:
+        return "grid unknown (unknown video grid)"
+    if not _is_int_triple(grid):
+        return f"grid must be three integers >= 1 (T, H, W), got {tuple(grid) if _is_seq(grid) else grid!r}"
+    for name, n in (("n_prefix", n_prefix), ("n_suffix", n_suffix)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            return f"{name} must be an integer >= 0, got {n!r}"
+    if q.shape[-2] != n_prefix + math.prod(grid) + n_suffix:
+        return (f"n_suffix / grid do not add up: q has {q.shape[-2]} tokens, n_prefix {n_prefix} + grid "
+                f"{tuple(grid)} ({math.prod(grid)}) + n_suffix {n_suffix} = {n_prefix + math.prod(grid) + n_suffix}")
+    return None
+
+
+def _is_seq(value) -> bool:
+    return isinstance(value, (tuple, list, torch.Size))
+
+
+def _is_int_triple(grid) -> bool:
+    return (_is_seq(grid) and len(grid) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid))
+
+
 def unsupported_reason(q, k, v, grid, n_prefix: int = 0, n_suffix: int = 0, mask=None) -> str | None:
     """Why this call cannot be BSA self-attention (None when it can). Never raises."""
     if mask is not None:
         return "attention mask present"
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        return f"not self-attention (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"unsupported dtype {q.dtype}"
-    if k.device != q.device or v.device != q.device:
-        return "q, k, v on different devices"
+    if isinstance(k, torch.Tensor) and isinstance(q, torch.Tensor) and k.dim() == q.dim() == 4 and k.shape != q.shape:
+        return f"not self-attention (q {tuple(q.shape)}, k {tuple(k.shape)})"
     if grid is None:
         return "unknown video grid"
-    if len(grid) != 3 or min(grid) < 1:
-        return f"bad grid {tuple(grid)}"
-    if n_prefix < 0 or n_suffix < 0 or q.shape[-2] != n_prefix + math.prod(grid) + n_suffix:
-        return f"token count {q.shape[-2]} != grid {tuple(grid)} + {n_prefix} + {n_suffix} extra"
-    return None
+    return _problem(q, k, v, grid, n_prefix, n_suffix)
 
 
 def kernel_reason(q: torch.Tensor) -> str | None:
@@ -65,9 +99,12 @@ def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, confi
     """BSA self-attention. q, k, v [B, H, L, D], L = n_prefix + T*H*W + n_suffix, video in raster
     order; the extra tokens are never pruned and always attended. Returns (out [B, H, L, D] in
     q.dtype, BSASelection)."""
-    reason = unsupported_reason(q, k, v, grid, n_prefix, n_suffix)
-    if reason is not None:
-        raise ValueError(f"q/k/v: {reason}")
+    problem = _problem(q, k, v, grid, n_prefix, n_suffix)
+    if problem is not None:
+        raise ValueError(problem)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a finite number > 0 or None, got {scale!r}")
     name, _ = choose_backend(q, backend)
     layout = cube_layout(grid, config.cube_size, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -80,10 +117,19 @@ def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, confi
 MASKED_KEY_LOGIT = -1.0e4
 
 
-def attended_keys(mask, batch: int, n_tokens: int, n_prefix: int, n_suffix: int):
-    """(keys [B', L] bool or None, reason): an attention mask BSA can honour exactly hides only extra
+@dataclass(frozen=True)
+class KeyMaskPlan:
+    """How to run BSA under a key mask, worked out once per mask: per group of batch rows (all rows when
+    the mask is shared) the kept and the hidden token indices (on the device) and how many hidden tokens
+    sit before / after the video (host numbers), so a call needs no read-back from the GPU."""
+
+    groups: tuple[tuple[slice, torch.Tensor, torch.Tensor, int, int], ...]
+
+
+def key_mask_plan(mask, batch: int, n_tokens: int, n_prefix: int, n_suffix: int):
+    """(KeyMaskPlan or None, reason): an attention mask BSA can honour exactly hides only extra
     (prefix/suffix) keys, the same for every query and head. Bool masks: True = attend; float masks are
-    additive: 0 = attend, <= -1e4 = hidden. B' is 1 (shared) or the batch. Never raises."""
+    additive: 0 = attend, <= -1e4 = hidden. Reads the mask back to the host (call once per mask). Never raises."""
     # ComfyUI's backends read a mask as [Lq, Lk], [B, Lq, Lk] or [B, H, Lq, Lk]
     full = mask.reshape(1, 1, *mask.shape) if mask.dim() == 2 else mask.unsqueeze(1) if mask.dim() == 3 else mask
     if full.dim() != 4 or full.shape[-1] != n_tokens or full.shape[1] != 1 or full.shape[2] != 1:
@@ -91,39 +137,40 @@ def attended_keys(mask, batch: int, n_tokens: int, n_prefix: int, n_suffix: int)
     rows = full.reshape(-1, n_tokens)
     if rows.shape[0] not in (1, batch):
         return None, f"attention mask of shape {tuple(mask.shape)} is not a key mask"
-    if rows.dtype == torch.bool:
-        keys = rows
-    else:
-        keys = rows == 0
-        if not bool((keys | (rows <= MASKED_KEY_LOGIT)).all()):
-            return None, "attention mask has soft (not 0 / -inf) values"
-    if not bool(keys[:, n_prefix:n_tokens - n_suffix].all()):
+    keys = rows if rows.dtype == torch.bool else rows == 0
+    host = torch.stack([keys, rows <= MASKED_KEY_LOGIT if rows.dtype != torch.bool else ~keys]).cpu()
+    keys_host, hidden_host = host[0], host[1]
+    if not bool((keys_host | hidden_host).all()):
+        return None, "attention mask has soft (not 0 / -inf) values"
+    if not bool(keys_host[:, n_prefix:n_tokens - n_suffix].all()):
         return None, "attention mask hides video tokens"
-    return keys, None
+    groups = []
+    for index, row in enumerate(keys_host):
+        rows_of = slice(None) if keys_host.shape[0] == 1 else slice(index, index + 1)
+        hidden_prefix = int((~row[:n_prefix]).sum())
+        hidden_suffix = int((~row).sum()) - hidden_prefix
+        groups.append((rows_of, row.nonzero().flatten().to(mask.device), (~row).nonzero().flatten().to(mask.device),
+                       hidden_prefix, hidden_suffix))
+    return KeyMaskPlan(tuple(groups)), None
 
 
-def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, keys: torch.Tensor, *, n_prefix: int = 0,
+def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, plan: KeyMaskPlan, *, n_prefix: int = 0,
                              n_suffix: int = 0, scale: float | None = None, backend: str = "auto"):
-    """BSA where `keys` [B' in (1, B), L] hides some extra keys: equals masked dense attention. The hidden
+    """BSA where `plan` (from key_mask_plan) hides some extra keys: equals masked dense attention. The hidden
     tokens drop out of the sequence; their queries attend the kept keys densely. Returns (out, kept
     query fraction, kept KV fraction) like bsa_attention_op, the fractions averaged over batch rows."""
     outs, kept_q, kept_kv = [], 0.0, 0.0
-    groups = [(slice(None), keys[0])] if keys.shape[0] == 1 else [(slice(b, b + 1), keys[b]) for b in range(q.shape[0])]
-    for rows, key_row in groups:
-        kept = key_row.nonzero().flatten()
-        hidden = (~key_row).nonzero().flatten()
+    for rows, kept, hidden, hidden_prefix, hidden_suffix in plan.groups:
         qs, ks, vs = (t[rows].index_select(-2, kept) for t in (q, k, v))
-        hidden_prefix = int((~key_row[:n_prefix]).sum())
-        hidden_suffix = hidden.numel() - hidden_prefix
         out_kept, fq, fkv = bsa_attention_op(qs, ks, vs, grid, config, n_prefix=n_prefix - hidden_prefix,
                                              n_suffix=n_suffix - hidden_suffix, scale=scale, backend=backend)
         out = torch.empty(q[rows].shape, dtype=q.dtype, device=q.device)
         out.index_copy_(-2, kept, out_kept)
-        if hidden.numel():
+        if hidden_prefix + hidden_suffix:
             out.index_copy_(-2, hidden, torch.nn.functional.scaled_dot_product_attention(
                 q[rows].index_select(-2, hidden), ks, vs, scale=scale).to(q.dtype))
         outs.append(out)
-        kept_q, kept_kv = kept_q + fq / len(groups), kept_kv + fkv / len(groups)
+        kept_q, kept_kv = kept_q + fq / len(plan.groups), kept_kv + fkv / len(plan.groups)
     return torch.cat(outs), kept_q, kept_kv
 
 

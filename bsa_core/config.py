@@ -1,17 +1,23 @@
-"""Settings of one BSA call, validated once so that a bad node value fails before sampling."""
+"""Settings of one BSA call, validated once so that a bad node value fails before sampling, and the
+recommended defaults that BSAConfig, apply_bsa and the node all read."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 THRESHOLD_MODES = ("cumulative", "statistical")
+CUBE_SIZES = ("4x4x4", "2x8x8", "4x4x8", "4x8x8")  # the node's options (64-256 tokens a cube)
+# A cube holds at most this many tokens: kernels and reference pad every cube to its volume, so one huge cube
+# costs like dense attention over its padding (64x64x64 took 52 s for 1,280 tokens). Small cubes are allowed
+# (the tests use them) but the selection tables grow as (tokens / volume)^2 per head: the node offers 64-256.
+MAX_CUBE_VOLUME = 1024
 
 
 @dataclass(frozen=True)
 class BSAConfig:
-    """What BSA keeps.
+    """What BSA keeps. The defaults are the recommended settings (RECOMMENDED, the node's defaults).
 
-    cube_size:      (ct, ch, cw) tokens per cube along time, height, width.
+    cube_size:      (ct, ch, cw) tokens per cube along time, height, width; at most MAX_CUBE_VOLUME tokens.
     keep_ratio:     r in (0, 1]: share of each cube's queries that are computed.
     kv_threshold:   p in (0, 1]: cumulative block mass a query cube keeps (cumulative mode).
     threshold_mode: "cumulative" (mass share p) or "statistical" (z >= mean + stat_lambda * std).
@@ -22,18 +28,24 @@ class BSAConfig:
                     counts in the denominator and the output instead of vanishing.
     """
 
+    # The defaults, from the H100 Pareto sweep on video-like attention (bench/NOTES_pareto.md): every query
+    # kept (dropping half of them alone cost rel L2 >= 0.28), the KV cubes scoring >= mean + 1 std of their
+    # row, plus the pooled remainder: rel L2 0.075 (480p) / 0.078 (720p) vs dense at 14-16 % of the KV cubes,
+    # where the same cut without the remainder gave 0.17-0.20. The statistical cut adapts to each row, so a
+    # head with flat attention stays sparse too (a mass threshold would keep most of its cubes).
     cube_size: tuple[int, int, int] = (4, 4, 4)
-    keep_ratio: float = 0.5
-    kv_threshold: float = 0.9
-    threshold_mode: str = "cumulative"
+    keep_ratio: float = 1.0
+    kv_threshold: float = 0.7
+    threshold_mode: str = "statistical"
     stat_lambda: float = 1.0
     min_blocks: int = 1
-    pooled_remainder: bool = False
+    pooled_remainder: bool = True
 
     def __post_init__(self):
         cube = tuple(int(c) for c in self.cube_size) if _is_triple(self.cube_size) else None
-        if cube is None or any(c < 1 or c > 64 for c in cube):
-            raise ValueError(f"cube_size must be three integers in [1, 64], got {self.cube_size!r}")
+        if cube is None or any(c < 1 for c in cube) or math.prod(cube) > MAX_CUBE_VOLUME:
+            raise ValueError(f"cube_size must be three integers >= 1 with at most {MAX_CUBE_VOLUME} tokens in "
+                             f"all, got {self.cube_size!r}")
         object.__setattr__(self, "cube_size", cube)
         _check_unit("keep_ratio", self.keep_ratio)
         _check_unit("kv_threshold", self.kv_threshold)
@@ -69,22 +81,35 @@ def _check_unit(name: str, value) -> None:
 
 
 def parse_cube_size(text: str) -> tuple[int, int, int]:
-    """'4x4x4' -> (4, 4, 4); the node's cube size is a text like this."""
+    """'4x4x4' -> (4, 4, 4). The node accepts only CUBE_SIZES (see node_cube_size); this parses any."""
     parts = str(text).lower().replace("×", "x").split("x")
     try:
         cube = tuple(int(p) for p in parts)
     except ValueError:
         cube = ()
     if len(cube) != 3:
-        raise ValueError(f"cube_size must look like '4x4x4' (time x height x width, each an integer in [1, 64]), "
+        raise ValueError(f"cube_size must look like '4x4x4' (time x height x width, integers), "
                          f"got {text!r}")
     return cube
 
 
-# The node's defaults, from the H100 Pareto sweep on video-like attention (bench/NOTES_pareto.md): every
-# query kept (dropping half of them alone cost rel L2 >= 0.28), the KV cubes scoring >= mean + 1 std of
-# their row, plus the pooled remainder: rel L2 0.075 (480p) / 0.078 (720p) vs dense at 14-16 % of the KV
-# cubes, where the same cut without the remainder gave 0.17-0.20. The statistical cut adapts to each row,
-# so a head with flat attention stays sparse too (a mass threshold would keep most of its cubes).
-RECOMMENDED = BSAConfig(keep_ratio=1.0, kv_threshold=0.7, threshold_mode="statistical", stat_lambda=1.0,
-                        pooled_remainder=True)
+def node_cube_size(text: str) -> tuple[int, int, int]:
+    """The node's cube_size: one of its options, also when it comes from an API prompt."""
+    if text not in CUBE_SIZES:
+        raise ValueError(f"cube_size must be one of {', '.join(CUBE_SIZES)}, got {text!r}")
+    return parse_cube_size(text)
+
+
+@dataclass(frozen=True)
+class PatchDefaults:
+    """Where and on what BSA runs (apply_bsa and the node): the sampling window as fractions of the schedule,
+    blocks kept dense, the shortest sequence BSA takes. Below ~12k tokens dense attention is already fast."""
+
+    start_percent: float = 0.2  # the first steps decide the layout: keep them dense
+    end_percent: float = 1.0
+    dense_blocks: str = ""
+    min_tokens: int = 12288
+
+
+RECOMMENDED = BSAConfig()
+RECOMMENDED_PATCH = PatchDefaults()

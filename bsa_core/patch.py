@@ -1,38 +1,81 @@
-"""Puts BSA on a ComfyUI model: an attention override on a clone, a token-layout wrapper, run stats.
+"""Puts BSA on a ComfyUI model: frozen options on a clone, and per sampling run an attention override with
+its own state, installed on the sampler's copy of the model options and removed when the run ends.
 
-Importable without ComfyUI: comfy.* is imported inside apply_bsa only.
+The lifecycle is the one ComfyUI's EasyCache uses: an OUTER_SAMPLE wrapper swaps the guider's model
+options for a copy, puts this run's override on top of whatever override the final model carries (a
+node applied after BSA included), and restores the options in `finally`. Nothing is written into a
+ModelPatcher's own options, so a patch never leaks into other clones, and every run starts fresh.
+
+Importable without ComfyUI: comfy.* is imported inside functions only.
 """
 from __future__ import annotations
 
 import logging
 import math
 import re
+import weakref
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 from .adapters import TokenLayout, token_layout
-from .attention import attended_keys, bsa_attention_key_masked, bsa_attention_op, choose_backend, unsupported_reason
-from .config import BSAConfig
-from .report import ReportSpec, RunReport, render
+from .attention import bsa_attention_key_masked, bsa_attention_op, choose_backend, key_mask_plan, unsupported_reason
+from .config import RECOMMENDED_PATCH, BSAConfig
+from .report import ReportSpec, RunReport, find_report_specs, render
 
 log = logging.getLogger(__name__)
 
 LOG_PREFIX = "[BSA]"
 PATCH_KEY = "bsa_sparse_attention"
 OVERRIDE_KEY = "optimized_attention_override"
+RUN_KEY = "bsa_run"  # transformer_options key of the run in progress (only in the sampler's copy)
+
+# A step is sparse when the schedule's sigma at its start lies in [sigma(end_percent), sigma(start_percent)],
+# both ends included. The comparison allows this relative slack so that a step placed exactly on a boundary
+# (e.g. step 2 of 10 at start_percent 0.2) counts as inside whatever float rounding the scheduler used.
+WINDOW_TOLERANCE = 1e-4
 
 
-def parse_block_list(text: str) -> frozenset[int]:
-    """'0, 1, 28-29' -> {0, 1, 28, 29}; empty text -> no block. Anything else raises ValueError."""
-    blocks = set()
+@dataclass(frozen=True)
+class BlockRanges:
+    """Transformer blocks as inclusive (first, last) ranges, never expanded: '0-10000000' is one pair."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    def __contains__(self, block: int) -> bool:
+        return any(first <= block <= last for first, last in self.ranges)
+
+    @property
+    def last(self) -> int | None:
+        return max((last for _, last in self.ranges), default=None)
+
+    @classmethod
+    def of(cls, value) -> BlockRanges:
+        """From a text ('0, 1, 28-29'), a BlockRanges, or block numbers (Python callers)."""
+        if isinstance(value, BlockRanges):
+            return value
+        if value is None or isinstance(value, str):
+            return parse_block_ranges(value)
+        blocks = sorted(set(value))
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+            raise ValueError(f"dense_blocks must be block numbers >= 0, got {value!r}")
+        return cls(tuple((b, b) for b in blocks))
+
+
+def parse_block_ranges(text: str | None) -> BlockRanges:
+    """'0, 1, 28-29' -> ranges (0,0), (1,1), (28,29); empty text -> no block. Anything else, a range that
+    runs backwards ('5-3') included, raises ValueError naming dense_blocks."""
+    ranges = []
     for part in filter(None, (p.strip() for p in str(text or "").split(","))):
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if match is None:
             raise ValueError(f"dense_blocks must be block numbers or ranges like '0,1,28-29', got {text!r}")
         first, last = int(match[1]), int(match[2] or match[1])
-        blocks.update(range(min(first, last), max(first, last) + 1))
-    return frozenset(blocks)
+        if last < first:
+            raise ValueError(f"dense_blocks range '{part}' runs backwards: write '{last}-{first}'")
+        ranges.append((first, last))
+    return BlockRanges(tuple(ranges))
 
 
 class RunStats:
@@ -73,62 +116,81 @@ class RunStats:
         return f"{d['sparse_calls']} sparse / {d['dense_calls']} dense calls; {kept}" + (f" (dense: {reasons})" if reasons else "")
 
 
-class BSAPatch:
-    """Options of one patched model plus the state of the sampling run in progress.
+@dataclass(frozen=True, eq=False)
+class BSAOptions:
+    """What one BSA node asked for; shared (by identity) by every clone of the patched model, never changed.
 
-    The token layout and the block counter are per model call (set by the apply-model wrapper); the stats
-    and the set of already-logged reasons live until ON_CLEANUP, which logs the summary and resets.
-    With `record` (a BSA Report node is connected) each run also fills a RunReport, kept after the run
-    as `last_report` for the report node; without it nothing is timed or stored.
+    record:  heat-maps to record in every run (Python callers of apply_bsa).
+    node_id: the BSA node's id in the prompt; each run then records for the BSA Reports that the running
+             prompt has on that sampler's branch, and nothing without one.
     """
 
-    def __init__(self, config: BSAConfig, start_percent: float, end_percent: float,
-                 dense_blocks=frozenset(), min_tokens: int = 0, record: ReportSpec | None = None):
-        self.config = config
-        self.start_percent = start_percent
-        self.end_percent = end_percent
-        self.dense_blocks = frozenset(dense_blocks)
-        self.min_tokens = min_tokens
-        self.sigma_start = math.inf  # sparse while sigma_end <= sigma <= sigma_start
-        self.sigma_end = 0.0
-        self._installed = []  # the overrides this patch has put on the hook
-        self.record = record
-        self.last_report: RunReport | None = None
-        self.reset()
+    config: BSAConfig
+    start_percent: float
+    end_percent: float
+    dense_blocks: BlockRanges
+    min_tokens: int
+    record: tuple[ReportSpec, ...] = ()
+    node_id: str | None = None
 
-    def reset(self) -> None:
-        """End of a run: log what it did, forget everything per run."""
-        stats = getattr(self, "stats", None)
-        if stats is not None and (stats.sparse_calls or stats.dense_calls):
-            log.info(f"{LOG_PREFIX} run: {stats.summary()}", extra={"bsa_run": stats.as_dict()})
-        report = getattr(self, "report", None)
-        if report is not None and report.rows:
-            self.last_report = report
-        self.report: RunReport | None = None  # created by the first model call of a recorded run
+
+class BSARun:
+    """The state of one sampling run of one patched model: made by the OUTER_SAMPLE wrapper, dropped when
+    the run ends. The token layout and the block counter are per model call (set by the APPLY_MODEL
+    wrapper); the step and its sigma-window decision per sampler step (set from the sampler's callback);
+    stats, logged reasons and the optional RunReport for the whole run.
+
+    model_sampling and schedule (the run's sigmas as host numbers) give the sigma window; without them
+    (a test driving the override directly) every step is inside it.
+    """
+
+    def __init__(self, options: BSAOptions, model_sampling=None, schedule=(), record=()):
+        self.options = options
+        self.schedule = [float(s) for s in schedule]
+        self.sigma_start, self.sigma_end = math.inf, 0.0
+        if model_sampling is not None:
+            self.sigma_start = float(model_sampling.percent_to_sigma(options.start_percent))
+            self.sigma_end = float(model_sampling.percent_to_sigma(options.end_percent))
+        self.report = RunReport(record) if record else None
         self.stats = RunStats()
         self.layout = TokenLayout("none", reason="unknown video grid")
         self.block = 0
+        self.blocks_per_forward = 0  # most self-attention blocks seen in one model call
         self.call_block = None  # transformer block of the attention call in progress (None: not a block)
         self.cross_tokens = None
         self._self_attention_pending_cross = False
         self._logged = set()
+        self._mask = None  # (weakref to the last mask tensor, its shape key, its plan, reason)
+        self.steps_reported = 0
+        self.begin_step(0)
 
-    def set_sigma_window(self, model_sampling) -> None:
-        """percent -> sigma with the model's own sampling (its shift included)."""
-        self.sigma_start = float(model_sampling.percent_to_sigma(self.start_percent))
-        self.sigma_end = float(model_sampling.percent_to_sigma(self.end_percent))
+    # ---- per step (host only) ---------------------------------------------------------------------
+    def window_contains(self, sigma: float) -> bool:
+        """The stated rule: sigma(end_percent) <= sigma <= sigma(start_percent), both with WINDOW_TOLERANCE."""
+        return (self.sigma_end * (1 - WINDOW_TOLERANCE) <= sigma
+                <= self.sigma_start * (1 + WINDOW_TOLERANCE))
 
-    def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None, sigma=None) -> None:
+    def begin_step(self, step: int) -> None:
+        """Sampler step `step` starts: its sigma comes from the schedule, decided here once for all its calls."""
+        self.step = step
+        self.sigma = self.schedule[min(step, len(self.schedule) - 1)] if self.schedule else None
+        self.in_window = self.sigma is None or self.window_contains(self.sigma)
+
+    def step_done(self, step: int) -> None:
+        """The sampler's callback: step `step` finished, the next one starts."""
+        self.steps_reported += 1
+        self.begin_step(step + 1)
+
+    # ---- per model call ---------------------------------------------------------------------------
+    def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None) -> None:
         """A new model call: where its video tokens sit and how long its cross-attention context is;
-        restart the block count. `sigma` (the call's timestep) numbers the steps of a recorded run."""
+        restart the block count."""
         self.block = 0
         self.layout = layout
         self.cross_tokens = cross_tokens
         self._self_attention_pending_cross = False
-        if self.record is not None:
-            if self.report is None:
-                self.report = RunReport(self.record)
-            self.report.begin_forward(sigma)
+        if self.report is not None:
+            self.report.begin_forward(self.step, self.sigma)
 
     def is_cross_attention(self, q, k) -> bool:
         """Cross-attention has its own key length, except when the text is exactly as long as the video
@@ -141,16 +203,7 @@ class BSAPatch:
             return True
         return False
 
-    def install(self, transformer_options: dict) -> None:
-        """Put this patch's override on top of the hook, chaining whatever was there. Idempotent."""
-        current = transformer_options.get(OVERRIDE_KEY)
-        if any(current is mine for mine in self._installed):
-            return
-        override = _make_override(self, current)
-        self._installed.append(override)
-        transformer_options[OVERRIDE_KEY] = override
-
-    def dense_reason(self, q, k, v, tokens: int, sigmas) -> str | None:
+    def dense_reason(self, q, k, v, tokens: int) -> str | None:
         """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D].
         Counts self-attention calls as it goes: the k-th one of a forward is block k."""
         self.call_block = None
@@ -162,38 +215,72 @@ class BSAPatch:
         self._self_attention_pending_cross = True  # a block's self-attention: its cross-attention may follow
         block = self.call_block = self.block
         self.block += 1
+        self.blocks_per_forward = max(self.blocks_per_forward, self.block)
         if self.layout.reason is not None:
             return self.layout.reason
-        if tokens < self.min_tokens:
-            return f"fewer than min_tokens={self.min_tokens} tokens"
-        if sigmas is not None and not (self.sigma_end <= float(sigmas.reshape(-1)[0]) <= self.sigma_start):
+        if tokens < self.options.min_tokens:
+            return f"fewer than min_tokens={self.options.min_tokens} tokens"
+        if not self.in_window:
             return "sigma outside start_percent..end_percent"
-        if block in self.dense_blocks:
+        if block in self.options.dense_blocks:
             return "block listed in dense_blocks"
-        return unsupported_reason(q, k, v, self.layout.grid, *self.layout.extra_tokens(tokens))
+        reason = unsupported_reason(q, k, v, self.layout.grid, *self.layout.extra_tokens(tokens))
+        if reason is None and q.is_cuda:
+            backend, why = choose_backend(q)
+            if backend != "triton":  # the fp32 reference on a GPU is slower than dense attention
+                return f"BSA kernels cannot run here ({why}): dense attention"
+        return reason
 
+    def key_mask(self, mask, batch: int, tokens: int, n_prefix: int, n_suffix: int):
+        """key_mask_plan of `mask`, worked out (with its host reads) once per mask tensor: a model passes
+        the same mask object to every block of one call."""
+        key = (tuple(mask.shape), batch, tokens, n_prefix, n_suffix)
+        if self._mask is not None and self._mask[0]() is mask and self._mask[1] == key:
+            return self._mask[2], self._mask[3]
+        plan, reason = key_mask_plan(mask, batch, tokens, n_prefix, n_suffix)
+        self._mask = (weakref.ref(mask), key, plan, reason)
+        return plan, reason
+
+    # ---- logging ------------------------------------------------------------------------------------
     def log_once(self, reason: str, warning: bool = False) -> None:
         if reason not in self._logged:
             self._logged.add(reason)
             (log.warning if warning else log.info)(f"{LOG_PREFIX} dense: {reason}")
 
     def backend(self, q) -> str:
-        """Triton kernels on CUDA, the reference elsewhere; says which once per run."""
+        """Triton kernels on CUDA, the reference elsewhere; says which once per run, and that the kernels
+        compute fp32 inputs in bf16."""
         name, why = choose_backend(q)
         if ("backend", name) not in self._logged:
             self._logged.add(("backend", name))
             log.info(f"{LOG_PREFIX} attention backend: {name} ({why})")
+        if name == "triton" and q.dtype == torch.float32 and "fp32" not in self._logged:
+            self._logged.add("fp32")
+            log.info(f"{LOG_PREFIX} float32 inputs: the kernels compute them in bfloat16 (rel. error ~1e-2)")
         return name
 
+    def finish(self) -> None:
+        """End of the run: the one-line summary, and what the run showed about the settings."""
+        stats = self.stats
+        if stats.sparse_calls or stats.dense_calls:
+            log.info(f"{LOG_PREFIX} run: {stats.summary()}", extra={"bsa_run": stats.as_dict()})
+        last = self.options.dense_blocks.last
+        if last is not None and self.blocks_per_forward and last >= self.blocks_per_forward:
+            log.warning(f"{LOG_PREFIX} dense_blocks lists block {last}, but this model has {self.blocks_per_forward} "
+                        f"blocks (0-{self.blocks_per_forward - 1}): blocks past the last one are ignored")
+        decisions = {self.window_contains(s) for s in self.schedule[:-1]}
+        if len(decisions) > 1 and not self.steps_reported:
+            log.warning(f"{LOG_PREFIX} the sampler reported no finished step: every step used the first step's "
+                        "start_percent..end_percent decision")
 
-def _make_override(patch: BSAPatch, previous):
-    """The attention override. Dense calls go to `previous` (the override that was on the hook before)
-    or else to `func`, the backend ComfyUI would have used, with every argument forwarded."""
+
+def make_override(run: BSARun, previous):
+    """The attention override of one run. Dense calls go to `previous` (the override that was on the hook
+    before) or else to `func`, the backend ComfyUI would have used, with every argument forwarded."""
 
     def bsa_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                      skip_output_reshape=False, **kwargs):
-        transformer_options = kwargs.get("transformer_options") or {}
-        report = patch.report  # None unless a BSA Report node is connected
+        report = run.report  # None unless a BSA Report is on this run's branch
         if report is not None and torch.compiler.is_compiling():
             report = None  # timers and python-side tables do not trace
         if skip_reshape:  # [B, H, L, D]
@@ -202,10 +289,10 @@ def _make_override(patch: BSAPatch, previous):
             qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
 
         def dense(reason: str, warning: bool = False):
-            patch.stats.dense_reasons[reason] += 1
-            patch.log_once(reason, warning)
+            run.stats.dense_reasons[reason] += 1
+            run.log_once(reason, warning)
             call = func if previous is None else lambda *a, **kw: previous(func, *a, **kw)
-            block = patch.call_block
+            block = run.call_block
             timer = None if report is None or block is None else report.start_timer(q)
             out = call(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                        skip_output_reshape=skip_output_reshape, **kwargs)
@@ -214,30 +301,31 @@ def _make_override(patch: BSAPatch, previous):
             return out
 
         tokens = qh.shape[-2]
-        reason = patch.dense_reason(qh, kh, vh, tokens, transformer_options.get("sigmas"))
+        reason = run.dense_reason(qh, kh, vh, tokens)
         if reason is not None:
-            return dense(reason)
-        n_prefix, n_suffix = patch.layout.extra_tokens(tokens)
-        keys = None
+            return dense(reason, warning=reason.startswith("BSA kernels"))
+        n_prefix, n_suffix = run.layout.extra_tokens(tokens)
+        plan = None
         if mask is not None:
-            keys, reason = attended_keys(mask, qh.shape[0], tokens, n_prefix, n_suffix)
+            plan, reason = run.key_mask(mask, qh.shape[0], tokens, n_prefix, n_suffix)
             if reason is not None:
                 return dense(reason)
-        args = dict(n_prefix=n_prefix, n_suffix=n_suffix, scale=kwargs.get("scale"), backend=patch.backend(qh))
+        args = dict(n_prefix=n_prefix, n_suffix=n_suffix, scale=kwargs.get("scale"), backend=run.backend(qh))
         timer = None if report is None else report.start_timer(qh)
+        config = run.options.config
         try:
-            if keys is None:
-                out, kept_queries, kept_kv = bsa_attention_op(qh, kh, vh, patch.layout.grid, patch.config, **args)
+            if plan is None:
+                out, kept_queries, kept_kv = bsa_attention_op(qh, kh, vh, run.layout.grid, config, **args)
             else:
-                out, kept_queries, kept_kv = bsa_attention_key_masked(qh, kh, vh, patch.layout.grid, patch.config,
-                                                                      keys, **args)
+                out, kept_queries, kept_kv = bsa_attention_key_masked(qh, kh, vh, run.layout.grid, config, plan,
+                                                                      **args)
         except Exception as error:  # a failing sparse call must not kill a long render: run it dense
             return dense(f"BSA failed ({type(error).__name__}: {error})", warning=True)
-        patch.stats.record_sparse(kept_queries, kept_kv)
+        run.stats.record_sparse(kept_queries, kept_kv)
         if report is not None:
-            report.record_sparse(patch.call_block, timer, kept_queries, kept_kv)
-            if report.wants_selection(patch.call_block):
-                report.capture_selection(patch.call_block, qh, kh, patch.layout.grid, patch.config, n_prefix,
+            report.record_sparse(run.call_block, timer, kept_queries, kept_kv)
+            for spec in report.wanted_selections(run.call_block):
+                report.capture_selection(spec, run.call_block, qh, kh, run.layout.grid, config, n_prefix,
                                          args["scale"], args["backend"])
         if skip_output_reshape:
             return out
@@ -246,10 +334,57 @@ def _make_override(patch: BSAPatch, previous):
     return bsa_override
 
 
-def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent: float = 1.0,
-              dense_blocks=frozenset(), min_tokens: int = 0, record: ReportSpec | None = None):
-    """A clone of `model` (a ComfyUI ModelPatcher) whose self-attention runs BSA; `model` is untouched.
-    `record`: keep per-step numbers of each run for the BSA Report node (see find_patch)."""
+# Finished recorded runs, by the model object the sampler got and by the BSA options behind it (for a report
+# whose model is an upstream clone of the sampler's). Weak: a model ComfyUI drops takes its report along.
+_last_report_of_model = weakref.WeakKeyDictionary()
+_last_report_of_options = weakref.WeakKeyDictionary()
+
+
+def _running_prompt():
+    """(API prompt, id of the node executing now) while ComfyUI's executor runs a prompt, else (None, None).
+    comfy_execution.progress / .utils exist in ComfyUI 0.3.64 and later."""
+    try:
+        from comfy_execution.progress import get_progress_state
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None, None
+    context = get_executing_context()
+    registry = get_progress_state()
+    dynprompt = getattr(registry, "dynprompt", None)
+    if context is None or dynprompt is None or registry.prompt_id != context.prompt_id:
+        return None, None
+    node_id = context.node_id
+    if hasattr(dynprompt, "get_real_node_id"):
+        node_id = dynprompt.get_real_node_id(node_id)
+    return dynprompt.get_original_prompt(), node_id
+
+
+def _specs_to_record(options: BSAOptions) -> tuple[ReportSpec, ...]:
+    if options.node_id is None:
+        return options.record
+    prompt, sampler_id = _running_prompt()
+    return options.record + tuple(s for s in find_report_specs(prompt, options.node_id, sampler_id)
+                                  if s not in options.record)
+
+
+def _sample_args(args, kwargs, name: str, index: int):
+    return kwargs[name] if name in kwargs else args[index] if len(args) > index else None
+
+
+def _with_sample_arg(args, kwargs, name: str, index: int, value):
+    if name in kwargs or len(args) <= index:
+        return args, {**kwargs, name: value}
+    return (*args[:index], value, *args[index + 1:]), kwargs
+
+
+def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH.start_percent,
+              end_percent: float = RECOMMENDED_PATCH.end_percent, dense_blocks=RECOMMENDED_PATCH.dense_blocks,
+              min_tokens: int = RECOMMENDED_PATCH.min_tokens, record=(), node_id=None):
+    """A clone of `model` (a ComfyUI ModelPatcher) whose self-attention runs BSA in every sampling run;
+    `model` is untouched. dense_blocks: a text like '0,1,28-29' or block numbers. record: ReportSpecs to
+    record in every run (see bsa_report); node_id: the BSA node's prompt id, to record for the BSA Reports
+    of the running prompt. A model that already has BSA gets this one instead, with a warning."""
+    import comfy.model_patcher
     import comfy.patcher_extension as pe
 
     if not 0.0 <= start_percent <= end_percent <= 1.0:
@@ -257,65 +392,81 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = 0.0, end_percent:
                          "0 <= start_percent <= end_percent <= 1")
     if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
         raise ValueError(f"min_tokens must be an integer >= 0, got {min_tokens!r}")
-    patch = BSAPatch(config, start_percent, end_percent, dense_blocks, min_tokens, record)
-    patch.set_sigma_window(model.get_model_object("model_sampling"))
+    if not isinstance(config, BSAConfig):
+        raise ValueError(f"config must be a BSAConfig, got {type(config).__name__}")
+    record = (record,) if isinstance(record, ReportSpec) else tuple(record or ())
+    options = BSAOptions(config, float(start_percent), float(end_percent), BlockRanges.of(dense_blocks), min_tokens,
+                         record, None if node_id is None else str(node_id))
 
     patched = model.clone()
-    # own dict: the original model's transformer_options must never see the override
-    options = patched.model_options["transformer_options"] = dict(patched.model_options.get("transformer_options", {}))
-    patch.install(options)
+    if find_options(patched) is not None:
+        log.warning(f"{LOG_PREFIX} this model already has BSA (two BSA Sparse Attention nodes in a row): the one "
+                    "nearer the sampler runs, the earlier one is removed")
+        for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.APPLY_MODEL):
+            patched.remove_wrappers_with_key(wrapper_type, PATCH_KEY)
 
-    def on_prepare_state(patcher, timestep, model_options=None):
-        # a node applied later (e.g. ModelSamplingSD3, another attention patch) may have changed the
-        # model's sampling or replaced the override. ComfyUI 0.3.64-0.3.75 call callback(patcher, timestep);
-        # model_options is taken in case a later version passes the live options
-        patch.set_sigma_window(patcher.get_model_object("model_sampling"))
-        patch.install((model_options if model_options is not None else patcher.model_options)["transformer_options"])
+    def bsa_sample(executor, *args, **kwargs):
+        """OUTER_SAMPLE (noise, latent, sampler, sigmas, denoise_mask, callback, ...): one run."""
+        guider = executor.class_obj
+        original_options = guider.model_options
+        sigmas = _sample_args(args, kwargs, "sigmas", 3)
+        callback = _sample_args(args, kwargs, "callback", 5)
+        run = BSARun(options, guider.model_patcher.get_model_object("model_sampling"),
+                     [] if sigmas is None else sigmas.tolist(), _specs_to_record(options))
+
+        def step_done(step, *rest):
+            run.step_done(step)
+            if callback is not None:
+                return callback(step, *rest)
+
+        args, kwargs = _with_sample_arg(args, kwargs, "callback", 5, step_done)
+        try:
+            guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+            transformer_options = guider.model_options.setdefault("transformer_options", {})
+            transformer_options[RUN_KEY] = run
+            transformer_options[OVERRIDE_KEY] = make_override(run, transformer_options.get(OVERRIDE_KEY))
+            return executor(*args, **kwargs)
+        finally:
+            guider.model_options = original_options
+            run.finish()
+            if run.report is not None and run.report.rows:
+                _last_report_of_model[guider.model_patcher] = run.report
+                _last_report_of_options[options] = run.report
 
     def learn_token_layout(executor, x, *args, **kwargs):
-        # apply_model wraps every family's diffusion model (Mochi's has no wrapper of its own);
-        # x is the noisy latent, kwargs the model's extra conds (reference / guide latents)
-        # apply_model(x, t, c_concat, c_crossattn, ...): the text context, for is_cross_attention
-        context = kwargs.get("c_crossattn", args[2] if len(args) > 2 else None)
-        patch.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs),
-                            context.shape[1] if isinstance(context, torch.Tensor) and context.dim() >= 2 else None,
-                            sigma=args[0] if args else kwargs.get("t"))
+        """APPLY_MODEL (x, t, c_concat, c_crossattn, control, transformer_options): x is the noisy latent,
+        kwargs the model's extra conds (reference / guide latents); wraps every family's model."""
+        transformer_options = kwargs.get("transformer_options", args[4] if len(args) > 4 else None) or {}
+        run = transformer_options.get(RUN_KEY)
+        if isinstance(run, BSARun) and run.options is options:
+            context = kwargs.get("c_crossattn", args[2] if len(args) > 2 else None)
+            run.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs),
+                              context.shape[1] if isinstance(context, torch.Tensor) and context.dim() >= 2 else None)
         return executor(x, *args, **kwargs)
 
-    def on_cleanup(patcher):
-        patch.reset()
-
-    on_cleanup.bsa_patch = patch  # find_patch: clones (LoRA, other patches) keep the callback, not a copy
-
+    bsa_sample.bsa_options = options  # find_options: clones share the wrapper function, not a copy
+    patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, PATCH_KEY, bsa_sample)
     patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, learn_token_layout)
-    patched.add_callback_with_key(pe.CallbacksMP.ON_PREPARE_STATE, PATCH_KEY, on_prepare_state)
-    patched.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, PATCH_KEY, on_cleanup)
     return patched
 
 
-def find_patch(model) -> BSAPatch | None:
-    """The BSAPatch of the last apply_bsa on `model` or on a model it was cloned from, else None. Read from
-    the cleanup callback: ModelPatcher.clone deep-copies model_options (a patch stored there would be a
-    copy) and a later node may cover our attention override until sampling re-installs it."""
-    callbacks = getattr(model, "callbacks", None) or {}
-    patches = [getattr(c, "bsa_patch", None) for c in callbacks.get("on_cleanup", {}).get(PATCH_KEY, [])]
-    patches = [p for p in patches if p is not None]
-    return patches[-1] if patches else None
+def find_options(model) -> BSAOptions | None:
+    """The BSAOptions of the BSA patch on `model` or on a model it was cloned from, else None."""
+    wrappers = (getattr(model, "wrappers", None) or {}).get("outer_sample", {}).get(PATCH_KEY, [])
+    options = [getattr(w, "bsa_options", None) for w in wrappers]
+    options = [o for o in options if o is not None]
+    return options[-1] if options else None
 
 
 def bsa_report(model, spec: ReportSpec) -> tuple[str, torch.Tensor]:
-    """(table, heat-map image) of the last finished sampling run of `model`'s BSA patch. Asks the patch to
-    record `spec` from its next run on: a cached BSA node is not executed again to learn of the report."""
-    patch = find_patch(model)
-    if patch is None:
+    """(table, heat-map image) of the last finished recorded sampling run of `model` (the model the sampler
+    got) or, failing that, of any model carrying the same BSA patch."""
+    options = find_options(model)
+    if options is None:
         return render(None, spec, "No BSA patch on this model: connect the MODEL output of BSA Sparse "
                                   "Attention (directly or through other model nodes).")
-    was_recording, patch.record = patch.record is not None, spec
-    if was_recording:
-        message = ("Nothing recorded: this model has not finished a sampling run with BSA since recording "
-                   "started (change the seed or any sampler input and queue again).")
-    else:
-        message = ("Nothing recorded: the BSA Sparse Attention node came from ComfyUI's cache of a run "
-                   "without this report. Recording is on from the next sampling run: change the seed or any "
-                   "sampler input and queue again.")
-    return render(patch.last_report, spec, message)
+    report = _last_report_of_model.get(model) or _last_report_of_options.get(options)
+    message = ("Nothing recorded: no sampling run of this model has finished with a BSA Report on its branch. "
+               "ComfyUI reuses a cached sampler output without sampling again: change the seed or any sampler "
+               "input and queue again.")
+    return render(report, spec, message)

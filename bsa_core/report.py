@@ -1,9 +1,10 @@
 """What the "BSA Report" node shows: per sampling step and transformer block, the kept query and KV-cube
-shares and the attention time, plus the kept query-cube x KV-cube matrix of one chosen call.
+shares and the attention time, plus the kept query-cube x KV-cube matrix of the calls the reports chose.
 
-Nothing here runs unless a report is connected: the patch builds a RunReport only when it was given a
-ReportSpec. In the hot path the kept shares stay 0-d tensors on the attention's device and CUDA times
-stay event pairs; both are read when the report is rendered. Importable without ComfyUI.
+Nothing here runs unless a report is connected: the patch builds a RunReport only for a sampling run whose
+prompt has a BSA Report on that sampler's branch (or that apply_bsa was asked to record). In the hot path
+the kept shares stay 0-d tensors on the attention's device and CUDA times stay event pairs; both are read
+when the report is rendered. Importable without ComfyUI.
 """
 from __future__ import annotations
 
@@ -33,23 +34,32 @@ class ReportSpec:
     head: int = 0
 
 
-def find_report_spec(prompt: dict | None, node_id) -> ReportSpec | None:
-    """The ReportSpec of the first (by node id) BSA Report whose model input leads upstream, through any
-    links, to node `node_id` of the API prompt; None when there is none. Widget values that are links
-    (not literals) fall back to the defaults."""
-    if not isinstance(prompt, dict) or node_id is None:
-        return None
+def find_report_specs(prompt: dict | None, bsa_node_id, sampler_node_id=None) -> tuple[ReportSpec, ...]:
+    """The ReportSpecs of the BSA Report nodes of an API prompt that read a model made by BSA node
+    `bsa_node_id` (their model input leads upstream to it) and, when `sampler_node_id` is given, that
+    model is upstream of that sampler: the reports on the branch that sampler runs. Ordered by node id;
+    widget values that are links (not literals) fall back to the defaults."""
+    if not isinstance(prompt, dict) or bsa_node_id is None:
+        return ()
+    specs = []
     for report_id in sorted(prompt, key=str):
         node = prompt[report_id]
         if not isinstance(node, dict) or node.get("class_type") != REPORT_NODE:
             continue
         inputs = node.get("inputs") or {}
-        if _leads_to(prompt, inputs.get(MODEL_INPUT), str(node_id)):
-            defaults = ReportSpec()
-            values = {name: inputs.get(name) for name in ("step", "layer", "head")}
-            return ReportSpec(**{name: value if _is_int(value) else getattr(defaults, name)
-                                 for name, value in values.items()})
-    return None
+        model = inputs.get(MODEL_INPUT)
+        if not _leads_to(prompt, model, str(bsa_node_id)):
+            continue
+        if sampler_node_id is not None and not _leads_to(prompt, [str(sampler_node_id), 0], str(model[0]),
+                                                         include_start=False):
+            continue
+        defaults = ReportSpec()
+        values = {name: inputs.get(name) for name in ("step", "layer", "head")}
+        spec = ReportSpec(**{name: value if _is_int(value) else getattr(defaults, name)
+                             for name, value in values.items()})
+        if spec not in specs:
+            specs.append(spec)
+    return tuple(specs)
 
 
 def _is_link(value) -> bool:
@@ -60,15 +70,16 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _leads_to(prompt: dict, link, target: str) -> bool:
-    """Whether following `link` ([node_id, output_index]) and every link upstream of it reaches `target`."""
+def _leads_to(prompt: dict, link, target: str, include_start: bool = True) -> bool:
+    """Whether following `link` ([node_id, output_index]) and every link upstream of it reaches `target`.
+    include_start=False: only the inputs of link's node and upstream of them count."""
     pending, seen = [link], set()
     while pending:
         value = pending.pop()
         if not _is_link(value):
             continue
         source = str(value[0])
-        if source == target:
+        if source == target and (include_start or value is not link):
             return True
         if source in seen:
             continue
@@ -149,25 +160,20 @@ class Heatmap:
 
 
 class RunReport:
-    """One sampling run's per-(step, block) numbers. A step is a distinct sigma: the model calls of one
-    sampler step (cond and uncond) share it; samplers that call the model twice per step (heun, dpm_2)
-    show two steps per sampler step."""
+    """One sampling run's per-(step, block) numbers and one heat-map per ReportSpec asked for. A step is a
+    sampler step (every model call of it, cond and uncond, heun's second call...), numbered and given its
+    sigma by the sampler's own schedule on the host: nothing is read back from the GPU while sampling."""
 
-    def __init__(self, spec: ReportSpec):
-        self.spec = spec
+    def __init__(self, specs: tuple[ReportSpec, ...]):
+        self.specs = tuple(specs)
         self.rows: dict[tuple[int, int], _Row] = {}
         self.step = 0
         self.sigma: float | None = None
-        self.heatmap: Heatmap | None = None
+        self.heatmaps: dict[ReportSpec, Heatmap] = {}
 
-    def begin_forward(self, sigma) -> None:
-        """A model call starts: a sigma other than the last one is the next step (one read per call)."""
-        if sigma is None:
-            return
-        value = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
-        if self.sigma is not None and value != self.sigma:
-            self.step += 1
-        self.sigma = value
+    def begin_forward(self, step: int, sigma: float | None) -> None:
+        """A model call of sampler step `step` (schedule sigma `sigma`, a host number) starts."""
+        self.step, self.sigma = step, sigma
 
     def _row(self, block: int) -> _Row:
         row = self.rows.get((self.step, block))
@@ -195,28 +201,34 @@ class RunReport:
         if reason not in row.dense_reasons:
             row.dense_reasons.append(reason)
 
-    def wants_selection(self, block: int) -> bool:
-        """The chosen layer at the chosen step (every step for step -1: the last one stays), first call."""
-        spec = self.spec
-        if block != spec.layer or (spec.step >= 0 and self.step != spec.step):
-            return False
-        return self.heatmap is None or self.heatmap.step != self.step
+    def wanted_selections(self, block: int) -> list[ReportSpec]:
+        """The specs that want this call's selection: their layer at their step (every step for step -1:
+        the last one stays), first call of the step."""
+        wanted = []
+        for spec in self.specs:
+            if block != spec.layer or (spec.step >= 0 and self.step != spec.step):
+                continue
+            heatmap = self.heatmaps.get(spec)
+            if heatmap is None or heatmap.step != self.step:
+                wanted.append(spec)
+        return wanted
 
-    def capture_selection(self, block: int, q: torch.Tensor, k: torch.Tensor, grid, config, n_prefix: int,
-                          scale: float | None, backend: str) -> None:
-        """Selects again, on the side, for batch row 0 and the chosen head of this call (q, k [B, H, L, D]):
+    def capture_selection(self, spec: ReportSpec, block: int, q: torch.Tensor, k: torch.Tensor, grid, config,
+                          n_prefix: int, scale: float | None, backend: str) -> None:
+        """Selects again, on the side, for batch row 0 and spec's head of this call (q, k [B, H, L, D]):
         the Triton selection when the call ran on the kernels, else the reference."""
-        head = self.spec.head
+        head = spec.head
         if not 0 <= head < q.shape[1]:
-            self.heatmap = Heatmap(self.step, self.sigma, block, head, None,
-                                   f"head {head} out of range: the model has {q.shape[1]} heads (0-{q.shape[1] - 1})")
+            self.heatmaps[spec] = Heatmap(self.step, self.sigma, block, head, None,
+                                          f"head {head} out of range: the model has {q.shape[1]} heads "
+                                          f"(0-{q.shape[1] - 1})")
             return
         layout = cube_layout(grid, config.cube_size, q.device)
         video = slice(n_prefix, n_prefix + layout.num_tokens)
         q_cubes, k_cubes = (layout.to_cubes(x[:1, head:head + 1, video, :]) for x in (q, k))
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         selection, how = _select(q_cubes, k_cubes, layout, config, scale, backend)
-        self.heatmap = Heatmap(self.step, self.sigma, block, head, selection.to_dense()[0, 0], how)
+        self.heatmaps[spec] = Heatmap(self.step, self.sigma, block, head, selection.to_dense()[0, 0], how)
 
     def table(self) -> str:
         """One row per (step, block), then the totals."""
@@ -288,13 +300,12 @@ def render(report: RunReport | None, spec: ReportSpec, no_report_message: str) -
     if report is None or not report.rows:
         return no_report_message, placeholder_image()
     text = report.table()
-    heatmap = report.heatmap
-    recorded = report.spec
-    if recorded != spec:
-        note = (f"heat-map: this run recorded step {recorded.step}, layer {recorded.layer}, head {recorded.head}; "
-                f"step {spec.step}, layer {spec.layer}, head {spec.head} is recorded from the next sampling run "
-                "(change the seed or any sampler input and queue again)")
+    if spec not in report.specs:
+        recorded = "; ".join(f"step {s.step}, layer {s.layer}, head {s.head}" for s in report.specs)
+        note = (f"heat-map: this run recorded {recorded}; step {spec.step}, layer {spec.layer}, head {spec.head} "
+                "is recorded from the next sampling run (change the seed or any sampler input and queue again)")
         return f"{text}\n{note}", placeholder_image()
+    heatmap = report.heatmaps.get(spec)
     step_text = f"step {spec.step}" if spec.step >= 0 else "step -1 (the last step it ran sparse)"
     if heatmap is None:
         rows = [row for (step, layer), row in report.rows.items()

@@ -162,13 +162,14 @@ def _train_length(model) -> int | None:
     return None
 
 
-def apply_riflex(model, length: int, k: int = 0, train_length: int = 0, safety: float = SAFETY):
-    """Clone of a ComfyUI video model whose intrinsic temporal RoPE frequency fits `length` latent frames.
+def apply_riflex(model, latent_frames: int, k: int = 0, train_latent_frames: int = 0, safety: float = SAFETY):
+    """Clone of a ComfyUI video model whose intrinsic temporal RoPE frequency fits `latent_frames`. The
+    arguments are the RIFLEx Extend node's inputs, and errors name them.
 
-    model:        ModelPatcher of a Wan or HunyuanVideo model; never modified.
-    length:       target length in latent frames.
-    k:            1-based temporal component to lower; 0 picks the intrinsic one.
-    train_length: training length in latent frames; 0 takes the family's.
+    model:               ModelPatcher of a Wan or HunyuanVideo model; never modified.
+    latent_frames:       target length in latent frames.
+    k:                   1-based temporal component to lower; 0 picks the intrinsic one.
+    train_latent_frames: training length in latent frames; 0 takes the family's.
     Returns (model, report): the input model itself when L <= N_k (nothing to do).
     """
     diffusion_model = model.get_model_object("diffusion_model")
@@ -182,13 +183,14 @@ def apply_riflex(model, length: int, k: int = 0, train_length: int = 0, safety: 
     if len(base.axes_dim) != 3:
         raise ValueError(f"model: {type(model.model.model_config).__name__} has no temporal RoPE axis "
                          f"(axes_dim={list(base.axes_dim)})")
-    if not isinstance(length, int) or length < 1:
-        raise ValueError(f"length must be an integer >= 1 latent frames, got {length!r}")
-    if not isinstance(train_length, int) or train_length < 0:
-        raise ValueError(f"train_length must be 0 (family default) or a positive integer, got {train_length!r}")
+    if isinstance(latent_frames, bool) or not isinstance(latent_frames, int) or latent_frames < 1:
+        raise ValueError(f"latent_frames must be an integer >= 1, got {latent_frames!r}")
+    if isinstance(train_latent_frames, bool) or not isinstance(train_latent_frames, int) or train_latent_frames < 0:
+        raise ValueError(f"train_latent_frames must be 0 (the family's) or a positive integer, got "
+                         f"{train_latent_frames!r}")
     patch_t = diffusion_model.patch_size[0]
-    positions = (length + patch_t // 2) // patch_t
-    train = (train_length + patch_t // 2) // patch_t if train_length else family_length
+    positions = (latent_frames + patch_t // 2) // patch_t
+    train = (train_latent_frames + patch_t // 2) // patch_t if train_latent_frames else family_length
     report = riflex_report(int(base.axes_dim[0]), float(base.theta), positions, train, k, safety)
     if not report.applied:
         log.info("[RIFLEx] no change: %s", report)

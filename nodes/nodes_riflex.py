@@ -39,5 +39,6 @@ class RIFLExExtend(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent_frames, k, latent=None, train_latent_frames=0, safety=SAFETY) -> io.NodeOutput:
-        length = latent_length(latent["samples"]) if latent is not None else latent_frames
-        return io.NodeOutput(apply_riflex(model, length, k, train_latent_frames, safety)[0])
+        if latent is not None:
+            latent_frames = latent_length(latent["samples"])
+        return io.NodeOutput(apply_riflex(model, latent_frames, k, train_latent_frames, safety)[0])

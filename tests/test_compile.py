@@ -7,7 +7,8 @@ from comfy_env import require_comfyui, tiny_wan_path  # noqa: F401  (fixture)
 from comfyui_bsa.bsa_core import BSAConfig
 from comfyui_bsa.bsa_core.attention import bsa_attention, bsa_attention_op
 
-SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.5)  # 4 cubes of random tokens: keeps 2-3
+SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.5,
+                   threshold_mode="cumulative", pooled_remainder=False)  # 4 cubes of random tokens: keeps 2-3
 GRID = (4, 8, 8)
 
 
@@ -66,7 +67,7 @@ def test_comfyui_torch_compile_model_with_the_patch(tiny_wan_path, caplog):
     import nodes
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    from comfyui_bsa.bsa_core.patch import apply_bsa
+    from comfy_env import apply_bsa
 
     def sample(model):
         g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from comfy_env import REPO, require_comfyui
+from comfy_env import REPO, apply_bsa, require_comfyui
 
 require_comfyui()
 sys.path.insert(0, str(REPO / "tools"))
@@ -19,11 +19,10 @@ from tiny_models import tiny_model, tiny_state_dict  # noqa: E402
 
 from comfyui_bsa.bsa_core import BSAConfig  # noqa: E402
 from comfyui_bsa.bsa_core.adapters import UNKNOWN_FAMILY, token_layout  # noqa: E402
-from comfyui_bsa.bsa_core.attention import attended_keys, bsa_attention_key_masked, bsa_attention_op  # noqa: E402
-from comfyui_bsa.bsa_core.patch import apply_bsa  # noqa: E402
+from comfyui_bsa.bsa_core.attention import bsa_attention_key_masked, bsa_attention_op, key_mask_plan  # noqa: E402
 
-SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9)
-ALL_KEPT = BSAConfig(keep_ratio=1.0, kv_threshold=1.0)
+SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9, threshold_mode="cumulative", pooled_remainder=False)
+ALL_KEPT = BSAConfig(keep_ratio=1.0, kv_threshold=1.0, threshold_mode="cumulative", pooled_remainder=False)
 STEPS = 2
 
 
@@ -136,12 +135,12 @@ def test_key_masked_attention_equals_masked_dense_on_extra_tokens():
     mask = torch.zeros(2, 1, 1, 64 + n_text)
     mask[0, ..., -3:] = -torch.finfo(torch.float32).max
     mask[1, ..., -5:] = float("-inf")
-    keys, reason = attended_keys(mask, 2, 64 + n_text, 0, n_text)
+    plan, reason = key_mask_plan(mask, 2, 64 + n_text, 0, n_text)
     assert reason is None
-    out, _, _ = bsa_attention_key_masked(q, k, v, grid, SPARSE, keys, n_suffix=n_text)
+    out, _, _ = bsa_attention_key_masked(q, k, v, grid, SPARSE, plan, n_suffix=n_text)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out[..., 64:, :], dense[..., 64:, :], atol=1e-5, rtol=1e-5)
-    all_kept, _, _ = bsa_attention_key_masked(q, k, v, grid, ALL_KEPT, keys, n_suffix=n_text)
+    all_kept, _, _ = bsa_attention_key_masked(q, k, v, grid, ALL_KEPT, plan, n_suffix=n_text)
     torch.testing.assert_close(all_kept, dense, atol=1e-5, rtol=1e-5)
 
 
@@ -151,8 +150,8 @@ def test_key_masked_attention_equals_masked_dense_on_extra_tokens():
     (torch.cat([torch.full((1, 1, 1), float("-inf")), torch.zeros(1, 1, 75)], -1), "hides video tokens"),
 ], ids=["query-key", "soft", "video"])
 def test_masks_that_cannot_be_honoured_give_a_reason(mask, reason):
-    keys, why = attended_keys(mask, 2, 76, 0, 12)
-    assert keys is None and reason in why
+    plan, why = key_mask_plan(mask, 2, 76, 0, 12)
+    assert plan is None and reason in why
 
 
 def test_cfg_batch_selects_per_element():

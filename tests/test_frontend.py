@@ -16,13 +16,14 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-import comfy_frontend as cf  # noqa: E402
+import comfy_browser as cb  # noqa: E402
+import comfy_server as cs  # noqa: E402
 
 BSA = "BSASparseAttention"
 SLIDERS = ("keep_ratio", "kv_threshold")
 TINY_API = REPO / "workflows" / "tiny_wan_t2v_api.json"
-UI_WORKFLOWS = cf.ui_workflows()
-MISSING = cf.missing_requirements()
+UI_WORKFLOWS = cs.ui_workflows()
+MISSING = cb.missing_requirements()
 
 if MISSING and os.environ.get("BSA_REQUIRE_BROWSER") == "1":
     raise RuntimeError("BSA_REQUIRE_BROWSER=1 but the browser test cannot run: " + "; ".join(MISSING))
@@ -46,7 +47,7 @@ def artifacts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, artifacts):
     graphs = [json.loads(p.read_text()) for p in UI_WORKFLOWS]
-    server = cf.ComfyServer(tmp_path_factory.mktemp("comfy_base"), placeholders=cf.model_names(graphs),
+    server = cs.ComfyServer(tmp_path_factory.mktemp("comfy_base"), placeholders=cs.model_names(graphs),
                             tiny_wan=True)
     with server:
         yield server
@@ -55,13 +56,13 @@ def server(tmp_path_factory, artifacts):
 
 @pytest.fixture(scope="module")
 def frontend(server):
-    with cf.Frontend(server.url) as page:
+    with cb.Frontend(server.url) as page:
         yield page
 
 
 def test_server_serves_pinned_frontend_and_our_node(server, frontend):
     served = frontend.page.evaluate("window.__COMFYUI_FRONTEND_VERSION__")
-    assert served == server.get("/system_stats")["system"]["required_frontend_version"] == cf.pinned_frontend_version()
+    assert served == server.get("/system_stats")["system"]["required_frontend_version"] == cs.pinned_frontend_version()
     assert BSA in server.object_info, f"the pack did not load:\n{server.log_tail()}"
     for name in SLIDERS:
         spec = _spec(server.object_info, BSA, name)
@@ -109,7 +110,7 @@ def test_ui_workflow_loads_validates_and_renders(path, server, frontend, artifac
         assert BSA in {n["class_type"] for n in prompt.values()}
     try:
         run = server.run_prompt(prompt, timeout=120)
-    except cf.PromptRejected as rejected:
+    except cs.PromptRejected as rejected:
         pytest.fail(f"{path.name}: /prompt rejected the workflow: {rejected}")
     # The model files are empty placeholders, so a loader of one may fail at run time; nothing else may.
     for error in run.of_type("execution_error"):
@@ -119,6 +120,29 @@ def test_ui_workflow_loads_validates_and_renders(path, server, frontend, artifac
     frontend.fit_view()
     shot = frontend.screenshot(artifacts / f"{path.stem}.png")
     assert shot.stat().st_size > 10_000
+
+
+def test_workflow_saved_with_the_old_widget_order_loads(server, frontend):
+    """A workflow saved before the BSA node's widgets were reordered (tests/fixtures): web/bsa_migrate.js puts
+    each saved value into the widget of its name, and what the Run button queues passes /prompt validation."""
+    fixture = REPO / "tests" / "fixtures" / "wan21_t2v_1.3B_bsa_widget_order_v1.json"
+    graph = json.loads(fixture.read_text())
+    (saved,) = [n for n in graph["nodes"] if n["type"] == BSA]
+    old_order = ["keep_ratio", "kv_threshold", "cube_size", "threshold_mode", "start_percent", "end_percent",
+                 "stat_lambda", "min_blocks", "dense_blocks", "min_tokens", "pooled_remainder"]
+    console_before = len(frontend.console)
+    nodes = frontend.load(graph)
+    assert not frontend.errors_since(console_before)
+    (bsa,) = [n for n in nodes if n["type"] == BSA]
+    values = {w["name"]: w["value"] for w in frontend.widgets(bsa["id"])}
+    assert values == dict(zip(old_order, saved["widgets_values"]))
+    prompt = frontend.graph_to_prompt()
+    (inputs,) = [n["inputs"] for n in prompt.values() if n["class_type"] == BSA]
+    assert {name: inputs[name] for name in old_order} == values
+    try:
+        server.run_prompt(prompt, timeout=120)
+    except cs.PromptRejected as rejected:
+        pytest.fail(f"/prompt rejected the migrated workflow: {rejected}")
 
 
 def test_tiny_api_workflow_runs_over_websocket(server):

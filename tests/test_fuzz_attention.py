@@ -25,7 +25,7 @@ from comfyui_bsa.bsa_core.reference import (
     keep_counts,
     pooled_cubes,
 )
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 FUZZ = settings(max_examples=80, deadline=None, derandomize=True, print_blob=True,
@@ -267,7 +267,7 @@ def test_entry_point_matches_oracle(**case):
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
        bad=st.sampled_from(["none", "grid", "prefix", "suffix", "rank", "dtype", "zero_grid"]))
 def test_entry_point_rejects_with_value_error(grid, config, B, H, D, dtype, seed, bad):
-    """Calls BSA cannot take raise ValueError naming q/k/v (never another exception)."""
+    """Calls BSA cannot take raise ValueError naming the argument (never another exception)."""
     L = math.prod(grid)
     q, k, v = make_qkv(B, H, L, D, dtype, "randn", seed)
     kwargs = {}
@@ -287,7 +287,9 @@ def test_entry_point_rejects_with_value_error(grid, config, B, H, D, dtype, seed
         out, _ = bsa_attention(q, k, v, grid, config, **kwargs)
         assert torch.isfinite(out).all()
     else:
-        with pytest.raises(ValueError, match="q/k/v"):
+        names = {"grid": "grid", "prefix": "n_prefix", "suffix": "n_suffix", "rank": "q", "dtype": "q",
+                 "zero_grid": "grid"}
+        with pytest.raises(ValueError, match=rf"^{names[bad]} |n_suffix / grid"):
             bsa_attention(q, k, v, grid, config, **kwargs)
 
 
@@ -310,15 +312,17 @@ def comfy_attention():
     return module
 
 
-def set_layout(patch, grid, n_prefix=0, n_suffix=0):
-    """What the model wrapper tells the patch at the start of a forward (whichever patch API is in)."""
-    if hasattr(patch, "layout"):
-        from comfyui_bsa.bsa_core.adapters import TokenLayout
-        patch.begin_forward(TokenLayout("test", grid, n_prefix, n_suffix,
-                                        reason=None if grid is not None else "unknown video grid"))
-        return True
-    patch.grid = grid
-    return False
+def set_layout(run, grid, n_prefix=0, n_suffix=0):
+    """What the model wrapper tells the run at the start of a forward."""
+    from comfyui_bsa.bsa_core.adapters import TokenLayout
+    run.begin_forward(TokenLayout("test", grid, n_prefix, n_suffix,
+                                  reason=None if grid is not None else "unknown video grid"))
+
+
+def a_run(config, dense_blocks=(), min_tokens=0):
+    """A sampling run's state as the OUTER_SAMPLE wrapper makes it, for driving the override directly."""
+    from comfyui_bsa.bsa_core.patch import BlockRanges, BSAOptions, BSARun
+    return BSARun(BSAOptions(config, 0.0, 1.0, BlockRanges.of(dense_blocks), min_tokens))
 
 
 def override_cases(grid=None, config=None, heads=None, D=None):
@@ -335,7 +339,7 @@ def override_cases(grid=None, config=None, heads=None, D=None):
 def check_override(profile, comfy_attention, grid, config, B, heads, D, dtype, case, skip_reshape, seed):
     """ComfyUI's attention with the override: BSA (bitwise what bsa_attention gives) or dense with one logged
     reason. Returns what ran, for a summary."""
-    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BSAPatch, _make_override, log
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, log, make_override
 
     n_prefix, n_suffix = (3, 4) if case in ("declared_extra", "extra_tokens", "key_mask") else (0, 0)
     L = n_prefix + math.prod(grid) + n_suffix
@@ -352,15 +356,12 @@ def check_override(profile, comfy_attention, grid, config, B, heads, D, dtype, c
         mask = torch.ones(1, L, dtype=torch.bool, device=dev)
         extra = torch.cat([torch.arange(n_prefix), torch.arange(L - n_suffix, L)]).to(dev)
         mask[0, extra[torch.randperm(len(extra), generator=g, device=dev)[:1 + seed % len(extra)]]] = False
-    patch = BSAPatch(config, 0.0, 1.0, dense_blocks={0} if case == "dense_block" else (),
-                     min_tokens=L + 1 if case == "short" else 0)
-    patch.sigma_start, patch.sigma_end = 10.0, 1.0
+    patch = a_run(config, dense_blocks={0} if case == "dense_block" else (), min_tokens=L + 1 if case == "short" else 0)
+    patch.in_window = case != "sigma_outside"  # the step's start_percent..end_percent decision
     layout_grid = {"no_grid": None, "wrong_grid": (grid[0] + 1, *grid[1:])}.get(case, grid)
     declared = (n_prefix, n_suffix) if case in ("declared_extra", "key_mask") else (0, 0)
-    if not set_layout(patch, layout_grid, *declared):
-        assume(case not in ("declared_extra", "key_mask"))  # the grid-only patch API has no extra tokens
-    sigmas = torch.tensor([0.5 if case == "sigma_outside" else 5.0])
-    options = {OVERRIDE_KEY: _make_override(patch, None), "sigmas": sigmas}
+    set_layout(patch, layout_grid, *declared)
+    options = {OVERRIDE_KEY: make_override(patch, None)}
     call = {"mask": mask, "skip_reshape": skip_reshape, "skip_output_reshape": skip_reshape}
     records = _Records()
     level = log.level
@@ -447,7 +448,8 @@ def test_triton_pipeline_one_kept_query_per_cube():
     from comfyui_bsa.bsa_core.reference import bsa_attention_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    grid, config = (1, 2, 3), BSAConfig((4, 4, 4), keep_ratio=0.05, kv_threshold=0.5)
+    grid, config = (1, 2, 3), BSAConfig((4, 4, 4), keep_ratio=0.05, kv_threshold=0.5,
+                                        threshold_mode="cumulative", pooled_remainder=False)
     q, k, v = (x.to(device) for x in make_qkv(1, 1, math.prod(grid), 32, torch.float16, "randn", 0))
     layout = cube_layout(grid, config.cube_size, device)
     out, sel = attention._bsa_attention_triton(q, k, v, layout, config, 32 ** -0.5, 0, 0)

@@ -96,7 +96,8 @@ def test_entry_point_wan_480p_each_node_cube(cube):
     """The same property on Wan 2.1 at 480p x 81 frames (21 x 30 x 52 tokens, head_dim 128, bf16) with each
     cube size the node offers: the workload the kernels are tuned for, every run."""
     tally = Tally(f"entry point, Wan 480p, cube {cube}")
-    tally.add(fuzz.check_entry_point(GPU, grid=(21, 30, 52), config=BSAConfig(cube, keep_ratio=0.5, kv_threshold=0.9),
+    tally.add(fuzz.check_entry_point(GPU, grid=(21, 30, 52), config=BSAConfig(cube, keep_ratio=0.5, kv_threshold=0.9,
+                                                                              threshold_mode="cumulative", pooled_remainder=False),
                                      B=1, H=8, D=128, dtype=torch.bfloat16, n_prefix=0, n_suffix=0, kind="randn",
                                      magnitude=1.0, scale=None, strided=False, seed=0))
     print(tally.line())
@@ -121,7 +122,8 @@ def test_override_fuzz_gpu(comfy_attention):  # noqa: F811  (the fixture importe
 # ---- peak memory: O(L) + O(cubes^2), never O(L^2) ----------------------------------------------------
 
 MEMORY_GRIDS = [(8, 32, 32), (16, 32, 64)]  # 8192 and 32768 tokens: 4x the tokens, 16x the cube pairs
-MEMORY_CONFIG = BSAConfig((4, 4, 4), keep_ratio=0.5, kv_threshold=0.9)
+MEMORY_CONFIG = BSAConfig((4, 4, 4), keep_ratio=0.5, kv_threshold=0.9,
+                          threshold_mode="cumulative", pooled_remainder=False)
 B, HEADS, D = 1, 4, 128
 
 
@@ -132,11 +134,11 @@ def _entry_point_call(grid):
 
 def _override_call(attention_module, grid):
     """ComfyUI's attention on [B, L, heads * D] through the node's override, as a model's block calls it."""
-    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BSAPatch, _make_override
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, make_override
 
-    patch = BSAPatch(MEMORY_CONFIG, 0.0, 1.0)
+    patch = fuzz.a_run(MEMORY_CONFIG)
     fuzz.set_layout(patch, grid)
-    options = {OVERRIDE_KEY: _make_override(patch, None)}
+    options = {OVERRIDE_KEY: make_override(patch, None)}
 
     def call(q, k, v):
         out = attention_module.optimized_attention(q, k, v, HEADS, transformer_options=options)

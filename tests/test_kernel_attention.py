@@ -73,7 +73,8 @@ def test_matches_reference(case):
     B, H, grid, cube, D, dtype, r, p, E, group = case
     layout, qc, kc, vc, ke, ve = _inputs(B, H, grid, cube, D, dtype, seed=hash(_case_id(case)) % 1000, E=E)
     scale = D ** -0.5
-    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=r, kv_threshold=p), scale)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=r, kv_threshold=p,
+                                               threshold_mode="cumulative", pooled_remainder=False), scale)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
     out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group)
     assert out.dtype == dtype and out.shape == ref.shape
@@ -85,7 +86,8 @@ def test_empty_selection_rows_are_zero_or_extra_only():
     """kv_count 0 everywhere: rows see only the extra keys, or nothing (output 0, no NaN)."""
     B, H, grid, cube, D = 1, 2, (2, 3, 4), (2, 2, 2), 16
     layout, qc, kc, vc, ke, ve = _inputs(B, H, grid, cube, D, torch.float16, seed=3, E=4)
-    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=0.5, kv_threshold=0.5), D ** -0.5)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=0.5, kv_threshold=0.5,
+                                               threshold_mode="cumulative", pooled_remainder=False), D ** -0.5)
     empty = BSASelection(sel.q_count, sel.q_index, sel.q_source, torch.zeros_like(sel.kv_count),
                          torch.full_like(sel.kv_index, -1))
     kept = block_sparse_attention(qc, kc, vc, empty.q_index, empty.kv_count, empty.kv_index, layout.slot_valid)
@@ -98,7 +100,8 @@ def test_empty_selection_rows_are_zero_or_extra_only():
 def test_fp32_input_is_computed_in_bf16():
     B, H, grid, cube, D = 1, 1, (2, 2, 4), (2, 2, 4), 16
     layout, qc, kc, vc, _, _ = _inputs(B, H, grid, cube, D, torch.float32, seed=5)
-    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=1.0), D ** -0.5)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=1.0,
+                                               threshold_mode="cumulative", pooled_remainder=False), D ** -0.5)
     out = _run(layout, qc, kc, vc, sel, D ** -0.5)
     assert out.dtype == torch.float32
     assert _rel_rms(out, sparse_attention_reference(qc, kc, vc, layout, sel, D ** -0.5)) < 1e-2
@@ -106,7 +109,8 @@ def test_fp32_input_is_computed_in_bf16():
 
 def test_bad_inputs_raise():
     layout, qc, kc, vc, _, _ = _inputs(1, 1, (2, 2, 4), (2, 2, 4), 16, torch.float16, seed=1)
-    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=(2, 2, 4)), 0.25)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=(2, 2, 4),
+                                               threshold_mode="cumulative", pooled_remainder=False, keep_ratio=0.5), 0.25)
     with pytest.raises(ValueError, match="k_cubes"):
         block_sparse_attention(qc, kc[..., :8].contiguous(), vc, sel.q_index, sel.kv_count, sel.kv_index,
                                layout.slot_valid)
@@ -168,7 +172,8 @@ def test_gpu_wan_sparse_matches_reference(group):
     grid, H, D = (21, 30, 52), 2, 128
     layout, qc, kc, vc, ke, ve = _inputs(1, H, grid, (4, 4, 4), D, torch.bfloat16, seed=11, E=77)
     scale = D ** -0.5
-    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8), scale)
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8,
+                                               threshold_mode="cumulative", pooled_remainder=False), scale)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve)
     out = _run(layout, qc, kc, vc, sel, scale, ke, ve, group)
     assert _rel_rms(out, ref) < 1e-2
@@ -181,7 +186,8 @@ def test_gpu_tma_matches_reference(group):
         pytest.skip("tensor descriptors need Hopper")
     grid, H, D = (21, 30, 52), 2, 128
     layout, qc, kc, vc, ke, ve = _inputs(1, H, grid, (4, 4, 4), D, torch.bfloat16, seed=12, E=5)
-    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8), D ** -0.5)
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=0.5, kv_threshold=0.3, min_blocks=8,
+                                               threshold_mode="cumulative", pooled_remainder=False), D ** -0.5)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, D ** -0.5, ke, ve)
     kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid,
                                   k_extra=ke, v_extra=ve, cubes_per_program=group, use_tma=True)
@@ -218,7 +224,7 @@ def test_raster_matches_reference(case, budget, monkeypatch):
     ke = torch.cat([k[:, :, :n_prefix], k[:, :, L - n_suffix:]], 2).contiguous()
     ve = torch.cat([v[:, :, :n_prefix], v[:, :, L - n_suffix:]], 2).contiguous()
     scale = D ** -0.5
-    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=p), scale)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=p, threshold_mode="cumulative"), scale)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve, pooled_remainder=pooled)
     remainder = None
     if pooled:
@@ -258,7 +264,7 @@ def test_gpu_every_shared_memory_budget_launches(cube, D, budget_kb, monkeypatch
     g = torch.Generator().manual_seed(budget_kb + D)
     q, k, v = (torch.randn(1, H, math.prod(grid), D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
     qc, kc, vc = (layout.to_cubes(x).contiguous() for x in (q, k, v))
-    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=0.6), D ** -0.5)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=0.6, threshold_mode="cumulative"), D ** -0.5)
     from comfyui_bsa.bsa_core.reference import cube_mean
     remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense())
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, D ** -0.5, pooled_remainder=True)

@@ -100,11 +100,12 @@ def test_query_select_ties_take_lower_slots():
 # ---------------------------------------------------------------- KV selection
 
 _KV_CASES = {
-    "cum-p0.5": BSAConfig((2, 2, 4), kv_threshold=0.5),
-    "cum-p0.9-min4": BSAConfig((2, 2, 4), kv_threshold=0.9, min_blocks=4),
-    "cum-p1": BSAConfig((2, 2, 4), kv_threshold=1.0),
-    "stat-l0.5-min3": BSAConfig((2, 2, 4), threshold_mode="statistical", stat_lambda=0.5, min_blocks=3),
-    "stat-l-0.5": BSAConfig((2, 2, 4), threshold_mode="statistical", stat_lambda=-0.5),
+    "cum-p0.5": BSAConfig((2, 2, 4), kv_threshold=0.5, threshold_mode="cumulative", pooled_remainder=False, keep_ratio=0.5),
+    "cum-p0.9-min4": BSAConfig((2, 2, 4), kv_threshold=0.9, min_blocks=4,
+                               threshold_mode="cumulative", pooled_remainder=False, keep_ratio=0.5),
+    "cum-p1": BSAConfig((2, 2, 4), kv_threshold=1.0, threshold_mode="cumulative", pooled_remainder=False, keep_ratio=0.5),
+    "stat-l0.5-min3": BSAConfig((2, 2, 4), threshold_mode="statistical", stat_lambda=0.5, min_blocks=3, keep_ratio=0.5, pooled_remainder=False),
+    "stat-l-0.5": BSAConfig((2, 2, 4), threshold_mode="statistical", stat_lambda=-0.5, keep_ratio=0.5, pooled_remainder=False),
 }
 
 
@@ -126,7 +127,7 @@ def test_kv_select_in_head_groups_equals_one_group(monkeypatch):
     from comfyui_bsa.kernels import kv_select as module
     layout = cube_layout((3, 5, 7), (2, 2, 4), DEVICE)
     N = layout.num_cubes
-    config = BSAConfig((2, 2, 4), threshold_mode="statistical", stat_lambda=0.5)
+    config = BSAConfig((2, 2, 4), threshold_mode="statistical", stat_lambda=0.5, keep_ratio=0.5, pooled_remainder=False)
     q_bar, k_bar = _randn(2, 3, N, 32, seed=12) * 2, _randn(2, 3, N, 32, seed=13)
     count, index = kv_select(q_bar, k_bar, layout, config, 0.25)
     assert index.shape[-1] == N
@@ -141,7 +142,7 @@ def test_kv_select_in_head_groups_equals_one_group(monkeypatch):
 def test_kv_select_ties_in_index_order(mode):
     # zero pools: every full cube has the same mass; min_blocks then takes the lowest indices
     layout = cube_layout((3, 4, 6), (2, 2, 2), DEVICE)
-    config = BSAConfig((2, 2, 2), kv_threshold=0.3, threshold_mode=mode, min_blocks=3)
+    config = BSAConfig((2, 2, 2), kv_threshold=0.3, threshold_mode=mode, min_blocks=3, keep_ratio=0.5, pooled_remainder=False)
     pools = torch.zeros(1, 2, layout.num_cubes, 16, device=DEVICE)
     kv_count, kv_index = kv_select(pools, pools, layout, config, 0.5)
     ref_count, ref_index = mask_to_index(reference.select_kv(reference.block_logits(pools, pools, layout, 0.5), config))
@@ -168,8 +169,9 @@ def test_output_scatter(dtype):
 # ---------------------------------------------------------------- composed selection
 
 @pytest.mark.parametrize("dtype, config", [
-    ("fp16", BSAConfig((2, 2, 4), keep_ratio=0.4, kv_threshold=0.8, min_blocks=2)),
-    ("bf16", BSAConfig((2, 2, 4), keep_ratio=0.6, threshold_mode="statistical", stat_lambda=0.3)),
+    ("fp16", BSAConfig((2, 2, 4), keep_ratio=0.4, kv_threshold=0.8, min_blocks=2,
+                       threshold_mode="cumulative", pooled_remainder=False)),
+    ("bf16", BSAConfig((2, 2, 4), keep_ratio=0.6, threshold_mode="statistical", stat_lambda=0.3, pooled_remainder=False)),
 ], ids=["fp16-cumulative", "bf16-statistical"])
 def test_select_triton(dtype, config):
     layout = cube_layout((3, 5, 7), (2, 2, 4), DEVICE)
@@ -184,7 +186,8 @@ def test_select_triton(dtype, config):
 
 def test_select_triton_one_cube():
     layout = cube_layout((2, 3, 3), (4, 4, 4), DEVICE)  # one partial cube of 18 tokens
-    config = BSAConfig((4, 4, 4), keep_ratio=0.3, kv_threshold=0.5, min_blocks=2)
+    config = BSAConfig((4, 4, 4), keep_ratio=0.3, kv_threshold=0.5, min_blocks=2,
+                       threshold_mode="cumulative", pooled_remainder=False)
     q_cubes, k_cubes = (layout.to_cubes(_randn(2, 3, layout.num_tokens, 16, seed=s, dtype=torch.float16)) for s in (10, 11))
     got = select_triton(q_cubes, k_cubes, layout, config, 0.25)
     ref = reference.bsa_select(q_cubes, k_cubes, layout, config, 0.25)
@@ -211,8 +214,9 @@ def test_select_triton_gpu(cube, D):
     q_cubes = cube_permute(q, layout, n_prefix=n_prefix)
     k_cubes, k_bar = cube_permute(k, layout, n_prefix=n_prefix, with_mean=True)
     assert torch.equal(q_cubes, layout.to_cubes(q[:, :, n_prefix:]))
-    for config in (BSAConfig(cube, keep_ratio=0.5, kv_threshold=0.9, min_blocks=4),
-                   BSAConfig(cube, keep_ratio=0.25, threshold_mode="statistical", stat_lambda=1.0)):
+    for config in (BSAConfig(cube, keep_ratio=0.5, kv_threshold=0.9, min_blocks=4,
+                             threshold_mode="cumulative", pooled_remainder=False),
+                   BSAConfig(cube, keep_ratio=0.25, threshold_mode="statistical", stat_lambda=1.0, pooled_remainder=False)):
         scale = 1 / math.sqrt(D)
         got = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar)
         ref = reference.bsa_select(q_cubes, k_cubes, layout, config, scale)

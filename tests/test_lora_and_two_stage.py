@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from comfy_env import REPO, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
+from comfy_env import REPO, apply_bsa, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
 
 require_comfyui()
 sys.path.insert(0, str(REPO / "tools"))
@@ -17,9 +17,9 @@ from comfy_extras.nodes_model_advanced import ModelSamplingSD3  # noqa: E402
 from tiny_wan import tiny_wan_state_dict  # noqa: E402
 
 from comfyui_bsa.bsa_core import BSAConfig  # noqa: E402
-from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, apply_bsa  # noqa: E402
+from comfyui_bsa.bsa_core.patch import find_options  # noqa: E402
 
-SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9)
+SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9, threshold_mode="cumulative", pooled_remainder=False)
 DIM, RANK = 256, 4
 
 
@@ -59,7 +59,7 @@ def test_lora_before_or_after_the_patch(tiny_wan, caplog):
     caplog.set_level(logging.INFO)
     lora_first = apply_bsa(with_lora(tiny_wan), SPARSE)
     patch_first = with_lora(apply_bsa(tiny_wan, SPARSE))
-    assert OVERRIDE_KEY in patch_first.model_options["transformer_options"], "the LoRA clone keeps the override"
+    assert find_options(patch_first) is not None, "the LoRA clone keeps the patch"
     assert len(patch_first.patches) == len(lora_first.patches) == 4
     latents = [sample(model) for model in (lora_first, patch_first)]
     assert [run["sparse_calls"] for run in runs(caplog)] == [4, 4]

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from comfy_env import REPO, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
+from comfy_env import REPO, apply_bsa, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
 
 require_comfyui()
 
@@ -16,11 +16,14 @@ import comfy.ldm.modules.attention as comfy_attention  # noqa: E402
 import nodes  # noqa: E402
 
 from comfyui_bsa.bsa_core import BSAConfig  # noqa: E402
-from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, apply_bsa, parse_block_list  # noqa: E402
+from comfyui_bsa.bsa_core import patch as patch_module  # noqa: E402
+from comfyui_bsa.bsa_core.adapters import TokenLayout  # noqa: E402
+from comfyui_bsa.bsa_core.patch import (OVERRIDE_KEY, BlockRanges, BSAOptions, BSARun, find_options,  # noqa: E402
+                                        make_override, parse_block_ranges)
 from comfyui_bsa.nodes.nodes_bsa_attention import BSASparseAttention  # noqa: E402
 
-SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9)
-DENSE_SETTINGS = BSAConfig(keep_ratio=1.0, kv_threshold=1.0)
+SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9, threshold_mode="cumulative", pooled_remainder=False)
+DENSE_SETTINGS = BSAConfig(keep_ratio=1.0, kv_threshold=1.0, threshold_mode="cumulative")
 HEADS, HEAD_DIM = 2, 16
 
 
@@ -28,12 +31,19 @@ def bsa_lines(caplog):
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("[BSA]")]
 
 
-def attention(patched, q_len, k_len, mask=None, seed=0):
+def attention(run, q_len, k_len, previous=None, seed=0):
+    """ComfyUI's attention with the override of `run` on the hook, as a sampling run installs it."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, q_len, HEADS * HEAD_DIM, generator=g)
     k, v = (torch.randn(1, k_len, HEADS * HEAD_DIM, generator=g) for _ in range(2))
-    opts = patched.model_options["transformer_options"]
-    return comfy_attention.optimized_attention(q, k, v, HEADS, mask=mask, transformer_options=opts), (q, k, v)
+    opts = {OVERRIDE_KEY: make_override(run, previous)}
+    return comfy_attention.optimized_attention(q, k, v, HEADS, transformer_options=opts), (q, k, v), opts
+
+
+def a_run(grid=None, config=SPARSE) -> BSARun:
+    run = BSARun(BSAOptions(config, 0.0, 1.0, BlockRanges(), 0))
+    run.begin_forward(TokenLayout("test", grid, reason=None if grid else "unknown video grid"))
+    return run
 
 
 def recording_override(calls: list):
@@ -49,47 +59,48 @@ def test_patches_a_clone_only(tiny_wan):
     before = dict(tiny_wan.model_options["transformer_options"])
     patched = apply_bsa(tiny_wan, SPARSE)
     assert patched is not tiny_wan and patched.model is tiny_wan.model
-    assert OVERRIDE_KEY in patched.model_options["transformer_options"]
+    assert find_options(patched).config is SPARSE and find_options(tiny_wan) is None
+    # the override exists only inside a sampling run, on the sampler's copy of the options
+    assert OVERRIDE_KEY not in patched.model_options["transformer_options"]
     assert tiny_wan.model_options["transformer_options"] == before
-    assert OVERRIDE_KEY not in tiny_wan.model_options["transformer_options"]
-    assert not tiny_wan.get_all_wrappers("diffusion_model") and not tiny_wan.get_all_callbacks("on_cleanup")
+    assert not tiny_wan.get_all_wrappers("outer_sample") and not tiny_wan.get_all_wrappers("apply_model")
+    sample(patched)
+    assert OVERRIDE_KEY not in patched.model_options["transformer_options"], "the run left its override behind"
+    assert patched.model_options["transformer_options"].keys() == before.keys()
 
 
-def test_chains_previous_override_and_forwards_kwargs(tiny_wan, caplog):
+def test_chains_previous_override_and_forwards_kwargs(caplog):
+    caplog.set_level(logging.INFO)
+    calls = []
+    out, (q, k, v), opts = attention(a_run(), 40, 12, previous=recording_override(calls))
+    assert len(calls) == 1
+    assert calls[0]["transformer_options"] is opts
+    assert "_inside_attn_wrapper" in calls[0]
+    expected = comfy_attention.attention_basic(q, k, v, HEADS, _inside_attn_wrapper=True)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_sampling_chains_an_override_set_before_bsa(tiny_wan, caplog):
+    """An override already on the model (a node before BSA) gets the calls BSA leaves dense."""
     caplog.set_level(logging.INFO)
     base = tiny_wan.clone()
     calls = []
     base.model_options["transformer_options"][OVERRIDE_KEY] = recording_override(calls)
-    patched = apply_bsa(base, SPARSE)
-    out, (q, k, v) = attention(patched, 40, 12)
-    assert len(calls) == 1
-    assert calls[0]["transformer_options"] is patched.model_options["transformer_options"]
-    assert "_inside_attn_wrapper" in calls[0]
-    expected = comfy_attention.attention_basic(q, k, v, HEADS, _inside_attn_wrapper=True)
-    assert torch.allclose(out, expected, atol=1e-5)
+    sample(apply_bsa(base, SPARSE))
+    assert len(calls) == last_run(caplog)["dense_calls"] == 4
+    assert base.model_options["transformer_options"][OVERRIDE_KEY] is not None
 
 
 @pytest.mark.parametrize("case,reason", [
     ("cross", "cross-attention"),
     ("no_grid", "unknown video grid"),
 ])
-def test_dense_with_one_logged_reason(tiny_wan, caplog, case, reason):
+def test_dense_with_one_logged_reason(caplog, case, reason):
     caplog.set_level(logging.INFO)
-    patched = apply_bsa(tiny_wan, SPARSE)
+    run = a_run(grid=(1, 5, 8) if case == "cross" else None)
     for _ in range(3):
-        attention(patched, 40, 12 if case == "cross" else 40)
+        attention(run, 40, 12 if case == "cross" else 40)
     assert bsa_lines(caplog) == [f"[BSA] dense: {reason}"]
-
-
-def test_reinstalls_on_prepare_state(tiny_wan):
-    patched = apply_bsa(tiny_wan, SPARSE).clone()
-    calls = []
-    foreign = recording_override(calls)
-    patched.model_options["transformer_options"][OVERRIDE_KEY] = foreign  # a later node replaced ours
-    patched.prepare_state(torch.tensor([1.0]))
-    assert patched.model_options["transformer_options"][OVERRIDE_KEY] is not foreign
-    attention(patched, 40, 12)
-    assert len(calls) == 1, "ours on top, the replacing override chained under it"
 
 
 # ---- sampling the tiny Wan through the real sampler -----------------------------------------------
@@ -134,13 +145,24 @@ def test_sampling_at_one_one_matches_dense(tiny_wan, dense_latent, caplog):
 
 
 def test_sampling_window_and_dense_blocks(tiny_wan, caplog):
+    """4 steps, start_percent 0.5: steps 0 and 1 dense, steps 2 (exactly on 0.5) and 3 sparse, block 1 always
+    dense; decided per sampler step from its schedule (no sigma read back per call)."""
     caplog.set_level(logging.INFO)
     sample(apply_bsa(tiny_wan, SPARSE, start_percent=0.5, dense_blocks={1}), steps=4)
     run = last_run(caplog)
     reasons = run["dense_reasons"]
-    assert reasons["sigma outside start_percent..end_percent"] > 0
-    assert reasons["block listed in dense_blocks"] > 0
-    assert run["sparse_calls"] > 0
+    assert reasons["sigma outside start_percent..end_percent"] == 2 * 2
+    assert reasons["block listed in dense_blocks"] == 2
+    assert run["sparse_calls"] == 2
+
+
+def test_dense_blocks_past_the_model_warn(tiny_wan, caplog):
+    caplog.set_level(logging.INFO)
+    sample(apply_bsa(tiny_wan, SPARSE, dense_blocks="1-10000000"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["[BSA] dense_blocks lists block 10000000, but this model has 2 blocks (0-1): blocks past "
+                        "the last one are ignored"]
+    assert last_run(caplog)["dense_reasons"]["block listed in dense_blocks"] == 2
 
 
 def test_min_tokens_keeps_short_sequences_dense(tiny_wan, caplog):
@@ -152,7 +174,7 @@ def test_min_tokens_keeps_short_sequences_dense(tiny_wan, caplog):
 
 # ---- node inputs ----------------------------------------------------------------------------------
 
-NODE_INPUTS = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative",
+NODE_INPUTS = dict(threshold_mode="cumulative", stat_lambda=1.0, kv_threshold=0.9, keep_ratio=0.5, cube_size="4x4x4",
                    start_percent=0.0, end_percent=1.0)
 
 
@@ -161,6 +183,9 @@ NODE_INPUTS = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshol
     ({"dense_blocks": "1;2"}, "dense_blocks"),
     ({"cube_size": "4x4"}, "cube_size"),
     ({"cube_size": "0x4x4"}, "cube_size"),
+    ({"cube_size": "1x1x1"}, "cube_size"),
+    ({"cube_size": "64x64x64"}, "cube_size"),
+    ({"dense_blocks": "5-3"}, "dense_blocks"),
     ({"start_percent": 0.8, "end_percent": 0.5}, "start_percent"),
     ({"keep_ratio": 0.0}, "keep_ratio"),
     ({"threshold_mode": "topk"}, "threshold_mode"),
@@ -173,9 +198,37 @@ def test_invalid_settings_name_the_input(tiny_wan, bad, name):
 
 
 def test_node_maps_inputs(tiny_wan):
-    out = BSASparseAttention.execute(tiny_wan, **NODE_INPUTS, dense_blocks=" 0, 2-3 ", min_tokens=5)
-    assert OVERRIDE_KEY in out.result[0].model_options["transformer_options"]
-    assert parse_block_list(" 0, 2-3 ") == {0, 2, 3} and parse_block_list("") == frozenset()
+    out = BSASparseAttention.execute(tiny_wan, **NODE_INPUTS, dense_blocks=" 0, 2-3 ", min_tokens=5,
+                                     pooled_remainder=False)
+    options = find_options(out.result[0])
+    assert options.dense_blocks == BlockRanges(((0, 0), (2, 3))) and options.min_tokens == 5
+    assert options.config == SPARSE
+    blocks = parse_block_ranges("0-10000000")
+    assert blocks.ranges == ((0, 10000000),) and 9999999 in blocks and 10000001 not in blocks  # never expanded
+    assert parse_block_ranges("").ranges == () and 0 not in parse_block_ranges("")
+
+
+def test_defaults_come_from_one_place(tiny_wan):
+    """BSAConfig(), apply_bsa's keywords, the node's schema and execute all give RECOMMENDED."""
+    import inspect
+
+    from comfyui_bsa.bsa_core.config import RECOMMENDED, RECOMMENDED_PATCH
+    assert BSAConfig() == RECOMMENDED
+    schema = {i.id: i.default for i in BSASparseAttention.GET_SCHEMA().inputs if i.id != "model"}
+    expected = {**{f: getattr(RECOMMENDED, f) for f in ("threshold_mode", "stat_lambda", "kv_threshold",
+                                                       "keep_ratio", "min_blocks", "pooled_remainder")},
+                "cube_size": "x".join(map(str, RECOMMENDED.cube_size)),
+                **{f: getattr(RECOMMENDED_PATCH, f) for f in ("start_percent", "end_percent", "dense_blocks",
+                                                             "min_tokens")}}
+    assert schema == expected
+    node_defaults = {name: p.default for name, p in inspect.signature(BSASparseAttention.execute).parameters.items()
+                     if name != "model"}
+    assert node_defaults == expected
+    options = find_options(BSASparseAttention.execute(tiny_wan).result[0])
+    assert options.config == RECOMMENDED
+    api = find_options(patch_module.apply_bsa(tiny_wan, BSAConfig()))
+    assert (api.start_percent, api.end_percent, api.min_tokens) == (options.start_percent, options.end_percent,
+                                                                    options.min_tokens) == (0.2, 1.0, 12288)
 
 
 def test_every_input_has_a_tooltip():
@@ -189,8 +242,8 @@ def test_comfyui_loader_registers_the_node(tmp_path):
     assert asyncio.run(nodes.load_custom_node(str(link)))
     node = nodes.NODE_CLASS_MAPPINGS["BSASparseAttention"]
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS["BSASparseAttention"] == "BSA Sparse Attention"
-    assert list(node.INPUT_TYPES()["required"]) == ["model", "keep_ratio", "kv_threshold", "cube_size",
-                                                     "threshold_mode", "start_percent", "end_percent"]
+    assert list(node.INPUT_TYPES()["required"]) == ["model", "threshold_mode", "stat_lambda", "kv_threshold",
+                                                     "keep_ratio", "cube_size", "start_percent", "end_percent"]
 
 
 def test_runner_prints_times_and_sparsity(tmp_path):
@@ -220,3 +273,28 @@ def test_ui_workflow_widgets_follow_the_schema(tiny_wan):
     BSASparseAttention.execute(tiny_wan, **dict(zip(widgets, node["widgets_values"])))
     linked = {(link[3], link[4]) for link in workflow["links"]}
     assert all((n["id"], slot) in linked for n in workflow["nodes"] for slot, i in enumerate(n["inputs"]))
+
+
+def test_a_key_mask_is_read_back_once_per_mask_tensor(monkeypatch):
+    """HunyuanVideo passes one text padding mask to every block: its plan (the only host read of the masked
+    path) is worked out on the first call; the calls after it reuse the plan and equal masked dense on the
+    text rows."""
+    plans = []
+    original = patch_module.key_mask_plan
+    monkeypatch.setattr(patch_module, "key_mask_plan", lambda *args: plans.append(args) or original(*args))
+    grid, n_text, n_hidden = (3, 8, 8), 20, 7
+    tokens = 3 * 8 * 8 + n_text
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, tokens, HEADS * HEAD_DIM, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, tokens)
+    mask[..., -n_hidden:] = float("-inf")
+    run = BSARun(BSAOptions(SPARSE, 0.0, 1.0, BlockRanges(), 0))
+    opts = {OVERRIDE_KEY: make_override(run, None)}
+    for _ in range(3):
+        run.begin_forward(TokenLayout("test", grid, 0, n_text))
+        out = comfy_attention.optimized_attention(q, k, v, HEADS, mask=mask, transformer_options=opts)
+    assert len(plans) == 1 and run.stats.sparse_calls == 3
+    heads = [t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (q, k, v)]
+    dense = torch.nn.functional.scaled_dot_product_attention(*heads, attn_mask=mask)
+    text = out.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2)[..., -n_text:, :]
+    torch.testing.assert_close(text, dense[..., -n_text:, :], atol=1e-5, rtol=1e-5)

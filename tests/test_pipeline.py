@@ -41,7 +41,7 @@ def test_triton_pipeline_matches_reference(grid, cube, dtype, n_prefix, n_suffix
     B, H, D = 2, 3, 32
     L = n_prefix + math.prod(grid) + n_suffix
     q, k, v = _qkv(B, H, L, D, dtype, seed=7)
-    config = BSAConfig(cube, keep_ratio=keep, kv_threshold=p, pooled_remainder=pooled)
+    config = BSAConfig(cube, keep_ratio=keep, kv_threshold=p, pooled_remainder=pooled, threshold_mode="cumulative")
     layout = cube_layout(grid, cube, DEVICE)
     scale = 1.0 / math.sqrt(D)
     out, selection = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
@@ -71,12 +71,14 @@ def test_auto_backend_is_reference_without_cuda():
                          ids=["480p-slice", "odd-64", "480p-slice-pooled", "480p-slice-pooled-all-queries"])
 def test_triton_backend_on_gpu(grid, heads, D, keep, pooled):
     q, k, v = _qkv(1, heads, math.prod(grid) + 16, D, torch.bfloat16, seed=3)
-    config = BSAConfig((4, 4, 4), keep_ratio=keep, kv_threshold=0.7, pooled_remainder=pooled)
+    config = BSAConfig((4, 4, 4), keep_ratio=keep, kv_threshold=0.7, pooled_remainder=pooled,
+                       threshold_mode="cumulative")
     out, selection = attention.bsa_attention(q, k, v, grid, config, n_suffix=16, backend="triton")
     layout = cube_layout(grid, config.cube_size, DEVICE)
     ref, _ = bsa_attention_reference(q, k, v, layout, config, None, 0, 16, selection=selection)
     assert torch.isfinite(out).all() and _rel(out, ref) < 2e-2
-    dense, _ = attention.bsa_attention(q, k, v, grid, BSAConfig(keep_ratio=1.0, kv_threshold=1.0), n_suffix=16,
+    dense, _ = attention.bsa_attention(q, k, v, grid, BSAConfig(keep_ratio=1.0, kv_threshold=1.0,
+                                                                threshold_mode="cumulative", pooled_remainder=False), n_suffix=16,
                                        backend="triton")
     assert _rel(dense, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 2e-2
 

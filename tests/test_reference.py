@@ -7,7 +7,7 @@ import torch
 from comfyui_bsa.bsa_core import BSAConfig, bsa_attention, cube_layout
 from comfyui_bsa.bsa_core.reference import block_logits, keep_counts, select_kv, select_queries
 
-DENSE = BSAConfig(keep_ratio=1.0, kv_threshold=1.0)
+DENSE = BSAConfig(keep_ratio=1.0, kv_threshold=1.0, threshold_mode="cumulative", pooled_remainder=False)
 
 
 def qkv(B, H, L, D, seed=0):
@@ -29,7 +29,8 @@ def rms_rel(a, b):
 def test_dense_settings_equal_sdpa(B, H, grid, cube, n_prefix, n_suffix):
     L = n_prefix + math.prod(grid) + n_suffix
     q, k, v = qkv(B, H, L, 16)
-    out, _ = bsa_attention(q, k, v, grid, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=1.0),
+    out, _ = bsa_attention(q, k, v, grid, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=1.0,
+                                                    threshold_mode="cumulative", pooled_remainder=False),
                            n_prefix=n_prefix, n_suffix=n_suffix)
     assert rms_rel(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5
 
@@ -82,7 +83,7 @@ def logits(N=12, seed=0, scale=3.0):
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.6, 0.9, 0.99])
 def test_cumulative_keeps_crossing_block_and_no_more(p):
     z = logits()
-    keep = select_kv(z, BSAConfig(kv_threshold=p))
+    keep = select_kv(z, BSAConfig(kv_threshold=p, threshold_mode="cumulative", pooled_remainder=False, keep_ratio=0.5))
     mass = torch.softmax(z, -1)
     for n in range(z.shape[-2]):
         order = torch.argsort(mass[0, 0, n], descending=True)
@@ -98,7 +99,8 @@ def test_own_cube_and_min_blocks():
     z = logits(N=10)
     z[..., torch.arange(10), torch.arange(10)] = -30.0  # own cube has no mass
     for min_blocks in (1, 3, 7):
-        keep = select_kv(z, BSAConfig(kv_threshold=0.05, min_blocks=min_blocks))
+        keep = select_kv(z, BSAConfig(kv_threshold=0.05, min_blocks=min_blocks,
+                                      threshold_mode="cumulative", pooled_remainder=False, keep_ratio=0.5))
         assert keep[0, 0].diagonal().all()
         assert (keep.sum(-1) >= min_blocks).all()
 
@@ -107,7 +109,7 @@ def test_kept_set_grows_with_threshold():
     z = logits(seed=4)
     previous = torch.zeros_like(z, dtype=torch.bool)
     for p in torch.linspace(0.05, 1.0, 20).tolist():
-        keep = select_kv(z, BSAConfig(kv_threshold=min(p, 1.0)))
+        keep = select_kv(z, BSAConfig(kv_threshold=min(p, 1.0), threshold_mode="cumulative", pooled_remainder=False, keep_ratio=0.5))
         assert (keep | ~previous).all(), f"p={p} dropped a block a smaller p kept"
         previous = keep
     assert previous.all()
@@ -126,7 +128,7 @@ def test_partial_cube_weighted_by_real_size():
 @pytest.mark.parametrize("lam", [-0.5, 0.0, 1.0, 2.0])
 def test_statistical_keeps_z_above_mean_plus_lambda_sigma(lam):
     z = logits(N=16, seed=5)
-    keep = select_kv(z, BSAConfig(threshold_mode="statistical", stat_lambda=lam))
+    keep = select_kv(z, BSAConfig(threshold_mode="statistical", stat_lambda=lam, keep_ratio=0.5, pooled_remainder=False))
     threshold = z.mean(-1, keepdim=True) + lam * z.std(-1, unbiased=False, keepdim=True)
     eye = torch.eye(16, dtype=torch.bool)
     top1 = torch.nn.functional.one_hot(z.argmax(-1), 16).bool()  # min_blocks = 1: the top block
@@ -149,17 +151,19 @@ def test_pooled_remainder_is_exact_when_keys_are_constant_per_cube(grid, cube, n
         x[..., :layout.num_tokens, :] = 2 * torch.randn(B, H, layout.num_cubes, D, generator=g)[:, :, cube_of_token]
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for p in (0.05, 0.5):
-        config = BSAConfig(cube, keep_ratio=1.0, kv_threshold=p, pooled_remainder=True)
+        config = BSAConfig(cube, keep_ratio=1.0, kv_threshold=p, pooled_remainder=True, threshold_mode="cumulative")
         out, selection = bsa_attention(q, k, v, grid, config, n_suffix=n_suffix)
         assert float(selection.kept_kv_fraction()) < 1.0
         assert rms_rel(out, dense) < 1e-5
-        plain, _ = bsa_attention(q, k, v, grid, BSAConfig(cube, keep_ratio=1.0, kv_threshold=p), n_suffix=n_suffix)
+        plain, _ = bsa_attention(q, k, v, grid, BSAConfig(cube, keep_ratio=1.0, kv_threshold=p,
+                                                          threshold_mode="cumulative", pooled_remainder=False), n_suffix=n_suffix)
         assert rms_rel(plain, dense) > 1e-3
 
 
 def test_pooled_remainder_is_a_no_op_when_everything_is_kept():
     q, k, v = qkv(1, 2, 5 * 6 * 7, 16, seed=5)
-    out, _ = bsa_attention(q, k, v, (5, 6, 7), BSAConfig(keep_ratio=1.0, kv_threshold=1.0, pooled_remainder=True))
+    out, _ = bsa_attention(q, k, v, (5, 6, 7), BSAConfig(keep_ratio=1.0, kv_threshold=1.0, pooled_remainder=True,
+                                                         threshold_mode="cumulative"))
     assert rms_rel(out, torch.nn.functional.scaled_dot_product_attention(q, k, v)) < 1e-5
 
 

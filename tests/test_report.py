@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from comfy_env import REPO, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
+from comfy_env import REPO, apply_bsa, require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
 
 require_comfyui()
 
@@ -19,16 +19,16 @@ import nodes  # noqa: E402
 import comfyui_bsa.bsa_core.patch as patch_module  # noqa: E402
 import comfyui_bsa.bsa_core.report as report_module  # noqa: E402
 from comfyui_bsa.bsa_core import BSAConfig, cube_layout  # noqa: E402
-from comfyui_bsa.bsa_core.patch import apply_bsa, bsa_report, find_patch  # noqa: E402
+from comfyui_bsa.bsa_core.patch import bsa_report, find_options  # noqa: E402
 from comfyui_bsa.bsa_core.reference import bsa_attention_reference  # noqa: E402
-from comfyui_bsa.bsa_core.report import ReportSpec, find_report_spec, heatmap_image  # noqa: E402
+from comfyui_bsa.bsa_core.report import ReportSpec, find_report_specs, heatmap_image  # noqa: E402
 from comfyui_bsa.nodes.nodes_bsa_attention import BSASparseAttention  # noqa: E402
 from comfyui_bsa.nodes.nodes_bsa_report import BSAReport  # noqa: E402
 
-SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9)
+SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.9, threshold_mode="cumulative", pooled_remainder=False)
 STEPS, BLOCKS, HEADS = 2, 2, 2  # the tiny Wan: 2 blocks of 2 heads; cond and uncond batched into one call
 NODE = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative",
-            start_percent=0.0, end_percent=1.0, min_tokens=0)
+            start_percent=0.0, end_percent=1.0, min_tokens=0, pooled_remainder=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,7 +60,7 @@ def table_rows(text: str) -> list[dict]:
 
 # ---- which BSA node records ------------------------------------------------------------------------
 
-def test_prompt_walk_finds_a_report_two_links_downstream():
+def test_prompt_walk_finds_the_reports_on_a_branch():
     prompt = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "x"}},
         "2": {"class_type": "BSASparseAttention", "inputs": {"model": ["1", 0], "keep_ratio": 0.5}},
@@ -74,28 +74,33 @@ def test_prompt_walk_finds_a_report_two_links_downstream():
         "8": {"class_type": "BSAReport", "inputs": {"model": ["7", 0], "samples": ["5", 0], "step": 1}},
         "10": {"class_type": "BSAReport", "inputs": {"model": ["1", 0], "samples": ["5", 0], "step": 2}},
         "11": {"class_type": "PrimitiveInt", "inputs": {"value": 1}},
+        # a second branch of node 2 with its own sampler and report
+        "12": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": 3.0}},
+        "13": {"class_type": "KSampler", "inputs": {"model": ["12", 0]}},
+        "14": {"class_type": "BSAReport", "inputs": {"model": ["12", 0], "samples": ["13", 0], "layer": 1}},
+        "15": {"class_type": "BSAReport", "inputs": {"model": ["4", 0], "samples": ["5", 0], "head": 1}},
     }
-    assert find_report_spec(prompt, "2") == ReportSpec(step=3, layer=7, head=0), "a linked widget: its default"
-    assert find_report_spec(prompt, "7") == ReportSpec(step=1, layer=0, head=0)
-    assert find_report_spec({k: v for k, v in prompt.items() if k not in ("6", "8")}, "2") is None, \
+    linked_default = ReportSpec(step=3, layer=7, head=0)  # a linked widget: its default
+    assert find_report_specs(prompt, "2", "5") == (ReportSpec(head=1), linked_default), "both reports of branch 5"
+    assert find_report_specs(prompt, "2", "13") == (ReportSpec(layer=1),), "only branch 13's report"
+    assert find_report_specs(prompt, "2") == (ReportSpec(layer=1), ReportSpec(head=1), linked_default)
+    assert find_report_specs(prompt, "7") == (ReportSpec(step=1),)
+    assert find_report_specs(prompt, "7", "5") == (), "node 7's model does not reach sampler 5"
+    assert find_report_specs({k: v for k, v in prompt.items() if k not in ("6", "8", "14", "15")}, "2") == (), \
         "a report reaching node 2 only through its samples (the sampler) reads another model"
-    assert find_report_spec(prompt, "1") is not None  # the loader is upstream of every report
-    assert find_report_spec(None, "2") is None and find_report_spec(prompt, None) is None
+    assert find_report_specs(None, "2") == () and find_report_specs(prompt, None) == ()
     cyclic = {"1": {"class_type": "A", "inputs": {"x": ["2", 0]}}, "2": {"class_type": "A", "inputs": {"x": ["1", 0]}},
               "3": {"class_type": "BSAReport", "inputs": {"model": ["1", 0]}}}
-    assert find_report_spec(cyclic, "9") is None
+    assert find_report_specs(cyclic, "9") == ()
 
 
-def test_node_records_only_with_a_report_in_the_prompt(tiny_wan):
-    report = {"class_type": "BSAReport", "inputs": {"model": ["2", 0], "samples": ["5", 0], "step": 1,
-                                                     "layer": 0, "head": 1}}
-    hidden = lambda prompt: type("Hidden", (), {"prompt": prompt, "unique_id": "2"})()  # noqa: E731
-    with_report = type("Clone", (BSASparseAttention,), {"hidden": hidden({"2": {}, "9": report})})
-    without = type("Clone", (BSASparseAttention,), {"hidden": hidden({"2": {}})})
-    assert find_patch(with_report.execute(tiny_wan, **NODE).result[0]).record == ReportSpec(1, 0, 1)
-    assert find_patch(without.execute(tiny_wan, **NODE).result[0]).record is None
-    assert find_patch(BSASparseAttention.execute(tiny_wan, **NODE).result[0]).record is None  # no hidden: no prompt
-    assert find_patch(tiny_wan) is None
+def test_node_passes_its_id_and_records_nothing_by_itself(tiny_wan):
+    hidden = type("Hidden", (), {"unique_id": "2"})()
+    node = type("Clone", (BSASparseAttention,), {"hidden": hidden})
+    options = find_options(node.execute(tiny_wan, **NODE).result[0])
+    assert options.node_id == "2" and options.record == ()
+    assert find_options(BSASparseAttention.execute(tiny_wan, **NODE).result[0]).node_id is None
+    assert find_options(tiny_wan) is None
 
 
 # ---- recording -------------------------------------------------------------------------------------
@@ -157,23 +162,15 @@ def test_no_report_records_nothing(tiny_wan, monkeypatch):
     monkeypatch.setattr(report_module.RunReport, "__init__", forbidden)
     model = apply_bsa(tiny_wan, SPARSE)
     sample(model)
-    patch = find_patch(model)
-    assert patch.record is None and patch.report is None and patch.last_report is None
-    assert patch.stats.sparse_calls == 0, "reset at the end of the run, as before"
+    text, _ = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
+    assert text.startswith("Nothing recorded: no sampling run of this model has finished with a BSA Report")
 
 
-def test_report_of_a_cached_bsa_node_records_from_the_next_run(tiny_wan):
-    """The report connected after the BSA node ran (ComfyUI reuses its cached model): a message, then the
-    next sampling run of that same model records."""
-    model = apply_bsa(tiny_wan, SPARSE)
-    sample(model)
-    text, image = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
-    assert text.startswith("Nothing recorded: the BSA Sparse Attention node came from ComfyUI's cache")
-    assert image.shape == (1, 256, 256, 3)
+def test_report_of_another_spec_is_recorded_from_the_next_run(tiny_wan):
+    model = apply_bsa(tiny_wan, SPARSE, record=ReportSpec(-1, 0, 0))
     sample(model)
     text, image = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
     assert len(table_rows(text)) == STEPS * BLOCKS and image.shape[1] >= 512
-
     text, image = BSAReport.execute(model, {"samples": None}, 0, 1, 0).result  # another layer: next run
     assert len(table_rows(text)) == STEPS * BLOCKS and "is recorded from the next sampling run" in text
     assert image.shape == (1, 256, 256, 3)
@@ -201,7 +198,7 @@ def test_report_without_anything_recorded(tiny_wan):
     assert text.startswith("No BSA patch on this model") and image.shape == (1, 256, 256, 3)
     model = apply_bsa(tiny_wan, SPARSE, record=ReportSpec())
     text, image = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
-    assert text.startswith("Nothing recorded: this model has not finished a sampling run")
+    assert text.startswith("Nothing recorded: no sampling run of this model has finished")
     assert image.shape == (1, 256, 256, 3) and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
 
 

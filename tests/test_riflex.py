@@ -140,8 +140,10 @@ def test_no_op_returns_the_input_model(comfy, tiny_wan, caplog, length, k):
 
 
 def test_model_errors(comfy, tiny_wan):
-    with pytest.raises(ValueError, match="^length "):
+    with pytest.raises(ValueError, match="^latent_frames "):
         apply_riflex(tiny_wan, 0)
+    with pytest.raises(ValueError, match="^train_latent_frames "):
+        apply_riflex(tiny_wan, 41, train_latent_frames=-1)
     with pytest.raises(ValueError, match="^k "):
         apply_riflex(tiny_wan, 41, k=40)
     not_video = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object()),
@@ -193,7 +195,8 @@ def test_tiny_wan_samples_2x_frames_with_riflex_and_bsa(comfy, tiny_wan, caplog)
     dense = sample(tiny_wan)
     with caplog.at_level(logging.INFO):
         extended = RIFLExExtend.execute(tiny_wan, 1, 0, latent=samples).result[0]
-        sparse = BSASparseAttention.execute(extended, 0.5, 0.9, "4x4x4", "cumulative", 0.0, 1.0,
+        sparse = BSASparseAttention.execute(extended, keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4",
+                                            threshold_mode="cumulative", start_percent=0.0, end_percent=1.0,
                                             min_tokens=0).result[0]
         out = sample(sparse)
     assert out.shape == (1, 16, 41, 8, 8) and torch.isfinite(out).all()

@@ -191,12 +191,52 @@ def test_checker_catches_a_stale_widget_list(our_nodes):
     """The checker itself: a value removed (the last optional widget, pooled_remainder, too), one out of
     range, a wrong choice, a wrong type and an extra value."""
     info = our_nodes["BSASparseAttention"]
-    good = {"widgets_values": [1.0, 0.7, "4x4x4", "statistical", 0.2, 1.0, 1.0, 1, "", 12288, True]}
-    assert len(good["widgets_values"]) == 11
+    values = ["statistical", 1.0, 0.7, 1.0, "4x4x4", 0.2, 1.0, 1, "", 12288, True]
+    good = {"widgets_values": values}
+    assert len(values) == 11
     assert _ui_node_errors(good, info) == []
-    assert _ui_node_errors({"widgets_values": good["widgets_values"][:-1]}, info)
-    assert _ui_node_errors({"widgets_values": [1.5] + good["widgets_values"][1:]}, info)
-    assert _ui_node_errors({"widgets_values": [1.0, 0.7, "3x3x3"] + good["widgets_values"][3:]}, info)
-    assert _ui_node_errors({"widgets_values": good["widgets_values"][:-1] + ["true"]}, info)
-    assert _ui_node_errors({"widgets_values": good["widgets_values"] + [7]}, info)
-    assert _ui_node_errors({"widgets_values": [0.7, 1.0, "statistical", "4x4x4"] + good["widgets_values"][4:]}, info)
+    assert _ui_node_errors({"widgets_values": values[:-1]}, info)
+    assert _ui_node_errors({"widgets_values": values[:2] + [1.5] + values[3:]}, info)
+    assert _ui_node_errors({"widgets_values": values[:4] + ["3x3x3"] + values[5:]}, info)
+    assert _ui_node_errors({"widgets_values": values[:-1] + ["true"]}, info)
+    assert _ui_node_errors({"widgets_values": values + [7]}, info)
+    old_order = [1.0, 0.7, "4x4x4", "statistical", 0.2, 1.0, 1.0, 1, "", 12288, True]  # before the reorder
+    assert _ui_node_errors({"widgets_values": old_order}, info)
+
+
+# ---- workflows saved before the widget reorder ----------------------------------------------------
+
+MIGRATION_JS = REPO / "web" / "bsa_migrate.js"
+OLD_LAYOUT_FIXTURE = REPO / "tests" / "fixtures" / "wan21_t2v_1.3B_bsa_widget_order_v1.json"
+
+
+def js_list(name: str) -> list[str]:
+    """A `const NAME = [...]` list of names from web/bsa_migrate.js."""
+    import re
+    text = MIGRATION_JS.read_text()
+    body = re.search(rf"const {name} = \[(.*?)\];", text, re.S)[1]
+    return re.findall(r'"(\w+)"', body)
+
+
+def test_migration_knows_the_old_and_the_new_widget_order(our_nodes):
+    """The frontend migration moves values by name from OLD_WIDGET_ORDER to WIDGET_ORDER: the latter must be
+    the schema's widget order, the former a permutation of it whose first value is a number (the old node's
+    keep_ratio), which is how the migration recognises an old node."""
+    info = our_nodes["BSASparseAttention"]
+    widgets = [name for name, kind, _ in _inputs(info) if kind in WIDGET_TYPES]
+    assert js_list("WIDGET_ORDER") == widgets
+    assert sorted(js_list("OLD_WIDGET_ORDER")) == sorted(widgets)
+    assert _inputs(info)[1][1] == "COMBO", "the new first widget's value is a string"
+
+
+def test_a_workflow_saved_with_the_old_order_maps_to_the_shipped_one(our_nodes):
+    """The fixture is wan21_t2v_1.3B_bsa.json as the node saved it before the reorder: its values read by the
+    old order are the shipped workflow's values read by the new order, and valid node inputs."""
+    old = json.loads(OLD_LAYOUT_FIXTURE.read_text())
+    new = json.loads((WORKFLOWS / "wan21_t2v_1.3B_bsa.json").read_text())
+    (old_node,) = [n for n in old["nodes"] if n["type"] == "BSASparseAttention"]
+    (new_node,) = [n for n in new["nodes"] if n["type"] == "BSASparseAttention"]
+    assert isinstance(old_node["widgets_values"][0], float)
+    assert _ui_node_errors(old_node, our_nodes["BSASparseAttention"]), "read by position, the old list is invalid"
+    migrated = dict(zip(js_list("OLD_WIDGET_ORDER"), old_node["widgets_values"]))
+    assert [migrated[name] for name in js_list("WIDGET_ORDER")] == new_node["widgets_values"]

@@ -1,9 +1,10 @@
 """Write workflows/<name>.jpg, the template-browser thumbnail of each UI workflow, from a real screenshot.
 
-Same harness as tests/test_frontend.py (tools/comfy_frontend.py): a temporary `main.py --cpu` server with
-this pack, the pinned frontend in headless Chromium, the workflow loaded with app.loadGraphData and
-fitted to the view. The frontend's own chrome (tabs, side bar, run button, canvas menu) is hidden so the
-graph fills the picture; it is scaled to WIDTH pixels wide and saved as JPEG quality 80.
+Same harness as tests/test_frontend.py (tools/comfy_server.py, tools/comfy_browser.py): a temporary
+`main.py --cpu` server with this pack, the pinned frontend in headless Chromium, the workflow loaded with
+app.loadGraphData and fitted to the view. The frontend's own chrome (tabs, side bar, run button, canvas
+menu) is hidden so the graph fills the picture; it is scaled to WIDTH pixels wide and saved as JPEG
+quality 80.
 
     python tools/make_thumbnails.py [workflows/NAME.json ...] [--out DIR] [--png]
 
@@ -18,7 +19,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import comfy_frontend as cf  # noqa: E402
+import comfy_browser as cb  # noqa: E402
+import comfy_server as cs  # noqa: E402
 
 WIDTH, QUALITY = 512, 80
 VIEWPORT = (1024, 768)  # 4:3, so the thumbnail is 512x384
@@ -34,8 +36,8 @@ def make_thumbnails(paths: list[pathlib.Path], out: pathlib.Path, keep_png: bool
     written = []
     with tempfile.TemporaryDirectory(prefix="bsa_thumbs_") as tmp:
         tmp = pathlib.Path(tmp)
-        with cf.ComfyServer(tmp / "comfy", placeholders=cf.model_names(graphs.values())) as server, \
-                cf.Frontend(server.url, *VIEWPORT) as frontend:
+        with cs.ComfyServer(tmp / "comfy", placeholders=cs.model_names(graphs.values())) as server, \
+                cb.Frontend(server.url, *VIEWPORT) as frontend:
             frontend.page.evaluate("async () => { const s = window.app.extensionManager.setting;"
                                    " await s.set('Comfy.Graph.CanvasInfo', false); }")
             frontend.page.add_style_tag(content=HIDE_CHROME)
@@ -59,13 +61,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workflows", nargs="*", type=pathlib.Path, help="UI workflows (default: workflows/*.json "
                                                                           "but *_api.json)")
-    parser.add_argument("--out", type=pathlib.Path, default=cf.WORKFLOWS, help="folder for the .jpg files")
+    parser.add_argument("--out", type=pathlib.Path, default=cs.WORKFLOWS, help="folder for the .jpg files")
     parser.add_argument("--png", action="store_true", help="keep the full-size PNG screenshots in --out too")
     args = parser.parse_args(argv)
-    missing = cf.missing_requirements()
+    missing = cb.missing_requirements()
     if missing:
         raise SystemExit("cannot take screenshots: " + "; ".join(missing))
-    paths = [p.resolve() for p in args.workflows] or cf.ui_workflows()
+    paths = [p.resolve() for p in args.workflows] or cs.ui_workflows()
     args.out.mkdir(parents=True, exist_ok=True)
     make_thumbnails(paths, args.out, args.png)
     return 0
