@@ -276,6 +276,8 @@ def main(argv=None) -> int:
                         help="BSAConfig.threshold_mode (default: the node's, RECOMMENDED)")
     parser.add_argument("--stat-lambda", type=float, help="BSAConfig.stat_lambda (default: the node's, RECOMMENDED)")
     parser.add_argument("--no-attention-share", action="store_true", help="skip the attention-timing step")
+    parser.add_argument("--compile", action="store_true",
+                        help="also sample the BSA model through ComfyUI's TorchCompileModel wrapper (inductor)")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log lines")
     args = parser.parse_args(argv)
 
@@ -355,6 +357,10 @@ def main(argv=None) -> int:
 
     bsa_model = apply_bsa(model, config, start_percent=0.0, end_percent=1.0)
     variants = {"dense": model, "bsa": bsa_model}
+    if args.compile:  # what TorchCompileModel does to the model it is given
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+        variants["bsa+inductor"] = bsa_model.clone()
+        set_torch_compile_wrapper(variants["bsa+inductor"], backend="inductor")
     results, stats = {}, {}
     for label, m in variants.items():
         if args.warmup_steps:
@@ -374,6 +380,10 @@ def main(argv=None) -> int:
               flush=True)
 
     dense, bsa = results["dense"], results["bsa"]
+    if "bsa+inductor" in results:
+        compiled = results["bsa+inductor"]
+        print(f"bsa+inductor: {dense['per_step'] / compiled['per_step']:.2f}x over dense; {summary(stats['bsa+inductor'])}; "
+              f"final latent vs eager BSA rel L2 {rel_l2(compiled['latent'], bsa['latent']):.2e}")
     print(f"speed-up dense/BSA: {dense['per_step'] / bsa['per_step']:.2f}x "
           f"({dense['per_step']:.3f} -> {bsa['per_step']:.3f} s/step)")
     print(f"BSA run: {summary(stats['bsa'])}")
