@@ -235,8 +235,8 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     from ..kernels.output_scatter import output_scatter
     from .gpu_select import select_triton
 
-    in_dtype = q.dtype
-    if in_dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
+    q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
+    if q.dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
         q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     all_queries = config.keep_ratio >= 1.0
     q_cubes, q_bar, k_cubes, k_bar, v_cubes, k_pooled, v_pooled = permute_qkv(
@@ -257,10 +257,11 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
                                           selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
                                           remainder=remainder)
         output_scatter(out_kept, selection.q_source, layout, out, n_prefix)
+    out = out.to(q_in.dtype)
     if extra:
         # extra tokens (text, reference frames) are never pruned: dense rows over every key
         rows = torch.nn.functional.scaled_dot_product_attention(
-            torch.cat([q[..., part, :] for part in extra], -2), k, v, scale=scale)
+            torch.cat([q_in[..., part, :] for part in extra], -2), k_in, v_in, scale=scale)
         out[..., :n_prefix, :] = rows[..., :n_prefix, :]
         out[..., L - n_suffix:, :] = rows[..., n_prefix:, :]
-    return out.to(in_dtype), selection
+    return out, selection

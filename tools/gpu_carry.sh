@@ -11,6 +11,6 @@ SRC="${COMFYUI_PATH:-.comfyui/ComfyUI}"
 PY="${PYTHON:-.venv/bin/python}"
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl torchsde==0.2.6 trampoline==0.1.2
 rm -rf .comfy_min && mkdir -p .comfy_min/ComfyUI
-(cd "$SRC" && find comfy -name '*.py' -print0 | xargs -0 -I{} cp --parents {} "$REPO/.comfy_min/ComfyUI/")
+(cd "$SRC" && find comfy comfy_api -name '*.py' -print0 | xargs -0 -I{} cp --parents {} "$REPO/.comfy_min/ComfyUI/")
 cp "$SRC"/{comfyui_version.py,node_helpers.py,folder_paths.py,LICENSE} .comfy_min/ComfyUI/
 du -sh .whl .comfy_min
