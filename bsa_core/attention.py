@@ -248,7 +248,7 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     extra = [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
     k_extra = torch.cat([k[..., part, :] for part in extra], -2) if extra else None
     v_extra = torch.cat([v[..., part, :] for part in extra], -2) if extra else None
-    out = torch.empty_like(q)  # q's strides: a [B, L, H, D] view stays one for the caller's reshape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the op's fake promises
     if all_queries:
         block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index, out,
                                       n_prefix, scale, k_extra, v_extra, remainder=remainder)

@@ -1,5 +1,7 @@
 """torch.compile sees BSA as the one custom op bsa::attention (fake kernel gives the shapes), so the
 data-dependent selection is never traced and a compiled model matches eager."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,6 +48,21 @@ def test_compiled_without_graph_break_matches_eager(backend):
     compiled = torch.compile(attention_block, backend=backend, fullgraph=True)
     for got, expected in zip(compiled(q, k, v, 8), attention_block(q, k, v, 8)):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.gpu
+def test_inductor_on_cuda_with_model_layout_matches_eager():
+    """q, k, v as a model hands them over, [B, H, L, D] views of [B, L, H, D] projections (the output's
+    strides must be the fake's, or inductor's stride assert stops the graph)."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 256, 2 * 64, 3, device="cuda", dtype=torch.bfloat16)
+
+    def block(x):
+        q, k, v = (x[..., i].view(2, 256, 2, 64).transpose(1, 2) for i in range(3))
+        out = bsa_attention_op(q, k, v, GRID, dataclasses.replace(SPARSE, keep_ratio=1.0))[0]  # raster path
+        return out.transpose(1, 2).reshape(2, 256, 128)
+
+    torch.testing.assert_close(torch.compile(block, backend="inductor", fullgraph=True)(x), block(x))
 
 
 @pytest.mark.gpu
