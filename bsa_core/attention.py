@@ -238,6 +238,8 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
     if q.dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
         q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    if q.stride(-1) != 1:  # the attention kernel reads Q rows as vectors (the permutes take any strides)
+        q = q.contiguous()
     all_queries = config.keep_ratio >= 1.0
     q_cubes, q_bar, k_cubes, k_bar, v_cubes, k_pooled, v_pooled = permute_qkv(
         q, k, v, layout, n_prefix, q_cubes=not all_queries, pooled=config.pooled_remainder)

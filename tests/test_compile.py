@@ -55,10 +55,10 @@ def test_inductor_on_cuda_with_model_layout_matches_eager():
     """q, k, v as a model hands them over, [B, H, L, D] views of [B, L, H, D] projections (the output's
     strides must be the fake's, or inductor's stride assert stops the graph)."""
     torch._dynamo.reset()
-    x = torch.randn(2, 256, 2 * 64, 3, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(3, 2, 256, 2 * 64, device="cuda", dtype=torch.bfloat16)
 
     def block(x):
-        q, k, v = (x[..., i].view(2, 256, 2, 64).transpose(1, 2) for i in range(3))
+        q, k, v = (x[i].view(2, 256, 2, 64).transpose(1, 2) for i in range(3))
         out = bsa_attention_op(q, k, v, GRID, dataclasses.replace(SPARSE, keep_ratio=1.0))[0]  # raster path
         return out.transpose(1, 2).reshape(2, 256, 128)
 
