@@ -8,7 +8,8 @@ Outside ComfyUI (`pip install .` installs this folder as the package `comfyui_bs
     out, selection = comfyui_bsa.bsa_attention(q, k, v, grid, comfyui_bsa.RECOMMENDED)
 
 q, k, v are [B, H, L, D] with L = T*H*W video tokens in raster order, `grid` = (T, H, W); `out` is
-[B, H, L, D] and `selection` (a BSASelection) says which queries and KV cubes were kept.
+[B, H, L, D] and `selection` (a BSASelection) says which queries and KV cubes were kept. For diffusers'
+Wan, see comfyui_bsa.integrations.diffusers_wan.
 """
 from .bsa_core.attention import bsa_attention
 from .bsa_core.config import RECOMMENDED, BSAConfig

@@ -93,6 +93,7 @@ INSTALLED_CHECK = """
 import sys, torch, torch.nn.functional as F
 import comfyui_bsa
 from comfyui_bsa import RECOMMENDED, BSAConfig, bsa_attention
+from comfyui_bsa.integrations.diffusers_wan import BSAWanAttnProcessor
 print("FILE", comfyui_bsa.__file__)
 torch.manual_seed(0)
 q, k, v = torch.randn(3, 1, 2, 8 * 8 * 8, 16).unbind(0)
