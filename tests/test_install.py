@@ -107,8 +107,9 @@ print("COMFY_IMPORTED", any(name == "comfy" or name.startswith("comfy.") or name
 
 
 def test_pip_install_gives_an_importable_package_that_runs_without_comfyui(tmp_path):
-    """`pip install --no-deps .` into a fresh venv (torch borrowed from this one through a .pth file), then
-    run BSA from the installed package in a directory that holds no copy of the sources."""
+    """`pip install --no-deps .` into a fresh venv (torch borrowed from this one through a .pth file; this
+    venv's setuptools builds the wheel, >= 77 through torch's own requirement), then run BSA from the
+    installed package in a directory that holds no copy of the sources."""
     source = copy_sources(tmp_path / "source")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
