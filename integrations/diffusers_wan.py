@@ -46,8 +46,9 @@ class BSAWanAttnProcessor:
     config:      what BSA keeps (default: the ComfyUI node's defaults, RECOMMENDED).
     backend:     "auto" (Triton kernels on CUDA sm80+, else the pure-PyTorch reference), "triton", "reference".
 
-    `stats` counts sparse and dense self-attention calls since the last `stats = RunStats()`;
-    `remove()` takes the hook off (set diffusers' WanAttnProcessor back to turn BSA off).
+    `stats` (bsa_core.patch.RunStats) counts the sparse and dense self-attention calls since the processor
+    was made, `stats.summary()` says them in a line; `remove()` takes the hook off (set diffusers'
+    WanAttnProcessor back to turn BSA off).
     """
 
     def __init__(self, transformer, config: BSAConfig = RECOMMENDED, backend: str = "auto"):
