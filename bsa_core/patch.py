@@ -458,14 +458,21 @@ def find_options(model) -> BSAOptions | None:
     return options[-1] if options else None
 
 
-def bsa_report(model, spec: ReportSpec) -> tuple[str, torch.Tensor]:
-    """(table, heat-map image) of the last finished recorded sampling run of `model` (the model the sampler
-    got) or, failing that, of any model carrying the same BSA patch."""
+def last_report(model) -> RunReport | None:
+    """The RunReport of the last finished recorded sampling run of `model` (the model the sampler got) or,
+    failing that, of any model carrying the same BSA patch; None without a patch or such a run."""
     options = find_options(model)
     if options is None:
+        return None
+    return _last_report_of_model.get(model) or _last_report_of_options.get(options)
+
+
+def bsa_report(model, spec: ReportSpec) -> tuple[str, torch.Tensor]:
+    """(table, heat-map image) of last_report(model), or a message and a placeholder without one."""
+    if find_options(model) is None:
         return render(None, spec, "No BSA patch on this model: connect the MODEL output of BSA Sparse "
                                   "Attention (directly or through other model nodes).")
-    report = _last_report_of_model.get(model) or _last_report_of_options.get(options)
+    report = last_report(model)
     message = ("Nothing recorded: no sampling run of this model has finished with a BSA Report on its branch. "
                "ComfyUI reuses a cached sampler output without sampling again: change the seed or any sampler "
                "input and queue again.")

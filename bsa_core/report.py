@@ -326,3 +326,67 @@ def render(report: RunReport | None, spec: ReportSpec, no_report_message: str) -
     if shrink > 1:
         note += f"; image: {shrink}x{shrink} cubes a pixel, shaded by their kept share"
     return f"{text}\n{note}", heatmap_image(mask)
+
+
+DENSE_RGB = (0.42, 0.42, 0.46)  # grey: the (step, layer) ran dense only
+PLOT_CELL_PIXELS = (10, 40)  # each (step, layer) cell of the kept-KV plot is a square of this many pixels
+PLOT_MAX_PIXELS = 960  # ... as large as fits into this many pixels per axis
+PLOT_MARGINS = (70, 40, 90, 56)  # pixels left (layer labels), top (title), right (colour bar), bottom (step labels)
+
+
+def kept_kv_plot(report: RunReport | None) -> torch.Tensor:
+    """The report table's kept KV cubes % as a picture: one cell per sampling step (columns) and layer
+    (rows), from dark (0 %) to amber (100 %) like the heat-map, grey where the layer ran dense, the value
+    written in cells that are large enough, and a colour bar. [1, H, W, 3] float in 0..1; the placeholder
+    without a finished run."""
+    if report is None or not report.rows:
+        return placeholder_image()
+    from PIL import Image, ImageDraw, ImageFont
+
+    steps = sorted({step for step, _ in report.rows})
+    layers = sorted({layer for _, layer in report.rows})
+    low, high = PLOT_CELL_PIXELS
+    cell = max(low, min(high, PLOT_MAX_PIXELS // max(len(steps), len(layers))))
+    font = ImageFont.load_default(size=max(10, min(14, cell // 2)))
+    label_w, top, bar_w, bottom = PLOT_MARGINS
+    width, height = label_w + cell * len(steps) + bar_w, top + cell * len(layers) + bottom
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+
+    def colour(fraction: float) -> tuple[int, int, int]:
+        return tuple(round(255 * (s + (k - s) * fraction)) for s, k in zip(SKIPPED_RGB, KEPT_RGB))
+
+    draw.text((label_w, 10), "kept KV cubes % per sampling step and layer", fill=(0, 0, 0), font=font)
+    for (step, layer), row in report.rows.items():
+        x, y = label_w + cell * steps.index(step), top + cell * layers.index(layer)
+        kept = None if not row.sparse_calls else row.kept_pct()[1]
+        fill = tuple(round(255 * c) for c in DENSE_RGB) if kept is None else colour(kept / 100)
+        draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=fill, outline=(255, 255, 255))
+        if cell >= 28:
+            text = "d" if kept is None else f"{kept:.0f}"
+            ink = (0, 0, 0) if kept is not None and kept > 50 else (255, 255, 255)
+            draw.text((x + cell / 2, y + cell / 2), text, fill=ink, font=font, anchor="mm")
+    # axis labels: every layer / step when they fit, else every k-th
+    for values, along_x in ((layers, False), (steps, True)):
+        every = max(1, -(-18 // cell))
+        for i, value in enumerate(values):
+            if i % every:
+                continue
+            if along_x:
+                draw.text((label_w + cell * i + cell / 2, top + cell * len(layers) + 4), str(value), fill=(0, 0, 0),
+                          font=font, anchor="mt")
+            else:
+                draw.text((label_w - 6, top + cell * i + cell / 2), str(value), fill=(0, 0, 0), font=font, anchor="rm")
+    draw.text((label_w + cell * len(steps) / 2, height - 8), "sampling step", fill=(0, 0, 0), font=font, anchor="mb")
+    draw.text((6, top - 14), "layer", fill=(0, 0, 0), font=font)
+    # colour bar: 100 % at the top, 0 % at the bottom, and the dense swatch under it
+    bar_x, bar_h = width - bar_w + 16, max(40, cell * len(layers) - 24)
+    for i in range(bar_h):
+        draw.line((bar_x, top + i, bar_x + 14, top + i), fill=colour(1 - i / max(1, bar_h - 1)))
+    draw.text((bar_x + 18, top), "100%", fill=(0, 0, 0), font=font, anchor="lt")
+    draw.text((bar_x + 18, top + bar_h), "0%", fill=(0, 0, 0), font=font, anchor="lb")
+    dense_y = top + bar_h + 6
+    draw.rectangle((bar_x, dense_y, bar_x + 14, dense_y + 14), fill=tuple(round(255 * c) for c in DENSE_RGB))
+    draw.text((bar_x + 18, dense_y + 7), "dense", fill=(0, 0, 0), font=font, anchor="lm")
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    return (pixels.float() / 255)[None]

@@ -1,8 +1,9 @@
-"""The "BSA Report" node: per-step, per-layer numbers of the last sampling run and one kept-cube heat-map."""
+"""The "BSA Report" node: per-step, per-layer numbers of the last sampling run (a table and a plot) and one
+kept-cube heat-map."""
 from comfy_api.latest import io
 
-from ..bsa_core.patch import bsa_report
-from ..bsa_core.report import ReportSpec
+from ..bsa_core.patch import bsa_report, last_report
+from ..bsa_core.report import ReportSpec, kept_kv_plot
 
 DEFAULTS = ReportSpec()
 
@@ -15,10 +16,10 @@ class BSAReport(io.ComfyNode):
             display_name="BSA Report",
             category="model_patches/attention",
             description="What BSA did in the last sampling run of a model: per sampling step and transformer "
-                        "layer the kept queries %, kept KV cubes % and attention time, and a heat-map of the KV "
-                        "cubes each query cube attended for one step, layer and head. The BSA Sparse Attention "
-                        "node upstream of `model` records only while this node is in the workflow; without it, "
-                        "nothing is timed or stored.",
+                        "layer the kept queries %, kept KV cubes % and attention time (a table, and the kept KV "
+                        "cubes % as a plot), and a heat-map of the KV cubes each query cube attended for one step, "
+                        "layer and head. The BSA Sparse Attention node upstream of `model` records only while this "
+                        "node is in the workflow; without it, nothing is timed or stored.",
             inputs=[
                 io.Model.Input("model", tooltip="The BSA-patched model (the output of BSA Sparse Attention, or of "
                                                 "any model node after it) that the sampler used."),
@@ -39,6 +40,11 @@ class BSAReport(io.ComfyNode):
                 io.Image.Output(display_name="heatmap",
                                 tooltip="Kept KV cubes of the chosen step / layer / head: rows are query cubes, "
                                         "columns KV cubes, amber = attended. Grey with a cross when there is none."),
+                # last: saved workflows link outputs by position
+                io.Image.Output(display_name="kept_kv_plot",
+                                tooltip="The table's kept KV cubes % as a picture: one cell per sampling step "
+                                        "(columns) and layer (rows), dark = 0 %, amber = 100 %, grey = dense. Grey "
+                                        "with a cross when nothing was recorded."),
             ],
             is_output_node=True,  # runs even when its outputs are unconnected, as the recording assumes
         )
@@ -47,4 +53,4 @@ class BSAReport(io.ComfyNode):
     def execute(cls, model, samples, step=DEFAULTS.step, layer=DEFAULTS.layer,
                 head=DEFAULTS.head) -> io.NodeOutput:
         text, image = bsa_report(model, ReportSpec(step, layer, head))
-        return io.NodeOutput(text, image)
+        return io.NodeOutput(text, image, kept_kv_plot(last_report(model)))

@@ -60,9 +60,7 @@ class PromptRunner:
         if not PromptRunner._nodes_loaded:  # once per process: loading imports the pack again
             folder_paths.add_model_folder_path("diffusion_models", str(tiny_wan_path.parent))
             (folder / "custom_nodes").mkdir(exist_ok=True)
-            asyncio.run(run_workflow.load_nodes(nodes, folder / "custom_nodes"))
-            extras = pathlib.Path(nodes.__file__).parent / "comfy_extras"
-            asyncio.run(nodes.load_custom_node(str(extras / "nodes_model_advanced.py"), module_parent="comfy_extras"))
+            asyncio.run(run_workflow.load_nodes(nodes, folder / "custom_nodes"))  # built-in extras included
             PromptRunner._nodes_loaded = True
         self._execution, self._run_workflow, self._asyncio = execution, run_workflow, asyncio
         self.executor = run_workflow.prompt_executor(execution, run_workflow.ServerStub())

@@ -4,7 +4,6 @@ BSA -> KSampler -> BSA Report through ComfyUI's executor (CPU, tiny Wan)."""
 import asyncio
 import json
 import logging
-import pathlib
 import sys
 
 import pytest
@@ -21,7 +20,8 @@ import comfyui_bsa.bsa_core.report as report_module  # noqa: E402
 from comfyui_bsa.bsa_core import BSAConfig, cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.patch import bsa_report, find_options  # noqa: E402
 from comfyui_bsa.bsa_core.reference import bsa_attention_reference  # noqa: E402
-from comfyui_bsa.bsa_core.report import ReportSpec, find_report_specs, heatmap_image  # noqa: E402
+from comfyui_bsa.bsa_core.report import (KEPT_RGB, PLOT_MARGINS, SKIPPED_RGB, ReportSpec,  # noqa: E402
+                                         find_report_specs, heatmap_image)
 from comfyui_bsa.nodes.nodes_bsa_attention import BSASparseAttention  # noqa: E402
 from comfyui_bsa.nodes.nodes_bsa_report import BSAReport  # noqa: E402
 
@@ -127,7 +127,7 @@ def test_table_and_heatmap_match_each_call(tiny_wan, op_calls, caplog, spec):
     model = apply_bsa(tiny_wan, SPARSE, record=spec).clone()  # a later clone (LoRA, ...) keeps the patch
     sample(model)
     run = [r.bsa_run for r in caplog.records if hasattr(r, "bsa_run")][-1]
-    text, image = BSAReport.execute(model, {"samples": None}, spec.step, spec.layer, spec.head).result
+    text, image, plot = BSAReport.execute(model, {"samples": None}, spec.step, spec.layer, spec.head).result
 
     rows = table_rows(text)
     assert [(r["step"], r["layer"]) for r in rows] == [(s, b) for s in range(STEPS) for b in range(BLOCKS)]
@@ -149,6 +149,12 @@ def test_table_and_heatmap_match_each_call(tiny_wan, op_calls, caplog, spec):
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] == image.shape[2] >= 512
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert torch.equal(image, heatmap_image(expected))
+    left, top, right, _ = PLOT_MARGINS
+    cell = (plot.shape[2] - left - right) // STEPS
+    for row in rows:  # the plot's cell (step, layer) has the colour of the table's kept KV cubes %
+        corner = plot[0, top + cell * row["layer"] + 2, left + cell * row["step"] + 2]
+        colour = torch.lerp(torch.tensor(SKIPPED_RGB), torch.tensor(KEPT_RGB), row["kept_kv"] / 100)
+        assert torch.allclose(corner, colour, atol=2 / 255), (row, corner, colour)
     assert not expected.all(), "a sparse pattern, not the trivial all-kept one"
     assert f"heat-map: step {step} " in text and f"layer {spec.layer}, head {spec.head}, batch row 0" in text
     assert "reference selection" in text
@@ -162,16 +168,17 @@ def test_no_report_records_nothing(tiny_wan, monkeypatch):
     monkeypatch.setattr(report_module.RunReport, "__init__", forbidden)
     model = apply_bsa(tiny_wan, SPARSE)
     sample(model)
-    text, _ = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
+    text, image, plot = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
     assert text.startswith("Nothing recorded: no sampling run of this model has finished with a BSA Report")
+    assert torch.equal(plot, image)  # both placeholders
 
 
 def test_report_of_another_spec_is_recorded_from_the_next_run(tiny_wan):
     model = apply_bsa(tiny_wan, SPARSE, record=ReportSpec(-1, 0, 0))
     sample(model)
-    text, image = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
+    text, image, _ = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
     assert len(table_rows(text)) == STEPS * BLOCKS and image.shape[1] >= 512
-    text, image = BSAReport.execute(model, {"samples": None}, 0, 1, 0).result  # another layer: next run
+    text, image, _ = BSAReport.execute(model, {"samples": None}, 0, 1, 0).result  # another layer: next run
     assert len(table_rows(text)) == STEPS * BLOCKS and "is recorded from the next sampling run" in text
     assert image.shape == (1, 256, 256, 3)
 
@@ -194,12 +201,14 @@ def test_dense_rows_and_a_head_out_of_range(tiny_wan):
 
 
 def test_report_without_anything_recorded(tiny_wan):
-    text, image = BSAReport.execute(tiny_wan, {"samples": None}, -1, 0, 0).result
+    text, image, plot = BSAReport.execute(tiny_wan, {"samples": None}, -1, 0, 0).result
     assert text.startswith("No BSA patch on this model") and image.shape == (1, 256, 256, 3)
+    assert torch.equal(plot, image)  # both placeholders
     model = apply_bsa(tiny_wan, SPARSE, record=ReportSpec())
-    text, image = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
+    text, image, plot = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result
     assert text.startswith("Nothing recorded: no sampling run of this model has finished")
     assert image.shape == (1, 256, 256, 3) and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
+    assert torch.equal(plot, image)  # both placeholders
 
 
 def test_heatmap_image_sizes():
@@ -220,7 +229,8 @@ def test_every_input_has_a_tooltip():
 # ---- through ComfyUI's executor ----------------------------------------------------------------------
 
 def test_workflow_through_the_executor(tiny_wan_path, tmp_path):
-    """BSA -> KSampler -> BSA Report -> Preview as Text / Preview Image, the pack loaded by ComfyUI's loader."""
+    """BSA -> KSampler -> BSA Report -> Preview as Text / Preview Image (heat-map and kept-KV plot), the pack
+    loaded by ComfyUI's loader."""
     sys.path.insert(0, str(REPO / "tools"))
     import execution
     import folder_paths
@@ -233,8 +243,6 @@ def test_workflow_through_the_executor(tiny_wan_path, tmp_path):
     try:
         (tmp_path / "custom_nodes").mkdir()
         asyncio.run(run_workflow.load_nodes(nodes, tmp_path / "custom_nodes"))
-        extras = pathlib.Path(nodes.__file__).parent / "comfy_extras"
-        asyncio.run(nodes.load_custom_node(str(extras / "nodes_preview_any.py"), module_parent="comfy_extras"))
         prompt = json.loads((REPO / "workflows" / "tiny_wan_t2v_report_api.json").read_text())
         valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("report", prompt, None))
         assert valid, (error, node_errors)
@@ -247,8 +255,10 @@ def test_workflow_through_the_executor(tiny_wan_path, tmp_path):
     report_id = next(i for i, n in prompt.items() if n["class_type"] == "BSAReport")
     text_id = next(i for i, n in prompt.items() if n["inputs"].get("source") == [report_id, 0])
     image_id = next(i for i, n in prompt.items() if n["inputs"].get("images") == [report_id, 1])
+    plot_id = next(i for i, n in prompt.items() if n["inputs"].get("images") == [report_id, 2])
     (text,) = executor.history_result["outputs"][text_id]["text"]
     steps = next(n["inputs"]["steps"] for n in prompt.values() if n["class_type"] == "KSampler")
     assert len(table_rows(text)) == steps * BLOCKS, text
     assert "heat-map: step 1 " in text and "total: 4 sparse calls" in text
     assert executor.history_result["outputs"][image_id]["images"]
+    assert executor.history_result["outputs"][plot_id]["images"]

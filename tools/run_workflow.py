@@ -1,8 +1,9 @@
 """Run an API-format workflow headless through ComfyUI's own executor, dense and with BSA, and compare.
 
-The pack is loaded the way ComfyUI loads it (nodes.load_custom_node on a custom_nodes folder that links
-to this repository). A random-weight tiny Wan 2.1 is written into a temporary models folder, and a
-seeded random-conditioning node stands in for the 11 GB text encoder.
+Nodes are loaded the way ComfyUI's main.py loads them (nodes.init_extra_nodes: the built-in extras, then
+every custom node folder, here one that links to this repository). A random-weight tiny Wan 2.1 is
+written into a temporary models folder, and a seeded random-conditioning node stands in for the 11 GB
+text encoder. Every IMAGE a node outputs is written to --output-dir as <variant>_<node>_<output>.png.
 
     python tools/run_workflow.py [--workflow workflows/tiny_wan_t2v_api.json] [--width 256 ...]
 
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +29,7 @@ from tiny_wan import write_tiny_wan  # noqa: E402
 
 BSA_NODE = "BSASparseAttention"
 TINY_WAN_FILE = "tiny_wan2.1_t2v.safetensors"
+VARIANTS = ("dense", "bsa_1_1", "bsa")
 
 
 def comfyui_path() -> pathlib.Path:
@@ -43,8 +46,22 @@ def bootstrap_comfyui(path: pathlib.Path):
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
     import comfy.model_management  # noqa: F401  (reads args.cpu on import)
+    import_utils_package(path)
     import nodes
     return nodes
+
+
+def import_utils_package(path: pathlib.Path) -> None:
+    """ComfyUI's `utils` package, imported before the extras need it, as main.py does: once `nodes` is
+    imported, ComfyUI/comfy (whose utils.py would shadow the package) comes first on sys.path."""
+    if hasattr(sys.modules.get("utils"), "__path__"):
+        return
+    sys.modules.pop("utils", None)
+    sys.path.insert(0, str(path))
+    try:
+        import utils.extra_config  # noqa: F401
+    finally:
+        sys.path.remove(str(path))
 
 
 def random_conditioning_node():
@@ -70,13 +87,17 @@ def random_conditioning_node():
 
 
 async def load_nodes(nodes, custom_nodes_dir: pathlib.Path):
-    """Our pack through ComfyUI's custom-node loader, plus the built-in extras the workflow needs."""
+    """ComfyUI's built-in extras and, as its only custom node folder, `custom_nodes_dir` with a link to this
+    repository: nodes.init_extra_nodes, what main.py runs at start-up (without the API nodes)."""
+    import folder_paths
+
     link = custom_nodes_dir / "comfyui-bsa"
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
-    extras = pathlib.Path(nodes.__file__).parent / "comfy_extras"
-    await nodes.load_custom_node(str(extras / "nodes_hunyuan.py"), module_parent="comfy_extras")
-    if not await nodes.load_custom_node(str(link)) or BSA_NODE not in nodes.NODE_CLASS_MAPPINGS:
+    import_utils_package(pathlib.Path(nodes.__file__).parent)
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes_dir)], set())
+    await nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False)
+    if BSA_NODE not in nodes.NODE_CLASS_MAPPINGS:
         raise SystemExit(f"ComfyUI could not load the pack from {link} (see the warnings above)")
     nodes.NODE_CLASS_MAPPINGS["TinyRandomConditioning"] = random_conditioning_node()
 
@@ -143,6 +164,7 @@ def prompt_executor(execution, server):
 
 
 def run_prompt(execution, prompt: dict, prompt_id: str):
+    """(wall seconds, the executor's history outputs: node id -> its UI output, e.g. {"images": [...]})."""
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
         raise SystemExit(f"invalid workflow: {error} {node_errors}")
@@ -153,7 +175,47 @@ def run_prompt(execution, prompt: dict, prompt_id: str):
     if not executor.success:
         errors = [m for m in executor.status_messages if m[0] == "execution_error"]
         raise SystemExit(f"{prompt_id} failed: {errors}")
-    return seconds
+    return seconds, executor.history_result["outputs"]
+
+
+IMAGE_WRITERS = ("PreviewImage", "SaveImage")
+
+
+def preview_every_image(prompt: dict, node_classes: dict) -> dict:
+    """The prompt plus a PreviewImage on every IMAGE output that no PreviewImage / SaveImage reads, so that
+    every image the workflow makes comes back in the executor's history."""
+    prompt = copy.deepcopy(prompt)
+    read = [node["inputs"].get("images") for node in prompt.values() if node["class_type"] in IMAGE_WRITERS]
+    next_id = 1 + max((int(i) for i in prompt if str(i).isdigit()), default=0)
+    for node_id, node in list(prompt.items()):
+        for index, kind in enumerate(node_classes[node["class_type"]].RETURN_TYPES):
+            if kind == "IMAGE" and [node_id, index] not in read:
+                prompt[str(next_id)] = {"class_type": "PreviewImage", "inputs": {"images": [node_id, index]}}
+                next_id += 1
+    return prompt
+
+
+def write_images(prompt: dict, history: dict, node_classes: dict, variant: str, dest: pathlib.Path) -> list:
+    """Copies the PNGs the prompt's PreviewImage / SaveImage nodes wrote to dest as
+    <variant>_<source node class><id>_<output name>[_<n>].png; returns their paths."""
+    import folder_paths
+
+    written = []
+    for writer_id, writer in prompt.items():
+        if writer["class_type"] not in IMAGE_WRITERS or writer_id not in history:
+            continue
+        source_id, index = writer["inputs"]["images"]
+        source = prompt[source_id]["class_type"]
+        names = node_classes[source].RETURN_NAMES or ()
+        output = names[index] if index < len(names) else f"output{index}"
+        images = history[writer_id].get("images", [])
+        for n, image in enumerate(images):
+            suffix = f"_{n}" if len(images) > 1 else ""
+            path = dest / f"{variant}_{source}{source_id}_{output}{suffix}.png"
+            folder = pathlib.Path(folder_paths.get_directory_by_type(image["type"]))
+            shutil.copyfile(folder / image["subfolder"] / image["filename"], path)
+            written.append(path)
+    return written
 
 
 def latest_latent(output_dir: pathlib.Path):
@@ -169,6 +231,10 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, help="override EmptyHunyuanLatentVideo height (pixels)")
     parser.add_argument("--length", type=int, help="override EmptyHunyuanLatentVideo length (frames)")
     parser.add_argument("--steps", type=int, help="override KSampler steps")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which runs: dense (BSA node bypassed), bsa_1_1 (keep_ratio = kv_threshold = 1), "
+                             "bsa (the workflow's settings); max|latent - dense| needs dense first")
+    parser.add_argument("--output-dir", help="where the workflow's images go (default: output/<workflow name>)")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log lines")
     args = parser.parse_args(argv)
 
@@ -185,12 +251,16 @@ def main(argv=None) -> int:
 
     comfy.utils.PROGRESS_BAR_ENABLED = args.verbose
 
-    prompt = apply_overrides(json.loads(pathlib.Path(args.workflow).read_text()), args)
+    workflow = pathlib.Path(args.workflow)
+    prompt = apply_overrides(json.loads(workflow.read_text()), args)
+    images_dir = pathlib.Path(args.output_dir or REPO / "output" / workflow.stem.removesuffix("_api"))
+    images_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bsa_run_") as tmp:
         tmp = pathlib.Path(tmp)
         write_tiny_wan(tmp / "models" / TINY_WAN_FILE)
         folder_paths.add_model_folder_path("diffusion_models", str(tmp / "models"))
         folder_paths.set_output_directory(str(tmp / "output"))
+        folder_paths.set_temp_directory(str(tmp / "temp"))
         (tmp / "custom_nodes").mkdir()
         asyncio.run(load_nodes(nodes, tmp / "custom_nodes"))
 
@@ -199,17 +269,22 @@ def main(argv=None) -> int:
               f"ComfyUI {comfyui_path()}")
         reference = None
         for name, variant in variants(prompt).items():
+            if name not in args.variants:
+                continue
+            variant = preview_every_image(variant, nodes.NODE_CLASS_MAPPINGS)
             runs_before = len(run_log.runs)
-            seconds = run_prompt(execution, variant, name)
+            seconds, history = run_prompt(execution, variant, name)
             result = latest_latent(tmp / "output")
             reference = result if reference is None else reference
             error = float((result - reference).abs().max())
-            line = f"{name:8s} wall {seconds:6.2f} s  max|latent - dense| {error:.2e}"
+            line = f"{name:8s} wall {seconds:6.2f} s  max|latent - {args.variants[0]}| {error:.2e}"
             for run in run_log.runs[runs_before:]:
                 kept = (f"kept queries {run['kept_query_pct']:.1f}%, kept KV cubes {run['kept_kv_pct']:.1f}%"
                         if run["sparse_calls"] else "no sparse call")
                 line += f"  | {run['sparse_calls']} sparse / {run['dense_calls']} dense calls, {kept}"
             print(line, flush=True)
+            for path in write_images(variant, history, nodes.NODE_CLASS_MAPPINGS, name, images_dir):
+                print(f"{'':8s} image {path}")
     return 0
 
 

@@ -1,0 +1,60 @@
+"""Every shipped API workflow runs headless through tools/run_workflow.py (ComfyUI's own start-up node
+loading and executor, the tiny Wan), and every IMAGE it makes is written to a PNG file."""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from comfy_env import require_comfyui
+
+require_comfyui()
+from comfyui_bsa.nodes import BSAExtension  # noqa: E402  (needs ComfyUI's comfy_api)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+API_WORKFLOWS = sorted((REPO / "workflows").glob("*_api.json"))
+VARIANTS = ("dense", "bsa_1_1", "bsa")
+
+
+def image_outputs_of_pack_nodes(prompt: dict) -> list[str]:
+    """<class><node id>_<output name> of every IMAGE output of the pack's nodes in the prompt (the shipped
+    workflows' built-in nodes make no image)."""
+    import asyncio
+
+    classes = {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(BSAExtension().get_node_list())}
+    names = []
+    for node_id, node in prompt.items():
+        cls = classes.get(node["class_type"])
+        if cls is None:
+            continue
+        names += [f"{node['class_type']}{node_id}_{name}"
+                  for kind, name in zip(cls.RETURN_TYPES, cls.RETURN_NAMES) if kind == "IMAGE"]
+    return names
+
+
+@pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=[w.stem for w in API_WORKFLOWS])
+def test_shipped_api_workflow_runs_headless_and_writes_its_images(workflow, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "run_workflow.py"), "--workflow", str(workflow),
+                             "--width", "128", "--height", "128", "--length", "17", "--steps", "2",
+                             "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if " wall " in line}
+    assert set(lines) == set(VARIANTS), result.stdout
+    assert float(lines["bsa_1_1"].split("dense|")[1].split()[0]) < 1e-3
+    assert "4 sparse / 4 dense calls" in lines["bsa"], lines["bsa"]
+
+    expected = {f"{variant}_{name}.png" for variant in VARIANTS
+                for name in image_outputs_of_pack_nodes(json.loads(workflow.read_text()))}
+    assert {path.name for path in tmp_path.glob("*.png")} == expected
+    for name in expected:
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and min(image.size) >= 128
+            assert str(tmp_path / name) in result.stdout  # the runner says where it wrote it
+    for name in (n for n in expected if n.startswith("bsa_") and not n.startswith("bsa_1_1")):
+        # without the BSA node (dense) the report has nothing to draw; with it, every image shows the run
+        with Image.open(tmp_path / name) as sparse, Image.open(tmp_path / name.replace("bsa_", "dense_", 1)) as dense:
+            assert sparse.size != dense.size or sparse.tobytes() != dense.tobytes(), name
