@@ -182,7 +182,7 @@ def _pooled_keys(acc, l_i, m_i, q, KBar_bh, VBar_bh, log2n_ptr, attended_bh, n_c
                                         "HAS_REMAINDER", "RASTER", "smem_budget"],
                  prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, order_ptr,
+def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
                            q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
                            H, N, KQ, NG, KG, E, n_prefix, GT, GH, GW, NH, NW,
                            stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, smem_budget,
@@ -191,7 +191,7 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
                            CUBE: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
                            GROUP: tl.constexpr, PIECES: tl.constexpr, HAS_EXTRA: tl.constexpr,
                            HAS_REMAINDER: tl.constexpr, USE_TMA: tl.constexpr, RASTER: tl.constexpr,
-                           DOT_F32: tl.constexpr):
+                           STORE_LSE: tl.constexpr, DOT_F32: tl.constexpr):
     tl.static_assert(BLOCK_N >= 16 and BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(not USE_TMA or CUBE % BLOCK_N == 0, "TMA loads whole pieces of a cube")
     tl.static_assert(GROUP <= 32, "membership bits are one int32 per table entry")
@@ -262,6 +262,9 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
     else:
         tl.store(Out + qi_off[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_store[:, None])
+        if STORE_LSE:  # log2-domain log-sum-exp per kept row, for the backward (-inf where nothing was seen)
+            lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+            tl.store(Lse + qi_off, lse, mask=row_store)
 
 
 def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
@@ -397,7 +400,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                            cubes_per_program: int | None = None, use_tma: bool | None = None,
                            plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
-                           pool_block: int | None = None):
+                           pool_block: int | None = None, return_lse: bool = False):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
@@ -411,7 +414,8 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] mean key / value of every cube, attended
     [B, H, N, N] bool the same table as a dense mask. Each KV cube a query cube did not select joins its
     softmax as one key k_bar with weight n_valid and value v_bar (pooled remainder).
-    Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0).
+    Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with return_lse the
+    log2-domain log-sum-exp of every kept row [B, H, N, Kq] fp32 (what the backward needs).
     """
     if q_cubes.dim() != 5:
         raise ValueError(f"q_cubes must be [B, H, N, S, D], got shape {tuple(q_cubes.shape)}")
@@ -424,9 +428,10 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
         q_cubes = q_cubes.to(torch.bfloat16)
     KQ = q_index.shape[-1]
     out = torch.empty(B, H, N, KQ, D, dtype=q_cubes.dtype, device=q_cubes.device)
+    lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q_cubes.device) if return_lse else None
     _launch(q_cubes, None, 0, out, k_cubes, v_cubes, q_index.contiguous(), KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None)
-    return out.to(in_dtype)
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None, lse)
+    return (out.to(in_dtype), lse) if return_lse else out.to(in_dtype)
 
 
 def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cubes: torch.Tensor, layout,
@@ -448,12 +453,13 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
     if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
         raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
     _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
-            layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout)
+            layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout,
+            None)
     return out
 
 
 def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout):
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse):
     """Validate the K/V side and the tables, build what the launch needs, launch."""
     first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
     if first.dim() != 5:
@@ -534,10 +540,10 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     o_strides = (out.stride(0), out.stride(1), out.stride(2)) if raster_layout is not None else (0, 0, 0)
     _block_sparse_attn_fwd[(B * H * NG * pieces,)](
         q, k_cubes, v_cubes, k_desc, v_desc, k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
-        k_bar, v_bar, tables.log2_n, attended, out, plan.order,
+        k_bar, v_bar, tables.log2_n, attended, out, out if lse is None else lse, plan.order,
         q_index if q_index is not None else plan.count, plan.count, plan.index, plan.bits, tables.key_bias, scale,
         H, N, KQ, NG, KG, E, n_prefix, *grid_args, *q_strides, *o_strides, budget,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, POOL_BLOCK=pool_block, HEAD_DIM=D, CUBE=S, CT=cube[0], CH=cube[1], CW=cube[2], GROUP=plan.group,
         PIECES=pieces, HAS_EXTRA=has_extra,
         HAS_REMAINDER=remainder is not None, USE_TMA=bool(use_tma), RASTER=raster_layout is not None,
-        DOT_F32=_INTERPRET)
+        STORE_LSE=lse is not None, DOT_F32=_INTERPRET)

@@ -1,0 +1,238 @@
+"""Backward of the block-sparse attention forward (`block_sparse_attention`, cube order).
+
+Given the forward's kept-query rows (q_index), their outputs O, the upstream gradient dO and the forward's
+log2-domain LSE, three kernels give every gradient of the one softmax each row ran over its selected KV
+cubes, the extra keys and the pooled keys:
+
+  dq   one program per (batch*head, query cube): the forward's three loops again, dQ += dS K;
+  dkdv one program per (batch*head, KV cube): the query cubes that selected it (the transposed table),
+       dV += P^T dO, dK += dS^T Q;
+  dense-key programs per (batch*head, block of keys) over every query cube: the extra keys (seen by every
+       row) and the pooled keys (seen by the rows whose cube skipped that cube).
+
+P = exp2(S * log2e * scale + bias - LSE) is recomputed, dS = P * (dO . V - delta) with delta = rowsum(dO * O),
+as in Triton's fused-attention tutorial. Accumulators are fp32; gradients come back in fp32 (dK/dV of the
+selected cubes in cube order, dQ per kept row, the pooled keys' gradients per cube mean: the caller
+spreads those over the cube's keys and values, since k_bar is their mean).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse_attention import _dot, _key_tables
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.44269504
+
+
+@triton.jit
+def _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                CUBE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The kept rows of one query cube: q, dO [BLOCK_M, D], lse, delta [BLOCK_M], and which rows are real."""
+    qi_off = (bh * N + cube) * KQ + offs_m
+    slot = tl.load(q_index_ptr + qi_off, mask=offs_m < KQ, other=-1)
+    live = slot >= 0
+    q = tl.load(Q + ((bh * N + cube) * CUBE + slot)[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None],
+                other=0.0)
+    do = tl.load(dO + qi_off[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
+    lse = tl.load(Lse + qi_off, mask=live, other=0.0)
+    delta = tl.load(Delta + qi_off, mask=live, other=0.0)
+    return q, do, tl.where(live & (lse > float("-inf")), lse, float("inf")), delta, qi_off, live
+
+
+@triton.jit
+def _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32: tl.constexpr):
+    """P [M, N] of the forward (0 on dead rows: their lse is +inf) and dS = P * (dO . V^T - delta)."""
+    s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), DOT_F32) * qk_scale + bias
+    p = tl.math.exp2(s - lse[:, None])
+    dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], tl.float32), DOT_F32)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended, DQ, q_index_ptr, kv_count_ptr,
+                   kv_index_ptr, key_bias_ptr, qk_scale, N, KQ, KV_W, E,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
+                   HAS_EXTRA: tl.constexpr, HAS_REMAINDER: tl.constexpr, DOT_F32: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    cube = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q, do, lse, delta, qi_off, live = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                                                  CUBE, HEAD_DIM)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    kv_bh = bh * N * CUBE * HEAD_DIM
+    count = tl.load(kv_count_ptr + bh * N + cube)
+    for j in range(0, count):  # the selected cubes, in pieces of BLOCK_N keys
+        kv = tl.load(kv_index_ptr + (bh * N + cube) * KV_W + j).to(tl.int64)
+        for start in range(0, CUBE, BLOCK_N):
+            cols = start + offs_n
+            ok = cols < CUBE
+            rows = kv * CUBE + cols
+            k = tl.load(K + kv_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V + kv_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+            bias = tl.load(key_bias_ptr + rows, mask=ok, other=float("-inf"))[None, :]
+            _, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
+            dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+    if HAS_EXTRA:
+        for start in range(0, E, BLOCK_N):
+            rows = (start + offs_n).to(tl.int64)
+            ok = rows < E
+            k = tl.load(KE + bh * E * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(VE + bh * E * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+            _, ds = _probs_and_dscores(q, do, k, v, lse, delta, tl.where(ok, 0.0, float("-inf"))[None, :], qk_scale,
+                                       DOT_F32)
+            dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+    if HAS_REMAINDER:
+        for start in range(0, N, BLOCK_N):
+            cols = (start + offs_n).to(tl.int64)
+            ok = cols < N
+            k = tl.load(KBar + bh * N * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(VBar + bh * N * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+            hidden = tl.load(Attended + (bh * N + cube) * N + cols, mask=ok, other=1)
+            bias = tl.where(ok & (hidden == 0), tl.load(Log2N + cols, mask=ok, other=0.0), float("-inf"))[None, :]
+            _, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
+            dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+    tl.store(DQ + qi_off[:, None] * HEAD_DIM + offs_d[None, :], dq * (qk_scale / 1.44269504), mask=live[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, q_index_ptr, t_count_ptr, t_index_ptr, key_bias_ptr,
+                     qk_scale, N, KQ, T_W,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
+                     DOT_F32: tl.constexpr):
+    """One piece (BLOCK_N keys) of one KV cube against every query cube that selected it."""
+    bh = tl.program_id(1).to(tl.int64)
+    kv = tl.program_id(0).to(tl.int64)
+    piece = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = piece * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < CUBE
+    rows = kv * CUBE + cols
+    kv_off = bh * N * CUBE * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=ok[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=ok[:, None], other=0.0)
+    bias = tl.load(key_bias_ptr + rows, mask=ok, other=float("-inf"))[None, :]
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    count = tl.load(t_count_ptr + bh * N + kv)
+    for j in range(0, count):
+        cube = tl.load(t_index_ptr + (bh * N + kv) * T_W + j).to(tl.int64)
+        q, do, lse, delta, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                                              CUBE, HEAD_DIM)
+        p, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
+        dv = _dot(tl.trans(p).to(do.dtype), do, dv, DOT_F32)
+        dk = _dot(tl.trans(ds).to(q.dtype), q, dk, DOT_F32)
+    tl.store(DK + kv_off, dk * (qk_scale / 1.44269504), mask=ok[:, None])
+    tl.store(DV + kv_off, dv, mask=ok[:, None])
+
+
+@triton.jit
+def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q_index_ptr, qk_scale, N, KQ, n_keys,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
+                           POOLED: tl.constexpr, DOT_F32: tl.constexpr):
+    """A block of keys every query cube may see: the extra keys (all rows) or, with POOLED, the pooled cube
+    means (key c seen by the rows whose cube did not select c, log2 weight Log2N[c])."""
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ok = cols < n_keys
+    kv_off = bh * n_keys * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(KD + kv_off, mask=ok[:, None], other=0.0)
+    v = tl.load(VD + kv_off, mask=ok[:, None], other=0.0)
+    if POOLED:
+        weight = tl.load(Log2N + cols, mask=ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for cube in range(0, N):
+        q, do, lse, delta, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                                              CUBE, HEAD_DIM)
+        if POOLED:
+            hidden = tl.load(Attended + (bh * N + cube) * N + cols, mask=ok, other=1)
+            bias = tl.where(ok & (hidden == 0), weight, float("-inf"))[None, :]
+        else:
+            bias = tl.where(ok, 0.0, float("-inf"))[None, :]
+        p, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
+        dv = _dot(tl.trans(p).to(do.dtype), do, dv, DOT_F32)
+        dk = _dot(tl.trans(ds).to(q.dtype), q, dk, DOT_F32)
+    tl.store(DK + kv_off, dk * (qk_scale / 1.44269504), mask=ok[:, None])
+    tl.store(DV + kv_off, dv, mask=ok[:, None])
+
+
+def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_valid,
+                                    out_kept, lse, grad_kept, scale: float | None = None, k_extra=None, v_extra=None,
+                                    remainder=None):
+    """Gradients of `block_sparse_attention(..., return_lse=True)` for the upstream gradient of its kept rows.
+
+    q_cubes, k_cubes, v_cubes [B, H, N, S, D] and the tables as in the forward; out_kept, grad_kept
+    [B, H, N, Kq, D] (grad_kept already holds the gradient of every dropped query copied from the row);
+    lse [B, H, N, Kq] from the forward. remainder: (k_bar, v_bar, attended) as in the forward.
+    Returns fp32 (dq_kept [B,H,N,Kq,D], dk_cubes, dv_cubes [B,H,N,S,D], dk_extra, dv_extra [B,H,E,D] or None,
+    dk_bar, dv_bar [B,H,N,D] or None): the pooled keys' gradients are per cube mean."""
+    B, H, N, S, D = q_cubes.shape
+    KQ = q_index.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dtype = torch.bfloat16 if q_cubes.dtype == torch.float32 else q_cubes.dtype
+    q, k, v = (x.to(dtype).contiguous() for x in (q_cubes, k_cubes, v_cubes))
+    do = grad_kept.to(dtype).contiguous()
+    delta = (grad_kept.float() * out_kept.float()).sum(-1).contiguous()
+    q_index, kv_count, kv_index = (x.to(torch.int32).contiguous() for x in (q_index, kv_count, kv_index))
+    tables = _key_tables(slot_valid.to(q.device))
+    has_extra = k_extra is not None and k_extra.shape[-2] > 0
+    ke, ve = ((x.to(dtype).contiguous() for x in (k_extra, v_extra)) if has_extra else (q, q))
+    E = k_extra.shape[-2] if has_extra else 0
+    if remainder is not None:
+        k_bar, v_bar = (x.to(dtype).contiguous() for x in remainder[:2])
+        attended = remainder[2].to(torch.bool).contiguous().view(torch.uint8)
+    else:
+        k_bar = v_bar = attended = q
+    BLOCK_M = max(16, triton.next_power_of_2(KQ))
+    BLOCK_N = min(64, max(16, triton.next_power_of_2(S)))
+    qk_scale = scale * _LOG2E
+    meta = dict(BLOCK_M=BLOCK_M, HEAD_DIM=D, CUBE=S, DOT_F32=_INTERPRET, num_warps=4)
+
+    dq = torch.zeros(B, H, N, KQ, D, dtype=torch.float32, device=q.device)
+    _bwd_dq_kernel[(N, B * H)](q, k, v, do, lse.contiguous(), delta, ke, ve, k_bar, v_bar, tables.log2_n, attended,
+                               dq, q_index, kv_count, kv_index, tables.key_bias, qk_scale, N, KQ, kv_index.shape[-1], E,
+                               BLOCK_N=BLOCK_N, HAS_EXTRA=has_extra, HAS_REMAINDER=remainder is not None, **meta)
+
+    t_count, t_index = _transposed(kv_count, kv_index, N)
+    dk = torch.zeros(B, H, N, S, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    _bwd_dkdv_kernel[(N, B * H, triton.cdiv(S, BLOCK_N))](
+        q, k, v, do, lse, delta, dk, dv, q_index, t_count, t_index, tables.key_bias, qk_scale, N, KQ,
+        t_index.shape[-1], BLOCK_N=BLOCK_N, **meta)
+
+    def dense_keys(kd, vd, n_keys, pooled):
+        dkd = torch.zeros(B, H, n_keys, D, dtype=torch.float32, device=q.device)
+        dvd = torch.zeros_like(dkd)
+        _bwd_dense_keys_kernel[(triton.cdiv(n_keys, BLOCK_N), B * H)](
+            q, do, lse, delta, kd, vd, tables.log2_n, attended, dkd, dvd, q_index, qk_scale, N, KQ, n_keys,
+            BLOCK_N=BLOCK_N, POOLED=pooled, **meta)
+        return dkd, dvd
+
+    dke, dve = dense_keys(ke, ve, E, False) if has_extra else (None, None)
+    dk_bar, dv_bar = dense_keys(k_bar, v_bar, N, True) if remainder is not None else (None, None)
+    return dq, dk, dv, dke, dve, dk_bar, dv_bar
+
+
+def _transposed(kv_count: torch.Tensor, kv_index: torch.Tensor, N: int):
+    """Per KV cube, the query cubes whose list holds it: (count [B,H,N], index [B,H,N,N] ascending, -1 pad).
+    Built by one scatter into an [B,H,N,N] mask (O(cubes^2) per head, like the pooled remainder's mask)."""
+    B, H = kv_count.shape[:2]
+    idx = kv_index.long()
+    mask = torch.zeros(B, H, N, N + 1, dtype=torch.bool, device=kv_index.device)
+    mask.scatter_(-1, torch.where(idx >= 0, idx, N), True)
+    mask_t = mask[..., :N].transpose(-1, -2)  # [B, H, KV cube, query cube]
+    count = mask_t.sum(-1).to(torch.int32)
+    order = torch.argsort((~mask_t).to(torch.int8), dim=-1, stable=True)
+    index = torch.where(torch.arange(N, device=idx.device) < count[..., None].long(), order, -1)
+    return count.contiguous(), index.to(torch.int32).contiguous()

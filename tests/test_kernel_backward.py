@@ -1,0 +1,85 @@
+"""Backward kernels of the block-sparse attention vs autograd of the float32 reference, given one selection.
+
+Without CUDA the kernels run in Triton's interpreter on tiny shapes (TRITON_INTERPRET is set before the
+kernel modules are imported, only when there is no GPU)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
+from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
+from comfyui_bsa.bsa_core.reference import bsa_select, cube_mean, sparse_attention_reference  # noqa: E402
+from comfyui_bsa.kernels.block_sparse_attention import block_sparse_attention  # noqa: E402
+from comfyui_bsa.kernels.block_sparse_attention_bwd import block_sparse_attention_backward  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+CASES = [  # (B, H, grid, cube, D, keep_ratio, mode, threshold, E, pooled)
+    (1, 2, (3, 5, 6), (2, 2, 4), 16, 1.0, "cumulative", 0.6, 0, False),
+    (1, 2, (3, 5, 6), (2, 2, 4), 16, 1.0, "statistical", 0.5, 5, True),
+    (2, 1, (3, 4, 5), (2, 2, 2), 32, 0.5, "cumulative", 0.7, 3, True),
+    (1, 2, (2, 4, 8), (2, 2, 4), 16, 0.6, "statistical", 0.0, 0, False),
+]
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{'x'.join(map(str, c[2]))}-c{'x'.join(map(str, c[3]))}-D{c[4]}"
+                         f"-r{c[5]}-{c[6][:4]}{c[7]}-E{c[8]}-pooled{int(c[9])}")
+def test_gradients_match_reference_autograd(case):
+    B, H, grid, cube, D, r, mode, p, E, pooled = case
+    g = torch.Generator().manual_seed(7)
+    layout = cube_layout(grid, cube, DEVICE)
+    N, S = layout.num_cubes, layout.cube_volume
+    valid = layout.slot_valid[..., None].float()
+    # values representable in bf16: the reference sees exactly what the kernels multiply
+    qc, kc, vc = ((torch.randn(B, H, N, S, D, generator=g).to(DEVICE) * valid).bfloat16().float() for _ in range(3))
+    ke, ve = (torch.randn(B, H, E, D, generator=g).to(DEVICE).bfloat16().float() for _ in range(2))
+    scale = D ** -0.5
+    config = BSAConfig(cube_size=cube, keep_ratio=r, threshold_mode=mode, kv_threshold=p if mode == "cumulative" else 1.0,
+                       stat_lambda=p, pooled_remainder=pooled)
+    sel = bsa_select(qc, kc, layout, config, scale)
+    grad = torch.randn(B, H, N, S, D, generator=g).to(DEVICE) * valid
+
+    leaves = [x.clone().requires_grad_(True) for x in (qc, kc, vc, ke, ve)]
+    out_ref = sparse_attention_reference(*leaves[:3], layout, sel, scale, leaves[3], leaves[4], pooled_remainder=pooled)
+    want = torch.autograd.grad((out_ref * grad).sum(), leaves, allow_unused=True)
+
+    remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()) if pooled else None
+    q16, k16, v16, ke16, ve16 = (x.bfloat16() for x in (qc, kc, vc, ke, ve))
+    out_kept, lse = block_sparse_attention(q16, k16, v16, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid,
+                                           scale, ke16, ve16, remainder=remainder, return_lse=True)
+    # a dropped query's gradient goes to the kept query it copied
+    src = sel.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
+    grad_kept = torch.zeros(*out_kept.shape, dtype=torch.float32, device=DEVICE).scatter_add_(-2, src, grad)
+    dq, dk, dv, dke, dve, dk_bar, dv_bar = block_sparse_attention_backward(
+        q16, k16, v16, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, out_kept, lse, grad_kept, scale,
+        ke16, ve16, remainder=remainder)
+    slot = torch.where(sel.q_index >= 0, sel.q_index, S).long()[..., None].expand(*dq.shape)  # padding -> slot S
+    dq_cubes = torch.zeros(B, H, N, S + 1, D, device=DEVICE).scatter_(-2, slot, dq)[..., :S, :]
+    if pooled:  # k_bar is the mean of its cube's valid keys: its gradient spreads over them
+        n = layout.n_valid.float()[:, None, None]
+        dk = dk + (dk_bar[..., None, :] / n) * valid
+        dv = dv + (dv_bar[..., None, :] / n) * valid
+    # padding slots are no tokens: the reference's cube_mean still hands them a gradient, compare real slots
+    for name, got, ref in (("dq", dq_cubes, want[0]), ("dk", dk, want[1]), ("dv", dv, want[2])):
+        assert torch.isfinite(got).all(), name
+        assert _rel(got * valid, ref * valid) < 3e-2, (name, _rel(got * valid, ref * valid))
+    if E:
+        assert _rel(dke, want[3]) < 3e-2 and _rel(dve, want[4]) < 3e-2, (_rel(dke, want[3]), _rel(dve, want[4]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pooled", [False, True], ids=["no-pooled", "pooled"])
+def test_gpu_wan_480p_gradients_match_reference_autograd(pooled):
+    """Wan 480p grid (21 x 30 x 52, partial cubes), one head, node-like selection, 77 extra keys."""
+    case = (1, 1, (21, 30, 52), (4, 4, 4), 128, 1.0, "statistical", 1.0, 77, pooled)
+    test_gradients_match_reference_autograd(case)
