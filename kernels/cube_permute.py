@@ -49,11 +49,12 @@ def _permute_cube(X, Y, Mean, Mean16, cube, bh, n_cubes, n_prefix, n_heads, GT, 
         if WITH_MEAN or WITH_MEAN16:
             acc += tl.sum(x.to(tl.float32), 0)
             n_rows += valid.to(tl.int32)
-    mean = acc / tl.sum(n_rows, 0).to(tl.float32)
-    if WITH_MEAN:
-        tl.store(Mean + (bh * n_cubes + cube) * HEAD_DIM + offs_d, mean, mask=d_ok)
-    if WITH_MEAN16:
-        tl.store(Mean16 + (bh * n_cubes + cube) * HEAD_DIM + offs_d, mean.to(Mean16.dtype.element_ty), mask=d_ok)
+    if WITH_MEAN or WITH_MEAN16:
+        mean = acc / tl.sum(n_rows, 0).to(tl.float32)
+        if WITH_MEAN:
+            tl.store(Mean + (bh * n_cubes + cube) * HEAD_DIM + offs_d, mean, mask=d_ok)
+        if WITH_MEAN16:
+            tl.store(Mean16 + (bh * n_cubes + cube) * HEAD_DIM + offs_d, mean.to(Mean16.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit
@@ -72,10 +73,9 @@ def _permute_qkv_kernel(Q, K, V, QC, KC, VC, QM, KM, KM16, VM16, n_prefix, n_hea
                         sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
                         CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
-                        Q_CUBES: tl.constexpr, POOLED: tl.constexpr):
-    """Q, K and V in one launch (axis 2 picks the tensor): K to cubes + fp32 mean, V to cubes, Q to its fp32
-    mean (keep_ratio 1) or to cubes (query selection pools the kept queries itself); with POOLED also K's and
-    V's means in their own dtype for the pooled remainder."""
+                        Q_CUBES: tl.constexpr, Q_MEAN: tl.constexpr, POOLED: tl.constexpr):
+    """Q, K and V in one launch (axis 2 picks the tensor): K to cubes + fp32 mean, V to cubes, Q to cubes
+    and/or its fp32 mean; with POOLED also K's and V's means in their own dtype for the pooled remainder."""
     cube = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_cubes = tl.num_programs(0)
@@ -88,7 +88,7 @@ def _permute_qkv_kernel(Q, K, V, QC, KC, VC, QM, KM, KM16, VM16, n_prefix, n_hea
                       svd, HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, False, True, POOLED)
     else:
         _permute_cube(Q, QC, QM, QM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, sqb, sqh, sql, sqd,
-                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, not Q_CUBES, Q_CUBES)
+                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, Q_MEAN, Q_CUBES)
 
 
 def cube_permute(x: torch.Tensor, layout, n_prefix: int = 0, with_mean: bool = False):
@@ -126,7 +126,7 @@ def _launch(x, layout, n_prefix, with_mean, with_cubes):
 
 class PermutedQKV(NamedTuple):
     q_cubes: torch.Tensor | None   # [B, H, N, S, D] (q_cubes=True) or None
-    q_mean: torch.Tensor | None    # [B, H, N, D] fp32 (q_cubes=False) or None
+    q_mean: torch.Tensor | None    # [B, H, N, D] fp32 (q_mean=True) or None
     k_cubes: torch.Tensor          # [B, H, N, S, D]
     k_mean: torch.Tensor           # [B, H, N, D] fp32 (selection)
     v_cubes: torch.Tensor          # [B, H, N, S, D]
@@ -135,17 +135,19 @@ class PermutedQKV(NamedTuple):
 
 
 def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_prefix: int = 0,
-                q_cubes: bool = False, pooled: bool = True) -> PermutedQKV:
+                q_cubes: bool = False, pooled: bool = True, q_mean: bool | None = None) -> PermutedQKV:
     """The three permutes of one BSA call in one launch. q, k, v [B, H, L, D] of one shape and dtype (any
-    strides). Q is permuted with q_cubes, else only pooled (fp32 mean); K is permuted and pooled (fp32);
-    with `pooled` the means of K and V are also written in x.dtype for the pooled remainder."""
+    strides). Q is permuted with q_cubes and pooled (fp32 mean) with q_mean (default: when not permuted);
+    K is permuted and pooled (fp32); with `pooled` the means of K and V are also written in x.dtype for the
+    pooled remainder. A mean is the same bits whether or not the cubes are written (one code path)."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share shape and dtype, got {[(tuple(x.shape), x.dtype) for x in (q, k, v)]}")
     if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
         raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
     B, H, _, D = q.shape
     N, S = layout.num_cubes, layout.cube_volume
-    qc, qm = _outputs(q, N, S, cubes=q_cubes, mean=not q_cubes)
+    q_mean = not q_cubes if q_mean is None else q_mean
+    qc, qm = _outputs(q, N, S, cubes=q_cubes, mean=q_mean)
     kc, km = _outputs(k, N, S, cubes=True, mean=True)
     vc, _ = _outputs(v, N, S, cubes=True, mean=False)
     k16, v16 = (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device) if pooled else None for _ in range(2))
@@ -154,7 +156,8 @@ def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_pre
         q, k, v, q if qc is None else qc, kc, vc, km if qm is None else qm, km, k if k16 is None else k16,
         v if v16 is None else v16, n_prefix, H, *_grid_args(layout), *q.stride(), *k.stride(), *v.stride(),
         HEAD_DIM=D, D_PAD=d_pad, BLOCK_S=min(triton.next_power_of_2(S), max(1, _TILE_ELEMENTS // d_pad)),
-        CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2], Q_CUBES=q_cubes, POOLED=pooled)
+        CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2], Q_CUBES=q_cubes, Q_MEAN=q_mean,
+        POOLED=pooled)
     return PermutedQKV(qc, qm, kc, km, vc, k16, v16)
 
 

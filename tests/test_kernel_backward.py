@@ -83,3 +83,44 @@ def test_gpu_wan_480p_gradients_match_reference_autograd(pooled):
     """Wan 480p grid (21 x 30 x 52, partial cubes), one head, node-like selection, 77 extra keys."""
     case = (1, 1, (21, 30, 52), (4, 4, 4), 128, 1.0, "statistical", 1.0, 77, pooled)
     test_gradients_match_reference_autograd(case)
+
+
+PIPELINE_CASES = [  # (grid, cube, dtype, n_prefix, n_suffix, keep_ratio, mode, value, pooled)
+    ((3, 5, 6), (2, 2, 4), torch.bfloat16, 2, 3, 1.0, "statistical", 0.5, True),
+    ((3, 4, 5), (2, 2, 2), torch.float16, 0, 4, 0.5, "cumulative", 0.7, False),
+    ((2, 4, 8), (2, 2, 4), torch.float32, 3, 0, 1.0, "cumulative", 0.6, True),
+]
+
+
+@pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: f"T{'x'.join(map(str, c[0]))}-{str(c[2])[6:]}-pre{c[3]}"
+                         f"-suf{c[4]}-r{c[5]}-{c[6][:4]}-pooled{int(c[8])}")
+def test_call_gradients_match_reference_autograd(case):
+    """The whole call's backward on the kernels (selection recomputed) vs autograd of the reference call."""
+    from comfyui_bsa.bsa_core.gpu_backward import bsa_attention_backward_triton
+    from comfyui_bsa.bsa_core.reference import bsa_attention_reference
+    from comfyui_bsa.bsa_core.gpu_select import select_triton
+    from comfyui_bsa.kernels.cube_permute import permute_qkv
+
+    grid, cube, dtype, n_prefix, n_suffix, r, mode, value, pooled = case
+    g = torch.Generator().manual_seed(3)
+    layout = cube_layout(grid, cube, DEVICE)
+    L, D, B, H = n_prefix + layout.num_tokens + n_suffix, 16, 1, 2
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    grad = torch.randn(B, H, L, D, generator=g).to(DEVICE)
+    scale = D ** -0.5
+    config = BSAConfig(cube_size=cube, keep_ratio=r, threshold_mode=mode, stat_lambda=value,
+                       kv_threshold=value if mode == "cumulative" else 1.0, pooled_remainder=pooled)
+    seen = torch.bfloat16 if dtype == torch.float32 else dtype  # what the kernels multiply
+    qs, ks, vs = (x.to(seen) for x in (q, k, v))
+    qc, _, kc, k_bar, *_ = permute_qkv(qs, ks, vs, layout, n_prefix, q_cubes=True, q_mean=r >= 1.0)
+    q_bar = permute_qkv(qs, ks, vs, layout, n_prefix, q_cubes=False)[1] if r >= 1.0 else None
+    sel = select_triton(qc, kc, layout, config, scale, k_bar=k_bar, q_bar=q_bar)
+    leaves = [x.to(seen).float().requires_grad_(True) for x in (q, k, v)]
+    out, _ = bsa_attention_reference(*leaves, layout, config, scale, n_prefix, n_suffix, selection=sel)
+    want = torch.autograd.grad(out, leaves, grad)
+    got = bsa_attention_backward_triton(q, k, v, grad, layout, config, scale, n_prefix, n_suffix)
+    video = slice(n_prefix, n_prefix + layout.num_tokens)
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        assert _rel(a[..., video, :], b[..., video, :]) < 3e-2, (name, _rel(a[..., video, :], b[..., video, :]))
+        assert _rel(a, b) < 3e-2, (name, "with extra rows", _rel(a, b))

@@ -1,0 +1,71 @@
+"""The backward of a BSA call on the Triton kernels: recompute the call's selection and its forward's
+log-sum-exp, then the block-sparse backward kernels (`kernels/block_sparse_attention_bwd.py`).
+
+The selection is a constant of the step (BSA_SPEC "Backward"): the same permute pass and selection kernels
+as the forward give the same tables. Gradients follow the forward exactly: a dropped query's output
+gradient goes to the kept query it copied, the pooled keys' gradients spread over their cube's keys and
+values (k_bar is their mean), the extra tokens' own rows are dense attention.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels.block_sparse_attention import block_sparse_attention
+from ..kernels.block_sparse_attention_bwd import block_sparse_attention_backward
+from ..kernels.cube_permute import cube_permute, permute_qkv
+from .cubes import CubeLayout
+from .gpu_select import select_triton
+
+
+def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config, scale: float, n_prefix: int = 0,
+                                  n_suffix: int = 0):
+    """q, k, v, grad_out [B, H, L, D] as the forward got them -> (dq, dk, dv) in q's dtype."""
+    q_in, k_in, v_in = q, k, v
+    if q.dtype == torch.float32:  # the forward's kernels computed in bf16 (its extra rows in fp32)
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    B, H, L, D = q.shape
+    N, S = layout.num_cubes, layout.cube_volume
+    all_queries = config.keep_ratio >= 1.0
+    q_cubes, q_bar, k_cubes, k_bar, v_cubes, k_pooled, v_pooled = permute_qkv(
+        q, k, v, layout, n_prefix, q_cubes=True, q_mean=all_queries, pooled=config.pooled_remainder)
+    selection, attended = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
+                                        return_mask=True)
+    remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
+    extra = [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
+    k_extra = torch.cat([k[..., part, :] for part in extra], -2) if extra else None
+    v_extra = torch.cat([v[..., part, :] for part in extra], -2) if extra else None
+    q_index = selection.q_index.contiguous()
+    out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, q_index, selection.kv_count, selection.kv_index,
+                                           layout.slot_valid, scale, k_extra, v_extra, remainder=remainder,
+                                           return_lse=True)
+    # every slot's output gradient, summed onto the kept row it copied (padding slots add nothing)
+    grad_cubes = cube_permute(grad_out.float(), layout, n_prefix)
+    source = selection.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
+    grad_kept = torch.zeros(*out_kept.shape, dtype=torch.float32, device=q.device).scatter_add_(-2, source, grad_cubes)
+    dq_kept, dk_cubes, dv_cubes, dk_extra, dv_extra, dk_bar, dv_bar = block_sparse_attention_backward(
+        q_cubes, k_cubes, v_cubes, q_index, selection.kv_count, selection.kv_index, layout.slot_valid, out_kept, lse,
+        grad_kept, scale, k_extra, v_extra, remainder=remainder)
+    if remainder is not None:  # k_bar, v_bar are the means of their cube's valid keys and values
+        spread = layout.slot_valid[..., None].float() / layout.n_valid[:, None, None].float()
+        dk_cubes += dk_bar[..., None, :] * spread
+        dv_cubes += dv_bar[..., None, :] * spread
+    slot = torch.where(q_index >= 0, q_index, S).long()[..., None].expand(*dq_kept.shape)  # padding -> dump slot
+    dq_cubes = torch.zeros(B, H, N, S + 1, D, dtype=torch.float32, device=q.device).scatter_(-2, slot, dq_kept)
+    dq, dk, dv = (torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) for _ in range(3))
+    video = slice(n_prefix, n_prefix + layout.num_tokens)
+    dq[..., video, :] = layout.to_raster(dq_cubes[..., :S, :])
+    dk[..., video, :] = layout.to_raster(dk_cubes)
+    dv[..., video, :] = layout.to_raster(dv_cubes)
+    if extra:
+        for grad, extra_grad in ((dk, dk_extra), (dv, dv_extra)):
+            grad[..., :n_prefix, :] += extra_grad[..., :n_prefix, :]
+            grad[..., L - n_suffix:, :] += extra_grad[..., n_prefix:, :]
+        # the extra tokens' own rows were dense attention over every key, in the inputs' dtype
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in (q_in, k_in, v_in)]
+            rows = torch.nn.functional.scaled_dot_product_attention(
+                torch.cat([leaves[0][..., part, :] for part in extra], -2), leaves[1], leaves[2], scale=scale)
+            grad_rows = torch.cat([grad_out[..., part, :] for part in extra], -2).to(rows.dtype)
+            for grad, extra_grad in zip((dq, dk, dv), torch.autograd.grad(rows, leaves, grad_rows)):
+                grad += extra_grad.float()
+    return tuple(x.to(q_in.dtype) for x in (dq, dk, dv))
