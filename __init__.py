@@ -17,7 +17,7 @@ from .bsa_core.selection import BSASelection
 
 __all__ = ["bsa_attention", "BSAConfig", "BSASelection", "RECOMMENDED", "comfy_entrypoint"]
 
-WEB_DIRECTORY = "./web"  # the frontend migration of workflows saved with the old widget order
+WEB_DIRECTORY = "./web"  # frontend: old widget order migration, only the active mode's sparsity slider shown
 
 
 async def comfy_entrypoint():

@@ -2,7 +2,8 @@
 
 Widget order (what a saved UI workflow stores by position): threshold_mode first, the sparsity control of
 each mode right under it, then the rest. Workflows saved before this order load through the migration in
-web/bsa_migrate.js (OLD_WIDGET_ORDER there).
+web/bsa_migrate.js (OLD_WIDGET_ORDER there); web/bsa_mode_controls.js shows only the selected mode's sparsity
+control.
 """
 from comfy_api.latest import io
 

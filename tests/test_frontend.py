@@ -20,7 +20,10 @@ import comfy_browser as cb  # noqa: E402
 import comfy_server as cs  # noqa: E402
 
 BSA = "BSASparseAttention"
-SLIDERS = ("keep_ratio", "kv_threshold")
+SLIDERS = ("stat_lambda", "kv_threshold", "keep_ratio")
+WIDGET_ORDER = ["threshold_mode", "stat_lambda", "kv_threshold", "keep_ratio", "cube_size", "start_percent",
+                "end_percent", "min_blocks", "dense_blocks", "min_tokens", "pooled_remainder"]
+MODE_CONTROL = {"statistical": "stat_lambda", "cumulative": "kv_threshold"}  # web/bsa_mode_controls.js
 TINY_API = REPO / "workflows" / "tiny_wan_t2v_api.json"
 UI_WORKFLOWS = cs.ui_workflows()
 MISSING = cb.missing_requirements()
@@ -34,6 +37,19 @@ pytestmark = [pytest.mark.browser,
 def _spec(object_info: dict, node_type: str, name: str) -> dict:
     inputs = object_info[node_type]["input"]
     return (inputs.get("required", {}).get(name) or inputs.get("optional", {})[name])[1]
+
+
+def _assert_mode_controls(frontend, node_id, mode: str):
+    """Only `mode`'s sparsity control is shown, every other widget is, and they stack without a gap in a node
+    sized to them."""
+    widgets = frontend.widgets(node_id)
+    hidden = [w["name"] for w in widgets if not w["visible"]]
+    assert hidden == [name for m, name in MODE_CONTROL.items() if m != mode], (mode, hidden)
+    shown = [w for w in widgets if w["visible"]]
+    for above, below in zip(shown, shown[1:]):
+        assert below["y"] == above["y"] + above["height"], f"gap between {above['name']} and {below['name']}"
+    size = frontend.node_size(node_id)
+    assert size["size"][1] == size["fitted"][1], size
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +94,8 @@ def test_bsa_node_sliders_and_tooltips(server, frontend, artifacts):
         assert widgets[name]["type"] == "slider", widgets[name]
         assert (widgets[name]["options"]["min"], widgets[name]["options"]["max"]) == (spec["min"], spec["max"])
         assert widgets[name]["value"] == pytest.approx(spec["default"])
-        assert frontend.hover_tooltip(node_id, name) == spec["tooltip"]
+        if widgets[name]["visible"]:  # kv_threshold is hidden in the default mode; see the mode test below
+            assert frontend.hover_tooltip(node_id, name) == spec["tooltip"]
     frontend.screenshot(artifacts / "bsa_node.png")
     assert frontend.overlays() == {"dialogs": [], "toasts": []}
 
@@ -103,6 +120,7 @@ def test_ui_workflow_loads_validates_and_renders(path, server, frontend, artifac
         for name in SLIDERS:
             assert widgets[name]["type"] == "slider", (path.name, widgets[name])
             assert widgets[name]["tooltip"] == _spec(server.object_info, BSA, name)["tooltip"]
+        _assert_mode_controls(frontend, node["id"], widgets["threshold_mode"]["value"])
 
     # What the Run button would queue passes the server's own validation (types, ranges, choices).
     prompt = frontend.graph_to_prompt()
@@ -122,20 +140,55 @@ def test_ui_workflow_loads_validates_and_renders(path, server, frontend, artifac
     assert shot.stat().st_size > 10_000
 
 
-def test_workflow_saved_with_the_old_widget_order_loads(server, frontend):
+def test_only_the_active_modes_sparsity_control_is_shown(server, frontend):
+    """statistical shows stat_lambda and hides kv_threshold, cumulative the reverse, on a new node, after the
+    combo is changed with the mouse and after a saved workflow loads. The hidden slider keeps its value and its
+    place in widgets_values, and the queued prompt still carries it."""
+    node_id = frontend.add_node(BSA)
+    _assert_mode_controls(frontend, node_id, "statistical")
+    frontend.page.evaluate("(id) => { window.app.graph.getNodeById(id).widgets"
+                           ".find(w => w.name === 'stat_lambda').value = 1.5; }", node_id)
+
+    frontend.select_combo(node_id, "threshold_mode", "cumulative")
+    _assert_mode_controls(frontend, node_id, "cumulative")
+    assert frontend.hover_tooltip(node_id, "kv_threshold") == _spec(server.object_info, BSA, "kv_threshold")["tooltip"]
+    defaults = {name: _spec(server.object_info, BSA, name)["default"] for name in WIDGET_ORDER}
+    expected = {**defaults, "threshold_mode": "cumulative", "stat_lambda": 1.5}
+    saved = frontend.saved_workflow()
+    (node,) = saved["nodes"]
+    assert node["widgets_values"] == list(expected.values())
+    (queued,) = frontend.graph_to_prompt().values()
+    assert {name: queued["inputs"][name] for name in WIDGET_ORDER} == expected
+
+    console_before = len(frontend.console)
+    (loaded,) = frontend.load(saved)
+    assert not frontend.errors_since(console_before)
+    _assert_mode_controls(frontend, loaded["id"], "cumulative")
+    assert [w["value"] for w in frontend.widgets(loaded["id"])] == list(expected.values())
+
+    frontend.select_combo(loaded["id"], "threshold_mode", "statistical")
+    _assert_mode_controls(frontend, loaded["id"], "statistical")
+    assert {w["name"]: w["value"] for w in frontend.widgets(loaded["id"])}["stat_lambda"] == 1.5
+
+
+@pytest.mark.parametrize("mode", MODE_CONTROL)
+def test_workflow_saved_with_the_old_widget_order_loads(server, frontend, mode):
     """A workflow saved before the BSA node's widgets were reordered (tests/fixtures): web/bsa_migrate.js puts
-    each saved value into the widget of its name, and what the Run button queues passes /prompt validation."""
+    each saved value into the widget of its name, the saved mode's control is the one shown, and what the Run
+    button queues passes /prompt validation."""
     fixture = REPO / "tests" / "fixtures" / "wan21_t2v_1.3B_bsa_widget_order_v1.json"
     graph = json.loads(fixture.read_text())
     (saved,) = [n for n in graph["nodes"] if n["type"] == BSA]
     old_order = ["keep_ratio", "kv_threshold", "cube_size", "threshold_mode", "start_percent", "end_percent",
                  "stat_lambda", "min_blocks", "dense_blocks", "min_tokens", "pooled_remainder"]
+    saved["widgets_values"][old_order.index("threshold_mode")] = mode
     console_before = len(frontend.console)
     nodes = frontend.load(graph)
     assert not frontend.errors_since(console_before)
     (bsa,) = [n for n in nodes if n["type"] == BSA]
     values = {w["name"]: w["value"] for w in frontend.widgets(bsa["id"])}
     assert values == dict(zip(old_order, saved["widgets_values"]))
+    _assert_mode_controls(frontend, bsa["id"], mode)
     prompt = frontend.graph_to_prompt()
     (inputs,) = [n["inputs"] for n in prompt.values() if n["class_type"] == BSA]
     assert {name: inputs[name] for name in old_order} == values

@@ -75,6 +75,7 @@ _WIDGETS_JS = """(id) => {
     name: w.name, type: w.type, value: w.value,
     options: JSON.parse(JSON.stringify(w.options || {})),
     tooltip: ((spec(w.name) || [])[1] || {}).tooltip || null,
+    visible: node.isWidgetVisible(w), y: w.y, height: w.computedHeight,  // layout of the last drawn frame
   }));
 }"""
 _WIDGET_POINT_JS = """([id, name]) => {
@@ -85,6 +86,10 @@ _WIDGET_POINT_JS = """([id, name]) => {
       [node.pos[0] + node.size[0] / 2, node.pos[1] + widget.y + height / 2]);
   const rect = app.canvas.canvas.getBoundingClientRect(), dpr = window.devicePixelRatio || 1;
   return {x: rect.left + x / dpr, y: rect.top + y / dpr};
+}"""
+_NODE_SIZE_JS = """(id) => {
+  const node = window.app.graph.getNodeById(id);
+  return {size: [...node.size], fitted: node.computeSize()};
 }"""
 _ADD_NODE_JS = """async (type) => {
   await window.app.loadGraphData({last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [],
@@ -152,6 +157,17 @@ class Frontend:
         tooltip from the node definition the frontend got from /object_info."""
         return self.page.evaluate(_WIDGETS_JS, node_id)
 
+    def node_size(self, node_id) -> dict:
+        """The node's `size` and the `fitted` size its visible inputs and widgets need (computeSize)."""
+        return self.page.evaluate(_NODE_SIZE_JS, node_id)
+
+    def select_combo(self, node_id, widget_name: str, option: str):
+        """Pick `option` in a combo widget as a user does: click the widget, click the entry in its menu."""
+        point = self.page.evaluate(_WIDGET_POINT_JS, [node_id, widget_name])
+        self.page.mouse.click(point["x"], point["y"])
+        self.page.locator(".litecontextmenu").get_by_text(option, exact=True).click()
+        self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
     def add_node(self, node_type: str):
         """A new graph holding one fresh node of node_type at 100% zoom; returns its id."""
         return self.page.evaluate(_ADD_NODE_JS, node_type)
@@ -165,6 +181,10 @@ class Frontend:
         tooltip = self.page.locator(".node-tooltip")
         tooltip.wait_for(state="visible", timeout=timeout)
         return tooltip.inner_text().strip()
+
+    def saved_workflow(self) -> dict:
+        """The graph as a saved UI workflow stores it (widgets_values by position)."""
+        return self.page.evaluate("() => window.app.graph.serialize()")
 
     def graph_to_prompt(self) -> dict:
         """The API prompt the Run button would queue for the loaded graph."""
