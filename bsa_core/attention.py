@@ -10,7 +10,8 @@ import torch
 
 from .config import BSAConfig
 from .cubes import CubeLayout, cube_layout
-from .reference import bsa_attention_reference
+from .reference import bsa_attention_reference, bsa_select
+from .selection import BSASelection
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = ("auto", "triton", "reference")
@@ -196,14 +197,38 @@ def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, kv_threshold, thre
     return q.new_empty(q.shape), fraction, torch.empty_like(fraction)
 
 
+def _bsa_attention_setup_context(ctx, inputs, output):
+    q, k, v, *call = inputs
+    ctx.save_for_backward(q, k, v, output[0])
+    # the kept fractions are counts: marked so that a run's stats summing them keep no autograd graph alive
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.call = call  # grid, cube_size, the config's numbers, n_prefix, n_suffix, scale, backend
+
+
+def _bsa_attention_grad(ctx, grad_out, _grad_kept_queries, _grad_kept_kv):
+    """dq, dk, dv for the op's inputs (the kept fractions are counts: no gradient reaches them)."""
+    from .backward import bsa_attention_backward  # backward.py imports this module
+
+    (grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks, pooled_remainder,
+     n_prefix, n_suffix, scale, backend) = ctx.call
+    config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
+                       pooled_remainder)
+    q, k, v, out = ctx.saved_tensors
+    dq, dk, dv = bsa_attention_backward(q, k, v, out, grad_out, tuple(grid), config, n_prefix, n_suffix, scale,
+                                        backend=backend)
+    return (dq, dk, dv) + (None,) * len(ctx.call)
+
+
 def _registered_op():
-    """bsa::attention, defined once per process. ComfyUI (or a test) may import this pack a second time
-    under another module name; defining the op again there replaced the first registration under the
-    first module's feet (intermittent crashes), so later imports reuse the first definition."""
+    """bsa::attention, defined once per process, with its fake and its autograd formula. ComfyUI (or a test)
+    may import this pack a second time under another module name; defining the op again there replaced the
+    first registration under the first module's feet (intermittent crashes), so later imports reuse the first
+    definition, formula included."""
     registry = sys.modules.setdefault("_bsa_custom_ops", types.ModuleType("_bsa_custom_ops"))
     if not hasattr(registry, "attention"):
         op = torch.library.custom_op("bsa::attention", _bsa_attention_impl, mutates_args=())
         op.register_fake(_bsa_attention_fake)
+        op.register_autograd(_bsa_attention_grad, setup_context=_bsa_attention_setup_context)
         registry.attention = op
     return registry.attention
 
@@ -223,6 +248,34 @@ def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_s
                              scale, backend)
 
 
+def selection_of_call(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int, n_suffix: int,
+                      backend: str = "auto") -> BSASelection:
+    """The selection bsa_attention makes for this call, made again the same way (same backend, same
+    inputs): deterministic, so a backward or a checkpoint recompute gets the forward's cubes."""
+    if choose_backend(q, backend)[0] == "triton":
+        return _triton_selection(q, k, v, layout, config, scale, n_prefix)[2]
+    video = slice(n_prefix, q.shape[-2] - n_suffix)
+    return bsa_select(layout.to_cubes(q[..., video, :]), layout.to_cubes(k[..., video, :]), layout, config, scale)
+
+
+def _triton_selection(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int):
+    """The Triton path's first half: Q/K/V in the kernels' dtype, permuted to cube order (+ pooled means, one
+    launch) and selected. Returns (q, permute_qkv's outputs, selection, dense selection mask)."""
+    from ..kernels.cube_permute import permute_qkv
+    from .gpu_select import select_triton
+
+    if q.dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    if q.stride(-1) != 1:  # the attention kernel reads Q rows as vectors (the permutes take any strides)
+        q = q.contiguous()
+    permuted = permute_qkv(q, k, v, layout, n_prefix, q_cubes=config.keep_ratio < 1.0,
+                           pooled=config.pooled_remainder)
+    q_cubes, q_bar, k_cubes, k_bar = permuted[:4]
+    selection, attended = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
+                                        return_mask=True)
+    return q, permuted, selection, attended
+
+
 def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int,
                           n_suffix: int):
     """permute Q/K/V (+ pooled means, one launch) -> select -> block-sparse attention -> raster output.
@@ -231,27 +284,18 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     and writes the output rows itself. Below 1: Q is permuted for query selection, the kernel computes
     the kept queries, and the scatter copies every dropped query's source row."""
     from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
-    from ..kernels.cube_permute import permute_qkv
     from ..kernels.output_scatter import output_scatter
-    from .gpu_select import select_triton
 
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
-    if q.dtype == torch.float32:  # the MMA path is 16-bit: compute in bf16, return fp32
-        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
-    if q.stride(-1) != 1:  # the attention kernel reads Q rows as vectors (the permutes take any strides)
-        q = q.contiguous()
-    all_queries = config.keep_ratio >= 1.0
-    q_cubes, q_bar, k_cubes, k_bar, v_cubes, k_pooled, v_pooled = permute_qkv(
-        q, k, v, layout, n_prefix, q_cubes=not all_queries, pooled=config.pooled_remainder)
-    selection, attended = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
-                                        return_mask=True)
+    q, (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
+        q, k, v, layout, config, scale, n_prefix)
     remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     L = q.shape[-2]
     extra = [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
-    k_extra = torch.cat([k[..., part, :] for part in extra], -2) if extra else None
-    v_extra = torch.cat([v[..., part, :] for part in extra], -2) if extra else None
+    k_extra = torch.cat([k[..., part, :] for part in extra], -2).to(q.dtype) if extra else None
+    v_extra = torch.cat([v[..., part, :] for part in extra], -2).to(q.dtype) if extra else None
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the op's fake promises
-    if all_queries:
+    if config.keep_ratio >= 1.0:
         block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index, out,
                                       n_prefix, scale, k_extra, v_extra, remainder=remainder)
     else:

@@ -6,6 +6,14 @@ options for a copy, puts this run's override on top of whatever override the fin
 node applied after BSA included), and restores the options in `finally`. Nothing is written into a
 ModelPatcher's own options, so a patch never leaks into other clones, and every run starts fresh.
 
+Training (ComfyUI's TrainLoraNode, or any run that calls the guider with gradients on; ComfyUI samples
+under inference mode): the trainer passes placeholder sigmas and reports no steps, so each model call
+decides the sigma window from its own sigmas (transformer_options["sigmas"]: sparse when every sigma of
+the batch lies in the window), and dense_blocks counts the call's blocks as in sampling. A gradient
+checkpoint recomputes blocks during backward, last block first: the call's decisions are kept in its
+transformer_options (which the recompute gets again) and the recompute counts the blocks down, so it
+runs exactly what the forward ran. Recomputes are not counted in the run's stats.
+
 Importable without ComfyUI: comfy.* is imported inside functions only.
 """
 from __future__ import annotations
@@ -30,6 +38,7 @@ LOG_PREFIX = "[BSA]"
 PATCH_KEY = "bsa_sparse_attention"
 OVERRIDE_KEY = "optimized_attention_override"
 RUN_KEY = "bsa_run"  # transformer_options key of the run in progress (only in the sampler's copy)
+CALL_KEY = "bsa_call"  # transformer_options key of a training model call's CallPlan (one dict per call)
 
 # A step is sparse when the schedule's sigma at its start lies in [sigma(end_percent), sigma(start_percent)],
 # both ends included. The comparison allows this relative slack so that a step placed exactly on a boundary
@@ -134,6 +143,23 @@ class BSAOptions:
     node_id: str | None = None
 
 
+@dataclass
+class CallPlan:
+    """What one model call of a training run decided for all its attention calls; a checkpoint recompute of
+    its blocks reads it back from the call's transformer_options. `blocks`: self-attention blocks the forward
+    has counted, counted down again by the recompute."""
+
+    layout: TokenLayout
+    cross_tokens: int | None
+    in_window: bool
+    blocks: int = 0
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: an attention call then is a gradient checkpoint's recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class BSARun:
     """The state of one sampling run of one patched model: made by the OUTER_SAMPLE wrapper, dropped when
     the run ends. The token layout and the block counter are per model call (set by the APPLY_MODEL
@@ -141,11 +167,14 @@ class BSARun:
     stats, logged reasons and the optional RunReport for the whole run.
 
     model_sampling and schedule (the run's sigmas as host numbers) give the sigma window; without them
-    (a test driving the override directly) every step is inside it.
+    (a test driving the override directly) every step is inside it. training: each model call decides the
+    window from its own sigmas and keeps its decisions for checkpoint recomputes (see the module docstring).
     """
 
-    def __init__(self, options: BSAOptions, model_sampling=None, schedule=(), record=()):
+    def __init__(self, options: BSAOptions, model_sampling=None, schedule=(), record=(), training: bool = False):
         self.options = options
+        self.training = training
+        self.plan = None  # training: the CallPlan of the model call in progress
         self.schedule = [float(s) for s in schedule]
         self.sigma_start, self.sigma_end = math.inf, 0.0
         if model_sampling is not None:
@@ -182,15 +211,31 @@ class BSARun:
         self.begin_step(step + 1)
 
     # ---- per model call ---------------------------------------------------------------------------
-    def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None) -> None:
+    def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None, sigmas=None) -> CallPlan | None:
         """A new model call: where its video tokens sit and how long its cross-attention context is;
-        restart the block count."""
+        restart the block count. Training: the call's sigmas (host numbers) decide the window; returns
+        the call's CallPlan."""
         self.block = 0
         self.layout = layout
         self.cross_tokens = cross_tokens
         self._self_attention_pending_cross = False
+        if self.training:
+            if sigmas:
+                self.sigma = max(sigmas)
+                self.in_window = all(self.window_contains(s) for s in sigmas)
+            self.plan = CallPlan(layout, cross_tokens, self.in_window)
         if self.report is not None:
             self.report.begin_forward(self.step, self.sigma)
+        return self.plan
+
+    def recompute_plan(self, transformer_options) -> CallPlan | None:
+        """The CallPlan of the training call whose block a gradient checkpoint is recomputing now, else None;
+        the run takes the plan's layout and window back for it."""
+        plan = (transformer_options or {}).get(CALL_KEY) if self.training and _in_backward() else None
+        if isinstance(plan, CallPlan):
+            self.layout, self.cross_tokens, self.in_window = plan.layout, plan.cross_tokens, plan.in_window
+            return plan
+        return None
 
     def is_cross_attention(self, q, k) -> bool:
         """Cross-attention has its own key length, except when the text is exactly as long as the video
@@ -203,9 +248,10 @@ class BSARun:
             return True
         return False
 
-    def dense_reason(self, q, k, v, tokens: int) -> str | None:
+    def dense_reason(self, q, k, v, tokens: int, recompute: CallPlan | None = None) -> str | None:
         """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D].
-        Counts self-attention calls as it goes: the k-th one of a forward is block k."""
+        Counts self-attention calls as it goes: the k-th one of a forward is block k; a checkpoint
+        recompute (`recompute`: its call's plan) counts them down, last block first."""
         self.call_block = None
         if self.is_cross_attention(q, k):
             return "cross-attention"
@@ -213,9 +259,15 @@ class BSARun:
         if grid is not None and tokens < self.layout.n_prefix + math.prod(grid):
             return "shorter than the video (e.g. text refiner)"  # not a transformer block: not counted
         self._self_attention_pending_cross = True  # a block's self-attention: its cross-attention may follow
-        block = self.call_block = self.block
-        self.block += 1
-        self.blocks_per_forward = max(self.blocks_per_forward, self.block)
+        if recompute is not None:
+            recompute.blocks -= 1
+            block = self.call_block = recompute.blocks
+        else:
+            block = self.call_block = self.block
+            self.block += 1
+            self.blocks_per_forward = max(self.blocks_per_forward, self.block)
+            if self.plan is not None:
+                self.plan.blocks = self.block
         if self.layout.reason is not None:
             return self.layout.reason
         if tokens < self.options.min_tokens:
@@ -280,16 +332,18 @@ def make_override(run: BSARun, previous):
 
     def bsa_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                      skip_output_reshape=False, **kwargs):
+        recompute = run.recompute_plan(kwargs.get("transformer_options"))
+        stats = RunStats() if recompute is not None else run.stats  # a recompute repeats counted calls
         report = run.report  # None unless a BSA Report is on this run's branch
-        if report is not None and torch.compiler.is_compiling():
-            report = None  # timers and python-side tables do not trace
+        if report is not None and (torch.compiler.is_compiling() or recompute is not None):
+            report = None  # timers and python-side tables do not trace; a recompute is no new call
         if skip_reshape:  # [B, H, L, D]
             qh, kh, vh = q, k, v
         else:  # [B, L, H*D]
             qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
 
         def dense(reason: str, warning: bool = False):
-            run.stats.dense_reasons[reason] += 1
+            stats.dense_reasons[reason] += 1
             run.log_once(reason, warning)
             call = func if previous is None else lambda *a, **kw: previous(func, *a, **kw)
             block = run.call_block
@@ -301,7 +355,7 @@ def make_override(run: BSARun, previous):
             return out
 
         tokens = qh.shape[-2]
-        reason = run.dense_reason(qh, kh, vh, tokens)
+        reason = run.dense_reason(qh, kh, vh, tokens, recompute)
         if reason is not None:
             return dense(reason, warning=reason.startswith("BSA kernels"))
         n_prefix, n_suffix = run.layout.extra_tokens(tokens)
@@ -321,7 +375,7 @@ def make_override(run: BSARun, previous):
                                                                       **args)
         except Exception as error:  # a failing sparse call must not kill a long render: run it dense
             return dense(f"BSA failed ({type(error).__name__}: {error})", warning=True)
-        run.stats.record_sparse(kept_queries, kept_kv)
+        stats.record_sparse(kept_queries, kept_kv)
         if report is not None:
             report.record_sparse(run.call_block, timer, kept_queries, kept_kv)
             for spec in report.wanted_selections(run.call_block):
@@ -412,7 +466,8 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
         sigmas = _sample_args(args, kwargs, "sigmas", 3)
         callback = _sample_args(args, kwargs, "callback", 5)
         run = BSARun(options, guider.model_patcher.get_model_object("model_sampling"),
-                     [] if sigmas is None else sigmas.tolist(), _specs_to_record(options))
+                     [] if sigmas is None else sigmas.tolist(), _specs_to_record(options),
+                     training=torch.is_grad_enabled())  # ComfyUI samples in inference mode; trainers do not
 
         def step_done(step, *rest):
             run.step_done(step)
@@ -440,8 +495,13 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
         run = transformer_options.get(RUN_KEY)
         if isinstance(run, BSARun) and run.options is options:
             context = kwargs.get("c_crossattn", args[2] if len(args) > 2 else None)
-            run.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs),
-                              context.shape[1] if isinstance(context, torch.Tensor) and context.dim() >= 2 else None)
+            sigmas = transformer_options.get("sigmas") if run.training else None
+            plan = run.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs),
+                                     context.shape[1] if isinstance(context, torch.Tensor) and context.dim() >= 2
+                                     else None,
+                                     sigmas.tolist() if isinstance(sigmas, torch.Tensor) else None)
+            if plan is not None:
+                transformer_options[CALL_KEY] = plan
         return executor(x, *args, **kwargs)
 
     bsa_sample.bsa_options = options  # find_options: clones share the wrapper function, not a copy
