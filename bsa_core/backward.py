@@ -2,22 +2,27 @@
 selection the forward made, made again (a constant of the step: no gradient through pooling, ranking or
 thresholds).
 
-The torch path is float32 and memory-bounded: the video rows go a chunk of query cubes at a time, each
-chunk's attention recomputed with gradients on and differentiated at once, so only one chunk's
-intermediates are alive; the extra (text / reference) rows go a chunk of rows at a time. It is the
-backward on every device; `bsa_attention_backward` is where a fused kernel path would be dispatched.
+On CUDA the Triton kernels take it (`gpu_backward.py`: the forward's LSE recomputed, dQ over the
+forward's table, dK/dV over the transposed one). The torch path, everywhere else, is float32 and
+memory-bounded: the video rows go a chunk of query cubes at a time, each chunk's attention recomputed
+with gradients on and differentiated at once, so only one chunk's intermediates are alive; the extra
+(text / reference) rows go a chunk of rows at a time.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .attention import selection_of_call
+from .attention import choose_backend, selection_of_call
 from .config import BSAConfig
 from .cubes import CubeLayout, cube_layout
 from .reference import cube_mean
 from .selection import BSASelection
 
 _CHUNK_ELEMENTS = 1 << 24  # logits (or gathered keys) per chunk, like the reference's forward
+log = logging.getLogger(__name__)
+_kernel_failures: set = set()  # reasons already logged: one line per distinct failure
 
 
 def bsa_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -30,6 +35,15 @@ def bsa_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     selection on CUDA, the reference's elsewhere). `out` carries the forward's rows for a fused backward
     (its dO . O row terms); the torch path recomputes each chunk's output in float32 instead."""
     layout = cube_layout(grid, config.cube_size, q.device)
+    if choose_backend(q, backend)[0] == "triton":
+        from .gpu_backward import bsa_attention_backward_triton
+        try:
+            return bsa_attention_backward_triton(q, k, v, grad_out, layout, config, scale, n_prefix, n_suffix)
+        except Exception as error:  # noqa: BLE001 - a kernel that cannot build here must not stop training
+            reason = f"{type(error).__name__}: {error}"
+            if reason not in _kernel_failures:
+                _kernel_failures.add(reason)
+                log.warning("[BSA] Triton backward failed (%s); using the PyTorch backward", reason)
     selection = selection_of_call(q, k, v, layout, config, scale, n_prefix, n_suffix, backend)
     dq, dk, dv = _backward_reference(q, k, v, grad_out, layout, selection, scale, n_prefix, n_suffix,
                                      config.pooled_remainder)
