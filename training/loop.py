@@ -77,9 +77,8 @@ def autocast(device: torch.device):
 def draw_noise(generator: torch.Generator, batch: int, shape, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise [B, *shape], sigma [B]) drawn one sample at a time on the CPU: k micro-batches of b take the
     same draws as one batch of k*b, on any device."""
-    noise = torch.stack([torch.randn(shape, generator=generator) for _ in range(batch)])
-    u = torch.cat([torch.rand(1, generator=generator) for _ in range(batch)])
-    return noise, shifted_sigma(u, shift)
+    draws = [(torch.randn(shape, generator=generator), torch.rand(1, generator=generator)) for _ in range(batch)]
+    return torch.stack([noise for noise, _ in draws]), shifted_sigma(torch.cat([u for _, u in draws]), shift)
 
 
 @torch.no_grad()
