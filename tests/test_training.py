@@ -3,10 +3,15 @@
 import dataclasses
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 from comfy_env import require_comfyui
+from safetensors.torch import load_file
 
 from comfyui_bsa.bsa_core.config import BSAConfig
 from comfyui_bsa.training import TrainConfig, data, train
@@ -15,6 +20,7 @@ from comfyui_bsa.training.model import initial_state_dict
 from comfyui_bsa.training.sparsity import SparsityRamp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(run_dir, **changes) -> TrainConfig:
@@ -180,7 +186,6 @@ def test_preview_and_exported_model(comfy, tmp_path):
     import comfy.sample
     import comfy.samplers
     import comfy.sd
-    from safetensors.torch import load_file
 
     from comfyui_bsa.training.model import sample_euler, sampling_sigmas, wan_from_state_dict
 
@@ -238,3 +243,28 @@ def test_config_round_trips_through_its_file_and_rejects_unknown_settings(tmp_pa
         TrainConfig.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="keep_ratio"):
         tiny_config(tmp_path, bsa={"keep_ratio": 0})
+
+
+def test_shipped_configs_load_and_the_dense_model_fits_16_mb():
+    configs = {p.stem: TrainConfig.load(p) for p in (REPO / "training" / "configs").glob("*.json")}
+    assert {"tiny_wan_dense", "tiny_wan_bsa_finetune"} <= set(configs)
+    assert configs["tiny_wan_bsa_finetune"].bsa_config() is not None
+    dense = configs["tiny_wan_dense"]
+    weights = initial_state_dict(dense.dim, dense.layers, dense.ffn_dim, dense.seed)
+    assert sum(w.numel() for w in weights.values()) * 2 <= 16e6  # float16 export
+
+
+def test_train_tool_runs_pauses_and_fine_tunes_from_a_file(comfy, tmp_path):
+    """tools/train.py --config: a run paused after step 1, then a second run starting from its export."""
+    from comfy_env import COMFYUI_PATH
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1"}
+    tiny_config(tmp_path / "first").save(tmp_path / "first.json")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "--config", str(tmp_path / "first.json"),
+                           "--stop-at", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "step 1: loss" in done.stdout and (tmp_path / "first" / EXPORT_FILE).exists()
+    config = tiny_config(tmp_path / "second", max_steps=1, lr=0.0, min_lr=0.0,  # a step that keeps the weights
+                         init_from=str(tmp_path / "first" / EXPORT_FILE))
+    train(config, progress=False)
+    exported = load_file(str(tmp_path / "first" / EXPORT_FILE))
+    assert all(torch.equal(w, exported[n].float()) for n, w in _state(tmp_path / "second")["model"].items())

@@ -14,7 +14,8 @@ CONFIG_FILE = "config.json"
 class TrainConfig:
     """run_dir holds config.json, state.pt (resume), model_ema.safetensors (ComfyUI), log.jsonl, previews/.
 
-    Model: ComfyUI's Wan 2.1 T2V at width `dim` (heads = dim / 128), `layers` blocks.
+    Model: ComfyUI's Wan 2.1 T2V at width `dim` (heads = dim / 128), `layers` blocks, seeded random weights
+    or those of the file `init_from` (its architecture then, not dim / layers / ffn_dim).
     Data: SyntheticVideos of `frames` latent frames at `latent_size`^2 latents, `text_tokens` per caption.
     Flow matching: sigma = shift * u / (1 + (shift - 1) * u), u ~ U(0, 1) (ComfyUI's ModelSamplingSD3 shift).
     Schedule: linear warm-up over `warmup_steps`, cosine from lr to min_lr at max_steps.
@@ -33,6 +34,7 @@ class TrainConfig:
     dim: int = 256
     layers: int = 2
     ffn_dim: int = 512
+    init_from: str | None = None  # a Wan 2.1 safetensors (e.g. a dense run's model_ema) to fine-tune instead
     # data
     frames: int = 4
     latent_size: int = 8

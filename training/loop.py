@@ -13,6 +13,7 @@ import pathlib
 import time
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .config import CONFIG_FILE, TrainConfig
@@ -111,6 +112,13 @@ def _png_text(fields: dict[str, str]):
     return info
 
 
+def initial_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Step 0's weights: the file config.init_from (fine-tuning), else seeded random ones."""
+    if config.init_from:
+        return load_file(config.init_from)
+    return initial_state_dict(config.dim, config.layers, config.ffn_dim, config.seed)
+
+
 def _save_atomic(obj, path: pathlib.Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -139,7 +147,7 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
     device = pick_device(config)
     last_step = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
 
-    model = wan_from_state_dict(initial_state_dict(config.dim, config.layers, config.ffn_dim, config.seed)).to(device)
+    model = wan_from_state_dict(initial_weights(config)).to(device)
     ema = EMA(model, config.ema_decay)
     preview_model = copy.deepcopy(model).requires_grad_(False)  # holds the EMA weights while it samples
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps,
