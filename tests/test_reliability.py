@@ -19,23 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors
 _MEASURE = r"""
 import json, math, sys
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, sys.argv[1])
 import conftest  # noqa: F401  (loads the pack as comfyui_bsa)
+from memory_probe import LargestTemporary
 from comfyui_bsa.bsa_core import BSAConfig, bsa_attention
 from comfyui_bsa.bsa_core import reference
-
-class LargestTemporary(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.nbytes, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > self.nbytes:
-                self.nbytes, self.op = t.untyped_storage().nbytes(), f"{func} -> {tuple(t.shape)} {t.dtype}"
-        return out
 
 args = json.loads(sys.argv[2])
 torch.set_num_threads(1)
