@@ -127,11 +127,24 @@ def _fit_generators(timesteps, absmax, errors, steps, seed, progress):
     return {name: p.detach() for name, p in params.items()}
 
 
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """The diffusion model's unpatched parameters by name, whatever clone is currently patched into it: LoRA
+    weights are read from the patcher's backups, TDQ layers through to the linear they stand in for."""
+    weights = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        source = module.linear if isinstance(module, TDQLinear) else module
+        for key, tensor in list(source.named_parameters(recurse=False)) + list(source.named_buffers(recurse=False)):
+            full = f"{name}.{key}" if name else key
+            backup = model.backup.get(f"diffusion_model.{full}")
+            weights[full] = backup.weight if backup is not None else tensor
+    return weights
+
+
 def model_fingerprint(model) -> str:
-    """sha256 of the diffusion model's parameter names, shapes, dtypes and up to 4096 leading and trailing
-    values of each (the base weights: ComfyUI applies LoRA only while sampling)."""
+    """sha256 of the diffusion model's base parameter names, shapes, dtypes and up to 4096 leading and
+    trailing values of each."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.model.diffusion_model.state_dict().items()):
+    for name, tensor in sorted(base_weights(model).items()):
         flat = tensor.detach().reshape(-1)
         values = torch.cat([flat[:4096], flat[-4096:]]).float().cpu().contiguous()
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
@@ -163,7 +176,7 @@ class TDQCalibration:
         index = timestep_bin(self.timesteps, bins)
         absmax = torch.nan_to_num(self.absmax, nan=0.0)
         table = torch.zeros(absmax.shape[0], bins).scatter_reduce(1, index.expand_as(absmax), absmax, "amax")
-        filled = torch.zeros(bins, dtype=torch.bool).scatter(0, index, True).nonzero()[:, 0]
+        filled = torch.zeros(bins, dtype=torch.bool).scatter(0, index[0], True).nonzero()[:, 0]
         nearest = filled[(torch.arange(bins)[:, None] - filled[None]).abs().argmin(dim=1)]
         return table[:, nearest]
 
@@ -217,17 +230,26 @@ class TDQState:
 
 
 class TDQLinear(torch.nn.Module):
-    """Stands in for one nn.Linear on a clone: same weight and bias Parameters (so LoRA patches, which
-    replace this module's `weight` Parameter, are seen), FP8 weights cached per weight Parameter, activations scaled
-    by the state's entry `index` (mode static/table/tdq) or per token (dynamic); `record` mode keeps the
-    original math and reports the input to the state's recorder."""
+    """Stands in for one nn.Linear on a clone and reads (and lets ComfyUI's weight patches write) that
+    linear's own weight and bias, so LoRA and unpatching keep working; FP8 weights are cached per weight
+    Parameter; activations are scaled by the state's entry `index` (static/table/tdq) or per token
+    (dynamic); `record` mode keeps the original math and reports the input to the state's recorder."""
 
     def __init__(self, linear: torch.nn.Linear, state: TDQState, index: int, mode: str):
         super().__init__()
+        self.__dict__["linear"] = linear  # not a submodule: parameter names stay those of the original
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
         self.state, self.index, self.mode = state, index, mode
         self._cache_key, self._cache = None, None
+
+    weight = property(lambda self: self.linear.weight)
+    bias = property(lambda self: self.linear.bias)
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias"):  # comfy.utils.set_attr_param (LoRA patch / restore)
+            setattr(self.linear, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def quantized_weight(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(e4m3 weight [out, in], scales [out, 1]) of the current weight Parameter, recomputed when it is replaced."""
@@ -248,10 +270,17 @@ class TDQLinear(torch.nn.Module):
         return fp8_linear(x, weight_fp8, w_scale, bias, x_scale)
 
 
+def original_module(model, name: str) -> torch.nn.Module:
+    """The module `name` (under diffusion_model) as loaded, not another clone's object patch."""
+    module = model.get_model_object(f"diffusion_model.{name}")
+    return module.linear if isinstance(module, TDQLinear) else module
+
+
 def quantizable_layers(model) -> tuple[list[str], dict[str, str]]:
     """(names of the linear layers to quantize, {name: reason} of the linears that keep their dtype)."""
     chosen, skipped = [], {}
-    for name, module in model.model.diffusion_model.named_modules():
+    for name, _ in model.model.diffusion_model.named_modules():
+        module = original_module(model, name) if name else None
         if not isinstance(module, torch.nn.Linear):
             continue
         if not BLOCK_LAYER.search(name):
@@ -272,10 +301,8 @@ def _log_skipped(skipped: dict[str, str]) -> None:
 
 
 def _patch_layers(patched, layers, state: TDQState, mode: str) -> None:
-    diffusion_model = patched.model.diffusion_model
     for index, name in enumerate(layers):
-        module = diffusion_model.get_submodule(name)
-        patched.add_object_patch(f"diffusion_model.{name}", TDQLinear(module, state, index, mode))
+        patched.add_object_patch(f"diffusion_model.{name}", TDQLinear(original_module(patched, name), state, index, mode))
 
 
 def _call_timestep(executor, args, kwargs) -> torch.Tensor:
