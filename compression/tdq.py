@@ -307,7 +307,7 @@ def _patch_layers(patched, layers, state: TDQState, mode: str) -> None:
 
 def _call_timestep(executor, args, kwargs) -> torch.Tensor:
     """APPLY_MODEL (x, t, ...): the model timestep of the call's largest sigma (a 0-d float tensor)."""
-    sigma = kwargs["t"] if "t" in kwargs else args[0]
+    sigma = kwargs["t"] if "t" in kwargs else args[1]
     return executor.class_obj.model_sampling.timestep(sigma.max()).float().cpu()
 
 
