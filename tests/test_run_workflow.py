@@ -47,7 +47,9 @@ def test_shipped_api_workflow_runs_headless_and_writes_its_images(workflow, tmp_
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if " wall " in line}
     assert set(lines) == set(VARIANTS), result.stdout
-    assert float(lines["bsa_1_1"].split("dense|")[1].split()[0]) < 1e-3
+    quantized = any(node["class_type"] == "TDQQuantize" for node in json.loads(workflow.read_text()).values())
+    if not quantized:  # FP8 layers downstream round the 1e-6 differences of two exact attentions to 6 % steps
+        assert float(lines["bsa_1_1"].split("dense|")[1].split()[0]) < 1e-3
     assert "4 sparse / 4 dense calls" in lines["bsa"], lines["bsa"]
 
     expected = {f"{variant}_{name}.png" for variant in VARIANTS

@@ -1,0 +1,442 @@
+"""TDQ: timestep-dynamic FP8 quantization of a diffusion model's linear layers (So et al., NeurIPS 2023).
+
+Weights are e4m3 with per-output-channel scales; activations are e4m3 with one scale per layer per model
+call, taken from what TDQConfig.mode says:
+  off      no patch (the bf16 / model-dtype baseline)
+  static   the largest input absmax seen in calibration, all sigmas (ComfyUI's `input_scale` idea)
+  table    the largest absmax seen in the calibrated calls of the same timestep bin (a per-step table)
+  dynamic  each token's own absmax, computed in every call (no calibration; costs a reduction per call)
+  tdq      the interval generator: a small MLP per layer on a sinusoidal embedding of the model's timestep
+           that outputs the layer's clipping interval, fit to minimise the layer's recorded quantization error
+
+Fitting differs from the paper in one documented way: the paper trains the generators through the
+network's output loss with a straight-through estimator; here each layer's generator minimises that
+layer's own relative quantization MSE, which calibration records per call as a curve over clipping
+fractions of the call's absmax (CLIP_GRID), so no activation tensor is kept (memory: L x calls x 32 floats).
+The generator's output is evaluated once per model call, in the APPLY_MODEL wrapper that sees the sigma,
+and the linear layers only read their entry of a scales tensor.
+
+Only linear layers inside the transformer blocks are quantized (embeddings, time MLPs and the head keep
+their dtype, as in the paper's and ComfyUI's FP8 practice); a layer that cannot be quantized keeps its dtype
+and its reason is logged once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, token_scales, weight_scales
+
+log = logging.getLogger(__name__)
+LOG_PREFIX = "[TDQ]"
+MODES = ("off", "static", "table", "dynamic", "tdq")
+CALIBRATED_MODES = ("static", "table", "tdq")
+FILE_FORMAT = "comfyui-bsa.tdq/1"
+PATCH_KEY = "comfyui_bsa_tdq"
+BLOCK_LAYER = re.compile(r"(^|\.)\w*blocks\.\d+\.")  # Wan blocks.N, HunyuanVideo double_blocks.N, LTXV transformer_blocks.N
+CLIP_GRID = torch.linspace(0.25, 1.0, 32)  # clipping interval / call absmax at which calibration measures the error
+SAMPLE_VALUES = 4096  # activation values per layer per call that the error curve is measured on
+EMBED_FREQUENCIES = 8  # sinusoidal timestep embedding: 2 x 8 features
+HIDDEN = 16
+TIMESTEP_RANGE = 1000.0  # model timesteps lie in [0, 1000] for ComfyUI's samplings
+
+
+@dataclasses.dataclass(frozen=True)
+class TDQConfig:
+    """mode: one of MODES. table_bins: timestep bins of the `table` mode's scale table."""
+    mode: str = "tdq"
+    table_bins: int = 20
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.table_bins, bool) or not isinstance(self.table_bins, int) or self.table_bins < 1:
+            raise ValueError(f"table_bins must be an integer >= 1, got {self.table_bins!r}")
+
+
+def timestep_embedding(timesteps: torch.Tensor) -> torch.Tensor:
+    """[C] model timesteps -> [C, 2 * EMBED_FREQUENCIES] sin/cos features (periods 2x range down to ~1/64)."""
+    frequencies = math.pi * torch.exp2(torch.arange(EMBED_FREQUENCIES, dtype=torch.float32)) / TIMESTEP_RANGE
+    angles = timesteps.float().reshape(-1, 1) * frequencies / 2
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def generator_log_intervals(params: dict[str, torch.Tensor], timesteps: torch.Tensor) -> torch.Tensor:
+    """The L interval generators at once: params w1 [L,F,H], b1 [L,H], w2 [L,H], b2 [L]; -> log interval [L, C]."""
+    embedding = timestep_embedding(timesteps).to(params["w1"].device)
+    hidden = F.silu(torch.einsum("cf,lfh->lch", embedding, params["w1"]) + params["b1"][:, None])
+    return torch.einsum("lch,lh->lc", hidden, params["w2"]) + params["b2"][:, None]
+
+
+def curve_error(errors: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """Recorded error curves [L, C, G] over CLIP_GRID read at `fractions` [L, C] (linear interpolation,
+    differentiable in fractions, clamped to the grid)."""
+    grid = CLIP_GRID.to(errors.device)
+    position = ((fractions.clamp(grid[0], grid[-1]) - grid[0]) / (grid[1] - grid[0]))
+    low = position.floor().clamp(max=len(grid) - 2).long()
+    weight = position - low
+    lower = errors.gather(2, low[..., None])[..., 0]
+    upper = errors.gather(2, (low + 1)[..., None])[..., 0]
+    return lower + weight * (upper - lower)
+
+
+def fit_generators(timesteps: torch.Tensor, absmax: torch.Tensor, errors: torch.Tensor, steps: int = 400,
+                   seed: int = 0, progress=None) -> dict[str, torch.Tensor]:
+    """Fits one generator per layer so that interval(t) minimises the recorded error curves: timesteps [C],
+    absmax [L, C], errors [L, C, G] (NaN rows = calls the layer did not see). Starts from the best-on-average
+    constant fraction. progress(i, steps) is called per optimiser step. Runs with gradients even when called
+    in ComfyUI's inference mode."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit_generators(timesteps.clone(), absmax.clone(), errors.clone(), steps, seed, progress)
+
+
+def _fit_generators(timesteps, absmax, errors, steps, seed, progress):
+    valid = torch.isfinite(absmax) & (absmax > 0)
+    absmax = torch.where(valid, absmax, torch.ones_like(absmax))
+    errors = torch.where(valid[..., None], errors, torch.zeros_like(errors))
+    layers = absmax.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    best = CLIP_GRID[errors.sum(1).argmin(dim=1)]  # [L]
+    mean_log_absmax = (absmax.log() * valid).sum(1) / valid.sum(1).clamp_min(1)
+    params = {
+        "w1": torch.randn(layers, 2 * EMBED_FREQUENCIES, HIDDEN, generator=generator) / (2 * EMBED_FREQUENCIES) ** 0.5,
+        "b1": torch.zeros(layers, HIDDEN),
+        "w2": torch.zeros(layers, HIDDEN),
+        "b2": mean_log_absmax + best.log(),
+    }
+    for p in params.values():
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(params.values(), lr=0.02)
+    log_absmax = absmax.log()
+    for i in range(steps):
+        log_fraction = generator_log_intervals(params, timesteps) - log_absmax
+        outside = F.relu(log_fraction) + F.relu(math.log(CLIP_GRID[0]) - log_fraction)  # pull back onto the grid
+        loss = ((curve_error(errors, log_fraction.exp()) + outside ** 2) * valid).sum() / valid.sum().clamp_min(1)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if progress is not None:
+            progress(i + 1, steps)
+    return {name: p.detach() for name, p in params.items()}
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """The diffusion model's unpatched parameters by name, whatever clone is currently patched into it: LoRA
+    weights are read from the patcher's backups, TDQ layers through to the linear they stand in for."""
+    weights = {}
+    for name, module in model.model.diffusion_model.named_modules():
+        source = module.linear if isinstance(module, TDQLinear) else module
+        for key, tensor in list(source.named_parameters(recurse=False)) + list(source.named_buffers(recurse=False)):
+            full = f"{name}.{key}" if name else key
+            backup = model.backup.get(f"diffusion_model.{full}")
+            weights[full] = backup.weight if backup is not None else tensor
+    return weights
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the diffusion model's base parameter names, shapes, dtypes and up to 4096 leading and
+    trailing values of each."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(base_weights(model).items()):
+        flat = tensor.detach().reshape(-1)
+        values = torch.cat([flat[:4096], flat[-4096:]]).float().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class TDQCalibration:
+    """What calibration measured and fit for one model: layers (names under diffusion_model), timesteps [C] of
+    the recorded calls, absmax [L, C], errors [L, C, G] (relative MSE over CLIP_GRID), generator params."""
+    model_hash: str
+    layers: tuple[str, ...]
+    timesteps: torch.Tensor
+    absmax: torch.Tensor
+    errors: torch.Tensor
+    generator: dict[str, torch.Tensor]
+
+    def __repr__(self):
+        return (f"TDQCalibration({len(self.layers)} layers, {len(self.timesteps)} calls, "
+                f"model {self.model_hash[:12]})")
+
+    def static_intervals(self) -> torch.Tensor:
+        """[L]: the largest absmax over all recorded calls."""
+        return torch.nan_to_num(self.absmax, nan=0.0).amax(dim=1)
+
+    def table_intervals(self, bins: int) -> torch.Tensor:
+        """[L, bins]: the largest absmax per timestep bin; an empty bin takes the nearest filled bin's."""
+        index = timestep_bin(self.timesteps, bins)
+        absmax = torch.nan_to_num(self.absmax, nan=0.0)
+        table = torch.zeros(absmax.shape[0], bins).scatter_reduce(1, index.expand_as(absmax), absmax, "amax")
+        filled = torch.zeros(bins, dtype=torch.bool).scatter(0, index[0], True).nonzero()[:, 0]
+        nearest = filled[(torch.arange(bins)[:, None] - filled[None]).abs().argmin(dim=1)]
+        return table[:, nearest]
+
+    def generator_intervals(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """[L, C]: the generators' intervals at `timesteps` [C]."""
+        return generator_log_intervals(self.generator, timesteps).exp()
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+        tensors = {"timesteps": self.timesteps, "absmax": self.absmax, "errors": self.errors,
+                   **{f"generator.{k}": v for k, v in self.generator.items()}}
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"format": FILE_FORMAT, "model_hash": self.model_hash, "layers": json.dumps(self.layers)})
+
+    @classmethod
+    def load(cls, path, model=None) -> TDQCalibration:
+        """Reads a file written by save(); with `model`, raises ValueError naming the file when it was
+        calibrated for other weights."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != FILE_FORMAT:
+            raise ValueError(f"calibration_file {path} is not a TDQ calibration ({FILE_FORMAT})")
+        tensors = load_file(str(path))
+        calibration = cls(metadata["model_hash"], tuple(json.loads(metadata["layers"])), tensors["timesteps"],
+                          tensors["absmax"], tensors["errors"],
+                          {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("generator.")})
+        if model is not None:
+            calibration.check_model(model, path)
+        return calibration
+
+    def check_model(self, model, source="the calibration") -> None:
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.model_hash:
+            raise ValueError(f"calibration_file {source} was calibrated for other model weights "
+                             f"(hash {self.model_hash[:12]}, this model {fingerprint[:12]}): calibrate this model")
+
+
+def timestep_bin(timesteps: torch.Tensor, bins: int) -> torch.Tensor:
+    return (timesteps.float() / TIMESTEP_RANGE * bins).long().clamp(0, bins - 1).reshape(1, -1)
+
+
+class TDQState:
+    """Shared by the patched layers of one apply: the activation scales [L] of the current model call (set
+    once per call by the APPLY_MODEL wrapper), and during calibration the recorder."""
+
+    def __init__(self, layers: int, initial_scales: torch.Tensor | None = None):
+        self.scales = initial_scales if initial_scales is not None else torch.ones(layers)
+        self.recorder: Recorder | None = None
+
+
+class TDQLinear(torch.nn.Module):
+    """Stands in for one nn.Linear on a clone and reads (and lets ComfyUI's weight patches write) that
+    linear's own weight and bias, so LoRA and unpatching keep working; FP8 weights are cached per weight
+    Parameter; activations are scaled by the state's entry `index` (static/table/tdq) or per token
+    (dynamic); `record` mode keeps the original math and reports the input to the state's recorder."""
+
+    def __init__(self, linear: torch.nn.Linear, state: TDQState, index: int, mode: str):
+        super().__init__()
+        self.__dict__["linear"] = linear  # not a submodule: parameter names stay those of the original
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.state, self.index, self.mode = state, index, mode
+        self._cache_key, self._cache = None, None
+
+    weight = property(lambda self: self.linear.weight)
+    bias = property(lambda self: self.linear.bias)
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias"):  # comfy.utils.set_attr_param (LoRA patch / restore)
+            setattr(self.linear, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def quantized_weight(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e4m3 weight [out, in], scales [out, 1]) of the current weight Parameter, recomputed when it is replaced."""
+        key = (id(self.weight), self.weight.data_ptr(), str(device))  # inference tensors have no _version
+        if key != self._cache_key:
+            weight = self.weight.detach().to(device)
+            scales = weight_scales(weight)
+            self._cache, self._cache_key = (to_e4m3(weight, scales), scales), key
+        return self._cache
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        if self.mode == "record":
+            self.state.recorder.record(self.index, x)
+            return F.linear(x, self.weight.to(device=x.device, dtype=x.dtype), bias)
+        weight_fp8, w_scale = self.quantized_weight(x.device)
+        x_scale = token_scales(x) if self.mode == "dynamic" else self.state.scales[self.index]
+        return fp8_linear(x, weight_fp8, w_scale, bias, x_scale)
+
+
+def original_module(model, name: str) -> torch.nn.Module:
+    """The module `name` (under diffusion_model) as loaded, not another clone's object patch."""
+    module = model.get_model_object(f"diffusion_model.{name}")
+    return module.linear if isinstance(module, TDQLinear) else module
+
+
+def quantizable_layers(model) -> tuple[list[str], dict[str, str]]:
+    """(names of the linear layers to quantize, {name: reason} of the linears that keep their dtype)."""
+    chosen, skipped = [], {}
+    for name, _ in model.model.diffusion_model.named_modules():
+        module = original_module(model, name) if name else None
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if not BLOCK_LAYER.search(name):
+            skipped[name] = "outside the transformer blocks (embeddings, time MLPs and head keep their dtype)"
+        elif module.in_features % 16 or module.out_features % 16:
+            skipped[name] = "in/out features not multiples of 16 (torch._scaled_mm)"
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def _log_skipped(skipped: dict[str, str]) -> None:
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        log.info(f"{LOG_PREFIX} {len(names)} linear layers keep their dtype: {reason} (e.g. {names[0]})")
+
+
+def _patch_layers(patched, layers, state: TDQState, mode: str) -> None:
+    for index, name in enumerate(layers):
+        patched.add_object_patch(f"diffusion_model.{name}", TDQLinear(original_module(patched, name), state, index, mode))
+
+
+def _call_timestep(executor, args, kwargs) -> torch.Tensor:
+    """APPLY_MODEL (x, t, ...): the model timestep of the call's largest sigma (a 0-d float tensor)."""
+    sigma = kwargs["t"] if "t" in kwargs else args[1]
+    return executor.class_obj.model_sampling.timestep(sigma.max()).float().cpu()
+
+
+def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = None):
+    """A clone of `model` (a ComfyUI ModelPatcher) whose transformer-block linear layers run in FP8 as
+    config.mode says; `model` is untouched. static, table and tdq need the model's `calibration`."""
+    import comfy.patcher_extension as pe
+
+    if not isinstance(config, TDQConfig):
+        raise ValueError(f"config must be a TDQConfig, got {type(config).__name__}")
+    patched = model.clone()
+    if config.mode == "off":
+        return patched
+    if config.mode in CALIBRATED_MODES:
+        if calibration is None:
+            raise ValueError(f"calibration is required for mode {config.mode!r} (run TDQ Calibrate)")
+        calibration.check_model(model)
+        layers = list(calibration.layers)
+    else:
+        layers, skipped = quantizable_layers(model)
+        _log_skipped(skipped)
+    device = model.load_device
+    state = TDQState(len(layers))
+    _patch_layers(patched, layers, state, config.mode)
+    if config.mode == "dynamic":
+        return patched
+    if config.mode == "static":
+        state.scales = (calibration.static_intervals() / E4M3_MAX).clamp_min(1e-12).to(device)
+        return patched
+
+    table = calibration.table_intervals(config.table_bins) if config.mode == "table" else None
+
+    def set_scales(executor, *args, **kwargs):
+        """APPLY_MODEL: the activation scales of this call, from its sigma, before the model runs."""
+        timestep = _call_timestep(executor, args, kwargs)
+        if table is not None:
+            intervals = table[:, timestep_bin(timestep, config.table_bins)[0, 0]]
+        else:
+            intervals = calibration.generator_intervals(timestep.reshape(1))[:, 0]
+        state.scales = (intervals / E4M3_MAX).clamp_min(1e-12).to(device)
+        return executor(*args, **kwargs)
+
+    state.scales = (calibration.static_intervals() / E4M3_MAX).clamp_min(1e-12).to(device)  # outside sampling
+    patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, set_scales)
+    return patched
+
+
+class Recorder:
+    """Per model call: each layer's input absmax and relative quantization MSE over CLIP_GRID, measured on
+    SAMPLE_VALUES values drawn (seeded) from the input; nothing else is kept."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.timesteps, self.absmax, self.errors = [], [], []
+        self._generator = torch.Generator().manual_seed(0)
+
+    def begin_call(self, timestep: torch.Tensor) -> None:
+        self.timesteps.append(float(timestep))
+        self.absmax.append(torch.full((self.layers,), float("nan")))
+        self.errors.append(torch.full((self.layers, len(CLIP_GRID)), float("nan")))
+
+    @torch.no_grad()
+    def record(self, index: int, x: torch.Tensor) -> None:
+        if not self.timesteps:
+            return  # a call outside sampling
+        flat = x.detach().reshape(-1)
+        absmax = flat.abs().max().float()
+        picks = torch.randint(0, flat.numel(), (min(SAMPLE_VALUES, flat.numel()),), generator=self._generator)
+        sample = flat[picks.to(flat.device)].float()
+        self.absmax[-1][index] = absmax.cpu()
+        self.errors[-1][index] = clipping_error_curve(sample, absmax).cpu()
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """timesteps [C], absmax [L, C], errors [L, C, G]."""
+        return (torch.tensor(self.timesteps), torch.stack(self.absmax, dim=1), torch.stack(self.errors, dim=1))
+
+
+def clipping_error_curve(values: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """[G]: relative MSE of per-tensor e4m3 fake quantization of `values` [N] with interval f * absmax, f in CLIP_GRID."""
+    scales = (CLIP_GRID.to(values.device) * absmax / E4M3_MAX).clamp_min(1e-12)[:, None]
+    quantized = fake_quantize(values[None], scales)
+    return ((quantized - values) ** 2).mean(dim=1) / (values ** 2).mean().clamp_min(1e-30)
+
+
+def calibrate_tdq(model, prompts, latent: dict, steps: int = 20, cfg: float = 5.0, sampler_name: str = "euler",
+                  scheduler: str = "simple", seed: int = 0, seeds_per_prompt: int = 1, fit_steps: int = 400,
+                  progress=None) -> TDQCalibration:
+    """Samples every (positive, negative) of `prompts` with seeds seed.. seed+seeds_per_prompt-1 on a clone of
+    `model`, records its block linear layers' inputs per call, and fits the interval generators.
+    progress(done, total) follows the sampling steps and then the fit (tqdm is shown as well)."""
+    import comfy.patcher_extension as pe
+    import comfy.sample
+    from tqdm.auto import tqdm
+
+    for name, value, low in (("steps", steps, 1), ("seeds_per_prompt", seeds_per_prompt, 1), ("fit_steps", fit_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not prompts:
+        raise ValueError("prompts must hold at least one (positive, negative) pair")
+    layers, skipped = quantizable_layers(model)
+    _log_skipped(skipped)
+    state = TDQState(len(layers))
+    state.recorder = Recorder(len(layers))
+    recording = model.clone()
+    _patch_layers(recording, layers, state, "record")
+
+    def begin_call(executor, *args, **kwargs):
+        state.recorder.begin_call(_call_timestep(executor, args, kwargs))
+        return executor(*args, **kwargs)
+
+    recording.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, begin_call)
+    runs = [(positive, negative, seed + i) for positive, negative in prompts for i in range(seeds_per_prompt)]
+    total = len(runs) * steps + fit_steps
+    bar = tqdm(total=total, desc=f"{LOG_PREFIX} calibrate", leave=False)
+
+    def advance(done):
+        bar.update(done - bar.n)
+        if progress is not None:
+            progress(done, total)
+
+    latent_image = comfy.sample.fix_empty_latent_channels(recording, latent["samples"])
+    for run, (positive, negative, run_seed) in enumerate(runs):
+        noise = comfy.sample.prepare_noise(latent_image, run_seed)
+        comfy.sample.sample(recording, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                            callback=lambda step, *_, run=run: advance(run * steps + step + 1), disable_pbar=True,
+                            seed=run_seed)
+    timesteps, absmax, errors = state.recorder.tensors()
+    generator = fit_generators(timesteps, absmax, errors, fit_steps,
+                               progress=lambda i, n: advance(len(runs) * steps + i))
+    bar.close()
+    log.info(f"{LOG_PREFIX} calibrated {len(layers)} layers on {len(timesteps)} model calls")
+    return TDQCalibration(model_fingerprint(model), tuple(layers), timesteps, absmax, errors, generator)

@@ -1,0 +1,185 @@
+"""TDQ FP8 linear layers: the e4m3 reference against torch's cast, per-channel weight scales, the baseline
+modes' error order on synthetic sigma-dependent activations, the generator fit, and calibrate -> save ->
+load -> quantize on the tiny Wan through ComfyUI's executor (with BSA), hash mismatch, clone isolation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_env import PromptRunner, require_comfyui, tiny_prompt, tiny_wan, tiny_wan_path  # noqa: F401 (fixtures)
+
+require_comfyui()
+from comfyui_bsa.compression.fp8 import (E4M3, E4M3_MAX, fake_quantize, fp8_linear, round_to_e4m3_reference,  # noqa: E402
+                                         to_e4m3, weight_scales)
+from comfyui_bsa.compression.tdq import (CLIP_GRID, TDQCalibration, TDQConfig, apply_tdq, calibrate_tdq,  # noqa: E402
+                                         clipping_error_curve, fit_generators, generator_log_intervals)
+
+
+def rms_rel(a, b):
+    return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("magnitude", [1e-4, 1.0, 100.0, 1e4], ids=lambda m: f"x{m:g}")
+def test_e4m3_reference_matches_torch_cast_with_saturation(magnitude):
+    x = torch.randn(50000, generator=torch.Generator().manual_seed(0)) * magnitude
+    edges = torch.tensor([0.0, 448.0, 449.0, 464.0, 465.0, -1e6, 2.0 ** -10, 3 * 2.0 ** -10, 1.5 * 2.0 ** -9,
+                          2.5 * 2.0 ** -9, 1.0625, 1.1875])  # saturation, subnormal and normal ties (to even)
+    x = torch.cat([x, edges])
+    expected = x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float()
+    assert torch.equal(round_to_e4m3_reference(x), expected)
+    assert torch.equal(to_e4m3(x, torch.tensor(1.0)).float(), expected)
+    assert torch.equal(round_to_e4m3_reference(edges[:6]), torch.tensor([0.0, 448, 448, 448, 448, -448]))
+
+
+def test_per_channel_weight_scales_use_each_rows_range():
+    weight = torch.randn(8, 64) * torch.logspace(-3, 3, 8)[:, None]
+    weight[3] = 0
+    scales = weight_scales(weight)
+    assert scales.shape == (8, 1) and scales[3, 0] == 1
+    quantized = to_e4m3(weight, scales).float()
+    assert torch.equal(quantized.abs().amax(1)[[0, 1, 2, 4, 5, 6, 7]], torch.full((7,), E4M3_MAX))
+    dequantized = quantized * scales
+    for row in (0, 7):  # each row keeps ~3 mantissa bits whatever its magnitude
+        assert rms_rel(dequantized[row], weight[row]) < 0.04
+
+
+def test_fp8_linear_equals_fake_quant_reference():
+    x, weight, bias = torch.randn(2, 7, 32), torch.randn(48, 32), torch.randn(48)
+    w_scales = weight_scales(weight)
+    for x_scale in (torch.tensor(0.01), x.abs().amax(-1, keepdim=True) / E4M3_MAX):
+        reference = (torch.stack([torch.stack([round_to_e4m3_reference(t / s) * s for t, s in
+                                               zip(xb, x_scale.expand(2, 7, 1)[b])]) for b, xb in enumerate(x)])
+                     @ (round_to_e4m3_reference(weight / w_scales) * w_scales).t() + bias)
+        out = fp8_linear(x, to_e4m3(weight, w_scales), w_scales, bias, x_scale)
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def synthetic_activations(timesteps):
+    """Per timestep, Gaussian tokens whose range shrinks by 5 decades from timestep 1000 to 0."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(256, 64, generator=generator) * 10 ** (5 * float(t) / 1000 - 5) for t in timesteps]
+
+
+def test_modes_error_order_on_sigma_dependent_ranges():
+    timesteps = torch.linspace(0, 1000, 12)
+    acts = synthetic_activations(timesteps)
+    absmax = torch.stack([a.abs().max() for a in acts])[None]
+    errors = torch.stack([clipping_error_curve(a.reshape(-1), a.abs().max()) for a in acts])[None]
+    calibration = TDQCalibration("x", ("layer",), timesteps, absmax, errors,
+                                 fit_generators(timesteps, absmax, errors, steps=300))
+    tdq = calibration.generator_intervals(timesteps)[0]
+    table = calibration.table_intervals(20)[0][(timesteps / 1000 * 20).long().clamp(max=19)]
+    static = calibration.static_intervals()[0]
+
+    def error(intervals):
+        return sum(rms_rel(fake_quantize(a, (i / E4M3_MAX).reshape(1, 1)), a) for a, i in zip(acts, intervals))
+
+    dynamic = sum(rms_rel(fake_quantize(a, a.abs().amax(1, keepdim=True) / E4M3_MAX), a) for a in acts)
+    assert dynamic <= error(tdq) * 1.05
+    assert error(tdq) <= error(table) * 1.05
+    assert error(table) < error(static.expand(12)) * 0.8
+
+
+def test_generator_reproduces_the_fitted_per_timestep_intervals():
+    timesteps = torch.linspace(0, 1000, 25)
+    best = 0.35 + 0.6 * timesteps / 1000  # best clipping fraction per timestep
+    absmax = torch.rand(3, 25, generator=torch.Generator().manual_seed(0)) + 0.5
+    errors = (CLIP_GRID[None, None] - best[None, :, None]) ** 2 * torch.ones(3, 1, 1)
+    params = fit_generators(timesteps, absmax, errors, steps=400)
+    fraction = generator_log_intervals(params, timesteps).exp() / absmax
+    assert float((fraction - best).abs().max()) < 0.04
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_wan):
+    import comfy.utils
+    generator = torch.Generator().manual_seed(1)
+    cond = [[torch.randn(1, 16, 4096, generator=generator), {}]]
+    negative = [[torch.randn(1, 16, 4096, generator=generator), {}]]
+    return calibrate_tdq(tiny_wan, [(cond, negative)], {"samples": torch.zeros(1, 16, 5, 16, 16)}, steps=3,
+                         fit_steps=100)
+
+
+def test_calibration_covers_the_block_linears_and_round_trips(calibration, tiny_wan, tmp_path):
+    assert len(calibration.layers) == 2 * 10 and all(n.startswith("blocks.") for n in calibration.layers)
+    assert calibration.absmax.shape == (20, len(calibration.timesteps)) and torch.isfinite(calibration.absmax).all()
+    path = tmp_path / "tdq.safetensors"
+    calibration.save(path)
+    loaded = TDQCalibration.load(path, tiny_wan)
+    assert loaded.layers == calibration.layers
+    torch.testing.assert_close(loaded.generator_intervals(loaded.timesteps), calibration.generator_intervals(
+        calibration.timesteps))
+
+
+def test_other_weights_raise_naming_the_file(calibration, tiny_wan_path, tmp_path):
+    import comfy.sd
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tiny_wan_path))
+    state["blocks.0.ffn.0.weight"] = state["blocks.0.ffn.0.weight"] * 2
+    save_file(state, str(tmp_path / "other.safetensors"))
+    other = comfy.sd.load_diffusion_model(str(tmp_path / "other.safetensors"))
+    calibration.save(tmp_path / "tdq.safetensors")
+    with pytest.raises(ValueError, match="tdq.safetensors.*other model weights"):
+        TDQCalibration.load(tmp_path / "tdq.safetensors", other)
+
+
+def test_invalid_settings_raise_naming_the_input(tiny_wan):
+    with pytest.raises(ValueError, match="mode"):
+        TDQConfig(mode="int4")
+    with pytest.raises(ValueError, match="calibration"):
+        apply_tdq(tiny_wan, TDQConfig(mode="tdq"))
+
+
+def test_patch_stays_on_its_clone(calibration, tiny_wan):
+    patched = apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration)
+    assert patched.object_patches and not tiny_wan.object_patches
+    assert not tiny_wan.clone().object_patches
+    assert "comfyui_bsa_tdq" not in str(tiny_wan.wrappers)
+
+
+def sample(model, seed=0):
+    import comfy.sample
+    generator = torch.Generator().manual_seed(1)
+    cond = [[torch.randn(1, 16, 4096, generator=generator), {}]]
+    negative = [[torch.randn(1, 16, 4096, generator=generator), {}]]
+    latent = torch.zeros(1, 16, 5, 16, 16)
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), 3, 5.0, "euler", "simple", cond,
+                               negative, latent, seed=seed, disable_pbar=True)
+
+
+def test_modes_on_the_tiny_wan_are_close_to_the_unquantized_sample(calibration, tiny_wan):
+    reference = sample(tiny_wan)
+    errors = {mode: rms_rel(sample(apply_tdq(tiny_wan, TDQConfig(mode=mode), calibration)), reference)
+              for mode in ("off", "static", "table", "dynamic", "tdq")}
+    assert errors["off"] == 0
+    assert all(0 < errors[m] < 0.2 for m in ("static", "table", "dynamic", "tdq")), errors
+    assert torch.equal(sample(apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration)),
+                       sample(apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration)))  # deterministic
+
+
+def test_calibrate_save_load_quantize_with_bsa_through_the_executor(tiny_wan_path, tmp_path):
+    import folder_paths
+    runner = PromptRunner(tiny_wan_path, tmp_path)
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    prompt = tiny_prompt(steps=2)
+    prompt["8"] = {"class_type": "TDQCalibrate", "inputs": {
+        "model": ["1", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "seed": 3,
+        "seeds": 1, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+        "filename_prefix": "tdq/tiny", "fit_steps": 50}}
+    prompt["9"] = {"class_type": "TDQQuantize", "inputs": {"model": ["1", 0], "mode": "tdq",
+                                                           "calibration": ["8", 0]}}
+    prompt["6"]["inputs"]["model"] = ["9", 0]
+    prompt["7"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "tdq_test/latent"}}
+    runner.run(prompt)
+    assert (tmp_path / "output" / "tdq" / "tiny.safetensors").is_file()
+
+    import json
+
+    from comfy_env import REPO
+    bsa = json.loads((REPO / "workflows" / "tiny_wan_tdq_api.json").read_text())["2"]["inputs"]
+    from_file = tiny_prompt({k: v for k, v in bsa.items() if k != "model"}, steps=2)
+    from_file["9"] = {"class_type": "TDQQuantize", "inputs": {"model": ["1", 0], "mode": "tdq",
+                                                              "calibration_file": "tdq/tiny.safetensors"}}
+    from_file["2"]["inputs"]["model"] = ["9", 0]
+    from_file["7"] = prompt["7"]
+    runner.run(from_file)
