@@ -3,9 +3,10 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes_bsa_attention import BSASparseAttention
 from .nodes_bsa_report import BSAReport
+from .nodes_prune import ActivationSparsityTEAL, PruneLinears24
 from .nodes_riflex import RIFLExExtend
 
 
 class BSAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [BSASparseAttention, BSAReport, RIFLExExtend]
+        return [BSASparseAttention, BSAReport, RIFLExExtend, PruneLinears24, ActivationSparsityTEAL]
