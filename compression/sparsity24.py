@@ -245,3 +245,19 @@ def apply_sparsity24(model, config: Sparsity24Config, sampling: CalibrationSampl
         patch_linears(clone, [name], weight24=Sparse24Weight(mask))
     log.info("%s %s", LOG_PREFIX, result.to_text().splitlines()[0])
     return clone, result
+
+
+def magnitude_masks(diffusion_model: torch.nn.Module, config: Sparsity24Config) -> dict[str, torch.Tensor]:
+    """Masks of the layers `config` prunes without calibration (magnitude scores, no error criterion)."""
+    if config.method != "magnitude":
+        raise ValueError(f"method must be 'magnitude' without calibration inputs, got {config.method!r}")
+    return choose_layers(target_linears(diffusion_model), config, None).masks
+
+
+@torch.no_grad()
+def apply_masks_(diffusion_model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zeroes the masked-out weights in place: run once before training and after every optimizer step, it
+    keeps a recovery fine-tune on the same 2:4 pattern (Adam's moments would otherwise revive them)."""
+    for name, mask in masks.items():
+        weight = diffusion_model.get_submodule(name).weight
+        weight.mul_(mask.to(weight.device, weight.dtype))
