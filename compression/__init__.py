@@ -1,1 +1,1 @@
-"""Model compression for the pack: FP8 linear layers (tdq) and other weight/activation formats."""
+"""Compression of a video model's linear layers: FP8 quantization (TDQ) and 2:4 / activation sparsity."""

@@ -6,6 +6,7 @@ import json
 import pathlib
 
 from ..bsa_core.config import BSAConfig
+from ..compression.sparsity24 import Sparsity24Config
 
 CONFIG_FILE = "config.json"
 
@@ -59,6 +60,8 @@ class TrainConfig:
     bsa_ramp_steps: int = 0
     bsa_ramp_from_lambda: float = -3.0
     bsa_dense_blocks: str = ""
+    # 2:4 recovery fine-tune: Sparsity24Config fields (method 'magnitude'); masks fixed from the initial weights
+    prune: dict | None = None
     # output
     log_every: int = 10
     preview_every: int = 500
@@ -83,10 +86,20 @@ class TrainConfig:
         if self.export_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"export_dtype must be float16, bfloat16 or float32, got {self.export_dtype!r}")
         self.bsa_config()  # a bad BSA setting fails here, before any step
+        self.prune_config()
 
     def bsa_config(self) -> BSAConfig | None:
         """The target sparse setting as a BSAConfig (validated), or None for dense training."""
         return None if self.bsa is None else BSAConfig(**self.bsa)
+
+    def prune_config(self) -> Sparsity24Config | None:
+        """The 2:4 setting of a recovery fine-tune (validated; magnitude masks only), or None."""
+        if self.prune is None:
+            return None
+        config = Sparsity24Config(**self.prune)
+        if config.method != "magnitude":
+            raise ValueError(f"prune.method must be 'magnitude' (the loop has no calibration run), got {config.method!r}")
+        return config
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

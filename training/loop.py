@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from ..compression.sparsity24 import apply_masks_, magnitude_masks
 from .config import CONFIG_FILE, TrainConfig
 from .data import BatchStream, SyntheticVideos, caption, decode
 from .model import (export_comfyui, flow_matching_loss, initial_state_dict, latent_shape, sample_euler,
@@ -148,6 +149,9 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
     last_step = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
 
     model = wan_from_state_dict(initial_weights(config)).to(device)
+    prune = config.prune_config()
+    masks = {} if prune is None else magnitude_masks(model, prune)  # from the initial weights: same on resume
+    apply_masks_(model, masks)
     ema = EMA(model, config.ema_decay)
     preview_model = copy.deepcopy(model).requires_grad_(False)  # holds the EMA weights while it samples
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps,
@@ -196,6 +200,7 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
         # step
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
+        apply_masks_(model, masks)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         # EMA

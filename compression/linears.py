@@ -1,0 +1,148 @@
+"""What 2:4 pruning and activation sparsity share: which linear layers of a video model they touch, how a
+layer's forward is patched on a ModelPatcher clone (so that both methods compose, in either order), and the
+calibration run that shows the layers' inputs while ComfyUI's sampler samples a few seeds.
+
+A layer is patched through an object patch of its `forward` ("diffusion_model.<name>.forward"): the module,
+its weights and any LoRA weight patches stay as they are, and the patch lives on the clone only.
+Importable without ComfyUI: comfy.* is imported inside functions only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+LOG_PREFIX = "[BSA compression]"
+
+# Wan 2.1 / 2.2 blocks: attention projections and the two FFN linears (ffn.1 is the GELU)
+WAN_LINEARS = re.compile(r"(^|\.)blocks\.\d+\.((self_attn|cross_attn)\.(q|k|v|o)|ffn\.(0|2))$")
+
+
+def target_linears(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """name -> module of the linears both methods may touch, in model order (names relative to the
+    diffusion model, e.g. 'blocks.0.ffn.0'). Empty for a model that is not Wan-shaped."""
+    return {name: m for name, m in diffusion_model.named_modules()
+            if isinstance(m, torch.nn.Linear) and WAN_LINEARS.search(name)}
+
+
+def _patch_key(name: str) -> str:
+    return f"diffusion_model.{name}.forward"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearPatch:
+    """The forward of one patched linear: the input goes through `sparsify` (activation sparsity) when set,
+    then through the layer with `weight24` (a 2:4-pruned weight) when set, else through the layer's own
+    forward (ComfyUI's weight casting included)."""
+
+    module: torch.nn.Linear
+    weight24: object | None = None  # compression.sparsity24.Sparse24Weight
+    sparsify: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparsify is not None:
+            x = self.sparsify(x)
+        if self.weight24 is not None:
+            return self.weight24.linear(self.module, x)
+        return type(self.module).forward(self.module, x)
+
+
+def patch_linears(model, names, **fields) -> None:
+    """Sets LinearPatch `fields` (weight24= / sparsify=) of the layers `names` on the ModelPatcher `model`
+    (a clone), keeping the other method's fields where the layer was patched before."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    for name in names:
+        current = model.object_patches.get(_patch_key(name))
+        if not isinstance(current, LinearPatch):
+            current = LinearPatch(diffusion_model.get_submodule(name))
+        model.add_object_patch(_patch_key(name), dataclasses.replace(current, **fields))
+
+
+def current_patch(model, name: str) -> LinearPatch | None:
+    patch = model.object_patches.get(_patch_key(name))
+    return patch if isinstance(patch, LinearPatch) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSampling:
+    """How the calibration run samples: `samples` seeds from `seed` on, each a full run of the sampler with
+    these settings on `latent` (its first batch entry), `positive` / `negative` conditioning."""
+
+    positive: list
+    negative: list
+    latent: dict
+    samples: int = 2
+    steps: int = 10
+    cfg: float = 5.0
+    sampler_name: str = "euler"
+    scheduler: str = "simple"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("samples", "steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"calibration {name} must be an integer >= 1, got {getattr(self, name)!r}")
+
+
+Observer = Callable[[str, torch.Tensor, float], None]  # (layer name, input [..., in_features], sigma)
+
+
+def observe_linear_inputs(model, names, observe: Observer, sampling: CalibrationSampling) -> None:
+    """Samples with ComfyUI's sampler on a throw-away clone of `model` and calls observe(name, input, sigma)
+    on every forward of the layers `names` (forward pre-hooks, removed afterwards); sigma is the largest
+    sigma of the model call (cond and uncond share it). A ComfyUI progress bar counts the steps."""
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.utils
+
+    current = {"sigma": None}
+
+    def remember_sigma(executor, x, t, *args, **kwargs):
+        current["sigma"] = float(t.max())
+        return executor(x, t, *args, **kwargs)
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bsa_calibration", remember_sigma)
+    diffusion_model = clone.get_model_object("diffusion_model")
+    handles = [diffusion_model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: observe(name, args[0].detach(), current["sigma"])) for name in names]
+    bar = comfy.utils.ProgressBar(sampling.samples * sampling.steps)
+    latent = comfy.sample.fix_empty_latent_channels(clone, sampling.latent["samples"][:1])
+    try:
+        for i in range(sampling.samples):
+            noise = comfy.sample.prepare_noise(latent, sampling.seed + i)
+            comfy.sample.sample(clone, noise, sampling.steps, sampling.cfg, sampling.sampler_name, sampling.scheduler,
+                                sampling.positive, sampling.negative, latent, seed=sampling.seed + i,
+                                callback=lambda *_: bar.update(1), disable_pbar=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class RowSample:
+    """A bounded uniform sample of the rows seen across calls (bottom-k of seeded random keys), on the CPU in
+    float32. At most `per_call` random rows of each call are considered, which bounds the copy per call."""
+
+    def __init__(self, capacity: int, per_call: int, seed: int = 0):
+        self.capacity, self.per_call = capacity, per_call
+        self._rows = torch.empty(0)
+        self._keys = torch.empty(0)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def add(self, rows: torch.Tensor) -> None:
+        """rows [N, D]"""
+        pick = torch.randperm(rows.shape[0], generator=self._generator)[:self.per_call]
+        new = rows[pick.to(rows.device)].float().cpu()
+        keys = torch.cat([self._keys, torch.rand(len(new), generator=self._generator)])
+        rows = torch.cat([self._rows.reshape(-1, new.shape[1]), new])
+        if len(keys) > self.capacity:
+            keep = keys.topk(self.capacity, largest=False).indices
+            keys, rows = keys[keep], rows[keep]
+        self._keys, self._rows = keys, rows
+
+    def tensor(self) -> torch.Tensor:
+        return self._rows

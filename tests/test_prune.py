@@ -1,0 +1,181 @@
+"""2:4 pruning and TEAL activation sparsity (compression/): masks, Wanda scores and thresholds against plain
+references, the patch on a clone only, and masks that survive a recovery fine-tune."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfy_env import require_comfyui, tiny_wan, tiny_wan_path  # noqa: F401  (fixtures)
+
+require_comfyui()
+from comfyui_bsa.compression.activation_sparsity import (ActivationSparsityConfig, InputMagnitudes,  # noqa: E402
+                                                          apply_activation_sparsity, sigma_bin)
+from comfyui_bsa.compression.linears import CalibrationSampling, observe_linear_inputs, target_linears  # noqa: E402
+from comfyui_bsa.compression.sparsity24 import (Sparse24Weight, Sparsity24Config, apply_sparsity24,  # noqa: E402
+                                                 mask_24, masked_linear_reference, wanda_scores)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def assert_valid_24(mask: torch.Tensor, weight: torch.Tensor | None = None):
+    groups = mask.reshape(mask.shape[0], -1, 4)
+    assert (groups.sum(-1) == 2).all()
+    if weight is not None:  # random weights have no zeros: exactly 2 nonzeros of every 4 after masking
+        assert ((weight * mask).reshape(mask.shape[0], -1, 4) != 0).sum(-1).eq(2).all()
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (64, 256), (3, 4)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_mask_keeps_two_largest_of_every_four(shape):
+    scores = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    mask = mask_24(scores)
+    assert_valid_24(mask, scores)
+    groups, kept = scores.reshape(shape[0], -1, 4), mask.reshape(shape[0], -1, 4)
+    for r in range(shape[0]):  # reference: sort each group by hand
+        for g in range(shape[1] // 4):
+            order = sorted(range(4), key=lambda i: -float(groups[r, g, i]))
+            assert {i for i in range(4) if kept[r, g, i]} == set(order[:2])
+
+
+def test_mask_rejects_input_dim_not_divisible_by_four():
+    with pytest.raises(ValueError, match="in_features"):
+        mask_24(torch.randn(4, 6))
+
+
+def test_magnitude_and_wanda_pick_the_expected_weights():
+    weight = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    norms = torch.tensor([0.1, 0.1, 10.0, 10.0])  # loud inputs on the small weights
+    assert mask_24(weight.abs()).tolist() == [[True, True, False, False]]
+    assert mask_24(wanda_scores(weight, norms)).tolist() == [[False, False, True, True]]
+
+
+def test_masked_dense_equals_explicit_masked_matmul():
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Linear(32, 16)
+    mask = mask_24(torch.randn(16, 32, generator=g))
+    x = torch.randn(2, 5, 32, generator=g)
+    expected = x @ (layer.weight * mask).T + layer.bias
+    torch.testing.assert_close(Sparse24Weight(mask).linear(layer, x), expected)
+    torch.testing.assert_close(masked_linear_reference(x, layer.weight, mask, layer.bias), expected)
+
+
+@pytest.mark.gpu
+def test_semi_structured_equals_masked_dense_on_cuda():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 128).cuda().half()
+    mask = mask_24(torch.randn(128, 256))
+    x = torch.randn(64, 256, device="cuda", dtype=torch.half)
+    weight24 = Sparse24Weight(mask)
+    out = weight24.linear(layer, x)
+    assert type(weight24.weight_for(layer, x)).__name__.startswith("SparseSemiStructured")
+    torch.testing.assert_close(out.float(), masked_linear_reference(x, layer.weight, mask.cuda(), layer.bias),
+                               rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def sampling():
+    g = torch.Generator().manual_seed(3)
+    cond = lambda: [[torch.randn(1, 16, 4096, generator=g), {}]]  # noqa: E731
+    return CalibrationSampling(cond(), cond(), {"samples": torch.zeros(1, 16, 3, 8, 8)}, samples=2, steps=4)
+
+
+def recorded_inputs(model, sampling):
+    """Every input of every target linear during the calibration run, with its sigma (the reference)."""
+    seen = []
+    names = list(target_linears(model.get_model_object("diffusion_model")))
+    observe_linear_inputs(model, names, lambda name, x, sigma: seen.append((name, x.clone(), sigma)), sampling)
+    return seen
+
+
+def test_wanda_pruning_of_tiny_wan(tiny_wan, sampling):
+    clone, result = apply_sparsity24(tiny_wan, Sparsity24Config(method="wanda", layers="all", max_error=10.0),
+                                     sampling)
+    linears = target_linears(tiny_wan.get_model_object("diffusion_model"))
+    assert len(result.masks) == len(linears) == 20  # 2 blocks x (4 + 4 attention + 2 ffn)
+    norms = {}
+    for name, x, _ in recorded_inputs(tiny_wan, sampling):
+        norms[name] = norms.get(name, 0) + x.reshape(-1, x.shape[-1]).double().square().sum(0)
+    for name, mask in result.masks.items():
+        weight = linears[name].weight.detach()
+        assert_valid_24(mask, weight)
+        reference = weight.double().abs() * norms[name].sqrt()[None, :]
+        torch.testing.assert_close(wanda_scores(weight, norms[name].sqrt().float()).double(), reference,
+                                   rtol=1e-5, atol=0)
+        assert torch.equal(mask, mask_24(reference))
+    assert "20 of 20 layers pruned" in result.to_text()
+
+
+def test_error_criterion_and_speed_rule_keep_layers_dense(tiny_wan, sampling):
+    _, strict = apply_sparsity24(tiny_wan, Sparsity24Config(method="magnitude", layers="all", max_error=0.0),
+                                 sampling)
+    assert not strict.masks and all("error above" in c.reason for c in strict.choices)
+    _, fast = apply_sparsity24(tiny_wan, Sparsity24Config(method="magnitude", layers="fast"))
+    assert not fast.masks  # 256-wide layers are far below the large-layer rule
+
+
+def test_invalid_settings_name_the_input():
+    with pytest.raises(ValueError, match="method"):
+        Sparsity24Config(method="random")
+    with pytest.raises(ValueError, match="target"):
+        ActivationSparsityConfig(target=1.5)
+    with pytest.raises(ValueError, match="sigma_bins"):
+        ActivationSparsityConfig(sigma_bins=0)
+
+
+def sample(model, seed=0):
+    import comfy.sample
+    g = torch.Generator().manual_seed(7)
+    pos, neg = [[torch.randn(1, 16, 4096, generator=g), {}]], [[torch.randn(1, 16, 4096, generator=g), {}]]
+    latent = torch.zeros(1, 16, 3, 8, 8)
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), 3, 5.0, "euler", "simple", pos, neg,
+                               latent, seed=seed, disable_pbar=True)
+
+
+def test_thresholds_hit_target_per_bin_and_patch_stays_on_its_clone(tiny_wan, sampling):
+    config = ActivationSparsityConfig(target=0.4, sigma_bins=2)
+    dense_before = sample(tiny_wan)
+    pruned, _ = apply_sparsity24(tiny_wan, Sparsity24Config(method="magnitude", layers="all"))
+    clone, thresholds, state = apply_activation_sparsity(pruned, config, sampling)
+    # the target share of every layer's calibration inputs lies below its bin's threshold (all entries counted)
+    below, total = {}, {}
+    for name, x, sigma in recorded_inputs(pruned, sampling):
+        key = (name, sigma_bin(thresholds.edges, sigma))
+        below[key] = below.get(key, 0) + int((x.abs() < thresholds.per_layer[name][key[1]]).sum())
+        total[key] = total.get(key, 0) + x.numel()
+    assert len({b for _, b in total}) == 2 and len(total) == 40
+    for key in total:
+        assert abs(below[key] / total[key] - 0.4) < 0.03, key
+    patched = sample(clone)
+    achieved = state.stats.sparsity()
+    assert len({s for s, _ in achieved}) == 3 and all(0.2 < v < 0.6 for v in achieved.values())
+    assert "over 3 steps" in state.stats.to_text()
+    assert (patched - dense_before).abs().max() > 1e-3
+    torch.testing.assert_close(sample(tiny_wan), dense_before, rtol=0, atol=0)  # no leak into the base model
+
+
+def test_non_wan_model_is_returned_unpatched():
+    from comfyui_bsa.compression.sparsity24 import choose_layers
+    assert choose_layers({}, Sparsity24Config(method="wanda"), None).masks == {}
+    magnitudes = InputMagnitudes(16)
+    assert magnitudes.sigmas() == []
+
+
+def test_recovery_fine_tune_keeps_masks_exactly(tmp_path):
+    from safetensors.torch import load_file
+    from test_training import tiny_config
+
+    from comfyui_bsa.compression.sparsity24 import magnitude_masks
+    from comfyui_bsa.training.loop import initial_weights, train
+    from comfyui_bsa.training.model import wan_from_state_dict
+
+    config = tiny_config(tmp_path / "run", max_steps=3, prune={"method": "magnitude", "layers": "all"})
+    masks = magnitude_masks(wan_from_state_dict(initial_weights(config)), config.prune_config())
+    assert len(masks) == 10 * config.layers  # q, k, v, o of both attentions and the two FFN linears
+    train(config, progress=False)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    exported = load_file(str(tmp_path / "run" / "model_ema.safetensors"))
+    for name, mask in masks.items():
+        for weight in (state["model"][f"{name}.weight"], exported[f"{name}.weight"]):
+            assert_valid_24(mask, weight)
+            assert (weight[~mask] == 0).all()
+    with pytest.raises(ValueError, match="prune.method"):
+        tiny_config(tmp_path / "other", prune={"method": "wanda"})
