@@ -258,9 +258,12 @@ def selection_of_call(q, k, v, layout: CubeLayout, config: BSAConfig, scale: flo
     return bsa_select(layout.to_cubes(q[..., video, :]), layout.to_cubes(k[..., video, :]), layout, config, scale)
 
 
-def _triton_selection(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int):
+def _triton_selection(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int,
+                      q_cubes: bool = False):
     """The Triton path's first half: Q/K/V in the kernels' dtype, permuted to cube order (+ pooled means, one
-    launch) and selected. Returns (q, permute_qkv's outputs, selection, dense selection mask)."""
+    launch) and selected. Q's cubes are written below keep_ratio 1 (query selection reads them) or when
+    `q_cubes` asks (the backward); its mean is the same bits either way. Returns ((q, k, v) in the kernels'
+    dtype, permute_qkv's outputs, selection, dense selection mask)."""
     from ..kernels.cube_permute import permute_qkv
     from .gpu_select import select_triton
 
@@ -268,12 +271,22 @@ def _triton_selection(q, k, v, layout: CubeLayout, config: BSAConfig, scale: flo
         q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     if q.stride(-1) != 1:  # the attention kernel reads Q rows as vectors (the permutes take any strides)
         q = q.contiguous()
-    permuted = permute_qkv(q, k, v, layout, n_prefix, q_cubes=config.keep_ratio < 1.0,
-                           pooled=config.pooled_remainder)
-    q_cubes, q_bar, k_cubes, k_bar = permuted[:4]
-    selection, attended = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
+    permuted = permute_qkv(q, k, v, layout, n_prefix, q_cubes=q_cubes or config.keep_ratio < 1.0,
+                           q_mean=config.keep_ratio >= 1.0, pooled=config.pooled_remainder)
+    q_cube_rows, q_bar, k_cubes, k_bar = permuted[:4]
+    selection, attended = select_triton(q_cube_rows, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
                                         return_mask=True)
-    return q, permuted, selection, attended
+    return (q, k, v), permuted, selection, attended
+
+
+def extra_parts(L: int, n_prefix: int, n_suffix: int) -> list[slice]:
+    """The rows of the extra (never pruned) tokens: the prefix and the suffix, where present."""
+    return [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
+
+
+def extra_rows(x: torch.Tensor, parts: list[slice]) -> torch.Tensor | None:
+    """x's extra-token rows [..., E, D] in order (None without extra tokens)."""
+    return torch.cat([x[..., part, :] for part in parts], -2) if parts else None
 
 
 def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int,
@@ -287,13 +300,12 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     from ..kernels.output_scatter import output_scatter
 
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
-    q, (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
+    (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
         q, k, v, layout, config, scale, n_prefix)
     remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     L = q.shape[-2]
-    extra = [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
-    k_extra = torch.cat([k[..., part, :] for part in extra], -2).to(q.dtype) if extra else None
-    v_extra = torch.cat([v[..., part, :] for part in extra], -2).to(q.dtype) if extra else None
+    extra = extra_parts(L, n_prefix, n_suffix)
+    k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the op's fake promises
     if config.keep_ratio >= 1.0:
         block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index, out,
@@ -307,7 +319,7 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     if extra:
         # extra tokens (text, reference frames) are never pruned: dense rows over every key
         rows = torch.nn.functional.scaled_dot_product_attention(
-            torch.cat([q_in[..., part, :] for part in extra], -2), k_in, v_in, scale=scale)
+            extra_rows(q_in, extra), k_in, v_in, scale=scale)
         out[..., :n_prefix, :] = rows[..., :n_prefix, :]
         out[..., L - n_suffix:, :] = rows[..., n_prefix:, :]
     return out, selection

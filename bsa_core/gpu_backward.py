@@ -1,10 +1,11 @@
 """The backward of a BSA call on the Triton kernels: recompute the call's selection and its forward's
 log-sum-exp, then the block-sparse backward kernels (`kernels/block_sparse_attention_bwd.py`).
 
-The selection is a constant of the step (BSA_SPEC "Backward"): the same permute pass and selection kernels
-as the forward give the same tables. Gradients follow the forward exactly: a dropped query's output
-gradient goes to the kept query it copied, the pooled keys' gradients spread over their cube's keys and
-values (k_bar is their mean), the extra tokens' own rows are dense attention.
+The selection is a constant of the step (BSA_SPEC "Backward"): the forward's own first half
+(`attention._triton_selection`: the same permute pass and selection kernels) gives the same tables.
+Gradients follow the forward exactly: a dropped query's output gradient goes to the kept query it copied,
+the pooled keys' gradients spread over their cube's keys and values (k_bar is their mean), the extra
+tokens' own rows are dense attention.
 """
 from __future__ import annotations
 
@@ -12,28 +13,22 @@ import torch
 
 from ..kernels.block_sparse_attention import block_sparse_attention
 from ..kernels.block_sparse_attention_bwd import block_sparse_attention_backward
-from ..kernels.cube_permute import cube_permute, permute_qkv
+from ..kernels.cube_permute import cube_permute
+from .attention import _triton_selection, extra_parts, extra_rows
 from .cubes import CubeLayout
-from .gpu_select import select_triton
 
 
 def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config, scale: float, n_prefix: int = 0,
                                   n_suffix: int = 0):
     """q, k, v, grad_out [B, H, L, D] as the forward got them -> (dq, dk, dv) in q's dtype."""
     q_in, k_in, v_in = q, k, v
-    if q.dtype == torch.float32:  # the forward's kernels computed in bf16 (its extra rows in fp32)
-        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     B, H, L, D = q.shape
     N, S = layout.num_cubes, layout.cube_volume
-    all_queries = config.keep_ratio >= 1.0
-    q_cubes, q_bar, k_cubes, k_bar, v_cubes, k_pooled, v_pooled = permute_qkv(
-        q, k, v, layout, n_prefix, q_cubes=True, q_mean=all_queries, pooled=config.pooled_remainder)
-    selection, attended = select_triton(q_cubes, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
-                                        return_mask=True)
+    (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
+        q, k, v, layout, config, scale, n_prefix, q_cubes=True)
     remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
-    extra = [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
-    k_extra = torch.cat([k[..., part, :] for part in extra], -2) if extra else None
-    v_extra = torch.cat([v[..., part, :] for part in extra], -2) if extra else None
+    extra = extra_parts(L, n_prefix, n_suffix)
+    k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)
     q_index = selection.q_index.contiguous()
     out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, q_index, selection.kv_count, selection.kv_index,
                                            layout.slot_valid, scale, k_extra, v_extra, remainder=remainder,
@@ -64,8 +59,8 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(True) for x in (q_in, k_in, v_in)]
             rows = torch.nn.functional.scaled_dot_product_attention(
-                torch.cat([leaves[0][..., part, :] for part in extra], -2), leaves[1], leaves[2], scale=scale)
-            grad_rows = torch.cat([grad_out[..., part, :] for part in extra], -2).to(rows.dtype)
+                extra_rows(leaves[0], extra), leaves[1], leaves[2], scale=scale)
+            grad_rows = extra_rows(grad_out, extra).to(rows.dtype)
             for grad, extra_grad in zip((dq, dk, dv), torch.autograd.grad(rows, leaves, grad_rows)):
                 grad += extra_grad.float()
     return tuple(x.to(q_in.dtype) for x in (dq, dk, dv))
