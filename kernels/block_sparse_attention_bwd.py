@@ -55,6 +55,33 @@ def _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32: tl.cons
 
 
 @triton.jit
+def _dense_key_bias(Log2N, Attended, bh, N, cube, cols, ok, POOLED: tl.constexpr):
+    """[1, BLOCK_N] log2 bias of a block of keys every row may see: extra keys 0 (-inf past the end); with
+    POOLED the pooled cube means, log2 n_valid, -inf where the row's cube selected that cube."""
+    if POOLED:
+        hidden = tl.load(Attended + (bh * N + cube) * N + cols, mask=ok, other=1)
+        return tl.where(ok & (hidden == 0), tl.load(Log2N + cols, mask=ok, other=0.0), float("-inf"))[None, :]
+    return tl.where(ok, 0.0, float("-inf"))[None, :]
+
+
+@triton.jit
+def _dq_over_dense_keys(dq, q, do, lse, delta, KD, VD, Log2N, Attended, bh, cube, N, n_keys, qk_scale, offs_n,
+                        offs_d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, POOLED: tl.constexpr,
+                        DOT_F32: tl.constexpr):
+    """dQ += dS K over the n_keys extra keys or (POOLED) the pooled cube means, BLOCK_N keys a step."""
+    for start in range(0, n_keys, BLOCK_N):
+        cols = (start + offs_n).to(tl.int64)
+        ok = cols < n_keys
+        kv_off = bh * n_keys * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(KD + kv_off, mask=ok[:, None], other=0.0)
+        v = tl.load(VD + kv_off, mask=ok[:, None], other=0.0)
+        bias = _dense_key_bias(Log2N, Attended, bh, N, cube, cols, ok, POOLED)
+        _, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended, DQ, q_index_ptr, kv_count_ptr,
                    kv_index_ptr, key_bias_ptr, qk_scale, N, KQ, KV_W, E,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
@@ -81,24 +108,11 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended,
             _, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
             dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
     if HAS_EXTRA:
-        for start in range(0, E, BLOCK_N):
-            rows = (start + offs_n).to(tl.int64)
-            ok = rows < E
-            k = tl.load(KE + bh * E * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(VE + bh * E * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-            _, ds = _probs_and_dscores(q, do, k, v, lse, delta, tl.where(ok, 0.0, float("-inf"))[None, :], qk_scale,
-                                       DOT_F32)
-            dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+        dq = _dq_over_dense_keys(dq, q, do, lse, delta, KE, VE, Log2N, Attended, bh, cube, N, E, qk_scale, offs_n,
+                                 offs_d, BLOCK_N, HEAD_DIM, False, DOT_F32)
     if HAS_REMAINDER:
-        for start in range(0, N, BLOCK_N):
-            cols = (start + offs_n).to(tl.int64)
-            ok = cols < N
-            k = tl.load(KBar + bh * N * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(VBar + bh * N * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-            hidden = tl.load(Attended + (bh * N + cube) * N + cols, mask=ok, other=1)
-            bias = tl.where(ok & (hidden == 0), tl.load(Log2N + cols, mask=ok, other=0.0), float("-inf"))[None, :]
-            _, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
-            dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+        dq = _dq_over_dense_keys(dq, q, do, lse, delta, KBar, VBar, Log2N, Attended, bh, cube, N, N, qk_scale, offs_n,
+                                 offs_d, BLOCK_N, HEAD_DIM, True, DOT_F32)
     tl.store(DQ + qi_off[:, None] * HEAD_DIM + offs_d[None, :], dq * (qk_scale / 1.44269504), mask=live[:, None])
 
 
@@ -148,18 +162,12 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
     kv_off = bh * n_keys * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
     k = tl.load(KD + kv_off, mask=ok[:, None], other=0.0)
     v = tl.load(VD + kv_off, mask=ok[:, None], other=0.0)
-    if POOLED:
-        weight = tl.load(Log2N + cols, mask=ok, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for cube in range(0, N):
         q, do, lse, delta, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
                                               CUBE, HEAD_DIM)
-        if POOLED:
-            hidden = tl.load(Attended + (bh * N + cube) * N + cols, mask=ok, other=1)
-            bias = tl.where(ok & (hidden == 0), weight, float("-inf"))[None, :]
-        else:
-            bias = tl.where(ok, 0.0, float("-inf"))[None, :]
+        bias = _dense_key_bias(Log2N, Attended, bh, N, cube, cols, ok, POOLED)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
         dv = _dot(tl.trans(p).to(do.dtype), do, dv, DOT_F32)
         dk = _dot(tl.trans(ds).to(q.dtype), q, dk, DOT_F32)
