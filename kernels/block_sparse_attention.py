@@ -371,6 +371,7 @@ def _work_order(grp_count: torch.Tensor) -> torch.Tensor:
 class _KeyTables(NamedTuple):
     key_bias: torch.Tensor  # [N, S] fp32: 0 on real key slots, -inf on padding
     log2_n: torch.Tensor    # [N] fp32: log2 of each cube's real key count (pooled key weight)
+    slot_valid: torch.Tensor  # the mask they were built from: held, so its address cannot be reused by another
 
 
 _key_tables_cache: dict = {}
@@ -380,10 +381,10 @@ def _key_tables(slot_valid: torch.Tensor) -> _KeyTables:
     """Per-layout constants, built once per (layout, device) instead of once per call."""
     key = (slot_valid.data_ptr(), tuple(slot_valid.shape), str(slot_valid.device))
     tables = _key_tables_cache.get(key)
-    if tables is None or tables.key_bias.shape != slot_valid.shape:
+    if tables is None:
         bias = torch.zeros(slot_valid.shape, dtype=torch.float32, device=slot_valid.device)
         bias.masked_fill_(~slot_valid, float("-inf"))
-        tables = _KeyTables(bias, torch.log2(slot_valid.sum(-1).float()).contiguous())
+        tables = _KeyTables(bias, torch.log2(slot_valid.sum(-1).float()).contiguous(), slot_valid)
         if len(_key_tables_cache) > 64:
             _key_tables_cache.clear()
         _key_tables_cache[key] = tables
