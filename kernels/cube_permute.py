@@ -4,9 +4,8 @@ x [B, H, L, D] holds the video tokens in raster order from row `n_prefix` on (pr
 stay where they are, so the caller needs no slice copy). One program moves one cube of one (batch,
 head): S rows gathered from the raster, written contiguously to [B, H, N, S, D] with padding slots
 zeroed. With WITH_MEAN the same rows are summed in fp32, which gives k_bar for KV selection without a
-second pass over K; `cube_means` runs the same pass without the copy (Q at keep_ratio 1, where the
-attention kernel reads the raster rows itself), and `permute_qkv` does a call's three permutes in one
-launch.
+second pass over K. `permute_qkv` does a call's three permutes in one launch, Q's as its mean alone where
+the attention kernel reads Q's raster rows itself (keep_ratio 1).
 """
 from __future__ import annotations
 
@@ -61,11 +60,10 @@ def _permute_cube(X, Y, Mean, Mean16, cube, bh, n_cubes, n_prefix, n_heads, GT, 
 def _cube_permute_kernel(X, Y, Mean, n_prefix, n_heads, GT, GH, GW, NH, NW,
                          stride_xb, stride_xh, stride_xl, stride_xd,
                          HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
-                         CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, WITH_MEAN: tl.constexpr,
-                         WITH_CUBES: tl.constexpr):
+                         CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, WITH_MEAN: tl.constexpr):
     _permute_cube(X, Y, Mean, Mean, tl.program_id(0), tl.program_id(1).to(tl.int64), tl.num_programs(0), n_prefix,
                   n_heads, GT, GH, GW, NH, NW, stride_xb, stride_xh, stride_xl, stride_xd, HEAD_DIM, D_PAD, BLOCK_S,
-                  CT, CH, CW, WITH_MEAN, WITH_CUBES)
+                  CT, CH, CW, WITH_MEAN, True)
 
 
 @triton.jit
@@ -95,33 +93,30 @@ def cube_permute(x: torch.Tensor, layout, n_prefix: int = 0, with_mean: bool = F
     """x [B, H, L, D] (video rows n_prefix .. n_prefix + T*H*W in raster order, any strides) ->
     cubes [B, H, N, S, D] contiguous in x.dtype, padding zero; with_mean also returns the mean of
     each cube's valid rows [B, H, N, D] float32 (k_bar)."""
-    cubes, mean = _launch(x, layout, n_prefix, with_mean, with_cubes=True)
+    _check(x, "x", layout, n_prefix)
+    B, H, _, D = x.shape
+    cubes, mean = _outputs(x, layout.num_cubes, layout.cube_volume, cubes=True, mean=with_mean)
+    _cube_permute_kernel[(layout.num_cubes, B * H)](
+        x, cubes, x if mean is None else mean, n_prefix, H, *_grid_args(layout), *x.stride(),
+        **_tile_args(layout, D), WITH_MEAN=with_mean)
     return (cubes, mean) if with_mean else cubes
 
 
-def cube_means(x: torch.Tensor, layout, n_prefix: int = 0) -> torch.Tensor:
-    """Mean of each cube's valid rows of x [B, H, L, D] (video rows from n_prefix on, any strides):
-    [B, H, N, D] float32, the cube order itself is not written."""
-    return _launch(x, layout, n_prefix, with_mean=True, with_cubes=False)[1]
-
-
-def _launch(x, layout, n_prefix, with_mean, with_cubes):
+def _check(x, name, layout, n_prefix):
     if x.dim() != 4:
-        raise ValueError(f"x must be [B, H, L, D], got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be [B, H, L, D], got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
     if n_prefix < 0 or n_prefix + layout.num_tokens > x.shape[2]:
-        raise ValueError(f"n_prefix={n_prefix}: x has {x.shape[2]} rows, the grid needs {layout.num_tokens}")
-    B, H, _, D = x.shape
-    N, S = layout.num_cubes, layout.cube_volume
-    cubes, mean = _outputs(x, N, S, cubes=with_cubes, mean=with_mean)
-    d_pad = triton.next_power_of_2(D)
-    block_s = min(triton.next_power_of_2(S), max(1, _TILE_ELEMENTS // d_pad))
-    _cube_permute_kernel[(N, B * H)](
-        x, x if cubes is None else cubes, x if mean is None else mean, n_prefix, H, *_grid_args(layout), *x.stride(),
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_S=block_s, CT=layout.cube_size[0], CH=layout.cube_size[1],
-        CW=layout.cube_size[2], WITH_MEAN=with_mean, WITH_CUBES=with_cubes)
-    return cubes, mean
+        raise ValueError(f"n_prefix={n_prefix}: {name} has {x.shape[2]} rows, the grid needs {layout.num_tokens}")
+
+
+def _tile_args(layout, head_dim: int) -> dict:
+    """The permute kernels' tile constexprs: rows per step bounded by _TILE_ELEMENTS, the cube's shape."""
+    d_pad = triton.next_power_of_2(head_dim)
+    return dict(HEAD_DIM=head_dim, D_PAD=d_pad,
+                BLOCK_S=min(triton.next_power_of_2(layout.cube_volume), max(1, _TILE_ELEMENTS // d_pad)),
+                CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2])
 
 
 class PermutedQKV(NamedTuple):
@@ -142,8 +137,7 @@ def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_pre
     pooled remainder. A mean is the same bits whether or not the cubes are written (one code path)."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share shape and dtype, got {[(tuple(x.shape), x.dtype) for x in (q, k, v)]}")
-    if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
-        raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
+    _check(q, "q", layout, n_prefix)
     B, H, _, D = q.shape
     N, S = layout.num_cubes, layout.cube_volume
     q_mean = not q_cubes if q_mean is None else q_mean
@@ -151,13 +145,10 @@ def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_pre
     kc, km = _outputs(k, N, S, cubes=True, mean=True)
     vc, _ = _outputs(v, N, S, cubes=True, mean=False)
     k16, v16 = (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device) if pooled else None for _ in range(2))
-    d_pad = triton.next_power_of_2(D)
     _permute_qkv_kernel[(N, B * H, 3)](
         q, k, v, q if qc is None else qc, kc, vc, km if qm is None else qm, km, k if k16 is None else k16,
         v if v16 is None else v16, n_prefix, H, *_grid_args(layout), *q.stride(), *k.stride(), *v.stride(),
-        HEAD_DIM=D, D_PAD=d_pad, BLOCK_S=min(triton.next_power_of_2(S), max(1, _TILE_ELEMENTS // d_pad)),
-        CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2], Q_CUBES=q_cubes, Q_MEAN=q_mean,
-        POOLED=pooled)
+        **_tile_args(layout, D), Q_CUBES=q_cubes, Q_MEAN=q_mean, POOLED=pooled)
     return PermutedQKV(qc, qm, kc, km, vc, k16, v16)
 
 
