@@ -130,6 +130,8 @@ def test_resumed_run_equals_the_uninterrupted_one_bit_for_bit(comfy, tmp_path):
     straight = train(tiny_config(tmp_path / "straight"), progress=False)
     first = train(tiny_config(tmp_path / "resumed"), stop_at=2, progress=False)
     assert [r["step"] for r in first] == [1, 2]
+    with open(tmp_path / "resumed" / LOG_FILE, "a") as log:  # a step logged by a run killed before its checkpoint
+        log.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
     second = train(tiny_config(tmp_path / "resumed"), progress=False)
     assert [r["step"] for r in second] == [3, 4]
     assert [r["loss"] for r in first + second] == [r["loss"] for r in straight]

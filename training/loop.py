@@ -126,6 +126,14 @@ def _save_atomic(obj, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
+def _truncate_log(path: pathlib.Path, step: int) -> None:
+    """Drops the log rows past `step`: a run killed after its last checkpoint logged steps that the resumed
+    run takes again, and the log holds each step once."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in rows))
+
+
 def _start_run(config: TrainConfig, run_dir: pathlib.Path) -> None:
     """A new run writes config.json; a resumed one must have been started with the same config."""
     path = run_dir / CONFIG_FILE
@@ -175,6 +183,7 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step = state["step"]
+        _truncate_log(run_dir / LOG_FILE, step)
 
     rows = []
     bar = tqdm(total=config.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
