@@ -33,6 +33,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="480p")
     parser.add_argument("--settings", default="stat1,stat1.5")
+    parser.add_argument("--profile", action="store_true", help="per-kernel GPU time of each setting's backward")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     for shape in args.shapes.split(","):
@@ -67,6 +68,11 @@ def main():
             total, bwd = ms(fwd_bwd), ms(backward)
             rels = ", ".join(f"{errors(a, b)[0]:.3f}" for a, b in zip(grads, dense_grads))
             print(f"  {name:8s} {total:10.2f} {dense_ms / total:7.2f} {bwd:7.2f}  {rels}", flush=True)
+            if args.profile:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    backward()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
 
 
 if __name__ == "__main__":

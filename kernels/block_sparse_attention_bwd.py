@@ -30,6 +30,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.44269504
 
 
+def _tuned(*key: str):
+    """Warps and pipeline stages picked per shape on the first call (outputs are stored, not accumulated, so
+    the tuning runs leave them right); configs that do not fit the device's shared memory drop out. The
+    interpreter runs one config."""
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=list(key))
+
+
 @triton.jit
 def _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
                 CUBE: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -81,6 +89,7 @@ def _dq_over_dense_keys(dq, q, do, lse, delta, KD, VD, Log2N, Attended, bh, cube
     return dq
 
 
+@_tuned("N", "KQ", "E", "CUBE", "HEAD_DIM", "HAS_REMAINDER")
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended, DQ, q_index_ptr, kv_count_ptr,
                    kv_index_ptr, key_bias_ptr, qk_scale, N, KQ, KV_W, E,
@@ -116,6 +125,7 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended,
     tl.store(DQ + qi_off[:, None] * HEAD_DIM + offs_d[None, :], dq * (qk_scale / 1.44269504), mask=live[:, None])
 
 
+@_tuned("N", "KQ", "CUBE", "HEAD_DIM")
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, q_index_ptr, t_count_ptr, t_index_ptr, key_bias_ptr,
                      qk_scale, N, KQ, T_W,
@@ -148,6 +158,7 @@ def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, q_index_ptr, t_count_ptr, 
     tl.store(DV + kv_off, dv, mask=ok[:, None])
 
 
+@_tuned("N", "KQ", "n_keys", "CUBE", "HEAD_DIM", "POOLED")
 @triton.jit
 def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q_index_ptr, qk_scale, N, KQ, n_keys,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
@@ -205,7 +216,7 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
     BLOCK_M = max(16, triton.next_power_of_2(KQ))
     BLOCK_N = min(64, max(16, triton.next_power_of_2(S)))
     qk_scale = scale * _LOG2E
-    meta = dict(BLOCK_M=BLOCK_M, HEAD_DIM=D, CUBE=S, DOT_F32=_INTERPRET, num_warps=4)
+    meta = dict(BLOCK_M=BLOCK_M, HEAD_DIM=D, CUBE=S, DOT_F32=_INTERPRET)
 
     dq = torch.zeros(B, H, N, KQ, D, dtype=torch.float32, device=q.device)
     _bwd_dq_kernel[(N, B * H)](q, k, v, do, lse.contiguous(), delta, ke, ve, k_bar, v_bar, tables.log2_n, attended,
