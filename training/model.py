@@ -37,9 +37,9 @@ def initial_state_dict(dim: int, layers: int, ffn_dim: int, seed: int) -> dict[s
     return tiny_wan.random_weights(tiny_wan.wan21_t2v_shapes(dim, layers, ffn_dim), seed, dtype=torch.float32)
 
 
-def wan_from_state_dict(state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+def wan_from_state_dict(state_dict: dict[str, torch.Tensor], dtype=torch.float32, device=None) -> torch.nn.Module:
     """ComfyUI's WanModel with the architecture ComfyUI detects in `state_dict`, holding those weights
-    (float32, on the CPU). A key ComfyUI's Wan lacks or misses fails here (strict load)."""
+    (float32 on the CPU unless told otherwise). A key ComfyUI's Wan lacks or misses fails here (strict load)."""
     import comfy.model_detection
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
@@ -48,8 +48,8 @@ def wan_from_state_dict(state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     if unet_config is None or unet_config.get("image_model") != "wan2.1":
         raise ValueError("state dict is not a Wan 2.1 diffusion model")
     unet_config = {k: v for k, v in unet_config.items() if k != "image_model"}
-    model = WanModel(**unet_config, operations=comfy.ops.disable_weight_init, dtype=torch.float32)
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    model = WanModel(**unet_config, operations=comfy.ops.disable_weight_init, dtype=dtype, device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True)
     return model
 
 
