@@ -32,7 +32,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, token_scales, weight_scales
+from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, weight_scales
 
 log = logging.getLogger(__name__)
 LOG_PREFIX = "[TDQ]"
@@ -262,7 +262,7 @@ class TDQLinear(torch.nn.Module):
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
         weight_fp8, w_scale = self.quantized_weight(x.device)
-        x_scale = token_scales(x) if self.mode == "dynamic" else self.state.scales[self.index]
+        x_scale = None if self.mode == "dynamic" else self.state.scales[self.index]  # None: per token
         return fp8_linear(x, weight_fp8, w_scale, bias, x_scale)
 
 

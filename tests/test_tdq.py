@@ -9,8 +9,8 @@ import torch
 from comfy_env import PromptRunner, require_comfyui, tiny_prompt, tiny_wan, tiny_wan_path  # noqa: F401 (fixtures)
 
 require_comfyui()
-from comfyui_bsa.compression.fp8 import (E4M3, E4M3_MAX, fake_quantize, fp8_linear, round_to_e4m3_reference,  # noqa: E402
-                                         to_e4m3, weight_scales)
+from comfyui_bsa.compression.fp8 import (E4M3, E4M3_MAX, fake_quantize, fp8_linear, reference_math,  # noqa: E402
+                                         round_to_e4m3_reference, to_e4m3, token_scales, weight_scales)
 from comfyui_bsa.compression.tdq import (CLIP_GRID, TDQCalibration, TDQConfig, apply_tdq, calibrate_tdq,  # noqa: E402
                                          clipping_error_curve, fit_generators, generator_log_intervals)
 
@@ -52,6 +52,54 @@ def test_fp8_linear_equals_fake_quant_reference():
                      @ (round_to_e4m3_reference(weight / w_scales) * w_scales).t() + bias)
         out = fp8_linear(x, to_e4m3(weight, w_scales), w_scales, bias, x_scale)
         torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def kernel_inputs(dtype, device):
+    """Rows of very different ranges, a zero row, a row of e4m3 ties and saturating values, as a row-strided view."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 200, generator=generator) * torch.logspace(-4, 4, 37)[:, None]
+    x[5] = 0
+    x[6, :12] = torch.tensor([0.0, 448.0, 449.0, 464.0, 465.0, -1e6, 2.0 ** -10, 3 * 2.0 ** -10, 1.5 * 2.0 ** -9,
+                              1.0625, 1.1875, -126.0])
+    return x.to(dtype).to(device)[:, 8:168]  # K = 160, row stride 200
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale_kind", ["shared", "rows", "dynamic"])
+def test_quantize_kernel_gives_to_e4m3s_bits(scale_kind, dtype):
+    """The activation kernel of the _scaled_mm path against to_e4m3 / token_scales, bit for bit (in Triton's
+    interpreter without CUDA)."""
+    from comfyui_bsa.kernels.quantize_fp8 import quantize_fp8_rows
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = kernel_inputs(dtype, device)
+    scale = {"shared": torch.tensor(0.37, device=device), "rows": token_scales(x) * 0.6, "dynamic": None}[scale_kind]
+    x_fp8, scales = quantize_fp8_rows(x, scale)
+    expected_scales = token_scales(x) if scale is None else scale.float().reshape(-1, 1).expand(x.shape[0], 1)
+    assert x_fp8.is_contiguous() and scales.shape == (x.shape[0], 1)
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(x_fp8.view(torch.uint8), to_e4m3(x, expected_scales).view(torch.uint8))
+
+
+def test_quantize_kernel_rejects_bad_inputs():
+    from comfyui_bsa.kernels.quantize_fp8 import quantize_fp8_rows
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        quantize_fp8_rows(torch.zeros(4, 32).t())
+    with pytest.raises(ValueError, match="scale must have 1 or 4"):
+        quantize_fp8_rows(torch.zeros(4, 32), torch.ones(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_token", [False, True], ids=["static", "dynamic"])
+def test_scaled_mm_path_equals_fake_quant_reference(per_token):
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    weight, bias = torch.randn(384, 256, device="cuda"), torch.randn(384, device="cuda", dtype=torch.bfloat16)
+    w_scales = weight_scales(weight)
+    x_scale = None if per_token else x.float().abs().amax() / E4M3_MAX
+    out = fp8_linear(x, to_e4m3(weight, w_scales), w_scales, bias, x_scale)
+    with reference_math():
+        reference = fp8_linear(x, to_e4m3(weight, w_scales), w_scales, bias, x_scale)
+    assert out.dtype == reference.dtype == torch.bfloat16
+    assert rms_rel(out, reference) < 2e-3  # bf16 rounding of the product and the accumulation order only
 
 
 def synthetic_activations(timesteps):
