@@ -230,8 +230,8 @@ class TDQState:
 
 class TDQLinear(torch.nn.Module):
     """Stands in for one nn.Linear on a clone and reads (and lets ComfyUI's weight patches write) that
-    linear's own weight and bias, so LoRA and unpatching keep working; FP8 weights are cached per weight
-    Parameter; activations are scaled by the state's entry `index` (static/table/tdq) or per token
+    linear's own weight and bias, so LoRA and unpatching keep working; FP8 weights (and the bias) are cached
+    per Parameter; activations are scaled by the state's entry `index` (static/table/tdq) or per token
     (dynamic)."""
 
     def __init__(self, linear: torch.nn.Linear, state: TDQState, index: int, mode: str):
@@ -250,18 +250,22 @@ class TDQLinear(torch.nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def quantized_weight(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(e4m3 weight [out, in], scales [out, 1]) of the current weight Parameter, recomputed when it is replaced."""
-        key = (id(self.weight), self.weight.data_ptr(), str(device))  # inference tensors have no _version
+    def quantized_weight(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(e4m3 weight [out, in], scales [out, 1], bias in `dtype` or None) on `device`, made again only when
+        the weight or bias Parameter is replaced (a LoRA patch) or moved. ComfyUI's loader does not see the linear
+        behind this module (no submodule), so its weights may stay on the offload device: nothing is copied per call."""
+        bias = self.bias
+        key = (id(self.weight), self.weight.data_ptr(), id(bias), None if bias is None else bias.data_ptr(),
+               str(device), dtype)  # inference tensors have no _version
         if key != self._cache_key:
             weight = self.weight.detach().to(device)
             scales = weight_scales(weight)
-            self._cache, self._cache_key = (to_e4m3(weight, scales), scales), key
+            bias = None if bias is None else bias.detach().to(device=device, dtype=dtype)
+            self._cache, self._cache_key = (to_e4m3(weight, scales), scales, bias), key
         return self._cache
 
     def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-        weight_fp8, w_scale = self.quantized_weight(x.device)
+        weight_fp8, w_scale, bias = self.quantized_weight(x.device, x.dtype)
         x_scale = None if self.mode == "dynamic" else self.state.scales[self.index]  # None: per token
         return fp8_linear(x, weight_fp8, w_scale, bias, x_scale)
 
