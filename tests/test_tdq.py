@@ -3,6 +3,10 @@ modes' error order on synthetic sigma-dependent activations, the generator fit, 
 load -> quantize on the tiny Wan through ComfyUI's executor (with BSA), hash mismatch, clone isolation."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -231,3 +235,17 @@ def test_calibrate_save_load_quantize_with_bsa_through_the_executor(tiny_wan_pat
     from_file["2"]["inputs"]["model"] = ["9", 0]
     from_file["7"] = prompt["7"]
     runner.run(from_file)
+
+
+def test_bench_cpu_smoke_runs_every_mode():
+    """bench/bench_tdq.py --cpu-smoke: the speed rows and the quality table (stand-in model) on the CPU."""
+    from comfy_env import COMFYUI_PATH, REPO
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_tdq.py"), "--cpu-smoke"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert sum("fp8 TDQLinear" in line and "vs its fake-quant reference 0.0e+00" in line for line in lines) == 6
+    for mode in ("static", "table", "dynamic", "tdq"):
+        assert any(line.split()[:1] == [mode] and "PSNR vs reference" in line for line in lines), mode
+    assert any(line.startswith("tdq - dynamic:") for line in lines)
