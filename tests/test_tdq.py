@@ -249,3 +249,15 @@ def test_bench_cpu_smoke_runs_every_mode():
     for mode in ("static", "table", "dynamic", "tdq"):
         assert any(line.split()[:1] == [mode] and "PSNR vs reference" in line for line in lines), mode
     assert any(line.startswith("tdq - dynamic:") for line in lines)
+
+
+def test_e2e_wan_tiny_with_tdq_variants():
+    """bench/e2e_wan.py --tiny --tdq tdq: the quick calibration and the tdq / bsa+tdq variants run on the CPU."""
+    from comfy_env import COMFYUI_PATH, REPO
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "e2e_wan.py"), "--tiny", "--tdq", "tdq", "--steps", "1",
+                           "--warmup-steps", "0", "--no-attention-share"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "TDQ: mode tdq, 20 linear layers in FP8 e4m3" in done.stdout
+    assert "speed-up dense/tdq" in done.stdout and "speed-up dense/bsa+tdq" in done.stdout
