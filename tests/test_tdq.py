@@ -143,13 +143,25 @@ def test_generator_reproduces_the_fitted_per_timestep_intervals():
 
 
 @pytest.fixture(scope="module")
-def calibration(tiny_wan):
-    import comfy.utils
+def calibration_progress(tiny_wan):
+    """(calibration, the progress(done, total) calls it made)"""
     generator = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, 16, 4096, generator=generator), {}]]
     negative = [[torch.randn(1, 16, 4096, generator=generator), {}]]
-    return calibrate_tdq(tiny_wan, [(cond, negative)], {"samples": torch.zeros(1, 16, 5, 16, 16)}, steps=3,
-                         fit_steps=100)
+    progress = []
+    calibration = calibrate_tdq(tiny_wan, [(cond, negative)], {"samples": torch.zeros(1, 16, 5, 16, 16)}, steps=3,
+                                fit_steps=100, progress=lambda done, total: progress.append((done, total)))
+    return calibration, progress
+
+
+@pytest.fixture(scope="module")
+def calibration(calibration_progress):
+    return calibration_progress[0]
+
+
+def test_calibration_progress_counts_sampling_steps_then_fit_steps(calibration_progress):
+    _, progress = calibration_progress
+    assert progress == [(i, 3 + 100) for i in range(1, 3 + 100 + 1)]
 
 
 def test_calibration_covers_the_block_linears_and_round_trips(calibration, tiny_wan, tmp_path):
