@@ -11,7 +11,10 @@ compression.tdq.TDQLinear as a sampling run calls it (FP8 e4m3 weights with per-
 once; the activation quantized in every call with the layer's per-tensor scale of the call, which is the
 static, table and tdq modes' path, or with each token's own absmax, the dynamic mode), so the time includes
 the activation cast. Rows for the cast alone, the _scaled_mm alone on an already quantized activation, and
-the former eager cast (four float32 passes before kernels/quantize_fp8.py) show where the time goes.
+the former eager cast (four float32 passes before kernels/quantize_fp8.py) show where the time goes (the
+cast's row also says whether its e4m3 bits, static and dynamic, are compression.fp8's exactly); one
+more row times _scaled_mm with use_fast_accum=True, which TDQLinear does not use (Hopper's faster, less
+precise FP8 accumulation).
 Median ms (triton.testing.do_bench, L2 flushed), x bf16 (bf16 ms / ms), TFLOP/s (2 M K N / time), relative
 RMS error against the bf16 output, and against the same layer's fake-quant reference (compression.fp8:
 same rounded operands, float32 accumulation; only the accumulation order and the bf16 output differ).
@@ -53,7 +56,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from pack import load_pack  # noqa: E402
 
 load_pack()
-from comfyui_bsa.compression.fp8 import E4M3_MAX, reference_math, to_e4m3  # noqa: E402
+from comfyui_bsa.compression.fp8 import E4M3_MAX, reference_math, to_e4m3, token_scales  # noqa: E402
 from comfyui_bsa.compression.tdq import TDQLinear, TDQState  # noqa: E402
 
 # tokens, (out, in) of attention q/k/v/o, ffn.0, ffn.2: 81 frames at 480p = 21x30x52 tokens, 720p 21x45x80
@@ -109,6 +112,11 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
         weight_fp8, w_scale, bias = tdq_layer(linear, "static", x_scale).quantized_weight(device, dtype)
         x_fp8, scale_a = quantize_fp8_rows(x, x_scale)
         scale_b = w_scale.reshape(1, -1)
+        dynamic_fp8, dynamic_scales = quantize_fp8_rows(x)
+        same_bits = (torch.equal(x_fp8.view(torch.uint8), to_e4m3(x, x_scale.reshape(1, 1)).view(torch.uint8))
+                     and torch.equal(dynamic_scales, token_scales(x))
+                     and torch.equal(dynamic_fp8.view(torch.uint8), to_e4m3(x, dynamic_scales).view(torch.uint8)))
+        del dynamic_fp8, dynamic_scales
 
         def eager_former():
             s = x_scale.reshape(1, 1)
@@ -116,18 +124,21 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
                                  scale_b=scale_b.contiguous(), out_dtype=torch.bfloat16)
             return (y + bias.float()).to(dtype)
 
-        rows += [("  its activation cast alone (kernels/quantize_fp8)", lambda: quantize_fp8_rows(x, x_scale), None,
-                  False),
+        rows += [(f"  its activation cast alone (bits == to_e4m3: {'yes' if same_bits else 'NO'})",
+                  lambda: quantize_fp8_rows(x, x_scale), None, False),
                  ("  its _scaled_mm alone (activation already e4m3)",
                   lambda: torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
                                            out_dtype=torch.bfloat16), None, True),
+                 ("  its _scaled_mm alone with use_fast_accum=True (not used)",
+                  lambda: torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
+                                           out_dtype=torch.bfloat16, use_fast_accum=True), None, True),
                  ("fp8 former eager cast (4 float32 passes) + _scaled_mm", eager_former, None, True)]
     print(f"{name} {label}: {tokens} x {in_features} -> {out_features}")
     base_ms = None
     for i, (title, fn, fake, product) in enumerate(rows):
         t = median_ms(fn, device)
         base_ms = base_ms or t
-        line = f"  {title:56s} {t:8.3f} ms  x{base_ms / t:5.2f}"
+        line = f"  {title:60s} {t:8.3f} ms  x{base_ms / t:5.2f}"
         if product:
             line += f"  {flops / t / 1e9:7.1f} TFLOP/s"
             if i:
