@@ -139,6 +139,8 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
         t = median_ms(fn, device)
         base_ms = base_ms or t
         line = f"  {title:60s} {t:8.3f} ms  x{base_ms / t:5.2f}"
+        if not product:  # the cast: read x, write e4m3 and the row scales
+            line += f"  {tokens * (in_features * (x.element_size() + 1) + 4) / t / 1e6:7.0f} GB/s"
         if product:
             line += f"  {flops / t / 1e9:7.1f} TFLOP/s"
             if i:
