@@ -283,7 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="wan1.3B-480p,wan14B-720p", help="speed: comma-separated SHAPES keys")
     parser.add_argument("--model", help=f"quality: a Wan 2.1 safetensors (default {DEFAULT_MODEL.relative_to(REPO)})")
     parser.add_argument("--train-config", default=str(DEFAULT_TRAIN_CONFIG),
-                        help="quality: the model's training config (latent size, frames, caption tokens and seed, shift)")
+                        help="quality: the model's training config (latent size, frames, caption tokens and seed, "
+                             "shift)")
     parser.add_argument("--samples", type=int, help="quality: videos sampled per mode (default 12, one per caption)")
     parser.add_argument("--steps", type=int, help="quality: sampling steps (default: the config's preview_steps)")
     parser.add_argument("--frames", type=int, help="quality: latent frames (default: the config's)")

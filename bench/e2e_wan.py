@@ -421,10 +421,10 @@ def main(argv=None) -> int:
           f"rel L2 {rel_l2(bsa['latent'], dense['latent']):.3e} (|dense| max {float(dense['latent'].abs().max()):.3g})")
     for label in ("tdq", "bsa+tdq") if args.tdq else ():
         r = results[label]
+        versus_bsa = f", vs BSA alone {rel_l2(r['latent'], bsa['latent']):.3e}" if label == "bsa+tdq" else ""
         print(f"speed-up dense/{label} ({args.tdq} FP8 linears): {dense['per_step'] / r['per_step']:.2f}x "
               f"({dense['per_step']:.3f} -> {r['per_step']:.3f} s/step); final latent vs dense rel L2 "
-              f"{rel_l2(r['latent'], dense['latent']):.3e}" + (f", vs BSA alone {rel_l2(r['latent'], bsa['latent']):.3e}"
-                                                              if label == "bsa+tdq" else ""))
+              f"{rel_l2(r['latent'], dense['latent']):.3e}{versus_bsa}")
     if args.tdq:
         print(f"issue targets for bsa+tdq over dense: >= 2.4x at the node's defaults, >= 2.8x at statistical "
               f"lambda 1.5 (this run: {config.threshold_mode}, lambda {config.stat_lambda})")

@@ -252,8 +252,9 @@ class TDQLinear(torch.nn.Module):
 
     def quantized_weight(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(e4m3 weight [out, in], scales [out, 1], bias in `dtype` or None) on `device`, made again only when
-        the weight or bias Parameter is replaced (a LoRA patch) or moved. ComfyUI's loader does not see the linear
-        behind this module (no submodule), so its weights may stay on the offload device: nothing is copied per call."""
+        the weight or bias Parameter is replaced (a LoRA patch) or moved. ComfyUI's loader does not see the
+        linear behind this module (no submodule), so its weights may stay on the offload device: nothing is
+        copied per call."""
         bias = self.bias
         key = (id(self.weight), self.weight.data_ptr(), id(bias), None if bias is None else bias.data_ptr(),
                str(device), dtype)  # inference tensors have no _version
