@@ -7,7 +7,10 @@ weights, std 0.026 at width 1536, so activations stay at unit scale) and loaded 
 comfy.sd.load_diffusion_model_state_dict, so ComfyUI's own model detection (WAN21) builds the model and
 its attention dispatch runs. Sampling is comfy.sample.sample (KSampler path), euler, cfg 1.0 (one model
 call per step), through the ModelPatcher: dense = the model as loaded, BSA = bsa_core.patch.apply_bsa
-on a clone with start_percent 0 (every step sparse). One warm-up step (Triton autotuning) precedes the
+on a clone with start_percent 0 (every step sparse). With --tdq MODE the transformer blocks' linear layers
+also run in FP8 (compression.tdq.apply_tdq; static, table and tdq first calibrate on a couple of dense steps of
+the same latent, which is enough for timing: the linears' speed does not depend on the scales): variants
+tdq (dense attention) and bsa+tdq. One warm-up step (Triton autotuning) precedes the
 timed steps; each step is timed with torch.cuda.synchronize between the sampler's callbacks. A last
 one-step run per variant times every attention call with CUDA events (self- vs cross-attention) for the
 attention share and the Amdahl bound.
@@ -19,9 +22,9 @@ pruned ComfyUI 0.3.75), from the repository root:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && COMFYUI_PATH=.comfy_min/ComfyUI python3 bench/e2e_wan.py
 
-CPU smoke check (tiny Wan, small latent, 2 steps, BSA's pure-torch reference):
+CPU smoke check (tiny Wan, small latent, 2 steps, BSA's pure-torch reference; FP8 through fake quantization):
 
-    python bench/e2e_wan.py --tiny
+    python bench/e2e_wan.py --tiny [--tdq tdq]
 
 COMFYUI_PATH points at a ComfyUI checkout (default: <repo>/.comfyui/ComfyUI). Where torchvision is
 missing (or does not import), ComfyUI's unrelated Cascade/Cosmos modules get a stand-in for it, used
@@ -256,6 +259,24 @@ def summary(run_stats: dict | None) -> str:
         f" (dense: {reasons})" if reasons else "")
 
 
+def tdq_model(model, args, inputs):
+    """A clone of `model` with FP8 linears in mode args.tdq; static, table and tdq calibrate first on
+    args.tdq_calibration_steps dense steps of the timed latent (fit 200 Adam steps)."""
+    from comfyui_bsa.compression.tdq import CALIBRATED_MODES, TDQConfig, apply_tdq, calibrate_tdq
+
+    calibration = None
+    if args.tdq in CALIBRATED_MODES:
+        start = time.perf_counter()
+        calibration = calibrate_tdq(model, [(inputs["positive"], inputs["negative"])], {"samples": inputs["latent"]},
+                                    args.tdq_calibration_steps, cfg=1.0, seed=inputs["seed"], fit_steps=200)
+        print(f"TDQ: {calibration} from {args.tdq_calibration_steps} dense steps in "
+              f"{time.perf_counter() - start:.1f} s (model load included)")
+    patched = apply_tdq(model, TDQConfig(mode=args.tdq), calibration)
+    print(f"TDQ: mode {args.tdq}, {sum(1 for k in patched.object_patches if k.startswith('diffusion_model.'))} "
+          f"linear layers in FP8 e4m3")
+    return patched
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true",
@@ -275,6 +296,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
                         help="BSAConfig.threshold_mode (default: the node's, RECOMMENDED)")
     parser.add_argument("--stat-lambda", type=float, help="BSAConfig.stat_lambda (default: the node's, RECOMMENDED)")
+    parser.add_argument("--tdq", choices=("static", "table", "dynamic", "tdq"),
+                        help="also time FP8 linear layers in this TDQConfig mode: variants tdq (dense attention) and "
+                             "bsa+tdq")
+    parser.add_argument("--tdq-calibration-steps", type=int, default=2,
+                        help="sampling steps of the quick calibration (static, table, tdq)")
     parser.add_argument("--no-attention-share", action="store_true", help="skip the attention-timing step")
     parser.add_argument("--compile", action="store_true",
                         help="also sample the BSA model through ComfyUI's TorchCompileModel wrapper (inductor)")
@@ -357,6 +383,9 @@ def main(argv=None) -> int:
 
     bsa_model = apply_bsa(model, config, start_percent=0.0, end_percent=1.0)
     variants = {"dense": model, "bsa": bsa_model}
+    if args.tdq:
+        variants["tdq"] = tdq_model(model, args, inputs)
+        variants["bsa+tdq"] = apply_bsa(variants["tdq"], config, start_percent=0.0, end_percent=1.0)
     if args.compile:  # what TorchCompileModel does to the model it is given
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         variants["bsa+inductor"] = bsa_model.clone()
@@ -366,7 +395,7 @@ def main(argv=None) -> int:
         if args.warmup_steps:
             start = time.perf_counter()
             run(m, inputs, args.warmup_steps, device, sdpa)
-            print(f"{label:5s} warm-up ({args.warmup_steps} step, model load and autotuning included): "
+            print(f"{label:7s} warm-up ({args.warmup_steps} step, model load and autotuning included): "
                   f"{time.perf_counter() - start:.2f} s", flush=True)
     for label, m in variants.items():
         runs_before = len(run_log.runs)
@@ -376,7 +405,7 @@ def main(argv=None) -> int:
         per_step = sum(r["steps"]) / len(r["steps"])
         r["per_step"] = per_step
         peak = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
-        print(f"{label:5s} {per_step:8.3f} s/step (steps: {', '.join(f'{s:.3f}' for s in r['steps'])}){peak}",
+        print(f"{label:7s} {per_step:8.3f} s/step (steps: {', '.join(f'{s:.3f}' for s in r['steps'])}){peak}",
               flush=True)
 
     dense, bsa = results["dense"], results["bsa"]
@@ -390,6 +419,15 @@ def main(argv=None) -> int:
     diff = bsa["latent"] - dense["latent"]
     print(f"final latent BSA vs dense (same seed, {steps} step{'s' * (steps != 1)}): max abs {float(diff.abs().max()):.3e}, "
           f"rel L2 {rel_l2(bsa['latent'], dense['latent']):.3e} (|dense| max {float(dense['latent'].abs().max()):.3g})")
+    for label in ("tdq", "bsa+tdq") if args.tdq else ():
+        r = results[label]
+        versus_bsa = f", vs BSA alone {rel_l2(r['latent'], bsa['latent']):.3e}" if label == "bsa+tdq" else ""
+        print(f"speed-up dense/{label} ({args.tdq} FP8 linears): {dense['per_step'] / r['per_step']:.2f}x "
+              f"({dense['per_step']:.3f} -> {r['per_step']:.3f} s/step); final latent vs dense rel L2 "
+              f"{rel_l2(r['latent'], dense['latent']):.3e}{versus_bsa}")
+    if args.tdq:
+        print(f"issue targets for bsa+tdq over dense: >= 2.4x at the node's defaults, >= 2.8x at statistical "
+              f"lambda 1.5 (this run: {config.threshold_mode}, lambda {config.stat_lambda})")
 
     if not args.no_attention_share:
         share = {}
@@ -399,7 +437,7 @@ def main(argv=None) -> int:
             share[label] = (r["steps"][0], timer.seconds("self"), timer.seconds("cross"),
                             len(timer.calls["self"]), len(timer.calls["cross"]))
             step, self_s, cross_s, n_self, n_cross = share[label]
-            print(f"{label:5s} one step {step:.3f} s: self-attention {self_s:.3f} s ({n_self} calls, "
+            print(f"{label:7s} one step {step:.3f} s: self-attention {self_s:.3f} s ({n_self} calls, "
                   f"{100 * self_s / step:.1f}%), cross-attention {cross_s:.3f} s ({n_cross} calls, "
                   f"{100 * cross_s / step:.1f}%), rest {step - self_s - cross_s:.3f} s")
         step, self_s = share["dense"][0], share["dense"][1]

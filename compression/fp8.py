@@ -1,6 +1,10 @@
 """FP8 e4m3 math shared by the compression modes: a plain-torch reference of the rounding, the fake-quant
-path every device runs, and the torch._scaled_mm path of sm89+ GPUs that computes the same numbers."""
+path every device runs, and the torch._scaled_mm path of sm89+ GPUs that computes the same numbers (its
+activations quantized in one pass by kernels/quantize_fp8.py, bit-exact with to_e4m3 / token_scales)."""
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 
@@ -29,37 +33,67 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (to_e4m3(x, scale).float() * scale).to(x.dtype)
 
 
+def _absmax_scales(absmax: torch.Tensor) -> torch.Tensor:
+    """absmax / 448 as absmax times the float32 reciprocal (what CUDA computes for a Python divisor, and what
+    the quantize kernel computes), 1 where absmax is 0."""
+    return torch.where(absmax > 0, absmax * (1.0 / E4M3_MAX), torch.ones_like(absmax))
+
+
 def weight_scales(weight: torch.Tensor) -> torch.Tensor:
     """Per-output-channel scales [out, 1] (float32) that map each row's absmax onto 448; all-zero rows get 1."""
-    absmax = weight.detach().float().abs().amax(dim=1, keepdim=True)
-    return torch.where(absmax > 0, absmax / E4M3_MAX, torch.ones_like(absmax))
+    return _absmax_scales(weight.detach().float().abs().amax(dim=1, keepdim=True))
 
 
 def token_scales(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token activation scales [..., 1] (float32): each token's absmax onto 448."""
-    absmax = x.detach().float().abs().amax(dim=-1, keepdim=True)
-    return torch.where(absmax > 0, absmax / E4M3_MAX, torch.ones_like(absmax))
+    return _absmax_scales(x.detach().float().abs().amax(dim=-1, keepdim=True))
+
+
+_reference_only = False
+
+
+@contextlib.contextmanager
+def reference_math():
+    """Within the block fp8_linear takes the fake-quant path on every device (to compare with _scaled_mm)."""
+    global _reference_only
+    before, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = before
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch._scaled_mm runs here: a CUDA device of compute capability 8.9+ and dims that are multiples of 16."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+    """torch._scaled_mm runs here: a CUDA device of compute capability 8.9+ and dims that are multiples of 16
+    (and not inside reference_math())."""
+    return (not _reference_only and x.is_cuda and _capability(x.device.index) >= (8, 9)
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               x_scale: torch.Tensor) -> torch.Tensor:
-    """y = Q(x) @ Q(W)^T + b with W already e4m3 ([out, in], scales [out, 1]) and x's scale a scalar tensor or
-    per token [..., 1]. torch._scaled_mm (row-wise scales, bf16 out) where supported, else the fake-quant
-    reference: both compute the same rounded operands, so they agree up to the accumulation order."""
+               x_scale: torch.Tensor | None) -> torch.Tensor:
+    """y = Q(x) @ Q(W)^T + b with W already e4m3 ([out, in], scales [out, 1]) and x's scale a one-element
+    tensor, per token [..., 1], or None (each token's absmax, token_scales). On sm89+ GPUs one kernel pass
+    quantizes x and torch._scaled_mm (row-wise scales, bias in its epilogue, bf16 out) multiplies; elsewhere
+    the fake-quant reference. Both see the same rounded operands, so they agree up to the accumulation order
+    and the bf16 rounding of the product."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    x_scale = x_scale.float().reshape(-1, 1) if x_scale.numel() > 1 else x_scale.float().reshape(1, 1)
+    if x_scale is not None:
+        x_scale = x_scale.float().reshape(-1, 1) if x_scale.numel() > 1 else x_scale.float().reshape(1, 1)
     if scaled_mm_supported(x, weight_fp8):
-        y = torch._scaled_mm(to_e4m3(x2, x_scale), weight_fp8.t(), scale_a=x_scale.expand(x2.shape[0], 1).contiguous(),
-                             scale_b=w_scale.reshape(1, -1).contiguous(), out_dtype=torch.bfloat16)
+        from ..kernels.quantize_fp8 import quantize_fp8_rows
+        x_fp8, scale_a = quantize_fp8_rows(x2, x_scale)
+        y = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=w_scale.reshape(1, -1),
+                             bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
     else:
+        x_scale = token_scales(x2) if x_scale is None else x_scale
         y = (to_e4m3(x2, x_scale).float() * x_scale) @ (weight_fp8.float() * w_scale).t()
-    if bias is not None:
-        y = y + bias.float()
+        if bias is not None:
+            y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], weight_fp8.shape[0])

@@ -70,7 +70,8 @@ def current_patch(model, name: str) -> LinearPatch | None:
 @dataclasses.dataclass(frozen=True)
 class CalibrationSampling:
     """How the calibration run samples: `samples` seeds from `seed` on, each a full run of the sampler with
-    these settings on `latent` (its first batch entry), `positive` / `negative` conditioning."""
+    these settings on `latent` (its first batch entry, or all of it with `whole_batch`), `positive` /
+    `negative` conditioning."""
 
     positive: list
     negative: list
@@ -81,6 +82,7 @@ class CalibrationSampling:
     sampler_name: str = "euler"
     scheduler: str = "simple"
     seed: int = 0
+    whole_batch: bool = False
 
     def __post_init__(self):
         for name in ("samples", "steps"):
@@ -91,10 +93,14 @@ class CalibrationSampling:
 Observer = Callable[[str, torch.Tensor, float], None]  # (layer name, input [..., in_features], sigma)
 
 
-def observe_linear_inputs(model, names, observe: Observer, sampling: CalibrationSampling) -> None:
+def observe_linear_inputs(model, names, observe: Observer, sampling: CalibrationSampling,
+                          on_call: Callable[[float], None] | None = None,
+                          progress: Callable[[int, int], None] | None = None) -> None:
     """Samples with ComfyUI's sampler on a throw-away clone of `model` and calls observe(name, input, sigma)
     on every forward of the layers `names` (forward pre-hooks, removed afterwards); sigma is the largest
-    sigma of the model call (cond and uncond share it). A ComfyUI progress bar counts the steps."""
+    sigma of the model call (cond and uncond share it), and on_call(sigma) runs at the start of each model
+    call, before its layers. progress(done, total) follows the sampling steps; without it a ComfyUI
+    progress bar counts them."""
     import comfy.patcher_extension
     import comfy.sample
     import comfy.utils
@@ -103,21 +109,28 @@ def observe_linear_inputs(model, names, observe: Observer, sampling: Calibration
 
     def remember_sigma(executor, x, t, *args, **kwargs):
         current["sigma"] = float(t.max())
+        if on_call is not None:
+            on_call(current["sigma"])
         return executor(x, t, *args, **kwargs)
 
+    total = sampling.samples * sampling.steps
+    if progress is None:
+        bar = comfy.utils.ProgressBar(total)
+        progress = lambda done, total: bar.update_absolute(done, total)  # noqa: E731
     clone = model.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "bsa_calibration", remember_sigma)
     diffusion_model = clone.get_model_object("diffusion_model")
     handles = [diffusion_model.get_submodule(name).register_forward_pre_hook(
         lambda module, args, name=name: observe(name, args[0].detach(), current["sigma"])) for name in names]
-    bar = comfy.utils.ProgressBar(sampling.samples * sampling.steps)
-    latent = comfy.sample.fix_empty_latent_channels(clone, sampling.latent["samples"][:1])
+    samples = sampling.latent["samples"] if sampling.whole_batch else sampling.latent["samples"][:1]
+    latent = comfy.sample.fix_empty_latent_channels(clone, samples)
     try:
         for i in range(sampling.samples):
             noise = comfy.sample.prepare_noise(latent, sampling.seed + i)
             comfy.sample.sample(clone, noise, sampling.steps, sampling.cfg, sampling.sampler_name, sampling.scheduler,
                                 sampling.positive, sampling.negative, latent, seed=sampling.seed + i,
-                                callback=lambda *_: bar.update(1), disable_pbar=True)
+                                callback=lambda step, *_, i=i: progress(i * sampling.steps + step + 1, total),
+                                disable_pbar=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -32,7 +32,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, token_scales, weight_scales
+from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, weight_scales
 
 log = logging.getLogger(__name__)
 LOG_PREFIX = "[TDQ]"
@@ -222,18 +222,17 @@ def timestep_bin(timesteps: torch.Tensor, bins: int) -> torch.Tensor:
 
 class TDQState:
     """Shared by the patched layers of one apply: the activation scales [L] of the current model call (set
-    once per call by the APPLY_MODEL wrapper), and during calibration the recorder."""
+    once per call by the APPLY_MODEL wrapper)."""
 
     def __init__(self, layers: int, initial_scales: torch.Tensor | None = None):
         self.scales = initial_scales if initial_scales is not None else torch.ones(layers)
-        self.recorder: Recorder | None = None
 
 
 class TDQLinear(torch.nn.Module):
     """Stands in for one nn.Linear on a clone and reads (and lets ComfyUI's weight patches write) that
-    linear's own weight and bias, so LoRA and unpatching keep working; FP8 weights are cached per weight
-    Parameter; activations are scaled by the state's entry `index` (static/table/tdq) or per token
-    (dynamic); `record` mode keeps the original math and reports the input to the state's recorder."""
+    linear's own weight and bias, so LoRA and unpatching keep working; FP8 weights (and the bias) are cached
+    per Parameter; activations are scaled by the state's entry `index` (static/table/tdq) or per token
+    (dynamic)."""
 
     def __init__(self, linear: torch.nn.Linear, state: TDQState, index: int, mode: str):
         super().__init__()
@@ -251,22 +250,24 @@ class TDQLinear(torch.nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def quantized_weight(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(e4m3 weight [out, in], scales [out, 1]) of the current weight Parameter, recomputed when it is replaced."""
-        key = (id(self.weight), self.weight.data_ptr(), str(device))  # inference tensors have no _version
+    def quantized_weight(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(e4m3 weight [out, in], scales [out, 1], bias in `dtype` or None) on `device`, made again only when
+        the weight or bias Parameter is replaced (a LoRA patch) or moved. ComfyUI's loader does not see the
+        linear behind this module (no submodule), so its weights may stay on the offload device: nothing is
+        copied per call."""
+        bias = self.bias
+        key = (id(self.weight), self.weight.data_ptr(), id(bias), None if bias is None else bias.data_ptr(),
+               str(device), dtype)  # inference tensors have no _version
         if key != self._cache_key:
             weight = self.weight.detach().to(device)
             scales = weight_scales(weight)
-            self._cache, self._cache_key = (to_e4m3(weight, scales), scales), key
+            bias = None if bias is None else bias.detach().to(device=device, dtype=dtype)
+            self._cache, self._cache_key = (to_e4m3(weight, scales), scales, bias), key
         return self._cache
 
     def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-        if self.mode == "record":
-            self.state.recorder.record(self.index, x)
-            return F.linear(x, self.weight.to(device=x.device, dtype=x.dtype), bias)
-        weight_fp8, w_scale = self.quantized_weight(x.device)
-        x_scale = token_scales(x) if self.mode == "dynamic" else self.state.scales[self.index]
+        weight_fp8, w_scale, bias = self.quantized_weight(x.device, x.dtype)
+        x_scale = None if self.mode == "dynamic" else self.state.scales[self.index]  # None: per token
         return fp8_linear(x, weight_fp8, w_scale, bias, x_scale)
 
 
@@ -374,7 +375,8 @@ class Recorder:
         if not self.timesteps:
             return  # a call outside sampling
         flat = x.detach().reshape(-1)
-        absmax = flat.abs().max().float()
+        low, high = torch.aminmax(flat)  # one pass, no |x| copy
+        absmax = torch.maximum(-low, high).float()
         picks = torch.randint(0, flat.numel(), (min(SAMPLE_VALUES, flat.numel()),), generator=self._generator)
         sample = flat[picks.to(flat.device)].float()
         self.absmax[-1][index] = absmax.cpu()
@@ -396,11 +398,12 @@ def calibrate_tdq(model, prompts, latent: dict, steps: int = 20, cfg: float = 5.
                   scheduler: str = "simple", seed: int = 0, seeds_per_prompt: int = 1, fit_steps: int = 400,
                   progress=None) -> TDQCalibration:
     """Samples every (positive, negative) of `prompts` with seeds seed.. seed+seeds_per_prompt-1 on a clone of
-    `model`, records its block linear layers' inputs per call, and fits the interval generators.
-    progress(done, total) follows the sampling steps and then the fit (tqdm is shown as well)."""
-    import comfy.patcher_extension as pe
-    import comfy.sample
+    `model` (the whole `latent` batch), records its block linear layers' inputs per model call
+    (compression.linears.observe_linear_inputs) and fits the interval generators. progress(done, total)
+    follows the sampling steps and then the fit (tqdm is shown as well)."""
     from tqdm.auto import tqdm
+
+    from .linears import CalibrationSampling, observe_linear_inputs
 
     for name, value, low in (("steps", steps, 1), ("seeds_per_prompt", seeds_per_prompt, 1), ("fit_steps", fit_steps, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -409,18 +412,11 @@ def calibrate_tdq(model, prompts, latent: dict, steps: int = 20, cfg: float = 5.
         raise ValueError("prompts must hold at least one (positive, negative) pair")
     layers, skipped = quantizable_layers(model)
     _log_skipped(skipped)
-    state = TDQState(len(layers))
-    state.recorder = Recorder(len(layers))
-    recording = model.clone()
-    _patch_layers(recording, layers, state, "record")
-
-    def begin_call(executor, *args, **kwargs):
-        state.recorder.begin_call(_call_timestep(executor, args, kwargs))
-        return executor(*args, **kwargs)
-
-    recording.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, begin_call)
-    runs = [(positive, negative, seed + i) for positive, negative in prompts for i in range(seeds_per_prompt)]
-    total = len(runs) * steps + fit_steps
+    index = {name: i for i, name in enumerate(layers)}
+    recorder = Recorder(len(layers))
+    model_sampling = model.get_model_object("model_sampling")
+    per_prompt = seeds_per_prompt * steps
+    total = len(prompts) * per_prompt + fit_steps
     bar = tqdm(total=total, desc=f"{LOG_PREFIX} calibrate", leave=False)
 
     def advance(done):
@@ -428,15 +424,16 @@ def calibrate_tdq(model, prompts, latent: dict, steps: int = 20, cfg: float = 5.
         if progress is not None:
             progress(done, total)
 
-    latent_image = comfy.sample.fix_empty_latent_channels(recording, latent["samples"])
-    for run, (positive, negative, run_seed) in enumerate(runs):
-        noise = comfy.sample.prepare_noise(latent_image, run_seed)
-        comfy.sample.sample(recording, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
-                            callback=lambda step, *_, run=run: advance(run * steps + step + 1), disable_pbar=True,
-                            seed=run_seed)
-    timesteps, absmax, errors = state.recorder.tensors()
+    for p, (positive, negative) in enumerate(prompts):
+        sampling = CalibrationSampling(positive, negative, latent, seeds_per_prompt, steps, cfg, sampler_name,
+                                       scheduler, seed, whole_batch=True)
+        observe_linear_inputs(
+            model, layers, lambda name, x, sigma: recorder.record(index[name], x), sampling,
+            on_call=lambda sigma: recorder.begin_call(model_sampling.timestep(torch.tensor(sigma)).float()),
+            progress=lambda done, _, p=p: advance(p * per_prompt + done))
+    timesteps, absmax, errors = recorder.tensors()
     generator = fit_generators(timesteps, absmax, errors, fit_steps,
-                               progress=lambda i, n: advance(len(runs) * steps + i))
+                               progress=lambda i, n: advance(len(prompts) * per_prompt + i))
     bar.close()
     log.info(f"{LOG_PREFIX} calibrated {len(layers)} layers on {len(timesteps)} model calls")
     return TDQCalibration(model_fingerprint(model), tuple(layers), timesteps, absmax, errors, generator)

@@ -86,6 +86,22 @@ def recorded_inputs(model, sampling):
     return seen
 
 
+def test_observer_sees_every_call_its_sigma_and_the_whole_batch_when_asked(tiny_wan, sampling):
+    import dataclasses
+    events, done = [], []
+    names = ["blocks.0.ffn.0", "blocks.1.self_attn.q"]
+    whole = dataclasses.replace(sampling, latent={"samples": torch.zeros(2, 16, 3, 8, 8)}, whole_batch=True)
+    observe_linear_inputs(tiny_wan, names, lambda name, x, sigma: events.append((name, x.shape[0], sigma)), whole,
+                          on_call=lambda sigma: events.append(("call", None, sigma)),
+                          progress=lambda i, total: done.append((i, total)))
+    calls = [i for i, e in enumerate(events) if e[0] == "call"]
+    assert len(calls) == whole.samples * whole.steps  # cfg 5: cond and uncond in one model call
+    for start, end in zip(calls, calls[1:] + [len(events)]):  # each call's layers follow its on_call
+        assert [e[0] for e in events[start + 1:end]] == names
+        assert all(e[2] == events[start][2] and e[1] == 2 * 2 for e in events[start + 1:end])  # batch 2, x2 cfg
+    assert done == [(i + 1, whole.samples * whole.steps) for i in range(whole.samples * whole.steps)]
+
+
 def test_wanda_pruning_of_tiny_wan(tiny_wan, sampling):
     clone, result = apply_sparsity24(tiny_wan, Sparsity24Config(method="wanda", layers="all", max_error=10.0),
                                      sampling)

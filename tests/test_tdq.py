@@ -3,14 +3,18 @@ modes' error order on synthetic sigma-dependent activations, the generator fit, 
 load -> quantize on the tiny Wan through ComfyUI's executor (with BSA), hash mismatch, clone isolation."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from comfy_env import PromptRunner, require_comfyui, tiny_prompt, tiny_wan, tiny_wan_path  # noqa: F401 (fixtures)
 
 require_comfyui()
-from comfyui_bsa.compression.fp8 import (E4M3, E4M3_MAX, fake_quantize, fp8_linear, round_to_e4m3_reference,  # noqa: E402
-                                         to_e4m3, weight_scales)
+from comfyui_bsa.compression.fp8 import (E4M3, E4M3_MAX, fake_quantize, fp8_linear, reference_math,  # noqa: E402
+                                         round_to_e4m3_reference, to_e4m3, token_scales, weight_scales)
 from comfyui_bsa.compression.tdq import (CLIP_GRID, TDQCalibration, TDQConfig, apply_tdq, calibrate_tdq,  # noqa: E402
                                          clipping_error_curve, fit_generators, generator_log_intervals)
 
@@ -54,6 +58,54 @@ def test_fp8_linear_equals_fake_quant_reference():
         torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
+def kernel_inputs(dtype, device):
+    """Rows of very different ranges, a zero row, a row of e4m3 ties and saturating values, as a row-strided view."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 200, generator=generator) * torch.logspace(-4, 4, 37)[:, None]
+    x[5] = 0
+    x[6, :12] = torch.tensor([0.0, 448.0, 449.0, 464.0, 465.0, -1e6, 2.0 ** -10, 3 * 2.0 ** -10, 1.5 * 2.0 ** -9,
+                              1.0625, 1.1875, -126.0])
+    return x.to(dtype).to(device)[:, 8:168]  # K = 160, row stride 200
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale_kind", ["shared", "rows", "dynamic"])
+def test_quantize_kernel_gives_to_e4m3s_bits(scale_kind, dtype):
+    """The activation kernel of the _scaled_mm path against to_e4m3 / token_scales, bit for bit (in Triton's
+    interpreter without CUDA)."""
+    from comfyui_bsa.kernels.quantize_fp8 import quantize_fp8_rows
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = kernel_inputs(dtype, device)
+    scale = {"shared": torch.tensor(0.37, device=device), "rows": token_scales(x) * 0.6, "dynamic": None}[scale_kind]
+    x_fp8, scales = quantize_fp8_rows(x, scale)
+    expected_scales = token_scales(x) if scale is None else scale.float().reshape(-1, 1).expand(x.shape[0], 1)
+    assert x_fp8.is_contiguous() and scales.shape == (x.shape[0], 1)
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(x_fp8.view(torch.uint8), to_e4m3(x, expected_scales).view(torch.uint8))
+
+
+def test_quantize_kernel_rejects_bad_inputs():
+    from comfyui_bsa.kernels.quantize_fp8 import quantize_fp8_rows
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        quantize_fp8_rows(torch.zeros(4, 32).t())
+    with pytest.raises(ValueError, match="scale must have 1 or 4"):
+        quantize_fp8_rows(torch.zeros(4, 32), torch.ones(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_token", [False, True], ids=["static", "dynamic"])
+def test_scaled_mm_path_equals_fake_quant_reference(per_token):
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    weight, bias = torch.randn(384, 256, device="cuda"), torch.randn(384, device="cuda", dtype=torch.bfloat16)
+    w_scales = weight_scales(weight)
+    x_scale = None if per_token else x.float().abs().amax() / E4M3_MAX
+    out = fp8_linear(x, to_e4m3(weight, w_scales), w_scales, bias, x_scale)
+    with reference_math():
+        reference = fp8_linear(x, to_e4m3(weight, w_scales), w_scales, bias, x_scale)
+    assert out.dtype == reference.dtype == torch.bfloat16
+    assert rms_rel(out, reference) < 2e-3  # bf16 rounding of the product and the accumulation order only
+
+
 def synthetic_activations(timesteps):
     """Per timestep, Gaussian tokens whose range shrinks by 5 decades from timestep 1000 to 0."""
     generator = torch.Generator().manual_seed(0)
@@ -91,13 +143,25 @@ def test_generator_reproduces_the_fitted_per_timestep_intervals():
 
 
 @pytest.fixture(scope="module")
-def calibration(tiny_wan):
-    import comfy.utils
+def calibration_progress(tiny_wan):
+    """(calibration, the progress(done, total) calls it made)"""
     generator = torch.Generator().manual_seed(1)
     cond = [[torch.randn(1, 16, 4096, generator=generator), {}]]
     negative = [[torch.randn(1, 16, 4096, generator=generator), {}]]
-    return calibrate_tdq(tiny_wan, [(cond, negative)], {"samples": torch.zeros(1, 16, 5, 16, 16)}, steps=3,
-                         fit_steps=100)
+    progress = []
+    calibration = calibrate_tdq(tiny_wan, [(cond, negative)], {"samples": torch.zeros(1, 16, 5, 16, 16)}, steps=3,
+                                fit_steps=100, progress=lambda done, total: progress.append((done, total)))
+    return calibration, progress
+
+
+@pytest.fixture(scope="module")
+def calibration(calibration_progress):
+    return calibration_progress[0]
+
+
+def test_calibration_progress_counts_sampling_steps_then_fit_steps(calibration_progress):
+    _, progress = calibration_progress
+    assert progress == [(i, 3 + 100) for i in range(1, 3 + 100 + 1)]
 
 
 def test_calibration_covers_the_block_linears_and_round_trips(calibration, tiny_wan, tmp_path):
@@ -183,3 +247,29 @@ def test_calibrate_save_load_quantize_with_bsa_through_the_executor(tiny_wan_pat
     from_file["2"]["inputs"]["model"] = ["9", 0]
     from_file["7"] = prompt["7"]
     runner.run(from_file)
+
+
+def test_bench_cpu_smoke_runs_every_mode():
+    """bench/bench_tdq.py --cpu-smoke: the speed rows and the quality table (stand-in model) on the CPU."""
+    from comfy_env import COMFYUI_PATH, REPO
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_tdq.py"), "--cpu-smoke"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert sum("fp8 TDQLinear" in line and "vs its fake-quant reference 0.0e+00" in line for line in lines) == 6
+    for mode in ("static", "table", "dynamic", "tdq"):
+        assert any(line.split()[:1] == [mode] and "PSNR vs reference" in line for line in lines), mode
+    assert any(line.startswith("tdq - dynamic:") for line in lines)
+
+
+def test_e2e_wan_tiny_with_tdq_variants():
+    """bench/e2e_wan.py --tiny --tdq tdq: the quick calibration and the tdq / bsa+tdq variants run on the CPU."""
+    from comfy_env import COMFYUI_PATH, REPO
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "e2e_wan.py"), "--tiny", "--tdq", "tdq", "--steps", "1",
+                           "--warmup-steps", "0", "--no-attention-share"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "TDQ: mode tdq, 20 linear layers in FP8 e4m3" in done.stdout
+    assert "speed-up dense/tdq" in done.stdout and "speed-up dense/bsa+tdq" in done.stdout
