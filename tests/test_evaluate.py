@@ -1,7 +1,10 @@
 """training/evaluate.py and the node's sigma window in training/sparsity.py: the validation set is held out and
 fixed, its loss deterministic and independent of the batch, BSA that keeps everything equals dense; sampling
-runs BSA only inside start_percent..end_percent; PSNR and strips."""
+runs BSA only inside start_percent..end_percent; PSNR and strips; bench/bench_trained.py --cpu-smoke runs."""
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from comfyui_bsa.training.evaluate import psnr, strip_image, validation_loss, va
 from comfyui_bsa.training.model import initial_state_dict, sample_euler, sampling_sigmas
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = pathlib.Path(__file__).resolve().parents[1]
 EVERYTHING = BSAConfig(cube_size=(2, 2, 2), keep_ratio=1.0, kv_threshold=1.0, threshold_mode="cumulative")
 SPARSE = BSAConfig(cube_size=(2, 2, 2), keep_ratio=0.5, stat_lambda=1.0)
 
@@ -102,3 +106,18 @@ def test_psnr_and_strip():
     with pytest.raises(ValueError, match="bsa"):
         strip_image([("dense", video), ("bsa", video[:, :1])])
 
+
+def test_bench_trained_cpu_smoke_runs_and_writes_its_table_and_strips(tmp_path):
+    from comfy_env import COMFYUI_PATH
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_trained.py"), "--cpu-smoke", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env={"COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1", "PATH": ""})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    table = (tmp_path / "bench_trained.txt").read_text()
+    assert table.startswith("device: CPU") and "validation loss" in table
+    for row in ("defaults (stat λ1)", "stat λ1.5", "stat λ2", "keep 0.5 stat λ1", "cum 0.9", "trained (keep 0.5"):
+        assert row in table, row
+    assert "sol_attn: skipped (" in table
+    assert len([line for line in table.splitlines() if line.strip().startswith("bsa_")]) == 2 * (2 + 3)  # per model: 2 validation rows, 3 sample rows
+    strips = sorted(tmp_path.glob("strip_*.png"))
+    assert [p.name for p in strips] == ["strip_0_red_disc.png", "strip_1_green_square.png"]
