@@ -15,6 +15,8 @@ dense-trained model with BSA, of the models trained with BSA, and of comfy-kitch
    model's dense samples). Node settings run as
    the node runs them: dense up to start_percent (0.2) of the schedule, sparse after. Time per sample is the
    wall time of a whole sampling run over the videos (the second run on CUDA: the first compiles) / videos.
+   Another model's samples differ from the dense model's also where its attention is dense (its "dense" row
+   shows how much): "own" isolates what sparse attention changes, the validation loss compares the models.
 3. --out DIR: strip_<video>.png per video (rows: the settings, frames left to right) and bench_trained.txt
    (what is printed).
 
