@@ -61,10 +61,12 @@ class Model:
 
 @dataclasses.dataclass
 class Sampled:
-    """One sampling run over every video: latents [N, 16, T, h, w] (CPU, float32), kept KV % over the sparse
-    self-attention calls and over all of them (dense ones count 100 %), seconds per sample."""
+    """One sampling run over every video: latents [N, 16, T, h, w] (CPU, float32), kept queries % over the
+    sparse self-attention calls, kept KV % over them and over all of them (dense ones count 100 %), seconds
+    per sample."""
 
     latents: torch.Tensor
+    q_sparse: float | None = None
     kv_sparse: float | None = None
     kv_all: float | None = None
     seconds: float = 0.0
@@ -107,16 +109,18 @@ def load_model(path: pathlib.Path, device: torch.device) -> torch.nn.Module:
     return wan_from_state_dict(load_file(str(path))).to(device).eval().requires_grad_(False)
 
 
-def kept_kv(run) -> tuple[float | None, float | None]:
-    """(kept KV % over the run's sparse calls, over all its self-attention calls with dense ones at 100 %)."""
+def kept(run) -> tuple[float | None, float | None, float | None]:
+    """(kept queries % and kept KV % over the run's sparse calls, kept KV % over all its self-attention calls
+    with dense ones at 100 %)."""
     if run is None:
-        return None, None
+        return None, None, None
     stats = run.stats.as_dict()
     dense_self = stats["dense_calls"] - stats["dense_reasons"].get("cross-attention", 0)
     total = stats["sparse_calls"] + dense_self
     if not stats["sparse_calls"]:
-        return None, 100.0 if total else None
-    return stats["kept_kv_pct"], (stats["kept_kv_pct"] * stats["sparse_calls"] + 100.0 * dense_self) / total
+        return None, None, 100.0 if total else None
+    return (stats["kept_query_pct"], stats["kept_kv_pct"],
+            (stats["kept_kv_pct"] * stats["sparse_calls"] + 100.0 * dense_self) / total)
 
 
 def sample(model, noise, context, sigmas, device, repeats: int, options_for) -> Sampled:
@@ -132,7 +136,7 @@ def sample(model, noise, context, sigmas, device, repeats: int, options_for) -> 
             latents = sample_euler(model, noise, context, sigmas, options_at)
         sync(device)
         seconds = time.perf_counter() - start
-    return Sampled(latents.float().cpu(), *kept_kv(run), seconds / noise.shape[0])
+    return Sampled(latents.float().cpu(), *kept(run), seconds / noise.shape[0])
 
 
 def sol_attn_override(ck, settings: dict):
@@ -249,8 +253,9 @@ def sample_rows(report: Report, config, setting, models, device, args, out: path
            f"= steps {window.index(True) if True in window else '-'}..{args.steps - 1} sparse "
            f"({sum(window)}/{args.steps})")
     report("  PSNR dB of decoded frames vs the dense model's dense samples (own: vs the same model's dense "
-           "samples); kept KV %: over sparse calls / over all self-attention calls")
-    report(f"  {'model':13s} {'setting':30s} {'from':>5s} {'kept KV %':>11s} {'PSNR':>6s} {'own':>6s} {'s/sample':>9s}")
+           "samples); kept Q %: over sparse calls; kept KV %: over sparse calls / over all self-attention calls")
+    report(f"  {'model':13s} {'setting':30s} {'from':>5s} {'kept Q %':>8s} {'kept KV %':>11s} {'PSNR':>6s} {'own':>6s} "
+           f"{'s/sample':>9s}")
     dense_model = models[0]
     reference = bsa_run(dense_model, None, 0.0)
     frames = {}  # row label -> decoded pixels [N, 3, T, H, W]
@@ -259,7 +264,7 @@ def sample_rows(report: Report, config, setting, models, device, args, out: path
         pixels = decode(result.latents)
         frames[f"{model.name} {label}" + (f" from {start_percent:g}" if start_percent else "")] = pixels
         kv = "-" if result.kv_all is None else f"{_pct(result.kv_sparse)}/{_pct(result.kv_all)}"
-        report(f"  {model.name:13s} {label:30s} {start_percent:5.2g} {kv:>11s} "
+        report(f"  {model.name:13s} {label:30s} {start_percent:5.2g} {_pct(result.q_sparse):>8s} {kv:>11s} "
                f"{psnr(pixels, decode(reference.latents)):6.2f} {psnr(pixels, decode(own_reference.latents)):6.2f} "
                f"{result.seconds:9.4f}")
 
@@ -317,6 +322,7 @@ def main(argv=None) -> int:
     parser.add_argument("--val-sigmas", type=int, help="validation sigma grid points (default 8; smoke 2)")
     parser.add_argument("--val-batch", type=int, default=16, help="validation forward batch")
     parser.add_argument("--out", help="folder for strip_*.png and bench_trained.txt")
+    parser.add_argument("--device", default="cuda", help="cuda (bf16 autocast) or cpu (float32)")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke
     for name, default, small in (("steps", 20, 4), ("videos", len(CLASSES), 2), ("val_videos", 16, 2),
@@ -328,13 +334,9 @@ def main(argv=None) -> int:
 
     import_comfyui()
     load_pack()
-    if smoke:
-        device = torch.device("cpu")
-        torch.manual_seed(0)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    else:
-        raise SystemExit("needs a CUDA GPU (or --cpu-smoke)")
+    device = torch.device("cpu" if smoke else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --cpu-smoke, or --device cpu for the real models in float32: slow)")
     out = pathlib.Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
