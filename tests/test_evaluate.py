@@ -2,6 +2,7 @@
 fixed, its loss deterministic and independent of the batch, BSA that keeps everything equals dense; sampling
 runs BSA only inside start_percent..end_percent; PSNR and strips; bench/bench_trained.py --cpu-smoke runs."""
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_bench_trained_cpu_smoke_runs_and_writes_its_table_and_strips(tmp_path):
     from comfy_env import COMFYUI_PATH
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_trained.py"), "--cpu-smoke", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          env={"COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1", "PATH": ""})
+                          env={**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     table = (tmp_path / "bench_trained.txt").read_text()
     assert table.startswith("device: CPU") and "validation loss" in table
