@@ -33,6 +33,19 @@ def tiny_wan_path(tmp_path_factory):
     return write_tiny_wan(tmp_path_factory.mktemp("models") / "tiny_wan2.1_t2v.safetensors")
 
 
+SHAPES_MODEL = "tiny_wan_shapes_dense.safetensors"  # the trained model's name in assets/ (the demo's workflow)
+
+
+@pytest.fixture(scope="session")
+def shapes_stand_in_dir(tmp_path_factory):
+    """A folder holding a random 2-block Wan 2.1 under the trained model's file name: the demo workflow runs
+    on it without the trained weights (tools/run_workflow.py --models-dir searches it before assets/)."""
+    from comfyui_bsa.training.model import export_comfyui, initial_state_dict
+    folder = tmp_path_factory.mktemp("shapes_models")
+    export_comfyui(initial_state_dict(256, 2, 512, seed=0), folder / SHAPES_MODEL)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_wan(tiny_wan_path):
     """The tiny Wan 2.1 T2V loaded by ComfyUI's own loader (a ModelPatcher)."""

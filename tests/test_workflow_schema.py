@@ -23,7 +23,8 @@ UI_WORKFLOWS = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith
 API_WORKFLOWS = sorted(WORKFLOWS.glob("*_api.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-TEST_ONLY = {"TinyRandomConditioning"}  # registered by tools/run_workflow.py and the browser test's server
+TEST_ONLY = {"TinyRandomConditioning", "SyntheticCaption"}  # registered by tools/run_workflow.py (the first also
+# by the browser test's server)
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}  # the frontend's control_after_generate
 
 

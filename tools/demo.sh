@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (idempotent), then run the tiny Wan workflow dense and with BSA; prints times and sparsity.
-# Extra arguments go to tools/run_workflow.py (e.g. --width 128 --height 128 --length 17 --steps 2).
+# Set up (idempotent), then sample the small trained Wan (workflows/tiny_wan_shapes_t2v_api.json) dense and
+# with BSA through ComfyUI's executor; prints times, sparsity and PSNR against dense, writes decoded frames.
+# Extra arguments go to tools/run_workflow.py (e.g. --steps 10, or --workflow workflows/tiny_wan_t2v_api.json).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$REPO/tools/setup.sh"

@@ -1,11 +1,18 @@
 """Run an API-format workflow headless through ComfyUI's own executor, dense and with BSA, and compare.
 
 Nodes are loaded the way ComfyUI's main.py loads them (nodes.init_extra_nodes: the built-in extras, then
-every custom node folder, here one that links to this repository). A random-weight tiny Wan 2.1 is
-written into a temporary models folder, and a seeded random-conditioning node stands in for the 11 GB
-text encoder. Every IMAGE a node outputs is written to --output-dir as <variant>_<node>_<output>.png.
+every custom node folder, here one that links to this repository). The diffusion models a workflow can load:
+the files of assets/ (the small Wan 2.1 trained on synthetic shapes by training/, tiny_wan_shapes_dense),
+a random-weight tiny Wan 2.1 written into a temporary models folder (tiny_wan2.1_t2v), and those of
+--models-dir (searched first). Two test-only nodes stand in for the 11 GB text encoder: TinyRandomConditioning
+(seeded random embeddings) and SyntheticCaption (the embedding the trained model learnt for a caption of
+the synthetic set). Every IMAGE a node outputs is written to --output-dir as <variant>_<node>_<output>.png.
 
-    python tools/run_workflow.py [--workflow workflows/tiny_wan_t2v_api.json] [--width 256 ...]
+A workflow with a SyntheticCaption samples in training/'s latent space: each run's saved latent is decoded
+with the set's exact decoder (after undoing the Wan 2.1 latent format's scaling) and compared in pixels with
+the first run (PSNR); decoded_frames.png in --output-dir shows every run's frames, one row per run.
+
+    python tools/run_workflow.py [--workflow workflows/tiny_wan_shapes_t2v_api.json] [--steps 20 ...]
 
 COMFYUI_PATH points at a ComfyUI checkout (default: <repo>/.comfyui/ComfyUI).
 """
@@ -25,10 +32,14 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+from pack import load_pack  # noqa: E402
 from tiny_wan import write_tiny_wan  # noqa: E402
 
 BSA_NODE = "BSASparseAttention"
+CAPTION_NODE = "SyntheticCaption"
 TINY_WAN_FILE = "tiny_wan2.1_t2v.safetensors"
+ASSETS = REPO / "assets"  # the trained model (tiny_wan_shapes_dense.safetensors)
+FRAMES_FILE = "decoded_frames.png"
 VARIANTS = ("dense", "bsa_1_1", "bsa")
 
 
@@ -86,6 +97,33 @@ def random_conditioning_node():
     return TinyRandomConditioning
 
 
+def synthetic_caption_node():
+    """A stand-in for CLIPTextEncode for the models trained by training/: the fixed [tokens, 4096] embedding
+    of a caption of the synthetic set (SyntheticVideos(seed).embeddings; the shipped configs: seed 0, 8
+    tokens), the conditioning the model was trained with."""
+    load_pack()
+    from comfyui_bsa.training.data import SyntheticVideos, caption, num_classes
+
+    captions = [caption(c) for c in range(num_classes())]
+
+    class SyntheticCaption:
+        CATEGORY = "testing"
+        RETURN_TYPES = ("CONDITIONING",)
+        FUNCTION = "encode"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"caption": (captions, {"default": captions[0]}),
+                                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                                 "tokens": ("INT", {"default": 8, "min": 1, "max": 512})}}
+
+        def encode(self, caption, seed, tokens):
+            embeddings = SyntheticVideos(1, 2, 1, tokens, seed).embeddings
+            return ([[embeddings[captions.index(caption)].unsqueeze(0), {}]],)
+
+    return SyntheticCaption
+
+
 async def load_nodes(nodes, custom_nodes_dir: pathlib.Path):
     """ComfyUI's built-in extras and, as its only custom node folder, `custom_nodes_dir` with a link to this
     repository: nodes.init_extra_nodes, what main.py runs at start-up (without the API nodes)."""
@@ -100,6 +138,7 @@ async def load_nodes(nodes, custom_nodes_dir: pathlib.Path):
     if BSA_NODE not in nodes.NODE_CLASS_MAPPINGS:
         raise SystemExit(f"ComfyUI could not load the pack from {link} (see the warnings above)")
     nodes.NODE_CLASS_MAPPINGS["TinyRandomConditioning"] = random_conditioning_node()
+    nodes.NODE_CLASS_MAPPINGS[CAPTION_NODE] = synthetic_caption_node()
 
 
 class ServerStub:
@@ -224,9 +263,31 @@ def latest_latent(output_dir: pathlib.Path):
     return safetensors.torch.load_file(str(newest))["latent_tensor"].float()
 
 
+def decode_synthetic(latent):
+    """A saved Wan 2.1 LATENT [B, 16, T, h, w] (the sampler's output, in the Wan21 latent format's space) ->
+    pixels [B, 3, T, 2h, 2w] in [-1, 1]: process_in gives the latents the model saw, training/'s own space,
+    which its exact decoder maps to pixels."""
+    import comfy.latent_formats
+    from comfyui_bsa.training.data import decode
+
+    return decode(comfy.latent_formats.Wan21().process_in(latent)).clamp(-1, 1)
+
+
+def check_model_files(prompt: dict) -> None:
+    """A diffusion model the prompt loads must be in a models folder; the trained one says where it comes from."""
+    import folder_paths
+
+    for node in prompt.values():
+        name = node["inputs"].get("unet_name") if node["class_type"] == "UNETLoader" else None
+        if name is not None and folder_paths.get_full_path("diffusion_models", name) is None:
+            raise SystemExit(f"diffusion model {name} not found in {folder_paths.get_folder_paths('diffusion_models')}"
+                             f" (the trained model ships as assets/tiny_wan_shapes_dense.safetensors; "
+                             f"--models-dir adds a folder)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workflow", default=str(REPO / "workflows" / "tiny_wan_t2v_api.json"))
+    parser.add_argument("--workflow", default=str(REPO / "workflows" / "tiny_wan_shapes_t2v_api.json"))
     parser.add_argument("--width", type=int, help="override EmptyHunyuanLatentVideo width (pixels)")
     parser.add_argument("--height", type=int, help="override EmptyHunyuanLatentVideo height (pixels)")
     parser.add_argument("--length", type=int, help="override EmptyHunyuanLatentVideo length (frames)")
@@ -235,6 +296,7 @@ def main(argv=None) -> int:
                         help="which runs: dense (BSA node bypassed), bsa_1_1 (keep_ratio = kv_threshold = 1), "
                              "bsa (the workflow's settings); max|latent - dense| needs dense first")
     parser.add_argument("--output-dir", help="where the workflow's images go (default: output/<workflow name>)")
+    parser.add_argument("--models-dir", help="a folder of diffusion models searched before assets/")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log lines")
     args = parser.parse_args(argv)
 
@@ -250,6 +312,8 @@ def main(argv=None) -> int:
     import folder_paths
 
     comfy.utils.PROGRESS_BAR_ENABLED = args.verbose
+    load_pack()
+    from comfyui_bsa.training.evaluate import psnr, strip_image
 
     workflow = pathlib.Path(args.workflow)
     prompt = apply_overrides(json.loads(workflow.read_text()), args)
@@ -259,15 +323,24 @@ def main(argv=None) -> int:
         tmp = pathlib.Path(tmp)
         write_tiny_wan(tmp / "models" / TINY_WAN_FILE)
         folder_paths.add_model_folder_path("diffusion_models", str(tmp / "models"))
+        folder_paths.add_model_folder_path("diffusion_models", str(ASSETS))
+        if args.models_dir:
+            folder_paths.add_model_folder_path("diffusion_models", str(pathlib.Path(args.models_dir).resolve()),
+                                               is_default=True)
         folder_paths.set_output_directory(str(tmp / "output"))
         folder_paths.set_temp_directory(str(tmp / "temp"))
         (tmp / "custom_nodes").mkdir()
         asyncio.run(load_nodes(nodes, tmp / "custom_nodes"))
 
+        check_model_files(prompt)
         latent = next(n["inputs"] for n in prompt.values() if n["class_type"] == "EmptyHunyuanLatentVideo")
         print(f"workflow {args.workflow}: {latent['width']}x{latent['height']}x{latent['length']} frames, "
               f"ComfyUI {comfyui_path()}")
-        reference = None
+        synthetic = any(n["class_type"] == CAPTION_NODE for n in prompt.values())
+        if synthetic:
+            print(f"{'':8s} latents in training/'s space, decoded by its exact decoder: PSNR of the pixels vs the "
+                  f"first run, {FRAMES_FILE} one row per run")
+        reference, frames = None, {}
         for name, variant in variants(prompt).items():
             if name not in args.variants:
                 continue
@@ -278,6 +351,9 @@ def main(argv=None) -> int:
             reference = result if reference is None else reference
             error = float((result - reference).abs().max())
             line = f"{name:8s} wall {seconds:6.2f} s  max|latent - {args.variants[0]}| {error:.2e}"
+            if synthetic:
+                frames[name] = decode_synthetic(result)
+                line += f"  PSNR {psnr(frames[name], frames[args.variants[0]]):6.2f} dB"
             for run in run_log.runs[runs_before:]:
                 kept = (f"kept queries {run['kept_query_pct']:.1f}%, kept KV cubes {run['kept_kv_pct']:.1f}%"
                         if run["sparse_calls"] else "no sparse call")
@@ -285,6 +361,12 @@ def main(argv=None) -> int:
             print(line, flush=True)
             for path in write_images(variant, history, nodes.NODE_CLASS_MAPPINGS, name, images_dir):
                 print(f"{'':8s} image {path}")
+        if frames:
+            path = images_dir / FRAMES_FILE
+            strip_image([(name, video[0]) for name, video in frames.items()]).save(path)
+            first = next(iter(frames.values()))
+            print(f"{'':8s} image {path} (frames left to right: {first.shape[2]} frames of "
+                  f"{first.shape[3]}x{first.shape[4]} px, first video of the batch)")
     return 0
 
 

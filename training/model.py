@@ -79,10 +79,13 @@ def sampling_sigmas(steps: int, shift: float, device=None) -> torch.Tensor:
 @torch.no_grad()
 def sample_euler(model, noise: torch.Tensor, context: torch.Tensor, sigmas: torch.Tensor,
                  transformer_options=None) -> torch.Tensor:
-    """Euler steps along the predicted velocity from sigmas[0] (= 1: pure noise) to sigmas[-1] (= 0)."""
+    """Euler steps along the predicted velocity from sigmas[0] (= 1: pure noise) to sigmas[-1] (= 0).
+    transformer_options: one dict for every step, or a function of the step index giving each step's
+    (training.sparsity.sampling_attention: BSA inside the node's sigma window only)."""
     x = noise
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        v = velocity(model, x, sigma.expand(x.shape[0]), context, transformer_options)
+    for step, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        options = transformer_options(step) if callable(transformer_options) else transformer_options
+        v = velocity(model, x, sigma.expand(x.shape[0]), context, options)
         x = x + (sigma_next - sigma) * v.to(x.dtype)
     return x
 

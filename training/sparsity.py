@@ -4,6 +4,8 @@ puts one step's setting on the model's forward.
 There is no sampler in training, so nothing installs bsa_core.patch's per-run override: the loop asks
 `attention_options` for each forward's transformer_options, which carry that module's override
 (make_override over a BSARun whose every step lies in the sigma window) with the ramp's setting.
+`sampling_attention` does the same for a whole Euler run (training.model.sample_euler) with the node's
+sigma window: steps outside start_percent..end_percent stay dense, decided as the node decides them.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import dataclasses
 from ..bsa_core.adapters import token_layout
 from ..bsa_core.config import BSAConfig
 from ..bsa_core.patch import OVERRIDE_KEY, RUN_KEY, BlockRanges, BSAOptions, BSARun, make_override
+from .model import TIMESTEP_SCALE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,3 +61,52 @@ def attention_options(config: BSAConfig | None, diffusion_model, x_shape, contex
     run = BSARun(options)
     run.begin_forward(token_layout(diffusion_model, x_shape), context_tokens)
     return {RUN_KEY: run, OVERRIDE_KEY: make_override(run, None)}, run
+
+
+def flow_model_sampling(shift: float):
+    """ComfyUI's model sampling of a Wan model after ModelSamplingSD3(shift): what the node's sigma window
+    (percent_to_sigma) is read from."""
+    import comfy.model_sampling
+
+    model_sampling = comfy.model_sampling.ModelSamplingDiscreteFlow()
+    model_sampling.set_parameters(shift=shift, multiplier=TIMESTEP_SCALE)
+    return model_sampling
+
+
+def _sampling_run(config: BSAConfig, sigmas, shift: float, start_percent: float, end_percent: float,
+                  dense_blocks: str) -> BSARun:
+    options = BSAOptions(config, start_percent=float(start_percent), end_percent=float(end_percent),
+                         dense_blocks=BlockRanges.of(dense_blocks), min_tokens=0)
+    return BSARun(options, flow_model_sampling(shift), [float(s) for s in sigmas])
+
+
+def sparse_steps(sigmas, shift: float, start_percent: float = 0.0, end_percent: float = 1.0) -> list[bool]:
+    """Per step of a run over `sigmas` (steps + 1 of them), whether the node would run it sparse:
+    bsa_core.patch's rule (the step's starting sigma between the sigmas of end_percent and start_percent)."""
+    run = _sampling_run(BSAConfig(), sigmas, shift, start_percent, end_percent, "")
+    steps = []
+    for step in range(len(sigmas) - 1):
+        run.begin_step(step)
+        steps.append(run.in_window)
+    return steps
+
+
+def sampling_attention(config: BSAConfig | None, diffusion_model, x_shape, context_tokens: int, sigmas,
+                       shift: float, start_percent: float = 0.0, end_percent: float = 1.0,
+                       dense_blocks: str = ""):
+    """(options_at, run) for training.model.sample_euler over `sigmas`: options_at(step) is that step's
+    transformer_options, BSA with `config` on every block but `dense_blocks` and every sequence length, as
+    the node runs it between start_percent and end_percent of the schedule (ModelSamplingSD3 at `shift`);
+    outside that window the step is dense. run.stats counts the whole run. config None: dense, run None."""
+    if config is None:
+        return (lambda step: {}), None
+    run = _sampling_run(config, sigmas, shift, start_percent, end_percent, dense_blocks)
+    layout = token_layout(diffusion_model, x_shape)
+    override = make_override(run, None)
+
+    def options_at(step: int) -> dict:
+        run.begin_step(step)
+        run.begin_forward(layout, context_tokens)
+        return {RUN_KEY: run, OVERRIDE_KEY: override}
+
+    return options_at, run
