@@ -254,6 +254,30 @@ def magnitude_masks(diffusion_model: torch.nn.Module, config: Sparsity24Config) 
     return choose_layers(target_linears(diffusion_model), config, None).masks
 
 
+def save_masks(masks: dict[str, torch.Tensor], path) -> None:
+    """Writes masks (layer name -> bool [out, in]) as a safetensors file: what a recovery fine-tune keeps
+    (training config `prune_masks`), e.g. the Wanda masks of a calibration run."""
+    from safetensors.torch import save_file
+    save_file({name: mask.to(torch.bool).cpu().contiguous() for name, mask in masks.items()}, str(path))
+
+
+def load_masks(path, diffusion_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """save_masks' file, checked against `diffusion_model`: every name a target linear, every mask of its
+    weight's shape with 2 of every 4 kept."""
+    from safetensors.torch import load_file
+    masks = {name: mask.to(torch.bool) for name, mask in load_file(str(path)).items()}
+    linears = target_linears(diffusion_model)
+    for name, mask in masks.items():
+        if name not in linears:
+            raise ValueError(f"prune_masks {path}: {name!r} is not an attention / FFN linear of the model")
+        if tuple(mask.shape) != tuple(linears[name].weight.shape):
+            raise ValueError(f"prune_masks {path}: {name!r} has shape {tuple(mask.shape)}, the weight "
+                             f"{tuple(linears[name].weight.shape)}")
+        if mask.shape[1] % 4 or not (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all():
+            raise ValueError(f"prune_masks {path}: {name!r} does not keep 2 of every 4 weights")
+    return masks
+
+
 @torch.no_grad()
 def apply_masks_(diffusion_model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zeroes the masked-out weights in place: run once before training and after every optimizer step, it

@@ -195,3 +195,42 @@ def test_recovery_fine_tune_keeps_masks_exactly(tmp_path):
             assert (weight[~mask] == 0).all()
     with pytest.raises(ValueError, match="prune.method"):
         tiny_config(tmp_path / "other", prune={"method": "wanda"})
+
+
+def test_recovery_fine_tune_keeps_masks_from_a_file(tmp_path):
+    """Masks that magnitude would not pick (random scores, as Wanda's differ from magnitude's) on some layers:
+    the loop keeps exactly those, leaves the other layers unmasked, and checks the file against the model."""
+    from safetensors.torch import load_file
+    from test_training import tiny_config
+
+    from comfyui_bsa.compression.sparsity24 import save_masks
+    from comfyui_bsa.training.loop import initial_weights, train
+    from comfyui_bsa.training.model import wan_from_state_dict
+
+    linears = target_linears(wan_from_state_dict(initial_weights(tiny_config(tmp_path / "probe"))))
+    g = torch.Generator().manual_seed(5)
+    chosen = ["blocks.0.self_attn.q", "blocks.1.ffn.2", "blocks.1.cross_attn.v"]
+    masks = {name: mask_24(torch.randn(linears[name].weight.shape, generator=g)) for name in chosen}
+    save_masks(masks, tmp_path / "masks.safetensors")
+    config = tiny_config(tmp_path / "run", max_steps=3, prune_masks=str(tmp_path / "masks.safetensors"))
+    train(config, progress=False)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    exported = load_file(str(tmp_path / "run" / "model_ema.safetensors"))
+    for name in linears:
+        for weight in (state["model"][f"{name}.weight"], exported[f"{name}.weight"]):
+            if name in masks:
+                assert_valid_24(masks[name], weight)
+                assert (weight[~masks[name]] == 0).all()
+            else:
+                assert (weight == 0).float().mean() < 1e-3, name  # unmasked: a zero only by fp16 rounding
+
+    with pytest.raises(ValueError, match="exclude each other"):
+        tiny_config(tmp_path / "both", prune={"method": "magnitude"}, prune_masks=str(tmp_path / "masks.safetensors"))
+    q = masks["blocks.0.self_attn.q"]
+    for bad, match in [({"blocks.0.ffn.1": q}, "not an attention / FFN linear"),
+                       ({"blocks.0.self_attn.q": q[:, :8]}, "has shape"),
+                       ({"blocks.0.self_attn.q": torch.ones_like(q)}, "2 of every 4")]:
+        save_masks(bad, tmp_path / "bad.safetensors")
+        with pytest.raises(ValueError, match=match):
+            train(tiny_config(tmp_path / f"bad{len(match)}", prune_masks=str(tmp_path / "bad.safetensors")),
+                  progress=False)

@@ -62,6 +62,8 @@ class TrainConfig:
     bsa_dense_blocks: str = ""
     # 2:4 recovery fine-tune: Sparsity24Config fields (method 'magnitude'); masks fixed from the initial weights
     prune: dict | None = None
+    # or masks from a file (compression.sparsity24.save_masks: layer name -> bool [out, in]), e.g. Wanda's
+    prune_masks: str | None = None
     # output
     log_every: int = 10
     preview_every: int = 500
@@ -87,6 +89,9 @@ class TrainConfig:
             raise ValueError(f"export_dtype must be float16, bfloat16 or float32, got {self.export_dtype!r}")
         self.bsa_config()  # a bad BSA setting fails here, before any step
         self.prune_config()
+        if self.prune is not None and self.prune_masks is not None:
+            raise ValueError("prune (magnitude masks from the initial weights) and prune_masks (masks from a file) "
+                             "exclude each other: set one")
 
     def bsa_config(self) -> BSAConfig | None:
         """The target sparse setting as a BSAConfig (validated), or None for dense training."""
@@ -98,7 +103,8 @@ class TrainConfig:
             return None
         config = Sparsity24Config(**self.prune)
         if config.method != "magnitude":
-            raise ValueError(f"prune.method must be 'magnitude' (the loop has no calibration run), got {config.method!r}")
+            raise ValueError(f"prune.method must be 'magnitude' (the loop has no calibration run; other masks: "
+                             f"prune_masks), got {config.method!r}")
         return config
 
     def to_json(self) -> str:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..compression.sparsity24 import apply_masks_, magnitude_masks
+from ..compression.sparsity24 import apply_masks_, load_masks, magnitude_masks
 from .config import CONFIG_FILE, TrainConfig
 from .data import BatchStream, SyntheticVideos, caption, decode
 from .model import (export_comfyui, flow_matching_loss, initial_state_dict, latent_shape, sample_euler,
@@ -120,6 +120,15 @@ def initial_weights(config: TrainConfig) -> dict[str, torch.Tensor]:
     return initial_state_dict(config.dim, config.layers, config.ffn_dim, config.seed)
 
 
+def prune_masks(config: TrainConfig, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The 2:4 masks the run keeps (none without prune / prune_masks): the file's, or magnitude masks of
+    the initial weights (so the same on resume)."""
+    if config.prune_masks is not None:
+        return load_masks(config.prune_masks, model)
+    prune = config.prune_config()
+    return {} if prune is None else magnitude_masks(model, prune)
+
+
 def _save_atomic(obj, path: pathlib.Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -157,8 +166,7 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
     last_step = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
 
     model = wan_from_state_dict(initial_weights(config)).to(device)
-    prune = config.prune_config()
-    masks = {} if prune is None else magnitude_masks(model, prune)  # from the initial weights: same on resume
+    masks = prune_masks(config, model)
     apply_masks_(model, masks)
     ema = EMA(model, config.ema_decay)
     preview_model = copy.deepcopy(model).requires_grad_(False)  # holds the EMA weights while it samples
