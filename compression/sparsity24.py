@@ -9,7 +9,8 @@ tokens; Sun et al. 2023). A layer is pruned only when (a) its relative output er
 `apply_sparsity24(model_clone, config, sampling)` patches the chosen layers' forward on the clone. On a GPU
 that runs 2:4 (CUDA, compute capability >= 8.0, fp16/bf16, both dims multiples of 64) the masked weight is
 compressed once with torch.sparse.to_sparse_semi_structured (cuSPARSELt / CUTLASS) at the layer's first
-call after the model is loaded; elsewhere the masked weight runs dense: the same numbers, no speed.
+call after the model is loaded (under autocast: in autocast's dtype); elsewhere the masked weight runs
+dense: the same numbers, no speed.
 `masked_linear_reference` is the plain-torch math both paths are tested against.
 """
 from __future__ import annotations
@@ -144,6 +145,8 @@ class Sparse24Weight:
         return self._weight
 
     def linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, as F.linear would
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         weight = self.weight_for(module, x)
         bias = None if module.bias is None else module.bias.to(x.device, x.dtype)
         rows = x.reshape(-1, x.shape[-1])

@@ -58,6 +58,21 @@ def test_masked_dense_equals_explicit_masked_matmul():
     torch.testing.assert_close(masked_linear_reference(x, layer.weight, mask, layer.bias), expected)
 
 
+def test_masked_dense_under_autocast_computes_in_autocast_dtype():
+    """float32 weights and input under bf16 autocast (training's previews, the bench): the masked weight is
+    made in bf16, which is what lets a GPU compress it; the numbers are autocast's F.linear's."""
+    g = torch.Generator().manual_seed(2)
+    layer = torch.nn.Linear(64, 32)
+    mask = mask_24(torch.randn(32, 64, generator=g))
+    x = torch.randn(3, 7, 64, generator=g)
+    weight24 = Sparse24Weight(mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = weight24.linear(layer, x)
+        expected = torch.nn.functional.linear(x, layer.weight * mask, layer.bias)
+    assert out.dtype == torch.bfloat16 and weight24.weight_for(layer, x.bfloat16()).dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 def test_semi_structured_equals_masked_dense_on_cuda():
     torch.manual_seed(0)
@@ -69,6 +84,24 @@ def test_semi_structured_equals_masked_dense_on_cuda():
     assert type(weight24.weight_for(layer, x)).__name__.startswith("SparseSemiStructured")
     torch.testing.assert_close(out.float(), masked_linear_reference(x, layer.weight, mask.cuda(), layer.bias),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_semi_structured_under_autocast_equals_masked_dense_on_cuda(dtype):
+    """float32 weights and a 3-D float32 input of a token count no multiple of 64, under autocast (the
+    bench's and training's setting): compressed in autocast's dtype, the masked dense numbers."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(512, 256).cuda()
+    mask = mask_24(layer.weight.detach().abs().cpu())
+    x = torch.randn(2, 77, 512, device="cuda")
+    weight24 = Sparse24Weight(mask)
+    with torch.autocast("cuda", dtype=dtype):
+        out = weight24.linear(layer, x)
+        expected = torch.nn.functional.linear(x, layer.weight * mask.cuda(), layer.bias)
+    assert out.dtype == dtype and out.shape == (2, 77, 256)
+    assert type(weight24.weight_for(layer, x.to(dtype))).__name__.startswith("SparseSemiStructured")
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.fixture(scope="module")
