@@ -161,6 +161,17 @@ def test_error_criterion_and_speed_rule_keep_layers_dense(tiny_wan, sampling):
     assert not fast.masks  # 256-wide layers are far below the large-layer rule
 
 
+def test_row_sample_of_a_large_call_is_drawn_from_its_rows():
+    from comfyui_bsa.compression.linears import RowSample
+    sample = RowSample(capacity=64, per_call=16, seed=0)
+    small, large = torch.arange(40.0)[:, None], 100 + torch.arange(1_000_000.0)[:, None]
+    sample.add(small)  # 40 <= 4 x 16 rows: 16 distinct ones
+    assert len(set(sample.tensor().flatten().tolist())) == 16
+    sample.add(large)  # drawn with replacement, without a permutation of a million rows
+    values = sample.tensor().flatten()
+    assert len(values) == 32 and ((values >= 100) & (values < 1_000_100)).sum() == 16
+
+
 def test_invalid_settings_name_the_input():
     with pytest.raises(ValueError, match="method"):
         Sparsity24Config(method="random")
