@@ -128,13 +128,14 @@ class Sparse24Weight:
         self.mask = mask.to(torch.bool).cpu()
         self._key = None
         self._weight = None
+        self.dense_reason: str | None = None  # why the last call's weight runs masked dense (None: compressed)
 
     def weight_for(self, module: torch.nn.Linear, x: torch.Tensor):
         weight = module.weight
         key = (x.device, x.dtype, weight.data_ptr())  # ComfyUI's weight patches (LoRA) swap the tensor
         if key != self._key:
             masked = weight.detach().to(x.device, x.dtype) * self.mask.to(x.device)
-            reason = semi_structured_unsupported(masked)
+            reason = self.dense_reason = semi_structured_unsupported(masked)
             if reason is None:
                 from torch.sparse import to_sparse_semi_structured
                 masked = to_sparse_semi_structured(masked)
@@ -143,6 +144,11 @@ class Sparse24Weight:
                 log.info("%s 2:4 weights run masked dense (same numbers, no speed-up): %s", LOG_PREFIX, reason)
             self._key, self._weight = key, masked
         return self._weight
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the weight of the last call runs semi-structured (2:4 sparse tensor cores)."""
+        return self._weight is not None and self.dense_reason is None
 
     def linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, as F.linear would

@@ -54,7 +54,9 @@ def test_masked_dense_equals_explicit_masked_matmul():
     mask = mask_24(torch.randn(16, 32, generator=g))
     x = torch.randn(2, 5, 32, generator=g)
     expected = x @ (layer.weight * mask).T + layer.bias
-    torch.testing.assert_close(Sparse24Weight(mask).linear(layer, x), expected)
+    weight24 = Sparse24Weight(mask)
+    torch.testing.assert_close(weight24.linear(layer, x), expected)
+    assert not weight24.compressed  # on the CPU
     torch.testing.assert_close(masked_linear_reference(x, layer.weight, mask, layer.bias), expected)
 
 
@@ -81,7 +83,7 @@ def test_semi_structured_equals_masked_dense_on_cuda():
     x = torch.randn(64, 256, device="cuda", dtype=torch.half)
     weight24 = Sparse24Weight(mask)
     out = weight24.linear(layer, x)
-    assert type(weight24.weight_for(layer, x)).__name__.startswith("SparseSemiStructured")
+    assert type(weight24.weight_for(layer, x)).__name__.startswith("SparseSemiStructured") and weight24.compressed
     torch.testing.assert_close(out.float(), masked_linear_reference(x, layer.weight, mask.cuda(), layer.bias),
                                rtol=2e-2, atol=2e-2)
 
@@ -100,7 +102,7 @@ def test_semi_structured_under_autocast_equals_masked_dense_on_cuda(dtype):
         out = weight24.linear(layer, x)
         expected = torch.nn.functional.linear(x, layer.weight * mask.cuda(), layer.bias)
     assert out.dtype == dtype and out.shape == (2, 77, 256)
-    assert type(weight24.weight_for(layer, x.to(dtype))).__name__.startswith("SparseSemiStructured")
+    assert weight24.compressed
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
