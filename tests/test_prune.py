@@ -280,3 +280,31 @@ def test_recovery_fine_tune_keeps_masks_from_a_file(tmp_path):
         with pytest.raises(ValueError, match=match):
             train(tiny_config(tmp_path / f"bad{len(match)}", prune_masks=str(tmp_path / "bad.safetensors")),
                   progress=False)
+
+
+def test_bench_cpu_smoke(tmp_path, capsys, monkeypatch):
+    """bench/bench_prune.py --cpu-smoke runs every part on the tiny stand-in in seconds, and its recovery keeps
+    the Wanda masks it wrote."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    from safetensors.torch import load_file
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_prune.py"
+    spec = importlib.util.spec_from_file_location("bench_prune", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_prune", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert bench.main(["--cpu-smoke", "--work-dir", str(tmp_path), "--model", str(tmp_path / "missing.safetensors")]) == 0
+    out = capsys.readouterr().out
+    for expected in ("UNTRAINED STAND-IN", "2:4 Wanda, every linear", "TEAL target 40%, 4 sigma bins (node default)",
+                     "Prune Linears 2:4 at its defaults (0/20 layers pruned", "its error criterion at every shape",
+                     "Activation Sparsity TEAL at its defaults", "dense fine-tuned (control)", "== end to end"):
+        assert expected in out, expected
+    masks = load_file(str(tmp_path / "masks_wanda.safetensors"))
+    recovered = load_file(str(tmp_path / "recover_wanda" / "model_ema.safetensors"))
+    assert len(masks) == 20
+    for name, mask in masks.items():
+        assert_valid_24(mask)
+        assert (recovered[f"{name}.weight"][~mask] == 0).all()
