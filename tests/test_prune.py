@@ -296,7 +296,8 @@ def test_bench_cpu_smoke(tmp_path, capsys, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_prune", bench)  # its dataclasses look their module up
     spec.loader.exec_module(bench)
-    assert bench.main(["--cpu-smoke", "--work-dir", str(tmp_path), "--model", str(tmp_path / "missing.safetensors")]) == 0
+    missing = tmp_path / "missing.safetensors"  # the stand-in, even once the trained model is in assets/
+    assert bench.main(["--cpu-smoke", "--work-dir", str(tmp_path), "--model", str(missing)]) == 0
     out = capsys.readouterr().out
     for expected in ("UNTRAINED STAND-IN", "2:4 Wanda, every linear", "TEAL target 40%, 4 sigma bins (node default)",
                      "Prune Linears 2:4 at its defaults (0/20 layers pruned", "its error criterion at every shape",
