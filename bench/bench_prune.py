@@ -4,6 +4,12 @@ trained video model of training/ against its own unpruned samples. A script, not
     python bench/bench_prune.py [--model PATH] [--recover-steps N]   # GPU: speed, then quality
     python bench/bench_prune.py --cpu-smoke                          # CPU: everything at tiny sizes, seconds
 
+On the GPU machine (no ComfyUI there: carry .whl and .comfy_min, see bench/e2e_wan.py), from the repository root:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.comfy_min/ComfyUI && \
+        python3 bench/bench_prune.py --recover-steps 300
+
 Speed: torch.sparse.to_sparse_semi_structured vs the same masked weights dense, bf16, at the linear shapes of
 Wan 1.3B 480p and 14B 720p (81 frames): median ms, TFLOP/s, error against masked dense, the GPU name, and the
 MEASURED_SPEEDUP line for compression/sparsity24.py.
