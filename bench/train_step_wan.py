@@ -34,7 +34,7 @@ from tiny_wan import wan21_t2v_state_dict  # noqa: E402
 
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
 
-SIZES = {"full": ("1.3B", (21, 60, 104), 512), "tiny": ("tiny", (5, 8, 8), 16)}  # model, latent (T, H, W), text tokens
+SIZES = {"full": ("1.3B", (21, 60, 104), 512), "tiny": ("tiny", (5, 16, 16), 16)}  # model, latent (T, H, W), text tokens
 SETTINGS = {"defaults": RECOMMENDED, "stat1.5": dataclasses.replace(RECOMMENDED, stat_lambda=1.5)}
 
 
@@ -92,13 +92,13 @@ def main(argv=None) -> int:
     if not args.no_checkpointing:
         checkpoint_blocks(model)
     generator = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, 16, t, 2 * h, 2 * w, generator=generator).to(device)
+    x0 = torch.randn(1, 16, t, h, w, generator=generator).to(device)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     context = torch.randn(1, text_tokens, 4096, generator=generator).to(device, dtype)
     sigma = torch.tensor([0.7], device=device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {name}  torch {torch.__version__}; Wan 2.1 T2V {size}, latent {tuple(x0.shape)} "
-          f"({t * h * w} tokens), LoRA rank {args.rank} on every block linear ({sum(p.numel() for p in lora) / 1e6:.1f} M "
+          f"({t * (h // 2) * (w // 2)} tokens), LoRA rank {args.rank} on every block linear ({sum(p.numel() for p in lora) / 1e6:.1f} M "
           f"params), checkpointing {'off' if args.no_checkpointing else 'on'}; built in {time.perf_counter() - start:.1f} s")
 
     def step(config):
