@@ -20,7 +20,7 @@ seeds with training.model.sample_euler (bf16 autocast on CUDA) at the training c
 per variant: PSNR of the decoded pixels (training.data.decode, [-1, 1], peak 2) against the unpruned model's
 samples (mean and worst sample), the flow-matching loss on held-out videos, layers pruned / input sparsity
 reached. Variants: magnitude and Wanda 2:4 on every linear, the node's default (Wanda, layers=fast,
-max_error 0.5) and its error criterion at every shape (layers=all), TEAL at a few targets (thresholds per
+max_error 0.1) and its error criterion at every shape (layers=all), TEAL at a few targets (thresholds per
 sigma bin). Calibration as the nodes' defaults: 2 samples of 10 Euler steps (no CFG: the model is trained
 without caption dropout), other captions and seeds than the evaluation's. Also printed: which max_error and
 TEAL target would meet the goal. The pack's own pieces do the work on the bare WanModel (choose_layers,

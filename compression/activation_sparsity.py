@@ -27,7 +27,7 @@ class ActivationSparsityConfig:
     into this many contiguous ranges of sigma, one threshold per layer and range. values_per_step: |x|
     entries sampled per layer and calibration step (CPU memory: layers x steps x values x 4 bytes)."""
 
-    target: float = 0.4
+    target: float = 0.1  # bench_prune on the trained model: 10 % keeps 46.8 dB, 25 % gave 24.6 dB
     sigma_bins: int = 4
     values_per_step: int = 8192
 

@@ -59,7 +59,8 @@ class PruneLinears24(io.ComfyNode):
                                        "H100/H200); all: every attention / FFN linear (for quality tests)."),
                 io.Float.Input("max_error", default=PRUNE_DEFAULTS.max_error, min=0.0, max=10.0, step=0.01,
                                tooltip="Largest relative output error of a pruned layer on calibration inputs "
-                                       "(0.3 = 30%); layers above it stay dense."),
+                                       "(0.3 = 30%); layers above it stay dense. Measured on the small trained "
+                                       "video model: 0.1 keeps samples >= 30 dB PSNR, 0.2 gave 23 dB."),
                 *calibration_inputs()[3:],
             ],
             outputs=[io.Model.Output(tooltip="The model with the chosen layers 2:4-pruned."),
@@ -90,7 +91,9 @@ class ActivationSparsityTEAL(io.ComfyNode):
                 io.Model.Input("model", tooltip="The Wan model to patch (a patched copy is returned)."),
                 *calibration_inputs()[:3],
                 io.Float.Input("target", default=TEAL_DEFAULTS.target, min=0.0, max=0.95, step=0.01,
-                               tooltip="Share of each layer's input entries to zero (0.4 = 40%)."),
+                               tooltip="Share of each layer's input entries to zero (0.4 = 40%). Measured on "
+                                       "the small trained video model: 10% keeps 47 dB PSNR, 25% gave 25 dB, 40% "
+                                       "18 dB. No kernel turns these zeros into time yet."),
                 io.Int.Input("sigma_bins", default=TEAL_DEFAULTS.sigma_bins, min=1, max=64,
                              tooltip="Sigma ranges with their own thresholds (calibration steps split evenly)."),
                 *calibration_inputs()[3:],

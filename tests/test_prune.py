@@ -299,7 +299,7 @@ def test_bench_cpu_smoke(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "missing.safetensors"  # the stand-in, even once the trained model is in assets/
     assert bench.main(["--cpu-smoke", "--work-dir", str(tmp_path), "--model", str(missing)]) == 0
     out = capsys.readouterr().out
-    for expected in ("UNTRAINED STAND-IN", "2:4 Wanda, every linear", "TEAL target 40%, 4 sigma bins (node default)",
+    for expected in ("UNTRAINED STAND-IN", "2:4 Wanda, every linear", "TEAL target 10%, 4 sigma bins (node default)",
                      "Prune Linears 2:4 at its defaults (0/20 layers pruned", "its error criterion at every shape",
                      "Activation Sparsity TEAL at its defaults", "dense fine-tuned (control)", "== end to end"):
         assert expected in out, expected
