@@ -17,6 +17,7 @@ class CubeLayout:
     """Index tables of one grid / cube size, on one device.
 
     token_of_slot: [N * S] int64, raster index of each cube slot, -1 for padding.
+    slot_of_token: [L] int64, cube slot (n * S + s) of each raster token: the inverse map.
     slot_valid:    [N, S] bool.
     n_valid:       [N] int64, real tokens per cube.
     centre_slot:   [N] int64, slot of the geometric centre of the cube's valid extent.
@@ -26,6 +27,7 @@ class CubeLayout:
     cube_size: tuple[int, int, int]
     cubes_per_axis: tuple[int, int, int]
     token_of_slot: torch.Tensor
+    slot_of_token: torch.Tensor
     slot_valid: torch.Tensor
     n_valid: torch.Tensor
     centre_slot: torch.Tensor
@@ -49,12 +51,8 @@ class CubeLayout:
         return out.reshape(*x.shape[:-2], self.num_cubes, self.cube_volume, x.shape[-1])
 
     def to_raster(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., N, S, D] cube order -> [..., L, D] raster (padding slots dropped)."""
-        flat = x.reshape(*x.shape[:-3], -1, x.shape[-1])
-        valid = self.slot_valid.reshape(-1)
-        out = flat.new_empty(*x.shape[:-3], self.num_tokens, x.shape[-1])
-        out[..., self.token_of_slot[valid], :] = flat[..., valid, :]
-        return out
+        """[..., N, S, D] cube order -> [..., L, D] raster (padding slots dropped): one gather, no host sync."""
+        return x.reshape(*x.shape[:-3], -1, x.shape[-1]).index_select(-2, self.slot_of_token)
 
 
 def cube_layout(grid, cube_size, device="cpu") -> CubeLayout:
@@ -76,6 +74,8 @@ def _cube_layout(grid, cube_size, device) -> CubeLayout:
     w = cube_w[:, None] * cw + slot_w[None]
     valid = (t < T) & (h < H) & (w < W)
     token = torch.where(valid, (t * H + h) * W + w, torch.full_like(t, -1))
+    slot_of_token = torch.empty(T * H * W, dtype=torch.int64)
+    slot_of_token[token[valid]] = torch.arange(token.numel()).reshape(token.shape)[valid]
     # the centre of a partial cube is the centre of its valid extent
     ext_t = (T - cube_t * ct).clamp(max=ct)
     ext_h = (H - cube_h * ch).clamp(max=ch)
@@ -86,6 +86,7 @@ def _cube_layout(grid, cube_size, device) -> CubeLayout:
         cube_size=cube_size,
         cubes_per_axis=(nt, nh, nw),
         token_of_slot=token.reshape(-1).to(device),
+        slot_of_token=slot_of_token.to(device),
         slot_valid=valid.to(device),
         n_valid=valid.sum(1).to(device),
         centre_slot=centre.to(device),

@@ -46,21 +46,22 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
         dv_cubes += dv_bar[..., None, :] * spread
     slot = torch.where(q_index >= 0, q_index, S).long()[..., None].expand(*dq_kept.shape)  # padding -> dump slot
     dq_cubes = torch.zeros(B, H, N, S + 1, D, dtype=torch.float32, device=q.device).scatter_(-2, slot, dq_kept)
+    cubes = (dq_cubes[..., :S, :], dk_cubes, dv_cubes)
+    if not extra and L == layout.num_tokens:  # the video is the whole sequence: cast in cube order, one gather each
+        return tuple(layout.to_raster(x.to(q_in.dtype)) for x in cubes)
     dq, dk, dv = (torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) for _ in range(3))
     video = slice(n_prefix, n_prefix + layout.num_tokens)
-    dq[..., video, :] = layout.to_raster(dq_cubes[..., :S, :])
-    dk[..., video, :] = layout.to_raster(dk_cubes)
-    dv[..., video, :] = layout.to_raster(dv_cubes)
-    if extra:
-        for grad, extra_grad in ((dk, dk_extra), (dv, dv_extra)):
-            grad[..., :n_prefix, :] += extra_grad[..., :n_prefix, :]
-            grad[..., L - n_suffix:, :] += extra_grad[..., n_prefix:, :]
-        # the extra tokens' own rows were dense attention over every key, in the inputs' dtype
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(True) for x in (q_in, k_in, v_in)]
-            rows = torch.nn.functional.scaled_dot_product_attention(
-                extra_rows(leaves[0], extra), leaves[1], leaves[2], scale=scale)
-            grad_rows = extra_rows(grad_out, extra).to(rows.dtype)
-            for grad, extra_grad in zip((dq, dk, dv), torch.autograd.grad(rows, leaves, grad_rows)):
-                grad += extra_grad.float()
+    for grad, x in zip((dq, dk, dv), cubes):
+        grad[..., video, :] = layout.to_raster(x)
+    for grad, extra_grad in ((dk, dk_extra), (dv, dv_extra)):
+        grad[..., :n_prefix, :] += extra_grad[..., :n_prefix, :]
+        grad[..., L - n_suffix:, :] += extra_grad[..., n_prefix:, :]
+    # the extra tokens' own rows were dense attention over every key, in the inputs' dtype
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x in (q_in, k_in, v_in)]
+        rows = torch.nn.functional.scaled_dot_product_attention(
+            extra_rows(leaves[0], extra), leaves[1], leaves[2], scale=scale)
+        grad_rows = extra_rows(grad_out, extra).to(rows.dtype)
+        for grad, extra_grad in zip((dq, dk, dv), torch.autograd.grad(rows, leaves, grad_rows)):
+            grad += extra_grad.float()
     return tuple(x.to(q_in.dtype) for x in (dq, dk, dv))
