@@ -56,7 +56,7 @@ def test_masked_dense_equals_explicit_masked_matmul():
     expected = x @ (layer.weight * mask).T + layer.bias
     weight24 = Sparse24Weight(mask)
     torch.testing.assert_close(weight24.linear(layer, x), expected)
-    assert not weight24.compressed  # on the CPU
+    assert not weight24.compressed and weight24.kernel is None  # on the CPU
     torch.testing.assert_close(masked_linear_reference(x, layer.weight, mask, layer.bias), expected)
 
 
@@ -84,6 +84,7 @@ def test_semi_structured_equals_masked_dense_on_cuda():
     weight24 = Sparse24Weight(mask)
     out = weight24.linear(layer, x)
     assert type(weight24.weight_for(layer, x)).__name__.startswith("SparseSemiStructured") and weight24.compressed
+    assert weight24.kernel == ("CUTLASS" if torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS else "cuSPARSELt")
     torch.testing.assert_close(out.float(), masked_linear_reference(x, layer.weight, mask.cuda(), layer.bias),
                                rtol=2e-2, atol=2e-2)
 
