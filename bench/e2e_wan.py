@@ -10,10 +10,17 @@ call per step), through the ModelPatcher: dense = the model as loaded, BSA = bsa
 on a clone with start_percent 0 (every step sparse). With --tdq MODE the transformer blocks' linear layers
 also run in FP8 (compression.tdq.apply_tdq; static, table and tdq first calibrate on a couple of dense steps of
 the same latent, which is enough for timing: the linears' speed does not depend on the scales): variants
-tdq (dense attention) and bsa+tdq. One warm-up step (Triton autotuning) precedes the
-timed steps; each step is timed with torch.cuda.synchronize between the sampler's callbacks. A last
-one-step run per variant times every attention call with CUDA events (self- vs cross-attention) for the
-attention share and the Amdahl bound.
+tdq (dense attention) and bsa+tdq. With --prune METHOD the blocks' linears run 2:4 sparse as the Prune
+Linears 2:4 node makes them (compression.sparsity24.apply_sparsity24 on a clone, magnitude or Wanda, on
+--prune-layers, calibrated on a couple of dense steps of the same latent: Wanda's input norms and each layer's
+output error): variants prune and bsa+prune, with how many layers ran semi-structured and through which
+library (on the GPU the bf16 weights are compressed for cuSPARSELt at their first call, in the warm-up step;
+on the CPU they run masked dense: the same numbers, no speed). With --teal TARGET the linears' inputs are
+thresholded as the Activation Sparsity TEAL node does (variants teal and bsa+teal; no kernel turns the zeros
+into time, so no speed-up is expected) and the sparsity reached is printed. One warm-up step (Triton
+autotuning, 2:4 compression) precedes the timed steps; each step is timed with torch.cuda.synchronize
+between the sampler's callbacks. A last one-step run per variant times every attention call with CUDA events
+(self- vs cross-attention) for the attention share and the Amdahl bound.
 
 On the GPU machine (no ComfyUI there: make the two git-ignored folders with `bash tools/gpu_carry.sh`, then
 carry [".whl", ".comfy_min"]; .whl holds the pure-Python wheels
@@ -22,9 +29,14 @@ pruned ComfyUI 0.3.75), from the repository root:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && COMFYUI_PATH=.comfy_min/ComfyUI python3 bench/e2e_wan.py
 
-CPU smoke check (tiny Wan, small latent, 2 steps, BSA's pure-torch reference; FP8 through fake quantization):
+and with the 2:4 and TEAL rows (Wanda 2:4 on every attention / FFN linear, TEAL at the node's 10%):
 
-    python bench/e2e_wan.py --tiny [--tdq tdq]
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.comfy_min/ComfyUI; python3 bench/e2e_wan.py --prune wanda --teal 0.1
+
+CPU smoke check (tiny Wan, small latent, 2 steps, BSA's pure-torch reference; FP8 through fake quantization,
+2:4 masked dense):
+
+    python bench/e2e_wan.py --tiny [--tdq tdq] [--prune wanda] [--teal 0.1]
 
 COMFYUI_PATH points at a ComfyUI checkout (default: <repo>/.comfyui/ComfyUI). Where torchvision is
 missing (or does not import), ComfyUI's unrelated Cascade/Cosmos modules get a stand-in for it, used
@@ -33,6 +45,7 @@ only while ComfyUI imports; Wan never calls torchvision.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import importlib.machinery
@@ -277,6 +290,74 @@ def tdq_model(model, args, inputs):
     return patched
 
 
+def calibration_sampling(args, inputs):
+    """The quick calibration of --prune and --teal: args.prune_calibration_steps dense steps of the timed
+    latent, seed and prompt, as the nodes' calibration_* inputs would sample them (one seed, cfg 1.0)."""
+    from comfyui_bsa.compression.linears import CalibrationSampling
+    return CalibrationSampling(inputs["positive"], inputs["negative"], {"samples": inputs["latent"]}, samples=1,
+                               steps=args.prune_calibration_steps, cfg=1.0, seed=inputs["seed"])
+
+
+def prune_model(model, args, inputs, device: torch.device):
+    """A clone of `model` with 2:4 linears as the Prune Linears 2:4 node makes it (apply_sparsity24: method
+    args.prune on args.prune_layers, max_error args.prune_max_error), calibrated quickly, which is enough for
+    timing: the 2:4 kernels' speed does not depend on which 2 of every 4 weights are kept."""
+    from comfyui_bsa.compression.sparsity24 import Sparsity24Config, apply_sparsity24
+
+    config = Sparsity24Config(method=args.prune, layers=args.prune_layers, max_error=args.prune_max_error)
+    start = time.perf_counter()
+    patched, result = apply_sparsity24(model, config, calibration_sampling(args, inputs))
+    print(f"{result.to_text().splitlines()[0]}; calibrated on {args.prune_calibration_steps} dense steps in "
+          f"{time.perf_counter() - start:.1f} s (model load included)")
+    errors = sorted(c.rel_error for c in result.choices if c.rel_error is not None)
+    if errors:
+        print(f"2:4: relative output error per layer on the calibration inputs: min {errors[0]:.3f}, median "
+              f"{errors[len(errors) // 2]:.3f}, max {errors[-1]:.3f} (the node's default max_error is "
+              f"{Sparsity24Config().max_error})")
+    dense = collections.Counter(c.reason for c in result.choices if not c.pruned)
+    if dense:
+        print(f"2:4: layers left dense: {', '.join(f'{reason}: {n}' for reason, n in dense.items())}")
+    if device.type == "cuda":
+        sparselt = torch.backends.cusparselt
+        picks = "CUTLASS" if torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS else "cuSPARSELt"
+        print(f"2:4: cuSPARSELt {sparselt.version() if sparselt.is_available() else 'not available'} in this torch "
+              f"(to_sparse_semi_structured picks {picks})")
+    return patched
+
+
+def semi_structured(model) -> str:
+    """How many of `model`'s 2:4 layers ran semi-structured in its last run and through which library, and
+    why the others ran masked dense (Sparse24Weight.compressed / .kernel / .dense_reason)."""
+    from comfyui_bsa.compression.linears import LinearPatch
+
+    weights = [p.weight24 for p in model.object_patches.values()
+               if isinstance(p, LinearPatch) and p.weight24 is not None]
+    if not weights:
+        return "no 2:4 layer"
+    kernels = collections.Counter(w.kernel for w in weights if w.compressed)
+    dense = collections.Counter(w.dense_reason or "not called" for w in weights if not w.compressed)
+    ran = f"{sum(kernels.values())}/{len(weights)} 2:4 layers ran semi-structured"
+    if kernels:
+        ran += f" ({', '.join(f'{kernel}: {n}' for kernel, n in kernels.items())})"
+    if dense:
+        ran += f", masked dense ({', '.join(f'{reason}: {n}' for reason, n in dense.items())})"
+    return ran
+
+
+def teal_model(model, args, inputs):
+    """(a clone of `model` with TEAL thresholds as the Activation Sparsity TEAL node makes it, target args.teal,
+    its SigmaState: .stats holds the sparsity of the last run)."""
+    from comfyui_bsa.compression.activation_sparsity import ActivationSparsityConfig, apply_activation_sparsity
+
+    start = time.perf_counter()
+    patched, thresholds, state = apply_activation_sparsity(model, ActivationSparsityConfig(target=args.teal),
+                                                           calibration_sampling(args, inputs))
+    print(f"TEAL: target {100 * args.teal:g}%, thresholds for {len(thresholds.per_layer)} layers in "
+          f"{len(thresholds.edges) + 1} sigma bins, calibrated on {args.prune_calibration_steps} dense steps in "
+          f"{time.perf_counter() - start:.1f} s; no kernel turns the zeros into time (no speed-up expected)")
+    return patched, state
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true",
@@ -301,6 +382,20 @@ def main(argv=None) -> int:
                              "bsa+tdq")
     parser.add_argument("--tdq-calibration-steps", type=int, default=2,
                         help="sampling steps of the quick calibration (static, table, tdq)")
+    parser.add_argument("--prune", choices=("magnitude", "wanda"),
+                        help="also time 2:4 linear layers pruned by this method (Prune Linears 2:4's apply path): "
+                             "variants prune (dense attention) and bsa+prune")
+    parser.add_argument("--prune-layers", choices=("fast", "all"), default="all",
+                        help="Sparsity24Config.layers: all (every attention / FFN linear) or fast (only shapes "
+                             "measured faster 2:4; none of the 1.3B's)")
+    parser.add_argument("--prune-max-error", type=float, default=float("inf"),
+                        help="Sparsity24Config.max_error (default inf: every layer of --prune-layers pruned; on "
+                             "these random weights the node's 0.1 leaves every layer dense)")
+    parser.add_argument("--teal", type=float, metavar="TARGET",
+                        help="also time TEAL activation sparsity at this target (0-0.95, the node's default 0.1): "
+                             "variants teal and bsa+teal")
+    parser.add_argument("--prune-calibration-steps", type=int, default=2,
+                        help="sampling steps of the quick calibration of --prune and --teal")
     parser.add_argument("--no-attention-share", action="store_true", help="skip the attention-timing step")
     parser.add_argument("--compile", action="store_true",
                         help="also sample the BSA model through ComfyUI's TorchCompileModel wrapper (inductor)")
@@ -386,26 +481,38 @@ def main(argv=None) -> int:
     if args.tdq:
         variants["tdq"] = tdq_model(model, args, inputs)
         variants["bsa+tdq"] = apply_bsa(variants["tdq"], config, start_percent=0.0, end_percent=1.0)
+    if args.prune:
+        variants["prune"] = prune_model(model, args, inputs, device)
+        variants["bsa+prune"] = apply_bsa(variants["prune"], config, start_percent=0.0, end_percent=1.0)
+    teal_state = None
+    if args.teal is not None:
+        variants["teal"], teal_state = teal_model(model, args, inputs)
+        variants["bsa+teal"] = apply_bsa(variants["teal"], config, start_percent=0.0, end_percent=1.0)
     if args.compile:  # what TorchCompileModel does to the model it is given
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         variants["bsa+inductor"] = bsa_model.clone()
         set_torch_compile_wrapper(variants["bsa+inductor"], backend="inductor")
-    results, stats = {}, {}
+    results, stats, notes = {}, {}, {}
+    width = max(7, *(len(label) for label in variants))
     for label, m in variants.items():
         if args.warmup_steps:
             start = time.perf_counter()
             run(m, inputs, args.warmup_steps, device, sdpa)
-            print(f"{label:7s} warm-up ({args.warmup_steps} step, model load and autotuning included): "
+            print(f"{label:{width}s} warm-up ({args.warmup_steps} step, model load and autotuning included): "
                   f"{time.perf_counter() - start:.2f} s", flush=True)
     for label, m in variants.items():
         runs_before = len(run_log.runs)
         results[label] = run(m, inputs, steps, device, sdpa)
         stats[label] = run_log.runs[-1] if len(run_log.runs) > runs_before else None
+        if label.endswith("prune"):  # read right after the timed run: the weights its last call used
+            notes[label] = semi_structured(m)
+        elif label.endswith("teal"):
+            notes[label] = teal_state.stats.to_text()
         r = results[label]
         per_step = sum(r["steps"]) / len(r["steps"])
         r["per_step"] = per_step
         peak = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
-        print(f"{label:7s} {per_step:8.3f} s/step (steps: {', '.join(f'{s:.3f}' for s in r['steps'])}){peak}",
+        print(f"{label:{width}s} {per_step:8.3f} s/step (steps: {', '.join(f'{s:.3f}' for s in r['steps'])}){peak}",
               flush=True)
 
     dense, bsa = results["dense"], results["bsa"]
@@ -419,12 +526,18 @@ def main(argv=None) -> int:
     diff = bsa["latent"] - dense["latent"]
     print(f"final latent BSA vs dense (same seed, {steps} step{'s' * (steps != 1)}): max abs {float(diff.abs().max()):.3e}, "
           f"rel L2 {rel_l2(bsa['latent'], dense['latent']):.3e} (|dense| max {float(dense['latent'].abs().max()):.3g})")
-    for label in ("tdq", "bsa+tdq") if args.tdq else ():
-        r = results[label]
-        versus_bsa = f", vs BSA alone {rel_l2(r['latent'], bsa['latent']):.3e}" if label == "bsa+tdq" else ""
-        print(f"speed-up dense/{label} ({args.tdq} FP8 linears): {dense['per_step'] / r['per_step']:.2f}x "
+    kinds = {"tdq": f"{args.tdq} FP8 linears", "prune": f"{args.prune} 2:4 linears, layers {args.prune_layers}",
+             "teal": f"TEAL input sparsity target {100 * (args.teal or 0):g}%"}
+    for label, r in results.items():
+        kind = kinds.get(label.removeprefix("bsa+"))
+        if kind is None or label == "bsa":
+            continue
+        versus_bsa = f", vs BSA alone {rel_l2(r['latent'], bsa['latent']):.3e}" if label.startswith("bsa+") else ""
+        print(f"speed-up dense/{label} ({kind}): {dense['per_step'] / r['per_step']:.2f}x "
               f"({dense['per_step']:.3f} -> {r['per_step']:.3f} s/step); final latent vs dense rel L2 "
               f"{rel_l2(r['latent'], dense['latent']):.3e}{versus_bsa}")
+        for line in notes.get(label, "").splitlines():
+            print(f"  {label}: {line}")
     if args.tdq:
         print(f"issue targets for bsa+tdq over dense: >= 2.4x at the node's defaults, >= 2.8x at statistical "
               f"lambda 1.5 (this run: {config.threshold_mode}, lambda {config.stat_lambda})")
@@ -437,7 +550,7 @@ def main(argv=None) -> int:
             share[label] = (r["steps"][0], timer.seconds("self"), timer.seconds("cross"),
                             len(timer.calls["self"]), len(timer.calls["cross"]))
             step, self_s, cross_s, n_self, n_cross = share[label]
-            print(f"{label:7s} one step {step:.3f} s: self-attention {self_s:.3f} s ({n_self} calls, "
+            print(f"{label:{width}s} one step {step:.3f} s: self-attention {self_s:.3f} s ({n_self} calls, "
                   f"{100 * self_s / step:.1f}%), cross-attention {cross_s:.3f} s ({n_cross} calls, "
                   f"{100 * cross_s / step:.1f}%), rest {step - self_s - cross_s:.3f} s")
         step, self_s = share["dense"][0], share["dense"][1]

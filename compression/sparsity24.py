@@ -153,6 +153,16 @@ class Sparse24Weight:
         """Whether the weight of the last call runs semi-structured (2:4 sparse tensor cores)."""
         return self._weight is not None and self.dense_reason is None
 
+    @property
+    def kernel(self) -> str | None:
+        """Which library the last call's semi-structured weight runs through: 'cuSPARSELt' or 'CUTLASS'
+        (torch picks cuSPARSELt unless SparseSemiStructuredTensor._FORCE_CUTLASS); None when masked dense."""
+        if not self.compressed:
+            return None
+        name = type(self._weight).__name__
+        return {"SparseSemiStructuredTensorCUSPARSELT": "cuSPARSELt",
+                "SparseSemiStructuredTensorCUTLASS": "CUTLASS"}.get(name, name)
+
     def linear(self, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, as F.linear would
             x = x.to(torch.get_autocast_dtype(x.device.type))

@@ -56,7 +56,7 @@ def test_masked_dense_equals_explicit_masked_matmul():
     expected = x @ (layer.weight * mask).T + layer.bias
     weight24 = Sparse24Weight(mask)
     torch.testing.assert_close(weight24.linear(layer, x), expected)
-    assert not weight24.compressed  # on the CPU
+    assert not weight24.compressed and weight24.kernel is None  # on the CPU
     torch.testing.assert_close(masked_linear_reference(x, layer.weight, mask, layer.bias), expected)
 
 
@@ -84,6 +84,7 @@ def test_semi_structured_equals_masked_dense_on_cuda():
     weight24 = Sparse24Weight(mask)
     out = weight24.linear(layer, x)
     assert type(weight24.weight_for(layer, x)).__name__.startswith("SparseSemiStructured") and weight24.compressed
+    assert weight24.kernel == ("CUTLASS" if torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS else "cuSPARSELt")
     torch.testing.assert_close(out.float(), masked_linear_reference(x, layer.weight, mask.cuda(), layer.bias),
                                rtol=2e-2, atol=2e-2)
 
@@ -309,3 +310,31 @@ def test_bench_cpu_smoke(tmp_path, capsys, monkeypatch):
     for name, mask in masks.items():
         assert_valid_24(mask)
         assert (recovered[f"{name}.weight"][~mask] == 0).all()
+
+
+def test_e2e_wan_tiny_with_prune_and_teal_variants():
+    """bench/e2e_wan.py --tiny --prune wanda --teal 0.1: the quick calibrations and the prune / bsa+prune / teal /
+    bsa+teal rows on the CPU, where the 2:4 weights run masked dense."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from comfy_env import COMFYUI_PATH, REPO
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI_PATH), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "e2e_wan.py"), "--tiny", "--prune", "wanda", "--teal",
+                           "0.1", "--steps", "1", "--warmup-steps", "0", "--no-attention-share"], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + "\n"
+    assert "2:4 wanda, layers=all, max_error=inf: 20 of 20 layers pruned; calibrated on 2 dense steps" in out
+    for label in ("prune", "bsa+prune"):
+        row = re.search(rf"^speed-up dense/{re.escape(label)} \(wanda 2:4 linears, layers all\): .* rel L2 (\S+?)[,\n]",
+                        out, re.MULTILINE)
+        assert row and float(row.group(1)) > 1e-3, label  # pruned: not the dense numbers
+        assert f"  {label}: 0/20 2:4 layers ran semi-structured, masked dense (on cpu, not CUDA: 20)" in out
+    for label in ("teal", "bsa+teal"):
+        assert f"speed-up dense/{label} (TEAL input sparsity target 10%)" in out
+        mean = re.search(rf"^  {re.escape(label)}: activation sparsity of the last run: mean (\S+)% over 1 steps",
+                         out, re.MULTILINE)
+        assert mean and 5 < float(mean.group(1)) < 15, label
