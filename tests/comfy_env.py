@@ -53,6 +53,27 @@ def tiny_wan(tiny_wan_path):
     return comfy.sd.load_diffusion_model(str(tiny_wan_path))
 
 
+def keeper_node(seen: dict, inputs: dict, keep) -> type:
+    """A test output node: `keep(**inputs)` of each call stored in `seen` under the call's `label` input.
+    inputs: name -> ComfyUI input type, all optional (a node wires only what its test needs)."""
+
+    class Keeper:
+        CATEGORY = "testing"
+        RETURN_TYPES = ()
+        FUNCTION = "run"
+        OUTPUT_NODE = True
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"label": ("STRING", {"default": ""})}, "optional": inputs}
+
+        def run(self, label, **values):
+            seen[label] = keep(**values)
+            return {}
+
+    return Keeper
+
+
 class PromptRunner:
     """API prompts through ComfyUI's own PromptExecutor (validate_prompt, caching, hidden inputs), with the
     pack loaded by ComfyUI's custom-node loader, the tiny Wan as `tiny_wan2.1_t2v.safetensors` and the

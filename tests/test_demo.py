@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from comfy_env import PromptRunner, require_comfyui, shapes_stand_in_dir, tiny_wan_path  # noqa: F401  (fixtures)
+from comfy_env import (PromptRunner, keeper_node, require_comfyui, shapes_stand_in_dir,  # noqa: F401  (fixtures)
+                       tiny_wan_path)
 from safetensors.torch import load_file
 
 require_comfyui()
@@ -27,19 +28,7 @@ WORKFLOW = REPO / "workflows" / "tiny_wan_shapes_t2v_api.json"
 SEEN = {}
 
 
-class CaptureLatent:
-    CATEGORY = "testing"
-    RETURN_TYPES = ()
-    FUNCTION = "capture"
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"label": ("STRING", {"default": ""}), "samples": ("LATENT",)}}
-
-    def capture(self, label, samples):
-        SEEN[label] = samples["samples"].clone()
-        return {}
+CaptureLatent = keeper_node(SEEN, {"samples": ("LATENT",)}, lambda samples: samples["samples"].clone())
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +70,8 @@ def test_shapes_workflow_samples_what_training_samples_dense_and_with_the_bsa_no
 
     node = inputs["BSASparseAttention"]
     assert node["start_percent"] == 0.2 and node["threshold_mode"] == "statistical" and node["stat_lambda"] == 1.0
-    options_at, run = sampling_attention(RECOMMENDED, model, shape, context.shape[1], sigmas, 3.0, node["start_percent"])
+    options_at, run = sampling_attention(RECOMMENDED, model, shape, context.shape[1], sigmas, 3.0,
+                                         node["start_percent"])
     sparse = sample_euler(model, noise, context, sigmas, options_at)
     assert run.stats.sparse_calls == 3 * 2  # steps 1..3 of 4, two blocks
     assert (latents["bsa"] - sparse).norm() / sparse.norm() < 1e-4

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from comfy_env import PromptRunner, require_comfyui, tiny_prompt, tiny_wan, tiny_wan_path  # noqa: F401
+from comfy_env import PromptRunner, keeper_node, require_comfyui, tiny_prompt, tiny_wan, tiny_wan_path  # noqa: F401
 
 require_comfyui()
 
@@ -46,21 +46,8 @@ class OverrideAfterBSA:
         return (patched,)
 
 
-class Capture:
-    """Output node: keeps what it gets under `label`."""
-    CATEGORY = "testing"
-    RETURN_TYPES = ()
-    FUNCTION = "capture"
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"label": ("STRING", {"default": ""})},
-                "optional": {"samples": ("LATENT",), "text": ("STRING", {"forceInput": True})}}
-
-    def capture(self, label, samples=None, text=None):
-        SEEN[label] = samples["samples"].clone() if samples is not None else text
-        return {}
+Capture = keeper_node(SEEN, {"samples": ("LATENT",), "text": ("STRING", {"forceInput": True})},
+                      lambda samples=None, text=None: samples["samples"].clone() if samples is not None else text)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pathlib
 import pytest
 import torch
 
-from comfy_env import PromptRunner, require_comfyui, tiny_wan_path  # noqa: F401  (fixture)
+from comfy_env import PromptRunner, keeper_node, require_comfyui, tiny_wan_path  # noqa: F401  (fixture)
 
 require_comfyui()
 import nodes  # noqa: E402
@@ -18,20 +18,9 @@ WORKFLOW = REPO / "workflows" / "tiny_wan_train_lora_bsa_api.json"
 SEEN = {}
 
 
-class KeepTraining:
-    """Output node: keeps the LoRA weights and the loss history of a TrainLoraNode for the test."""
-    CATEGORY = "testing"
-    RETURN_TYPES = ()
-    FUNCTION = "keep"
-    OUTPUT_NODE = True
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"label": ("STRING", {}), "lora": ("LORA_MODEL",), "loss": ("LOSS_MAP",)}}
-
-    def keep(self, label, lora, loss):
-        SEEN[label] = ({name: t.detach().float().clone() for name, t in lora.items()}, list(loss["loss"]))
-        return {}
+KeepTraining = keeper_node(  # the LoRA weights and the loss history of a TrainLoraNode
+    SEEN, {"lora": ("LORA_MODEL",), "loss": ("LOSS_MAP",)},
+    lambda lora, loss: ({name: t.detach().float().clone() for name, t in lora.items()}, list(loss["loss"])))
 
 
 @pytest.fixture(scope="module")
