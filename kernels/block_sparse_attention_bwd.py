@@ -24,18 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import _dot, _key_tables
+from .block_sparse_attention import _CONFIGS, _dot, _key_tables
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.44269504
 
 
 def _tuned(*key: str):
-    """Warps and pipeline stages picked per shape on the first call (outputs are stored, not accumulated, so
-    the tuning runs leave them right); configs that do not fit the device's shared memory drop out. The
-    interpreter runs one config."""
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
-    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=list(key))
+    """Warps and pipeline stages picked per shape on the first call on a machine (the choice is cached on disk
+    like the forward's; outputs are stored, not accumulated, so the tuning runs leave them right); configs
+    that do not fit the device's shared memory drop out. The interpreter runs one config."""
+    configs = [c for c in _CONFIGS if c.num_stages > 1]  # the forward's warps x stages, pipelined
+    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=list(key), cache_results=True)
 
 
 @triton.jit
