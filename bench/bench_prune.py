@@ -216,19 +216,14 @@ def held_out_loss(model, setup: Setup) -> float:
     return statistics.mean(losses)
 
 
-def psnr(pixels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per sample [B], dB, peak 2 (pixels in [-1, 1])."""
-    mse = (pixels.double() - reference.double()).square().flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse)
-
-
 def evaluate(model, setup: Setup, state: SigmaState | None = None) -> Row:
     """PSNR of the model's samples against the reference, the held-out loss, and with TEAL's `state` the
     input sparsity its sampling run reached."""
     runner = model if state is None else SigmaAware(model, state)
     if state is not None:
         state.stats.reset()
-    values = psnr(sample_pixels(runner, setup), setup.reference)
+    from comfyui_bsa.training.evaluate import psnr_per_video
+    values = psnr_per_video(sample_pixels(runner, setup), setup.reference)
     zeros = None
     if state is not None:
         reached = state.stats.sparsity()

@@ -67,7 +67,6 @@ SHAPES = {
 }
 DEFAULT_MODEL = REPO / "assets" / "tiny_wan_shapes_dense.safetensors"
 DEFAULT_TRAIN_CONFIG = REPO / "training" / "configs" / "tiny_wan_dense.json"
-PEAK = 2.0  # pixels in [-1, 1]
 EVAL_SEED, CALIBRATION_SEED = 0, 1000
 
 
@@ -174,12 +173,6 @@ def stand_in_model(folder: pathlib.Path, config) -> pathlib.Path:
                           folder / "tiny_wan_stand_in.safetensors")
 
 
-def psnr(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """[B] PSNR (dB) per video, peak 2."""
-    mse = (out - ref).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(PEAK ** 2 / mse.clamp_min(1e-20))
-
-
 @torch.no_grad()
 def quality(args, device) -> dict:
     from e2e_wan import bootstrap_comfyui, comfyui_path
@@ -192,6 +185,7 @@ def quality(args, device) -> dict:
     from comfyui_bsa.compression.tdq import TDQConfig, apply_tdq, calibrate_tdq
     from comfyui_bsa.training.config import TrainConfig
     from comfyui_bsa.training.data import SyntheticVideos, caption, decode
+    from comfyui_bsa.training.evaluate import psnr_per_video
 
     config = TrainConfig.load(args.train_config)
     frames, size = (args.frames or config.frames), (args.latent_size or config.latent_size)
@@ -257,7 +251,7 @@ def quality(args, device) -> dict:
                 out, pixels, seconds = sample(patched)
         else:
             out, pixels, seconds = sample(patched)
-        db = psnr(pixels, ref_pixels)
+        db = psnr_per_video(pixels, ref_pixels)
         results[label] = (float(db.mean()), out, pixels)
         print(f"  {label:34s} {seconds:6.1f} s  PSNR vs reference {float(db.mean()):6.2f} dB (lowest "
               f"{float(db.min()):6.2f}), latent rel L2 {float((out - ref_latent).norm() / ref_latent.norm()):.2e}",
@@ -267,7 +261,7 @@ def quality(args, device) -> dict:
           f"tdq - static: {tdq - static:+.2f} dB (target >= +2: {'met' if tdq - static >= 2 else 'MISSED'})")
     if "tdq, fake-quant reference" in results:
         fake = results["tdq, fake-quant reference"]
-        same = psnr(results["tdq"][2], fake[2])
+        same = psnr_per_video(results["tdq"][2], fake[2])
         print(f"tdq through _scaled_mm vs through the fake-quant reference: PSNR {float(same.mean()):.2f} dB "
               f"(lowest {float(same.min()):.2f}), latent rel L2 "
               f"{float((results['tdq'][1] - fake[1]).norm() / fake[1].norm()):.2e}")

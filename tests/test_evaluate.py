@@ -13,7 +13,7 @@ from comfy_env import require_comfyui
 
 from comfyui_bsa.bsa_core.config import BSAConfig
 from comfyui_bsa.training import TrainConfig, data
-from comfyui_bsa.training.evaluate import psnr, strip_image, validation_loss, validation_set
+from comfyui_bsa.training.evaluate import psnr, psnr_per_video, strip_image, validation_loss, validation_set
 from comfyui_bsa.training.model import initial_state_dict, sample_euler, sampling_sigmas
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,6 +99,10 @@ def test_psnr_and_strip():
     shifted = (video * 0.5 + 0.1).clamp(-1, 1)
     assert psnr(shifted, shifted + 0.1) == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-4)
     assert psnr(video * 3, video.clamp(-1, 1) * 3) == math.inf  # both clipped to [-1, 1]: as shown
+    videos, references = torch.stack([video, shifted, video * 3]), torch.stack([video, shifted + 0.1, video * 2])
+    per_video = psnr_per_video(videos, references)
+    assert per_video.shape == (3,) and per_video[0] == math.inf
+    assert per_video[1:].tolist() == pytest.approx([psnr(a, b) for a, b in zip(videos[1:], references[1:])], rel=1e-5)
     image = strip_image([("dense", video), ("bsa", -video)])
     assert isinstance(image, Image.Image) and image.height == 2 * 4 and image.width > 2 * 6
     right = torch.from_numpy(numpy.array(image.crop((image.width - 12, 0, image.width, 4)))).float().reshape(-1, 3)

@@ -100,6 +100,13 @@ def psnr(video: torch.Tensor, reference: torch.Tensor, peak: float = 2.0) -> flo
     return math.inf if error == 0 else float(10 * torch.log10(peak ** 2 / error))
 
 
+def psnr_per_video(video: torch.Tensor, reference: torch.Tensor, peak: float = 2.0) -> torch.Tensor:
+    """[B] PSNR in dB of each video's decoded pixels against its reference (clipped to [-1, 1] as `psnr`);
+    inf where they are equal. Computed in float64."""
+    error = (video.double().clamp(-1, 1) - reference.double().clamp(-1, 1)).square().flatten(1).mean(1)
+    return 10 * torch.log10(peak ** 2 / error)
+
+
 def strip_image(rows: list[tuple[str, torch.Tensor]]):
     """A PIL image of labelled rows of frames: each row (label, pixels [3, T, H, W] in [-1, 1]) shows its T
     frames left to right, its label in a column on the left (PIL's default font: ASCII labels)."""
