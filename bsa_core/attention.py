@@ -10,6 +10,7 @@ import torch
 
 from .config import BSAConfig
 from .cubes import CubeLayout, cube_layout
+from ..kernels.cube_index import kept_width
 from .reference import bsa_attention_reference, bsa_select
 from .selection import BSASelection
 
@@ -96,10 +97,13 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
 
 
 def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, config: BSAConfig, *,
-                  n_prefix: int = 0, n_suffix: int = 0, scale: float | None = None, backend: str = "auto"):
+                  n_prefix: int = 0, n_suffix: int = 0, scale: float | None = None, backend: str = "auto",
+                  return_lse: bool = False):
     """BSA self-attention. q, k, v [B, H, L, D], L = n_prefix + T*H*W + n_suffix, video in raster
     order; the extra tokens are never pruned and always attended. Returns (out [B, H, L, D] in
-    q.dtype, BSASelection)."""
+    q.dtype, BSASelection), and with return_lse also the forward's log2-domain log-sum-exp of the video
+    rows the kernels computed ([B, H, *lse_shape] fp32; None on the reference path),
+    which spares the backward a second forward."""
     problem = _problem(q, k, v, grid, n_prefix, n_suffix)
     if problem is not None:
         raise ValueError(problem)
@@ -110,8 +114,17 @@ def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, confi
     layout = cube_layout(grid, config.cube_size, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if name == "triton":
-        return _bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
-    return bsa_attention_reference(q, k, v, layout, config, scale, n_prefix, n_suffix)
+        out, selection, lse = _bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
+    else:
+        (out, selection), lse = bsa_attention_reference(q, k, v, layout, config, scale, n_prefix, n_suffix), None
+    return (out, selection, lse) if return_lse else (out, selection)
+
+
+def lse_shape(grid, cube_size, keep_ratio: float) -> tuple[int, int]:
+    """(cubes, rows per cube) of the forward's saved log-sum-exp: every slot at keep_ratio 1 (slot order,
+    padding slots -inf), else the kept-query lists' width (selection.q_index's order). Host numbers only."""
+    cubes = math.prod(-(-g // c) for g, c in zip(grid, cube_size))
+    return cubes, math.prod(cube_size) if keep_ratio >= 1.0 else kept_width(grid, cube_size, keep_ratio)
 
 
 # Masked keys get weight exp(-1e4 + logit) == 0 in fp32: dropping them is exact.
@@ -178,34 +191,43 @@ def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, plan: KeyMaskPlan
 def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], cube_size: list[int],
                         keep_ratio: float, kv_threshold: float, threshold_mode: str, stat_lambda: float,
                         min_blocks: int, pooled_remainder: bool, n_prefix: int, n_suffix: int, scale: float,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
                        pooled_remainder)
-    out, selection = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
-                                   scale=scale, backend=backend)
+    out, selection, lse = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
+                                        scale=scale, backend=backend, return_lse=True)
     if config.keep_ratio >= 1.0:  # every query kept: no reduction to launch
         kept_queries = q.new_ones((), dtype=torch.float64)
     else:
         kept_queries = selection.kept_query_fraction(cube_layout(tuple(grid), config.cube_size, q.device).n_valid)
-    return out, kept_queries, selection.kept_kv_fraction()
+    return out, kept_queries, selection.kept_kv_fraction(), _lse_or_empty(lse, q)
+
+
+def _lse_or_empty(lse: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """The op's fourth output: the forward's LSE, or an empty tensor where the reference ran (it has none)."""
+    return q.new_empty(0, dtype=torch.float32) if lse is None else lse
 
 
 def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda,
                         min_blocks, pooled_remainder, n_prefix, n_suffix, scale, backend):
     fraction = q.new_empty((), dtype=torch.float64)
+    lse = None
+    if choose_backend(q, backend)[0] == "triton":  # the same choice the real call makes
+        lse = q.new_empty(*q.shape[:2], *lse_shape(grid, cube_size, keep_ratio), dtype=torch.float32)
     # contiguous like the real output, whatever q's strides: a compiled graph reshapes it as a view
-    return q.new_empty(q.shape), fraction, torch.empty_like(fraction)
+    return q.new_empty(q.shape), fraction, torch.empty_like(fraction), _lse_or_empty(lse, q)
 
 
 def _bsa_attention_setup_context(ctx, inputs, output):
     q, k, v, *call = inputs
-    ctx.save_for_backward(q, k, v, output[0])
-    # the kept fractions are counts: marked so that a run's stats summing them keep no autograd graph alive
+    ctx.save_for_backward(q, k, v, output[0], output[3])
+    # the kept fractions are counts and the LSE a saved statistic: marked so that a run's stats summing
+    # them keep no autograd graph alive
     ctx.mark_non_differentiable(*output[1:])
     ctx.call = call  # grid, cube_size, the config's numbers, n_prefix, n_suffix, scale, backend
 
 
-def _bsa_attention_grad(ctx, grad_out, _grad_kept_queries, _grad_kept_kv):
+def _bsa_attention_grad(ctx, grad_out, _grad_kept_queries, _grad_kept_kv, _grad_lse):
     """dq, dk, dv for the op's inputs (the kept fractions are counts: no gradient reaches them)."""
     from .backward import bsa_attention_backward  # backward.py imports this module
 
@@ -213,9 +235,9 @@ def _bsa_attention_grad(ctx, grad_out, _grad_kept_queries, _grad_kept_kv):
      n_prefix, n_suffix, scale, backend) = ctx.call
     config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
                        pooled_remainder)
-    q, k, v, out = ctx.saved_tensors
+    q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = bsa_attention_backward(q, k, v, out, grad_out, tuple(grid), config, n_prefix, n_suffix, scale,
-                                        backend=backend)
+                                        backend=backend, lse=lse if lse.numel() else None)
     return (dq, dk, dv) + (None,) * len(ctx.call)
 
 
@@ -245,7 +267,7 @@ def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_s
     return _bsa_attention_op(q, k, v, [int(n) for n in grid], list(config.cube_size), float(config.keep_ratio),
                              float(config.kv_threshold), config.threshold_mode, float(config.stat_lambda),
                              int(config.min_blocks), bool(config.pooled_remainder), int(n_prefix), int(n_suffix),
-                             scale, backend)
+                             scale, backend)[:3]  # the fourth output, the LSE, is the backward's
 
 
 def selection_of_call(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int, n_suffix: int,
@@ -292,6 +314,7 @@ def extra_rows(x: torch.Tensor, parts: list[slice]) -> torch.Tensor | None:
 def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int,
                           n_suffix: int):
     """permute Q/K/V (+ pooled means, one launch) -> select -> block-sparse attention -> raster output.
+    Returns (out, selection, the kernel's LSE [B, H, *lse_shape]: one fp32 per row, written by the kernel).
 
     keep_ratio 1 (the default): Q is only pooled (one read); the attention kernel reads Q's raster rows
     and writes the output rows itself. Below 1: Q is permuted for query selection, the kernel computes
@@ -308,12 +331,13 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the op's fake promises
     if config.keep_ratio >= 1.0:
-        block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index, out,
-                                      n_prefix, scale, k_extra, v_extra, remainder=remainder)
+        _, lse = block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index,
+                                               out, n_prefix, scale, k_extra, v_extra, remainder=remainder,
+                                               return_lse=True)
     else:
-        out_kept = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
-                                          selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
-                                          remainder=remainder)
+        out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
+                                               selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
+                                               remainder=remainder, return_lse=True)
         output_scatter(out_kept, selection.q_source, layout, out, n_prefix)
     out = out.to(q_in.dtype)
     if extra:
@@ -322,4 +346,4 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
             extra_rows(q_in, extra), k_in, v_in, scale=scale)
         out[..., :n_prefix, :] = rows[..., :n_prefix, :]
         out[..., L - n_suffix:, :] = rows[..., n_prefix:, :]
-    return out, selection
+    return out, selection, lse

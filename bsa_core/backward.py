@@ -27,18 +27,20 @@ _kernel_failures: set = set()  # reasons already logged: one line per distinct f
 
 def bsa_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                            grad_out: torch.Tensor, grid, config: BSAConfig, n_prefix: int, n_suffix: int,
-                           scale: float, *, backend: str = "auto"):
+                           scale: float, *, backend: str = "auto", lse: torch.Tensor | None = None):
     """(dq, dk, dv) [B, H, L, D] in the inputs' dtypes, for `out = bsa_attention(q, k, v, grid, config,
     n_prefix=..., n_suffix=..., scale=scale, backend=backend)` whose output received `grad_out`.
 
     backend: the one the forward was asked for, so the selection is made the same way (the Triton
-    selection on CUDA, the reference's elsewhere). `out` carries the forward's rows for a fused backward
-    (its dO . O row terms); the torch path recomputes each chunk's output in float32 instead."""
+    selection on CUDA, the reference's elsewhere). `out` and `lse` (the Triton forward's, from
+    `bsa_attention(..., return_lse=True)`) spare the Triton backward a second forward; the torch path
+    recomputes each chunk's output in float32 instead."""
     layout = cube_layout(grid, config.cube_size, q.device)
     if choose_backend(q, backend)[0] == "triton":
         from .gpu_backward import bsa_attention_backward_triton
         try:
-            return bsa_attention_backward_triton(q, k, v, grad_out, layout, config, scale, n_prefix, n_suffix)
+            return bsa_attention_backward_triton(q, k, v, grad_out, layout, config, scale, n_prefix, n_suffix,
+                                                 out=None if lse is None else out, lse=lse)
         except Exception as error:  # noqa: BLE001 - a kernel that cannot build here must not stop training
             reason = f"{type(error).__name__}: {error}"
             if reason not in _kernel_failures:

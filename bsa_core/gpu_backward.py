@@ -1,5 +1,6 @@
-"""The backward of a BSA call on the Triton kernels: recompute the call's selection and its forward's
-log-sum-exp, then the block-sparse backward kernels (`kernels/block_sparse_attention_bwd.py`).
+"""The backward of a BSA call on the Triton kernels: recompute the call's selection, take the forward's
+log-sum-exp and output (saved by the op; recomputed when not given), then the block-sparse backward kernels
+(`kernels/block_sparse_attention_bwd.py`).
 
 The selection is a constant of the step (BSA_SPEC "Backward"): the forward's own first half
 (`attention._triton_selection`: the same permute pass and selection kernels) gives the same tables.
@@ -19,8 +20,9 @@ from .cubes import CubeLayout
 
 
 def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config, scale: float, n_prefix: int = 0,
-                                  n_suffix: int = 0):
-    """q, k, v, grad_out [B, H, L, D] as the forward got them -> (dq, dk, dv) in q's dtype."""
+                                  n_suffix: int = 0, out=None, lse=None):
+    """q, k, v, grad_out [B, H, L, D] as the forward got them -> (dq, dk, dv) in q's dtype. out, lse: the
+    forward's output and LSE (`bsa_attention(..., return_lse=True)`); without them the forward runs again."""
     q_in, k_in, v_in = q, k, v
     B, H, L, D = q.shape
     N, S = layout.num_cubes, layout.cube_volume
@@ -29,14 +31,25 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
     remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     extra = extra_parts(L, n_prefix, n_suffix)
     k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)
-    q_index = selection.q_index.contiguous()
-    out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, q_index, selection.kv_count, selection.kv_index,
-                                           layout.slot_valid, scale, k_extra, v_extra, remainder=remainder,
-                                           return_lse=True)
-    # every slot's output gradient, summed onto the kept row it copied (padding slots add nothing)
-    grad_cubes = cube_permute(grad_out.float(), layout, n_prefix)
-    source = selection.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
-    grad_kept = torch.zeros(*out_kept.shape, dtype=torch.float32, device=q.device).scatter_add_(-2, source, grad_cubes)
+    # the rows in the forward LSE's order: at keep_ratio 1 every slot, each its own source (no gathers or
+    # scatters below), else the kept-query lists
+    every_query = config.keep_ratio >= 1.0
+    q_index = _slot_rows(layout, B, H) if every_query else selection.q_index.contiguous()
+    if lse is None:
+        out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, q_index, selection.kv_count,
+                                               selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
+                                               remainder=remainder, return_lse=True)
+    else:
+        out_kept = cube_permute(out, layout, n_prefix)
+        if not every_query:
+            out_kept = out_kept.gather(-2, q_index.clamp(min=0).long()[..., None].expand(-1, -1, -1, -1, D))
+    grad_cubes = cube_permute(grad_out, layout, n_prefix)
+    if every_query:
+        grad_kept = grad_cubes
+    else:  # every slot's output gradient, summed onto the kept row it copied (padding slots add nothing)
+        source = selection.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
+        grad_kept = torch.zeros(*out_kept.shape, dtype=torch.float32, device=q.device).scatter_add_(
+            -2, source, grad_cubes.float())
     dq_kept, dk_cubes, dv_cubes, dk_extra, dv_extra, dk_bar, dv_bar = block_sparse_attention_backward(
         q_cubes, k_cubes, v_cubes, q_index, selection.kv_count, selection.kv_index, layout.slot_valid, out_kept, lse,
         grad_kept, scale, k_extra, v_extra, remainder=remainder)
@@ -44,9 +57,13 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
         spread = layout.slot_valid[..., None].float() / layout.n_valid[:, None, None].float()
         dk_cubes += dk_bar[..., None, :] * spread
         dv_cubes += dv_bar[..., None, :] * spread
-    slot = torch.where(q_index >= 0, q_index, S).long()[..., None].expand(*dq_kept.shape)  # padding -> dump slot
-    dq_cubes = torch.zeros(B, H, N, S + 1, D, dtype=torch.float32, device=q.device).scatter_(-2, slot, dq_kept)
-    cubes = (dq_cubes[..., :S, :], dk_cubes, dv_cubes)
+    if every_query:  # padding slots' rows are zero
+        dq_cubes = dq_kept
+    else:
+        slot = torch.where(q_index >= 0, q_index, S).long()[..., None].expand(*dq_kept.shape)  # padding -> dump
+        dq_cubes = torch.zeros(B, H, N, S + 1, D, dtype=torch.float32, device=q.device).scatter_(-2, slot, dq_kept)
+        dq_cubes = dq_cubes[..., :S, :]
+    cubes = (dq_cubes, dk_cubes, dv_cubes)
     if not extra and L == layout.num_tokens:  # the video is the whole sequence: cast in cube order, one gather each
         return tuple(layout.to_raster(x.to(q_in.dtype)) for x in cubes)
     dq, dk, dv = (torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) for _ in range(3))
@@ -65,3 +82,9 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
         for grad, extra_grad in zip((dq, dk, dv), torch.autograd.grad(rows, leaves, grad_rows)):
             grad += extra_grad.float()
     return tuple(x.to(q_in.dtype) for x in (dq, dk, dv))
+
+
+def _slot_rows(layout: CubeLayout, B: int, H: int) -> torch.Tensor:
+    """[B, H, N, S] int32: every slot a row of its own, -1 on padding (the raster forward's LSE order)."""
+    slots = torch.arange(layout.cube_volume, dtype=torch.int32, device=layout.slot_valid.device)
+    return torch.where(layout.slot_valid, slots, -1).expand(B, H, -1, -1).contiguous()

@@ -222,6 +222,7 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
     if RASTER:  # every query: slot -> raster token through the cube map
         token, valid = _cube_tokens(cube, slot, GT, GH, GW, NH, NW, CT, CH, CW)
         row_live = row_store & valid
+        qi_off = (bh * N + cube) * KQ + slot  # the row's place in cube order (KQ = CUBE): where its LSE goes
         q_rows = (token + n_prefix).to(tl.int64)
         q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_ql + offs_d[None, :],
                     mask=row_live[:, None], other=0.0)
@@ -262,9 +263,9 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
     else:
         tl.store(Out + qi_off[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_store[:, None])
-        if STORE_LSE:  # log2-domain log-sum-exp per kept row, for the backward (-inf where nothing was seen)
-            lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-            tl.store(Lse + qi_off, lse, mask=row_store)
+    if STORE_LSE:  # log2-domain log-sum-exp per row, for the backward (-inf where nothing was seen)
+        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(Lse + qi_off, lse, mask=row_store)
 
 
 def _group_table(kv_count: torch.Tensor, kv_index: torch.Tensor, group: int):
@@ -441,11 +442,12 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
                                   k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                                   cubes_per_program: int | None = None, use_tma: bool | None = None,
                                   plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
-                                  pool_block: int | None = None) -> torch.Tensor:
+                                  pool_block: int | None = None, return_lse: bool = False):
     """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
     n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
-    block_sparse_attention. Returns out."""
+    block_sparse_attention. Returns out, and with return_lse the log2-domain log-sum-exp of every row in
+    cube order [B, H, N, S] fp32 (slot order; -inf on padding slots), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and out must be fp16/bf16 [B, H, L, D] of one shape and dtype, got {q.dtype} "
                          f"{tuple(q.shape)} and {out.dtype} {tuple(out.shape)}")
@@ -453,10 +455,13 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
         raise ValueError("q and out need a unit stride along head_dim")
     if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
         raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
+    B, H = q.shape[:2]
+    lse = (torch.empty(B, H, layout.num_cubes, layout.cube_volume, dtype=torch.float32, device=q.device)
+           if return_lse else None)
     _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
             layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout,
-            None)
-    return out
+            lse)
+    return (out, lse) if return_lse else out
 
 
 def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,

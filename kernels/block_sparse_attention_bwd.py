@@ -224,15 +224,15 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
                                BLOCK_N=BLOCK_N, HAS_EXTRA=has_extra, HAS_REMAINDER=remainder is not None, **meta)
 
     t_count, t_index = _transposed(kv_count, kv_index, N)
-    dk = torch.zeros(B, H, N, S, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros_like(dk)
+    dk = torch.empty(B, H, N, S, D, dtype=torch.float32, device=q.device)  # every row is stored
+    dv = torch.empty_like(dk)
     _bwd_dkdv_kernel[(N, B * H, triton.cdiv(S, BLOCK_N))](
         q, k, v, do, lse, delta, dk, dv, q_index, t_count, t_index, tables.key_bias, qk_scale, N, KQ,
         t_index.shape[-1], BLOCK_N=BLOCK_N, **meta)
 
     def dense_keys(kd, vd, n_keys, pooled):
-        dkd = torch.zeros(B, H, n_keys, D, dtype=torch.float32, device=q.device)
-        dvd = torch.zeros_like(dkd)
+        dkd = torch.empty(B, H, n_keys, D, dtype=torch.float32, device=q.device)  # every row is stored
+        dvd = torch.empty_like(dkd)
         _bwd_dense_keys_kernel[(triton.cdiv(n_keys, BLOCK_N), B * H)](
             q, do, lse, delta, kd, vd, tables.log2_n, attended, dkd, dvd, q_index, qk_scale, N, KQ, n_keys,
             BLOCK_N=BLOCK_N, POOLED=pooled, **meta)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cube_index import _cube_tokens, _grid_args, keep_counts
+from .cube_index import _cube_tokens, _grid_args, keep_counts, kept_width
 
 _EPS = tl.constexpr(1e-12)  # torch.nn.functional.normalize's eps
 _TILE_ELEMENTS = 8192
@@ -143,9 +143,7 @@ def query_select(q_cubes: torch.Tensor, layout, keep_ratio: float):
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
     B, H, N, S, D = q_cubes.shape
     keep = keep_counts(layout.n_valid, keep_ratio).to(torch.int32)
-    # the first cube is the largest one, so the widest row is known without a device sync
-    full = torch.tensor([min(c, g) for c, g in zip(layout.cube_size, layout.grid)]).prod()
-    width = int(keep_counts(full, keep_ratio))
+    width = kept_width(layout.grid, layout.cube_size, keep_ratio)
     dev = q_cubes.device
     q_count = torch.empty(B, H, N, dtype=torch.int32, device=dev)
     q_index = torch.empty(B, H, N, width, dtype=torch.int32, device=dev)

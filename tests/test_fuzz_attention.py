@@ -426,7 +426,7 @@ def test_triton_pipeline_fuzz(grid, config, H, D, dtype, n_prefix, n_suffix, kin
     q, k, v = (x.to(device) for x in make_qkv(1, H, L, D, dtype, kind, seed, strided=strided))
     layout = cube_layout(grid, config.cube_size, device)
     scale = 1.0 / math.sqrt(D)
-    out, sel = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
+    out, sel, _ = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
     assert out.dtype == dtype and torch.isfinite(out).all()
     sel_cpu = type(sel)(*(t.cpu() for t in (sel.q_count, sel.q_index, sel.q_source, sel.kv_count, sel.kv_index)))
     layout_cpu = cube_layout(grid, config.cube_size)
@@ -452,7 +452,7 @@ def test_triton_pipeline_one_kept_query_per_cube():
                                         threshold_mode="cumulative", pooled_remainder=False)
     q, k, v = (x.to(device) for x in make_qkv(1, 1, math.prod(grid), 32, torch.float16, "randn", 0))
     layout = cube_layout(grid, config.cube_size, device)
-    out, sel = attention._bsa_attention_triton(q, k, v, layout, config, 32 ** -0.5, 0, 0)
+    out, sel, _ = attention._bsa_attention_triton(q, k, v, layout, config, 32 ** -0.5, 0, 0)
     assert int(sel.q_index.shape[-1]) == 1
     ref, _ = bsa_attention_reference(q, k, v, layout, config, 32 ** -0.5, selection=sel)
     assert torch.allclose(out.float(), ref.float(), atol=2e-3)

@@ -92,10 +92,13 @@ PIPELINE_CASES = [  # (grid, cube, dtype, n_prefix, n_suffix, keep_ratio, mode, 
 ]
 
 
+@pytest.mark.parametrize("saved", [False, True], ids=["forward-again", "saved-lse"])
 @pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: f"T{'x'.join(map(str, c[0]))}-{str(c[2])[6:]}-pre{c[3]}"
                          f"-suf{c[4]}-r{c[5]}-{c[6][:4]}-pooled{int(c[8])}")
-def test_call_gradients_match_reference_autograd(case):
-    """The whole call's backward on the kernels (selection recomputed) vs autograd of the reference call."""
+def test_call_gradients_match_reference_autograd(case, saved):
+    """The whole call's backward on the kernels (selection recomputed) vs autograd of the reference call:
+    with the forward run again, or from the output and LSE the call's forward saved (what the op does)."""
+    from comfyui_bsa.bsa_core import attention
     from comfyui_bsa.bsa_core.gpu_backward import bsa_attention_backward_triton
     from comfyui_bsa.bsa_core.reference import bsa_attention_reference
     from comfyui_bsa.bsa_core.gpu_select import select_triton
@@ -118,7 +121,12 @@ def test_call_gradients_match_reference_autograd(case):
     leaves = [x.to(seen).float().requires_grad_(True) for x in (q, k, v)]
     out, _ = bsa_attention_reference(*leaves, layout, config, scale, n_prefix, n_suffix, selection=sel)
     want = torch.autograd.grad(out, leaves, grad)
-    got = bsa_attention_backward_triton(q, k, v, grad, layout, config, scale, n_prefix, n_suffix)
+    forward = {}
+    if saved:
+        out_call, _, lse = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
+        assert lse.shape == (B, H, *attention.lse_shape(grid, cube, r)), tuple(lse.shape)
+        forward = {"out": out_call, "lse": lse}
+    got = bsa_attention_backward_triton(q, k, v, grad, layout, config, scale, n_prefix, n_suffix, **forward)
     video = slice(n_prefix, n_prefix + layout.num_tokens)
     for name, a, b in zip("qkv", got, want):
         assert a.dtype == dtype and torch.isfinite(a).all(), name

@@ -44,7 +44,7 @@ def test_triton_pipeline_matches_reference(grid, cube, dtype, n_prefix, n_suffix
     config = BSAConfig(cube, keep_ratio=keep, kv_threshold=p, pooled_remainder=pooled, threshold_mode="cumulative")
     layout = cube_layout(grid, cube, DEVICE)
     scale = 1.0 / math.sqrt(D)
-    out, selection = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
+    out, selection, _ = attention._bsa_attention_triton(q, k, v, layout, config, scale, n_prefix, n_suffix)
     ref, ref_selection = bsa_attention_reference(q, k, v, layout, config, scale, n_prefix, n_suffix,
                                                  selection=selection)
     assert out.dtype == dtype and torch.isfinite(out).all()
