@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.cube_index import kept_width
 from .config import BSAConfig
 from .cubes import CubeLayout, cube_layout
-from ..kernels.cube_index import kept_width
 from .reference import bsa_attention_reference, bsa_select
 from .selection import BSASelection
 
@@ -76,7 +76,9 @@ def kernel_reason(q: torch.Tensor) -> str | None:
         return f"device {q.device.type} (kernels need CUDA)"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "GPU older than sm80"
-    from ..kernels.block_sparse_attention import HEAD_DIMS  # imported here: CUDA machines have Triton
+    from ..kernels.block_sparse_attention import (
+        HEAD_DIMS,  # imported here: CUDA machines have Triton
+    )
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} not in {HEAD_DIMS}"
     return None
@@ -319,7 +321,10 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     keep_ratio 1 (the default): Q is only pooled (one read); the attention kernel reads Q's raster rows
     and writes the output rows itself. Below 1: Q is permuted for query selection, the kernel computes
     the kept queries, and the scatter copies every dropped query's source row."""
-    from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
+    from ..kernels.block_sparse_attention import (
+        block_sparse_attention,
+        block_sparse_attention_raster,
+    )
     from ..kernels.output_scatter import output_scatter
 
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
