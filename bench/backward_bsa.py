@@ -3,8 +3,9 @@ the gradients' error against dense attention's. A script, not a test:
 
     python bench/backward_bsa.py [--shapes 480p] [--settings stat1,stat1.5]
 
-BSA's backward recomputes the call's selection and forward LSE, then runs the block-sparse backward kernels
-(bsa_core/gpu_backward.py). Times are do_bench medians on the same card in the same run.
+fwd+bwd is what training runs: bsa::attention's forward (it saves its LSE), then autograd, whose backward
+recomputes the call's selection and runs the block-sparse backward kernels (bsa_core/gpu_backward.py); bwd is
+that backward alone. Times are do_bench medians on the same card in the same run.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import errors, ms, video_inputs  # noqa: E402  (also loads the pack as comfyui_bsa)
 
-from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
+from comfyui_bsa.bsa_core.attention import bsa_attention, bsa_attention_op  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.gpu_backward import bsa_attention_backward_triton  # noqa: E402
@@ -57,12 +58,14 @@ def main():
             config = dataclasses.replace(RECOMMENDED, threshold_mode=mode, **extra)
             layout = cube_layout(grid, config.cube_size, q.device)
 
-            def backward():
-                return bsa_attention_backward_triton(q, k, v, grad, layout, config, scale)
+            def fwd_bwd():  # what training runs: the op's forward, then autograd through its saved LSE
+                out = bsa_attention_op(*leaves, grid, config, backend="triton")[0]
+                return torch.autograd.grad(out, leaves, grad)
 
-            def fwd_bwd():
-                bsa_attention(q, k, v, grid, config, backend="triton")
-                return backward()
+            out, _, lse = bsa_attention(q, k, v, grid, config, backend="triton", return_lse=True)
+
+            def backward():
+                return bsa_attention_backward_triton(q, k, v, grad, layout, config, scale, out=out, lse=lse)
 
             grads = fwd_bwd()
             total, bwd = ms(fwd_bwd), ms(backward)
