@@ -169,7 +169,9 @@ class Sparse24Weight:
         weight = self.weight_for(module, x)
         bias = None if module.bias is None else module.bias.to(x.device, x.dtype)
         rows = x.reshape(-1, x.shape[-1])
-        return torch.nn.functional.linear(rows, weight, bias).reshape(*x.shape[:-1], -1)
+        # the sparse GEMM computes (W x^T)^T and returns that column-major view: a dense Linear's output is
+        # row-major, and fused attention kernels (cuDNN SDPA) refuse a V without unit last-dim stride
+        return torch.nn.functional.linear(rows, weight, bias).contiguous().reshape(*x.shape[:-1], -1)
 
 
 class InputStats:

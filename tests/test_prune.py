@@ -103,6 +103,7 @@ def test_semi_structured_under_autocast_equals_masked_dense_on_cuda(dtype):
         out = weight24.linear(layer, x)
         expected = torch.nn.functional.linear(x, layer.weight * mask.cuda(), layer.bias)
     assert out.dtype == dtype and out.shape == (2, 77, 256)
+    assert out.is_contiguous(), out.stride()  # as a dense Linear's: cuDNN attention needs unit last-dim strides
     assert weight24.compressed
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
