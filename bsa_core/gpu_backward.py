@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.block_sparse_attention import block_sparse_attention
-from ..kernels.block_sparse_attention_bwd import block_sparse_attention_backward
+from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
+from ..kernels.block_sparse_attention_bwd import block_sparse_attention_backward, block_sparse_attention_backward_raster
 from ..kernels.cube_permute import cube_permute
 from .attention import _triton_selection, extra_parts, extra_rows
 from .cubes import CubeLayout
@@ -22,54 +22,58 @@ from .cubes import CubeLayout
 def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config, scale: float, n_prefix: int = 0,
                                   n_suffix: int = 0, out=None, lse=None):
     """q, k, v, grad_out [B, H, L, D] as the forward got them -> (dq, dk, dv) in q's dtype. out, lse: the
-    forward's output and LSE (`bsa_attention(..., return_lse=True)`); without them the forward runs again."""
+    forward's output and LSE (`bsa_attention(..., return_lse=True)`); without them the forward runs again.
+
+    keep_ratio 1 (the default): the kernels read Q, O, dO at their raster rows and write the gradients'
+    raster rows themselves (in q's dtype when the video is the whole sequence). Below 1 they run in cube
+    order over the kept-query lists, a dropped query's output gradient summed onto the row it copied."""
     q_in, k_in, v_in = q, k, v
     B, H, L, D = q.shape
     N, S = layout.num_cubes, layout.cube_volume
+    every_query = config.keep_ratio >= 1.0
     (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
-        q, k, v, layout, config, scale, n_prefix, q_cubes=True)
+        q, k, v, layout, config, scale, n_prefix, q_cubes=not every_query)
     remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     extra = extra_parts(L, n_prefix, n_suffix)
     k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)
-    # the rows in the forward LSE's order: at keep_ratio 1 every slot, each its own source (no gathers or
-    # scatters below), else the kept-query lists
-    every_query = config.keep_ratio >= 1.0
-    q_index = _slot_rows(layout, B, H) if every_query else selection.q_index.contiguous()
-    if lse is None:
-        out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, q_index, selection.kv_count,
-                                               selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
-                                               remainder=remainder, return_lse=True)
-    else:
-        out_kept = cube_permute(out, layout, n_prefix)
-        if not every_query:
-            out_kept = out_kept.gather(-2, q_index.clamp(min=0).long()[..., None].expand(-1, -1, -1, -1, D))
-    grad_cubes = cube_permute(grad_out, layout, n_prefix)
+    tables = (selection.kv_count, selection.kv_index)
     if every_query:
-        grad_kept = grad_cubes
-    else:  # every slot's output gradient, summed onto the kept row it copied (padding slots add nothing)
+        if lse is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            _, lse = block_sparse_attention_raster(q, k_cubes, v_cubes, layout, *tables, out, n_prefix, scale, k_extra,
+                                                   v_extra, remainder=remainder, return_lse=True)
+        # with extra tokens the video rows join the extra rows' gradients in fp32 below (those rows start at 0)
+        grads = [torch.empty(q.shape, dtype=q_in.dtype, device=q.device) if not extra else
+                 torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(3)]
+        dk_extra, dv_extra = block_sparse_attention_backward_raster(
+            q, k_cubes, v_cubes, layout, *tables, out, lse, grad_out, *grads, n_prefix, scale, k_extra, v_extra,
+            remainder=remainder)
+        if not extra:
+            return tuple(grads)
+        dq, dk, dv = grads
+    else:
+        q_index = selection.q_index.contiguous()
+        if lse is None:
+            out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, q_index, *tables, layout.slot_valid, scale,
+                                                   k_extra, v_extra, remainder=remainder, return_lse=True)
+        else:
+            out_kept = cube_permute(out, layout, n_prefix).gather(
+                -2, q_index.clamp(min=0).long()[..., None].expand(-1, -1, -1, -1, D))
+        # every slot's output gradient, summed onto the kept row it copied (padding slots add nothing)
         source = selection.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
         grad_kept = torch.zeros(*out_kept.shape, dtype=torch.float32, device=q.device).scatter_add_(
-            -2, source, grad_cubes.float())
-    dq_kept, dk_cubes, dv_cubes, dk_extra, dv_extra, dk_bar, dv_bar = block_sparse_attention_backward(
-        q_cubes, k_cubes, v_cubes, q_index, selection.kv_count, selection.kv_index, layout.slot_valid, out_kept, lse,
-        grad_kept, scale, k_extra, v_extra, remainder=remainder)
-    if remainder is not None:  # k_bar, v_bar are the means of their cube's valid keys and values
-        spread = layout.slot_valid[..., None].float() / layout.n_valid[:, None, None].float()
-        dk_cubes += dk_bar[..., None, :] * spread
-        dv_cubes += dv_bar[..., None, :] * spread
-    if every_query:  # padding slots' rows are zero
-        dq_cubes = dq_kept
-    else:
+            -2, source, cube_permute(grad_out, layout, n_prefix).float())
+        dq_kept, dk_cubes, dv_cubes, dk_extra, dv_extra = block_sparse_attention_backward(
+            q_cubes, k_cubes, v_cubes, q_index, *tables, layout.slot_valid, out_kept, lse, grad_kept, scale, k_extra,
+            v_extra, remainder=remainder)
         slot = torch.where(q_index >= 0, q_index, S).long()[..., None].expand(*dq_kept.shape)  # padding -> dump
         dq_cubes = torch.zeros(B, H, N, S + 1, D, dtype=torch.float32, device=q.device).scatter_(-2, slot, dq_kept)
-        dq_cubes = dq_cubes[..., :S, :]
-    cubes = (dq_cubes, dk_cubes, dv_cubes)
-    if not extra and L == layout.num_tokens:  # the video is the whole sequence: cast in cube order, one gather each
-        return tuple(layout.to_raster(x.to(q_in.dtype)) for x in cubes)
-    dq, dk, dv = (torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) for _ in range(3))
-    video = slice(n_prefix, n_prefix + layout.num_tokens)
-    for grad, x in zip((dq, dk, dv), cubes):
-        grad[..., video, :] = layout.to_raster(x)
+        dq, dk, dv = (torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) for _ in range(3))
+        video = slice(n_prefix, n_prefix + layout.num_tokens)
+        for grad, x in zip((dq, dk, dv), (dq_cubes[..., :S, :], dk_cubes, dv_cubes)):
+            grad[..., video, :] = layout.to_raster(x)
+        if not extra:
+            return tuple(x.to(q_in.dtype) for x in (dq, dk, dv))
     for grad, extra_grad in ((dk, dk_extra), (dv, dv_extra)):
         grad[..., :n_prefix, :] += extra_grad[..., :n_prefix, :]
         grad[..., L - n_suffix:, :] += extra_grad[..., n_prefix:, :]
@@ -82,9 +86,3 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
         for grad, extra_grad in zip((dq, dk, dv), torch.autograd.grad(rows, leaves, grad_rows)):
             grad += extra_grad.float()
     return tuple(x.to(q_in.dtype) for x in (dq, dk, dv))
-
-
-def _slot_rows(layout: CubeLayout, B: int, H: int) -> torch.Tensor:
-    """[B, H, N, S] int32: every slot a row of its own, -1 on padding (the raster forward's LSE order)."""
-    slots = torch.arange(layout.cube_volume, dtype=torch.int32, device=layout.slot_valid.device)
-    return torch.where(layout.slot_valid, slots, -1).expand(B, H, -1, -1).contiguous()
