@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
-from ..kernels.block_sparse_attention_bwd import block_sparse_attention_backward, block_sparse_attention_backward_raster
+from ..kernels.block_sparse_attention import (
+    block_sparse_attention,
+    block_sparse_attention_raster,
+)
+from ..kernels.block_sparse_attention_bwd import (
+    block_sparse_attention_backward,
+    block_sparse_attention_backward_raster,
+)
 from ..kernels.cube_permute import cube_permute
 from .attention import _triton_selection, extra_parts, extra_rows
 from .cubes import CubeLayout
