@@ -219,7 +219,7 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
     Returns fp32 (dq_kept [B,H,N,Kq,D], dk_cubes, dv_cubes [B,H,N,S,D], dk_extra, dv_extra [B,H,E,D] or None):
     dk_cubes, dv_cubes include the pooled keys' gradients, spread over each cube's valid keys (k_bar is
     their mean)."""
-    B, H, N, S, _ = q_cubes.shape
+    B, H, N, S, D = q_cubes.shape
     dq = torch.zeros(B, H, N, q_index.shape[-1], D, dtype=torch.float32, device=q_cubes.device)  # dead rows: 0
     dk = torch.empty(B, H, N, S, D, dtype=torch.float32, device=q_cubes.device)  # every row is stored
     dv = torch.empty_like(dk)
