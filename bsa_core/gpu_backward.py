@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.block_sparse_attention import (
-    block_sparse_attention,
-    block_sparse_attention_raster,
-)
-from ..kernels.block_sparse_attention_bwd import (
-    block_sparse_attention_backward,
-    block_sparse_attention_backward_raster,
-)
+from ..kernels.block_sparse_attention import block_sparse_attention
+from ..kernels.block_sparse_attention_bwd import block_sparse_attention_backward
 from ..kernels.cube_permute import cube_permute
 from .attention import _triton_selection, extra_parts, extra_rows
 from .cubes import CubeLayout
@@ -30,48 +24,46 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
     """q, k, v, grad_out [B, H, L, D] as the forward got them -> (dq, dk, dv) in q's dtype. out, lse: the
     forward's output and LSE (`bsa_attention(..., return_lse=True)`); without them the forward runs again.
 
-    keep_ratio 1 (the default): the kernels read Q, O, dO at their raster rows and write the gradients'
-    raster rows themselves (in q's dtype when the video is the whole sequence). Below 1 they run in cube
-    order over the kept-query lists, a dropped query's output gradient summed onto the row it copied."""
+    The kernels read Q, O, dO in cube order (one permute each). keep_ratio 1 (the default): every slot is its
+    own row and the kernels write the gradients' raster rows themselves (in q's dtype when the video is the
+    whole sequence). Below 1: the kept-query lists, a dropped query's output gradient summed onto the row it
+    copied, the gradients scattered back from cube order."""
     q_in, k_in, v_in = q, k, v
     B, H, L, D = q.shape
     N, S = layout.num_cubes, layout.cube_volume
-    every_query = config.keep_ratio >= 1.0
     (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
-        q, k, v, layout, config, scale, n_prefix, q_cubes=not every_query)
+        q, k, v, layout, config, scale, n_prefix, q_cubes=True)
     remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     extra = extra_parts(L, n_prefix, n_suffix)
     k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)
-    tables = (selection.kv_count, selection.kv_index)
-    if every_query:
-        if lse is None:
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-            _, lse = block_sparse_attention_raster(q, k_cubes, v_cubes, layout, *tables, out, n_prefix, scale, k_extra,
-                                                   v_extra, remainder=remainder, return_lse=True)
-        # with extra tokens the video rows join the extra rows' gradients in fp32 below (those rows start at 0)
-        grads = [torch.empty(q.shape, dtype=q_in.dtype, device=q.device) if not extra else
-                 torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(3)]
-        dk_extra, dv_extra = block_sparse_attention_backward_raster(
-            q, k_cubes, v_cubes, layout, *tables, out, lse, grad_out, *grads, n_prefix, scale, k_extra, v_extra,
-            remainder=remainder)
-        if not extra:
-            return tuple(grads)
-        dq, dk, dv = grads
+    # the rows in the forward LSE's order: at keep_ratio 1 every slot, each its own source, else the kept lists
+    every_query = config.keep_ratio >= 1.0
+    q_index = _every_slot(layout, B, H) if every_query else selection.q_index.contiguous()
+    tables = (q_index, selection.kv_count, selection.kv_index, layout.slot_valid)
+    if lse is None:
+        out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, *tables, scale, k_extra, v_extra,
+                                               remainder=remainder, return_lse=True)
     else:
-        q_index = selection.q_index.contiguous()
-        if lse is None:
-            out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, q_index, *tables, layout.slot_valid, scale,
-                                                   k_extra, v_extra, remainder=remainder, return_lse=True)
-        else:
-            out_kept = cube_permute(out, layout, n_prefix).gather(
-                -2, q_index.clamp(min=0).long()[..., None].expand(-1, -1, -1, -1, D))
+        out_kept = cube_permute(out, layout, n_prefix)
+        if not every_query:
+            out_kept = out_kept.gather(-2, q_index.clamp(min=0).long()[..., None].expand(-1, -1, -1, -1, D))
+    grad_cubes = cube_permute(grad_out, layout, n_prefix)
+    if every_query:
+        # the kernels write the raster rows; with extra tokens they join those rows' gradients in fp32 below
+        raster = [torch.empty(q.shape, dtype=q_in.dtype, device=q.device) if not extra else
+                  torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(3)]
+        dq, dk, dv, dk_extra, dv_extra = block_sparse_attention_backward(
+            q_cubes, k_cubes, v_cubes, *tables, out_kept, lse, grad_cubes, scale, k_extra, v_extra,
+            remainder=remainder, raster=(layout, n_prefix, *raster))
+        if not extra:
+            return dq, dk, dv
+    else:
         # every slot's output gradient, summed onto the kept row it copied (padding slots add nothing)
         source = selection.q_source.clamp(min=0).long()[..., None].expand(B, H, N, S, D)
         grad_kept = torch.zeros(*out_kept.shape, dtype=torch.float32, device=q.device).scatter_add_(
-            -2, source, cube_permute(grad_out, layout, n_prefix).float())
+            -2, source, grad_cubes.float())
         dq_kept, dk_cubes, dv_cubes, dk_extra, dv_extra = block_sparse_attention_backward(
-            q_cubes, k_cubes, v_cubes, q_index, *tables, layout.slot_valid, out_kept, lse, grad_kept, scale, k_extra,
-            v_extra, remainder=remainder)
+            q_cubes, k_cubes, v_cubes, *tables, out_kept, lse, grad_kept, scale, k_extra, v_extra, remainder=remainder)
         slot = torch.where(q_index >= 0, q_index, S).long()[..., None].expand(*dq_kept.shape)  # padding -> dump
         dq_cubes = torch.zeros(B, H, N, S + 1, D, dtype=torch.float32, device=q.device).scatter_(-2, slot, dq_kept)
         dq, dk, dv = (torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) for _ in range(3))
@@ -92,3 +84,9 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
         for grad, extra_grad in zip((dq, dk, dv), torch.autograd.grad(rows, leaves, grad_rows)):
             grad += extra_grad.float()
     return tuple(x.to(q_in.dtype) for x in (dq, dk, dv))
+
+
+def _every_slot(layout: CubeLayout, B: int, H: int) -> torch.Tensor:
+    """[B, H, N, S] int32: every slot a row of its own, -1 on padding (the raster forward's LSE order)."""
+    slots = torch.arange(layout.cube_volume, dtype=torch.int32, device=layout.slot_valid.device)
+    return torch.where(layout.slot_valid, slots, -1).expand(B, H, -1, -1).contiguous()

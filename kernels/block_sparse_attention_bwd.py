@@ -39,26 +39,20 @@ def _tuned(*key: str):
 
 
 @triton.jit
-def _query_tile(Q, dO, Lse, Delta, q_index_ptr, tokens_ptr, bh, cube, N, KQ, L, n_prefix, offs_m, offs_d,
-                CUBE: tl.constexpr, HEAD_DIM: tl.constexpr, RASTER: tl.constexpr):
-    """The kept rows of one query cube: q, dO [BLOCK_M, D], lse, delta [BLOCK_M], the rows' offsets in the
-    dQ output and which rows are real. Cube order: Q [B, H, N, S, D], dO and delta per kept row. RASTER: Q,
-    dO [B, H, L, D] and delta [B, H, L] read at the slots' raster rows (tokens_ptr: the layout's token of
-    each slot), so no permute runs before the kernels and dQ is written in place."""
+def _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                CUBE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The kept rows of one query cube: q, dO [BLOCK_M, D], lse, delta [BLOCK_M], the rows' offset in the
+    kept-row tensors, their slots and which rows are real. Cube order: the kernels re-read a query tile once
+    per KV cube that it selected, and whole cubes load as contiguous tiles (raster rows measured slower)."""
     qi_off = (bh * N + cube) * KQ + offs_m
     slot = tl.load(q_index_ptr + qi_off, mask=offs_m < KQ, other=-1)
     live = slot >= 0
-    if RASTER:
-        row = bh * L + n_prefix + tl.load(tokens_ptr + cube * CUBE + slot, mask=live, other=0)
-        q_row = row
-    else:
-        row = qi_off
-        q_row = (bh * N + cube) * CUBE + slot
-    q = tl.load(Q + q_row[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
-    do = tl.load(dO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
+    q = tl.load(Q + ((bh * N + cube) * CUBE + slot)[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None],
+                other=0.0)
+    do = tl.load(dO + qi_off[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
     lse = tl.load(Lse + qi_off, mask=live, other=0.0)
-    delta = tl.load(Delta + row, mask=live, other=0.0)
-    return q, do, tl.where(live & (lse > float("-inf")), lse, float("inf")), delta, row, live
+    delta = tl.load(Delta + qi_off, mask=live, other=0.0)
+    return q, do, tl.where(live & (lse > float("-inf")), lse, float("inf")), delta, qi_off, slot, live
 
 
 @triton.jit
@@ -109,8 +103,8 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended,
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q, do, lse, delta, row, live = _query_tile(Q, dO, Lse, Delta, q_index_ptr, tokens_ptr, bh, cube, N, KQ, L,
-                                               n_prefix, offs_m, offs_d, CUBE, HEAD_DIM, RASTER)
+    q, do, lse, delta, row, slot, live = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                                                     CUBE, HEAD_DIM)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     kv_bh = bh * N * CUBE * HEAD_DIM
     count = tl.load(kv_count_ptr + bh * N + cube)
@@ -131,6 +125,8 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended,
     if HAS_REMAINDER:
         dq = _dq_over_dense_keys(dq, q, do, lse, delta, KBar, VBar, Log2N, Attended, bh, cube, N, N, qk_scale, offs_n,
                                  offs_d, BLOCK_N, HEAD_DIM, True, DOT_F32)
+    if RASTER:  # the row's raster row of [B, H, L, D]
+        row = bh * L + n_prefix + tl.load(tokens_ptr + cube * CUBE + slot, mask=live, other=0)
     tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * (qk_scale / 1.44269504)).to(DQ.dtype.element_ty),
              mask=live[:, None])
 
@@ -161,8 +157,8 @@ def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, DKBar, DVBar, Log2N, q_ind
     count = tl.load(t_count_ptr + bh * N + kv)
     for j in range(0, count):
         cube = tl.load(t_index_ptr + (bh * N + kv) * T_W + j).to(tl.int64)
-        q, do, lse, delta, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, tokens_ptr, bh, cube, N, KQ, L,
-                                              n_prefix, offs_m, offs_d, CUBE, HEAD_DIM, RASTER)
+        q, do, lse, delta, _, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                                                 CUBE, HEAD_DIM)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
         dv = _dot(tl.trans(p).to(do.dtype), do, dv, DOT_F32)
         dk = _dot(tl.trans(ds).to(q.dtype), q, dk, DOT_F32)
@@ -179,12 +175,11 @@ def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, DKBar, DVBar, Log2N, q_ind
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=ok[:, None])
 
 
-@_tuned("N", "KQ", "n_keys", "CUBE", "HEAD_DIM", "POOLED", "RASTER")
+@_tuned("N", "KQ", "n_keys", "CUBE", "HEAD_DIM", "POOLED")
 @triton.jit
-def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q_index_ptr, tokens_ptr, qk_scale,
-                           N, KQ, n_keys, L, n_prefix,
+def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q_index_ptr, qk_scale, N, KQ, n_keys,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
-                           POOLED: tl.constexpr, RASTER: tl.constexpr, DOT_F32: tl.constexpr):
+                           POOLED: tl.constexpr, DOT_F32: tl.constexpr):
     """A block of keys every query cube may see: the extra keys (all rows) or, with POOLED, the pooled cube
     means (key c seen by the rows whose cube did not select c, log2 weight Log2N[c])."""
     bh = tl.program_id(1).to(tl.int64)
@@ -198,8 +193,8 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for cube in range(0, N):
-        q, do, lse, delta, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, tokens_ptr, bh, cube, N, KQ, L,
-                                              n_prefix, offs_m, offs_d, CUBE, HEAD_DIM, RASTER)
+        q, do, lse, delta, _, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                                                 CUBE, HEAD_DIM)
         bias = _dense_key_bias(Log2N, Attended, bh, N, cube, cols, ok, POOLED)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
         dv = _dot(tl.trans(p).to(do.dtype), do, dv, DOT_F32)
@@ -210,60 +205,26 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
 
 def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_valid,
                                     out_kept, lse, grad_kept, scale: float | None = None, k_extra=None, v_extra=None,
-                                    remainder=None):
+                                    remainder=None, raster=None):
     """Gradients of `block_sparse_attention(..., return_lse=True)` for the upstream gradient of its kept rows.
 
     q_cubes, k_cubes, v_cubes [B, H, N, S, D] and the tables as in the forward; out_kept, grad_kept
     [B, H, N, Kq, D] (grad_kept already holds the gradient of every dropped query copied from the row);
     lse [B, H, N, Kq] from the forward. remainder: (k_bar, v_bar, attended) as in the forward.
-    Returns fp32 (dq_kept [B,H,N,Kq,D], dk_cubes, dv_cubes [B,H,N,S,D], dk_extra, dv_extra [B,H,E,D] or None):
-    dk_cubes, dv_cubes include the pooled keys' gradients, spread over each cube's valid keys (k_bar is
-    their mean)."""
+    Returns (dq_kept [B,H,N,Kq,D], dk_cubes, dv_cubes [B,H,N,S,D], dk_extra, dv_extra [B,H,E,D] or None), fp32;
+    dk_cubes, dv_cubes include the pooled keys' gradients, spread over each cube's valid keys (k_bar is their
+    mean). raster = (layout, n_prefix, dq, dk, dv): where every slot is its own row (q_index[..., s] = s on
+    valid slots, keep_ratio 1), the kernels write the video's raster rows of dq, dk, dv [B, H, L, D]
+    (contiguous, any float dtype; other rows untouched) and those three are returned: no scatter, cast or
+    gather runs after the kernels."""
     B, H, N, S, D = q_cubes.shape
-    dq = torch.zeros(B, H, N, q_index.shape[-1], D, dtype=torch.float32, device=q_cubes.device)  # dead rows: 0
-    dk = torch.empty(B, H, N, S, D, dtype=torch.float32, device=q_cubes.device)  # every row is stored
-    dv = torch.empty_like(dk)
-    delta = (grad_kept.float() * out_kept.float()).sum(-1)
-    dk_extra, dv_extra = _launch_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_valid, grad_kept,
-                                          lse, delta, dq, dk, dv, scale, k_extra, v_extra, remainder)
-    return dq, dk, dv, dk_extra, dv_extra
-
-
-def block_sparse_attention_backward_raster(q, k_cubes, v_cubes, layout, kv_count, kv_index, out, lse, grad_out,
-                                           dq, dk, dv, n_prefix: int = 0, scale: float | None = None, k_extra=None,
-                                           v_extra=None, remainder=None):
-    """Gradients of `block_sparse_attention_raster(..., return_lse=True)` (every query kept): q, out, grad_out
-    [B, H, L, D] are read at the video's raster rows (from n_prefix on, through the layout's cube map) and
-    the video rows of dq, dk, dv [B, H, L, D] (contiguous, any float dtype; other rows untouched) are written
-    in place, the pooled keys' gradients spread over their cubes: no permute or scatter runs around the
-    kernels. Returns (dk_extra, dv_extra) [B, H, E, D] fp32, or None without extra keys."""
-    B, H = q.shape[:2]
-    for name, x in (("out", out), ("grad_out", grad_out), ("dq", dq), ("dk", dk), ("dv", dv)):
-        if x.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
-    for name, x in (("dq", dq), ("dk", dk), ("dv", dv)):
-        if not x.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    slots = torch.arange(layout.cube_volume, dtype=torch.int32, device=q.device)
-    every_slot = torch.where(layout.slot_valid, slots, -1).expand(B, H, -1, -1).contiguous()  # the LSE's rows
-    delta = (grad_out.float() * out.float()).sum(-1)
-    return _launch_backward(q, k_cubes, v_cubes, every_slot, kv_count, kv_index, layout.slot_valid, grad_out, lse,
-                            delta, dq, dk, dv, scale, k_extra, v_extra, remainder, (layout.token_of_slot, n_prefix))
-
-
-def _launch_backward(q, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_valid, grad, lse, delta, dq, dk, dv,
-                     scale, k_extra, v_extra, remainder, raster=None):
-    """The three kernels, into dq, dk, dv (cube order, or with raster = (token_of_slot, n_prefix) the raster
-    rows of [B, H, L, D] tensors). Returns the extra keys' (dk, dv) fp32, or (None, None)."""
-    B, H, N, S, D = k_cubes.shape
     KQ = q_index.shape[-1]
-    L = q.shape[2] if raster is not None else 0
-    tokens, n_prefix = raster if raster is not None else (q_index, 0)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    dtype = torch.bfloat16 if q.dtype == torch.float32 else q.dtype
-    q, k, v = (x.to(dtype).contiguous() for x in (q, k_cubes, v_cubes))
-    do = grad.to(dtype).contiguous()
-    lse, delta = lse.contiguous(), delta.contiguous()
+    dtype = torch.bfloat16 if q_cubes.dtype == torch.float32 else q_cubes.dtype
+    q, k, v = (x.to(dtype).contiguous() for x in (q_cubes, k_cubes, v_cubes))
+    do = grad_kept.to(dtype).contiguous()
+    delta = (grad_kept.float() * out_kept.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
     q_index, kv_count, kv_index = (x.to(torch.int32).contiguous() for x in (q_index, kv_count, kv_index))
     tables = _key_tables(slot_valid.to(q.device))
     has_extra = k_extra is not None and k_extra.shape[-2] > 0
@@ -274,17 +235,27 @@ def _launch_backward(q, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_vali
         attended = remainder[2].to(torch.bool).contiguous().view(torch.uint8)
     else:
         k_bar = v_bar = attended = q
+    if raster is not None:
+        layout, n_prefix, dq, dk, dv = raster
+        if KQ != S or any(x.shape != dq.shape or not x.is_contiguous() for x in (dq, dk, dv)):
+            raise ValueError("raster needs every slot as a row (Kq = S) and contiguous dq, dk, dv of one shape")
+        tokens, L = layout.token_of_slot, dq.shape[2]
+    else:
+        dq = torch.zeros(B, H, N, KQ, D, dtype=torch.float32, device=q.device)  # dead rows stay 0
+        dk = torch.empty(B, H, N, S, D, dtype=torch.float32, device=q.device)  # every row is stored
+        dv = torch.empty_like(dk)
+        tokens, L, n_prefix = q_index, 0, 0
     BLOCK_M = max(16, triton.next_power_of_2(KQ))
     BLOCK_N = min(64, max(16, triton.next_power_of_2(S)))
     qk_scale = scale * _LOG2E
-    meta = dict(BLOCK_M=BLOCK_M, HEAD_DIM=D, CUBE=S, RASTER=raster is not None, DOT_F32=_INTERPRET)
+    meta = dict(BLOCK_M=BLOCK_M, HEAD_DIM=D, CUBE=S, DOT_F32=_INTERPRET)
 
     def dense_keys(kd, vd, n_keys, pooled):
         dkd = torch.empty(B, H, n_keys, D, dtype=torch.float32, device=q.device)  # every row is stored
         dvd = torch.empty_like(dkd)
         _bwd_dense_keys_kernel[(triton.cdiv(n_keys, BLOCK_N), B * H)](
-            q, do, lse, delta, kd, vd, tables.log2_n, attended, dkd, dvd, q_index, tokens, qk_scale, N, KQ, n_keys, L,
-            n_prefix, BLOCK_N=BLOCK_N, POOLED=pooled, **meta)
+            q, do, lse, delta, kd, vd, tables.log2_n, attended, dkd, dvd, q_index, qk_scale, N, KQ, n_keys,
+            BLOCK_N=BLOCK_N, POOLED=pooled, **meta)
         return dkd, dvd
 
     # the pooled keys first: the dK/dV kernel spreads their gradients over each cube's keys
@@ -292,13 +263,14 @@ def _launch_backward(q, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_vali
     _bwd_dq_kernel[(N, B * H)](q, k, v, do, lse, delta, ke, ve, k_bar, v_bar, tables.log2_n, attended, dq, q_index,
                                tokens, kv_count, kv_index, tables.key_bias, qk_scale, N, KQ, kv_index.shape[-1], E, L,
                                n_prefix, BLOCK_N=BLOCK_N, HAS_EXTRA=has_extra, HAS_REMAINDER=remainder is not None,
-                               **meta)
+                               RASTER=raster is not None, **meta)
     t_count, t_index = _transposed(kv_count, kv_index, N)
     _bwd_dkdv_kernel[(N, B * H, triton.cdiv(S, BLOCK_N))](
         q, k, v, do, lse, delta, dk, dv, dk_bar, dv_bar, tables.log2_n, q_index, tokens, t_count, t_index,
-        tables.key_bias, qk_scale, N, KQ, t_index.shape[-1], L, n_prefix, BLOCK_N=BLOCK_N,
+        tables.key_bias, qk_scale, N, KQ, t_index.shape[-1], L, n_prefix, BLOCK_N=BLOCK_N, RASTER=raster is not None,
         SPREAD=remainder is not None, **meta)
-    return dense_keys(ke, ve, E, False) if has_extra else (None, None)
+    dke, dve = dense_keys(ke, ve, E, False) if has_extra else (None, None)
+    return dq, dk, dv, dke, dve
 
 
 def _transposed(kv_count: torch.Tensor, kv_index: torch.Tensor, N: int):
