@@ -49,6 +49,31 @@ def token_scales(x: torch.Tensor) -> torch.Tensor:
     return _absmax_scales(x.detach().float().abs().amax(dim=-1, keepdim=True))
 
 
+def kernel_bit_differences(x: torch.Tensor, scale: torch.Tensor | None = None) -> list[str]:
+    """What of kernels/quantize_fp8.py's quantize_fp8_rows(x, scale) is not this module's numbers bit for bit,
+    one line per quantity (its row scales against the given ones or token_scales(x), its e4m3 bytes against
+    to_e4m3(x, its row scales)) with the count and the first difference; empty when every bit agrees. For the
+    GPU tests and bench/bench_tdq.py, so that a run says which quantity differs and where."""
+    from ..kernels.quantize_fp8 import quantize_fp8_rows
+    x_fp8, scales = quantize_fp8_rows(x, scale)
+    expected = token_scales(x) if scale is None else scale.float().reshape(-1, 1).expand(x.shape[0], 1)
+    lines = []
+    for what, got, want in (("row scales", scales.view(torch.int32), expected.contiguous().view(torch.int32)),
+                            ("e4m3 bytes", x_fp8.view(torch.uint8), to_e4m3(x, scales).view(torch.uint8))):
+        differ = got != want
+        if not differ.any():
+            continue
+        row, col = (int(i) for i in differ.nonzero()[0])
+        if what == "row scales":
+            detail = (f"row {row} (absmax {float(x[row].float().abs().amax())!r}): kernel {float(scales[row])!r}, "
+                      f"{'token_scales' if scale is None else 'given'} {float(expected[row])!r}")
+        else:
+            detail = (f"[{row}, {col}]: x {float(x[row, col])!r}, scale {float(scales[row])!r} -> kernel "
+                      f"0x{int(got[row, col]):02x}, to_e4m3 0x{int(want[row, col]):02x}")
+        lines.append(f"{what}: {int(differ.sum())} of {differ.numel()} differ, first {detail}")
+    return lines
+
+
 _reference_only = False
 
 
