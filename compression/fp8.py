@@ -23,9 +23,12 @@ def round_to_e4m3_reference(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x / step) * step).clamp(-E4M3_MAX, E4M3_MAX)  # round: half to even
 
 
-def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale saturated into e4m3 (torch's cast gives NaN past ±448 instead of saturating)."""
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+def to_e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x / scale saturated into e4m3 (torch's cast gives NaN past ±448 instead of saturating). The scale is
+    made a float32 tensor on x's device first: CUDA divides by a CPU scalar (a float, a 0-dim CPU tensor) by
+    multiplying with its reciprocal, and a few of those quotients round to the neighbouring e4m3 value."""
+    return (x.float() / torch.as_tensor(scale, dtype=torch.float32, device=x.device)).clamp(
+        -E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
