@@ -12,7 +12,8 @@ once; the activation quantized in every call with the layer's per-tensor scale o
 static, table and tdq modes' path, or with each token's own absmax, the dynamic mode), so the time includes
 the activation cast. Rows for the cast alone, the _scaled_mm alone on an already quantized activation, and
 the former eager cast (four float32 passes before kernels/quantize_fp8.py) show where the time goes (the
-cast's row also says whether its e4m3 bits, static and dynamic, are compression.fp8's exactly); one
+cast's row also says whether its e4m3 bits and row scales, static and dynamic, are compression.fp8's
+exactly, and lines under the table name each quantity that is not, with its first difference); one
 more row times _scaled_mm with use_fast_accum=True, which TDQLinear does not use (Hopper's faster, less
 precise FP8 accumulation).
 Median ms (triton.testing.do_bench, L2 flushed), x bf16 (bf16 ms / ms), TFLOP/s (2 M K N / time), relative
@@ -56,7 +57,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from pack import load_pack  # noqa: E402
 
 load_pack()
-from comfyui_bsa.compression.fp8 import E4M3_MAX, reference_math, to_e4m3, token_scales  # noqa: E402
+from comfyui_bsa.compression.fp8 import E4M3_MAX, kernel_bit_differences, reference_math, to_e4m3  # noqa: E402
 from comfyui_bsa.compression.tdq import TDQLinear, TDQState  # noqa: E402
 
 # tokens, (out, in) of attention q/k/v/o, ffn.0, ffn.2: 81 frames at 480p = 21x30x52 tokens, 720p 21x45x80
@@ -101,6 +102,7 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
     flops = 2 * tokens * in_features * out_features
     reference = F.linear(x, linear.weight, linear.bias)
     rows = [(f"{str(dtype)[6:]} F.linear", lambda: F.linear(x, linear.weight, linear.bias), None, True)]
+    differences = []  # the cast's quantities that are not compression.fp8's bits (CUDA only)
     for mode, what in (("static", "per-tensor scale (static/table/tdq)"), ("dynamic", "per-token absmax (dynamic)")):
         layer = tdq_layer(linear, mode, x_scale)
         with reference_math():
@@ -111,11 +113,8 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
         weight_fp8, w_scale, bias = tdq_layer(linear, "static", x_scale).quantized_weight(device, dtype)
         x_fp8, scale_a = quantize_fp8_rows(x, x_scale)
         scale_b = w_scale.reshape(1, -1)
-        dynamic_fp8, dynamic_scales = quantize_fp8_rows(x)
-        same_bits = (torch.equal(x_fp8.view(torch.uint8), to_e4m3(x, x_scale.reshape(1, 1)).view(torch.uint8))
-                     and torch.equal(dynamic_scales, token_scales(x))
-                     and torch.equal(dynamic_fp8.view(torch.uint8), to_e4m3(x, dynamic_scales).view(torch.uint8)))
-        del dynamic_fp8, dynamic_scales
+        differences = ([f"static {line}" for line in kernel_bit_differences(x, x_scale)]
+                       + [f"dynamic {line}" for line in kernel_bit_differences(x)])
 
         def eager_former():
             s = x_scale.reshape(1, 1)
@@ -123,7 +122,7 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
                                  scale_b=scale_b.contiguous(), out_dtype=torch.bfloat16)
             return (y + bias.float()).to(dtype)
 
-        rows += [(f"  its activation cast alone (bits == to_e4m3: {'yes' if same_bits else 'NO'})",
+        rows += [(f"  its activation cast alone (bits == to_e4m3: {'NO' if differences else 'yes'})",
                   lambda: quantize_fp8_rows(x, x_scale), None, False),
                  ("  its _scaled_mm alone (activation already e4m3)",
                   lambda: torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
@@ -148,6 +147,8 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
                 if fake is not None:
                     line += f", vs its fake-quant reference {rms_rel(out, fake):.1e}"
         print(line, flush=True)
+    for difference in differences:
+        print(f"    NOT to_e4m3's bits: {difference}", flush=True)
     del x, reference
 
 

@@ -23,9 +23,12 @@ def round_to_e4m3_reference(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x / step) * step).clamp(-E4M3_MAX, E4M3_MAX)  # round: half to even
 
 
-def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale saturated into e4m3 (torch's cast gives NaN past ±448 instead of saturating)."""
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+def to_e4m3(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x / scale saturated into e4m3 (torch's cast gives NaN past ±448 instead of saturating). The scale is
+    made a float32 tensor on x's device first: CUDA divides by a CPU scalar (a float, a 0-dim CPU tensor) by
+    multiplying with its reciprocal, and a few of those quotients round to the neighbouring e4m3 value."""
+    return (x.float() / torch.as_tensor(scale, dtype=torch.float32, device=x.device)).clamp(
+        -E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,31 @@ def weight_scales(weight: torch.Tensor) -> torch.Tensor:
 def token_scales(x: torch.Tensor) -> torch.Tensor:
     """Dynamic per-token activation scales [..., 1] (float32): each token's absmax onto 448."""
     return _absmax_scales(x.detach().float().abs().amax(dim=-1, keepdim=True))
+
+
+def kernel_bit_differences(x: torch.Tensor, scale: torch.Tensor | None = None) -> list[str]:
+    """What of kernels/quantize_fp8.py's quantize_fp8_rows(x, scale) is not this module's numbers bit for bit,
+    one line per quantity (its row scales against the given ones or token_scales(x), its e4m3 bytes against
+    to_e4m3(x, its row scales)) with the count and the first difference; empty when every bit agrees. For the
+    GPU tests and bench/bench_tdq.py, so that a run says which quantity differs and where."""
+    from ..kernels.quantize_fp8 import quantize_fp8_rows
+    x_fp8, scales = quantize_fp8_rows(x, scale)
+    expected = token_scales(x) if scale is None else scale.float().reshape(-1, 1).expand(x.shape[0], 1)
+    lines = []
+    for what, got, want in (("row scales", scales.view(torch.int32), expected.contiguous().view(torch.int32)),
+                            ("e4m3 bytes", x_fp8.view(torch.uint8), to_e4m3(x, scales).view(torch.uint8))):
+        differ = got != want
+        if not differ.any():
+            continue
+        row, col = (int(i) for i in differ.nonzero()[0])
+        if what == "row scales":
+            detail = (f"row {row} (absmax {float(x[row].float().abs().amax())!r}): kernel {float(scales[row])!r}, "
+                      f"{'token_scales' if scale is None else 'given'} {float(expected[row])!r}")
+        else:
+            detail = (f"[{row}, {col}]: x {float(x[row, col])!r}, scale {float(scales[row])!r} -> kernel "
+                      f"0x{int(got[row, col]):02x}, to_e4m3 0x{int(want[row, col]):02x}")
+        lines.append(f"{what}: {int(differ.sum())} of {differ.numel()} differ, first {detail}")
+    return lines
 
 
 _reference_only = False

@@ -8,7 +8,10 @@ absmax / 448 (DYNAMIC: a first loop over the row finds it; the second re-reads t
 
 The numbers are compression.fp8's, bit for bit: to_e4m3(x, scale), and token_scales(x) for DYNAMIC. The kernel
 rounds in float32 itself and casts only values that e4m3 holds exactly, so Triton's interpreter (whose
-float32 -> fp8 cast mis-rounds values that round up into the next binade) gives the GPU's bits.
+float32 -> fp8 cast mis-rounds values that round up into the next binade) gives the GPU's bits. It copies the
+sign as a bit instead of negating: Triton 3.6 compiles -x as 0 - x, +0 for x = +0, so a negative x that
+rounds to zero came out +0 where torch's cast gives -0 (why the H200 bench printed bits == to_e4m3: NO).
+compression.fp8.kernel_bit_differences(x, scale) names any quantity that differs, and where.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import triton.language as tl
 E4M3_MAX = tl.constexpr(448.0)
 _INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # token_scales multiplies by the float32 reciprocal too
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to an integer, ties to even
+_SIGN_BIT = tl.constexpr(-0x80000000)  # int32 with the sign bit alone
 _SCALE_SHARED, _SCALE_ROWS, _SCALE_DYNAMIC = 0, 1, 2
 _BLOCK_M, _BLOCK_K = 4, 512
 
@@ -26,13 +30,14 @@ _BLOCK_M, _BLOCK_K = 4, 512
 @triton.jit
 def _round_to_e4m3(y):
     """float32 y within +-448 -> the nearest e4m3 value, as float32 (3 mantissa bits; below 2**-6 the
-    subnormal step 2**-9; the sign kept, -0 included)."""
+    subnormal step 2**-9). y's sign bit is copied onto the rounded magnitude, so -0 stays -0 whatever -x
+    compiles to."""
     bits = y.to(tl.int32, bitcast=True)
     exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     up = ((130 - exponent) << 23).to(tl.float32, bitcast=True)  # 2**(3 - exponent): mantissa to an integer
     down = ((exponent + 124) << 23).to(tl.float32, bitcast=True)  # 2**(exponent - 3)
     magnitude = ((tl.abs(y) * up + _RNE_MAGIC) - _RNE_MAGIC) * down  # both scalings exact (powers of two)
-    return tl.where(bits < 0, -magnitude, magnitude)
+    return (magnitude.to(tl.int32, bitcast=True) | (bits & _SIGN_BIT)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
