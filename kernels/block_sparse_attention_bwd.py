@@ -181,8 +181,12 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
                            POOLED: tl.constexpr, DOT_F32: tl.constexpr):
     """A block of keys every query cube may see: the extra keys (all rows) or, with POOLED, the pooled cube
-    means (key c seen by the rows whose cube did not select c, log2 weight Log2N[c])."""
+    means (key c seen by the rows whose cube did not select c, log2 weight Log2N[c]), over one share of the
+    query cubes (program_id 2 of num_programs 2): the caller sums the shares' partial dK, dV [shares, B, H,
+    n_keys, D]. A few blocks of keys per head would otherwise leave most SMs idle (96 programs at Wan 480p)."""
     bh = tl.program_id(1).to(tl.int64)
+    share = tl.program_id(2)
+    per_share = tl.cdiv(N, tl.num_programs(2))
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -192,15 +196,16 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
     v = tl.load(VD + kv_off, mask=ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for cube in range(0, N):
+    for cube in range(share * per_share, tl.minimum(N, (share + 1) * per_share)):
         q, do, lse, delta, _, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
                                                  CUBE, HEAD_DIM)
         bias = _dense_key_bias(Log2N, Attended, bh, N, cube, cols, ok, POOLED)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
         dv = _dot(tl.trans(p).to(do.dtype), do, dv, DOT_F32)
         dk = _dot(tl.trans(ds).to(q.dtype), q, dk, DOT_F32)
-    tl.store(DK + kv_off, dk * (qk_scale / 1.44269504), mask=ok[:, None])
-    tl.store(DV + kv_off, dv, mask=ok[:, None])
+    out_off = share * tl.num_programs(1) * n_keys * HEAD_DIM + kv_off
+    tl.store(DK + out_off, dk * (qk_scale / 1.44269504), mask=ok[:, None])
+    tl.store(DV + out_off, dv, mask=ok[:, None])
 
 
 def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_valid,
@@ -251,12 +256,14 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
     meta = dict(BLOCK_M=BLOCK_M, HEAD_DIM=D, CUBE=S, DOT_F32=_INTERPRET)
 
     def dense_keys(kd, vd, n_keys, pooled):
-        dkd = torch.empty(B, H, n_keys, D, dtype=torch.float32, device=q.device)  # every row is stored
+        key_blocks = triton.cdiv(n_keys, BLOCK_N)
+        shares = _query_shares(key_blocks * B * H, N, q.device)
+        dkd = torch.empty(shares, B, H, n_keys, D, dtype=torch.float32, device=q.device)  # every row is stored
         dvd = torch.empty_like(dkd)
-        _bwd_dense_keys_kernel[(triton.cdiv(n_keys, BLOCK_N), B * H)](
+        _bwd_dense_keys_kernel[(key_blocks, B * H, shares)](
             q, do, lse, delta, kd, vd, tables.log2_n, attended, dkd, dvd, q_index, qk_scale, N, KQ, n_keys,
             BLOCK_N=BLOCK_N, POOLED=pooled, **meta)
-        return dkd, dvd
+        return (dkd[0], dvd[0]) if shares == 1 else (dkd.sum(0), dvd.sum(0))
 
     # the pooled keys first: the dK/dV kernel spreads their gradients over each cube's keys
     dk_bar, dv_bar = dense_keys(k_bar, v_bar, N, True) if remainder is not None else (q, q)
@@ -271,6 +278,22 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
         SPREAD=remainder is not None, **meta)
     dke, dve = dense_keys(ke, ve, E, False) if has_extra else (None, None)
     return dq, dk, dv, dke, dve
+
+
+_sm_count_cache: dict = {}
+
+
+def _query_shares(programs: int, n_cubes: int, device: torch.device) -> int:
+    """Into how many shares the dense-key kernel splits the query cubes: enough programs for about four per SM
+    (the interpreter counts as 4 SMs, so the CPU tests run the split and its sum)."""
+    if device.type != "cuda":
+        sms = 4
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _sm_count_cache:
+            _sm_count_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        sms = _sm_count_cache[index]
+    return max(1, min(n_cubes, -(-4 * sms // programs)))
 
 
 def _transposed(kv_count: torch.Tensor, kv_index: torch.Tensor, N: int):
