@@ -14,7 +14,7 @@ import torch
 
 from ..kernels.block_sparse_attention import block_sparse_attention
 from ..kernels.block_sparse_attention_bwd import block_sparse_attention_backward
-from ..kernels.cube_permute import cube_permute
+from ..kernels.cube_permute import cube_permute, grad_permute
 from .attention import _triton_selection, extra_parts, extra_rows
 from .cubes import CubeLayout
 
@@ -40,21 +40,25 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
     every_query = config.keep_ratio >= 1.0
     q_index = _every_slot(layout, B, H) if every_query else selection.q_index.contiguous()
     tables = (q_index, selection.kv_count, selection.kv_index, layout.slot_valid)
+    delta = None
     if lse is None:
         out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, *tables, scale, k_extra, v_extra,
                                                remainder=remainder, return_lse=True)
+        grad_cubes = cube_permute(grad_out, layout, n_prefix)
+    elif every_query:  # dO to cubes and rowsum(dO * O) in one pass: O is read, not permuted
+        out_kept = None
+        grad_cubes, delta = grad_permute(grad_out, out, layout, n_prefix)
     else:
-        out_kept = cube_permute(out, layout, n_prefix)
-        if not every_query:
-            out_kept = out_kept.gather(-2, q_index.clamp(min=0).long()[..., None].expand(-1, -1, -1, -1, D))
-    grad_cubes = cube_permute(grad_out, layout, n_prefix)
+        out_kept = cube_permute(out, layout, n_prefix).gather(
+            -2, q_index.clamp(min=0).long()[..., None].expand(-1, -1, -1, -1, D))
+        grad_cubes = cube_permute(grad_out, layout, n_prefix)
     if every_query:
         # the kernels write the raster rows; with extra tokens they join those rows' gradients in fp32 below
         raster = [torch.empty(q.shape, dtype=q_in.dtype, device=q.device) if not extra else
                   torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(3)]
         dq, dk, dv, dk_extra, dv_extra = block_sparse_attention_backward(
             q_cubes, k_cubes, v_cubes, *tables, out_kept, lse, grad_cubes, scale, k_extra, v_extra,
-            remainder=remainder, raster=(layout, n_prefix, *raster))
+            remainder=remainder, raster=(layout, n_prefix, *raster), delta=delta)
         if not extra:
             return dq, dk, dv
     else:

@@ -210,12 +210,14 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
 
 def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_valid,
                                     out_kept, lse, grad_kept, scale: float | None = None, k_extra=None, v_extra=None,
-                                    remainder=None, raster=None):
+                                    remainder=None, raster=None, delta=None):
     """Gradients of `block_sparse_attention(..., return_lse=True)` for the upstream gradient of its kept rows.
 
     q_cubes, k_cubes, v_cubes [B, H, N, S, D] and the tables as in the forward; out_kept, grad_kept
     [B, H, N, Kq, D] (grad_kept already holds the gradient of every dropped query copied from the row);
-    lse [B, H, N, Kq] from the forward. remainder: (k_bar, v_bar, attended) as in the forward.
+    lse [B, H, N, Kq] from the forward. remainder: (k_bar, v_bar, attended) as in the forward. delta
+    [B, H, N, Kq] fp32: rowsum(grad_kept * out_kept) when already computed (`grad_permute`; out_kept may then
+    be None).
     Returns (dq_kept [B,H,N,Kq,D], dk_cubes, dv_cubes [B,H,N,S,D], dk_extra, dv_extra [B,H,E,D] or None), fp32;
     dk_cubes, dv_cubes include the pooled keys' gradients, spread over each cube's valid keys (k_bar is their
     mean). raster = (layout, n_prefix, dq, dk, dv): where every slot is its own row (q_index[..., s] = s on
@@ -228,7 +230,7 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
     dtype = torch.bfloat16 if q_cubes.dtype == torch.float32 else q_cubes.dtype
     q, k, v = (x.to(dtype).contiguous() for x in (q_cubes, k_cubes, v_cubes))
     do = grad_kept.to(dtype).contiguous()
-    delta = (grad_kept.float() * out_kept.float()).sum(-1).contiguous()
+    delta = (grad_kept.float() * out_kept.float()).sum(-1).contiguous() if delta is None else delta.contiguous()
     lse = lse.contiguous()
     q_index, kv_count, kv_index = (x.to(torch.int32).contiguous() for x in (q_index, kv_count, kv_index))
     tables = _key_tables(slot_valid.to(q.device))

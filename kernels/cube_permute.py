@@ -89,6 +89,49 @@ def _permute_qkv_kernel(Q, K, V, QC, KC, VC, QM, KM, KM16, VM16, n_prefix, n_hea
                       HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, Q_MEAN, Q_CUBES)
 
 
+@triton.jit
+def _grad_permute_kernel(dO, O, dOC, Delta, n_prefix, n_heads, GT, GH, GW, NH, NW,
+                         sgb, sgh, sgl, sgd, sob, soh, sol, sod,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+                         CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr):
+    """One cube of one (batch, head): dO's rows to cube order and delta = rowsum(dO * O) in fp32 per slot
+    (0 on padding), O read once at its raster rows."""
+    S: tl.constexpr = CT * CH * CW
+    cube = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    slot_base = (bh * tl.num_programs(0) + cube) * S
+    g_base = dO + (bh // n_heads) * sgb + (bh % n_heads) * sgh
+    o_base = O + (bh // n_heads) * sob + (bh % n_heads) * soh
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    for s0 in range(0, S, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        token, valid = _cube_tokens(cube, slots, GT, GH, GW, NH, NW, CT, CH, CW)
+        rows = (token + n_prefix).to(tl.int64)
+        mask = valid[:, None] & d_ok[None, :]
+        g = tl.load(g_base + rows[:, None] * sgl + offs_d[None, :] * sgd, mask=mask, other=0.0)
+        o = tl.load(o_base + rows[:, None] * sol + offs_d[None, :] * sod, mask=mask, other=0.0)
+        in_cube = slots < S
+        tl.store(dOC + (slot_base + slots)[:, None] * HEAD_DIM + offs_d[None, :], g, mask=in_cube[:, None] & d_ok[None, :])
+        tl.store(Delta + slot_base + slots, tl.sum(g.to(tl.float32) * o.to(tl.float32), 1), mask=in_cube)
+
+
+def grad_permute(grad_out: torch.Tensor, out: torch.Tensor, layout, n_prefix: int = 0):
+    """The backward's first pass when every query is kept: grad_out [B, H, L, D] to cubes [B, H, N, S, D] (its
+    dtype, padding zero) and delta = rowsum(grad_out * out) per slot [B, H, N, S] fp32 (0 on padding), what the
+    kernels need of the forward's output, without permuting out or building float32 copies (any strides)."""
+    _check(grad_out, "grad_out", layout, n_prefix)
+    if out.shape != grad_out.shape:
+        raise ValueError(f"out must have grad_out's shape {tuple(grad_out.shape)}, got {tuple(out.shape)}")
+    B, H, _, D = grad_out.shape
+    cubes, _ = _outputs(grad_out, layout.num_cubes, layout.cube_volume, cubes=True, mean=False)
+    delta = torch.empty(B, H, layout.num_cubes, layout.cube_volume, dtype=torch.float32, device=grad_out.device)
+    _grad_permute_kernel[(layout.num_cubes, B * H)](
+        grad_out, out, cubes, delta, n_prefix, H, *_grid_args(layout), *grad_out.stride(), *out.stride(),
+        **_tile_args(layout, D))
+    return cubes, delta
+
+
 def cube_permute(x: torch.Tensor, layout, n_prefix: int = 0, with_mean: bool = False):
     """x [B, H, L, D] (video rows n_prefix .. n_prefix + T*H*W in raster order, any strides) ->
     cubes [B, H, N, S, D] contiguous in x.dtype, padding zero; with_mean also returns the mean of

@@ -22,7 +22,7 @@ from comfyui_bsa.bsa_core.config import BSAConfig  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.selection import mask_to_index  # noqa: E402
 from comfyui_bsa.bsa_core.gpu_select import select_triton  # noqa: E402
-from comfyui_bsa.kernels.cube_permute import cube_permute, permute_qkv  # noqa: E402
+from comfyui_bsa.kernels.cube_permute import cube_permute, grad_permute, permute_qkv  # noqa: E402
 from comfyui_bsa.kernels.kv_select import kv_select  # noqa: E402
 from comfyui_bsa.kernels.output_scatter import output_scatter  # noqa: E402
 from comfyui_bsa.kernels.query_select import query_select  # noqa: E402
@@ -60,6 +60,21 @@ def test_cube_permute(grid, cube, dtype, n_prefix, n_suffix):
     assert torch.equal(cubes, ref)
     torch.testing.assert_close(k_bar, ref.float().sum(-2) / layout.n_valid[:, None].float(), rtol=1e-6, atol=1e-6)
     assert torch.equal(cube_permute(x, layout, n_prefix=n_prefix), ref)
+
+
+@pytest.mark.parametrize("grid, cube, dtype, n_prefix", [((3, 5, 7), (2, 2, 4), "bf16", 5), ((2, 3, 9), (1, 2, 8), "fp32", 0)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_grad_permute_equals_permute_and_row_dot(grid, cube, dtype, n_prefix):
+    """The backward's first pass: dO in cube order (exact) and rowsum(dO * O) per slot, from strided inputs."""
+    layout = cube_layout(grid, cube, DEVICE)
+    L = n_prefix + layout.num_tokens + 3
+    grad, out = (_randn(2, L, 3, 32, seed=s, dtype=DTYPES[dtype]).transpose(1, 2) for s in (1, 2))
+    grad_cubes, delta = grad_permute(grad, out, layout, n_prefix)
+    video = slice(n_prefix, n_prefix + layout.num_tokens)
+    assert torch.equal(grad_cubes, layout.to_cubes(grad[:, :, video]))
+    want = layout.to_cubes((grad[:, :, video].float() * out[:, :, video].float()).sum(-1, keepdim=True))[..., 0]
+    torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-5)
+    assert not delta[..., ~layout.slot_valid].any()  # padding slots: 0
 
 
 def test_cube_permute_rejects_short_input():
