@@ -300,13 +300,16 @@ def _query_shares(programs: int, n_cubes: int, device: torch.device) -> int:
 
 def _transposed(kv_count: torch.Tensor, kv_index: torch.Tensor, N: int):
     """Per KV cube, the query cubes whose list holds it: (count [B,H,N], index [B,H,N,N] ascending, -1 pad).
-    Built by one scatter into an [B,H,N,N] mask (O(cubes^2) per head, like the pooled remainder's mask)."""
+    One scatter into an [B,H,N,N] mask (O(cubes^2) per head, like the pooled remainder's mask), then each
+    entry's place in its column is its prefix count: no sort (argsort was 0.2 ms of a Wan 480p backward)."""
     B, H = kv_count.shape[:2]
+    device = kv_index.device
     idx = kv_index.long()
-    mask = torch.zeros(B, H, N, N + 1, dtype=torch.bool, device=kv_index.device)
+    mask = torch.zeros(B, H, N, N + 1, dtype=torch.bool, device=device)
     mask.scatter_(-1, torch.where(idx >= 0, idx, N), True)
     mask_t = mask[..., :N].transpose(-1, -2)  # [B, H, KV cube, query cube]
-    count = mask_t.sum(-1).to(torch.int32)
-    order = torch.argsort((~mask_t).to(torch.int8), dim=-1, stable=True)
-    index = torch.where(torch.arange(N, device=idx.device) < count[..., None].long(), order, -1)
-    return count.contiguous(), index.to(torch.int32).contiguous()
+    count = mask_t.sum(-1, dtype=torch.int32)
+    place = torch.where(mask_t, torch.cumsum(mask_t, -1) - 1, N)  # entries not in the list go to a dump column
+    index = torch.full((B, H, N, N + 1), -1, dtype=torch.int32, device=device)
+    index.scatter_(-1, place, torch.arange(N, dtype=torch.int32, device=device).expand(B, H, N, N))
+    return count.contiguous(), index[..., :N].contiguous()

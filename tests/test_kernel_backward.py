@@ -73,6 +73,19 @@ def test_gradients_match_reference_autograd(case):
         assert _rel(dke, want[3]) < 3e-2 and _rel(dve, want[4]) < 3e-2, (_rel(dke, want[3]), _rel(dve, want[4]))
 
 
+@pytest.mark.parametrize("N", [1, 7, 40])
+def test_transposed_table_equals_sorted_reference(N):
+    """Per KV cube, the query cubes that selected it (ascending, -1 padded): the sort-free build vs an argsort."""
+    from comfyui_bsa.bsa_core.selection import mask_to_index
+    from comfyui_bsa.kernels.block_sparse_attention_bwd import _transposed
+    g = torch.Generator().manual_seed(N)
+    mask = (torch.rand(2, 3, N, N, generator=g) < 0.3) | torch.eye(N, dtype=torch.bool)
+    kv_count, kv_index = mask_to_index(mask, width=N)
+    want = mask_to_index(mask.transpose(-1, -2), width=N)
+    for got, ref in zip(_transposed(kv_count.to(DEVICE), kv_index.to(DEVICE), N), want):
+        assert torch.equal(got.cpu(), ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pooled", [False, True], ids=["no-pooled", "pooled"])
 def test_gpu_wan_480p_gradients_match_reference_autograd(pooled):
