@@ -182,8 +182,8 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
                            POOLED: tl.constexpr, DOT_F32: tl.constexpr):
     """A block of keys every query cube may see: the extra keys (all rows) or, with POOLED, the pooled cube
     means (key c seen by the rows whose cube did not select c, log2 weight Log2N[c]), over one share of the
-    query cubes (program_id 2 of num_programs 2): the caller sums the shares' partial dK, dV [shares, B, H,
-    n_keys, D]. A few blocks of keys per head would otherwise leave most SMs idle (96 programs at Wan 480p)."""
+    query cubes (grid axis 2): the caller sums the shares' partial dK, dV [shares, B, H, n_keys, D]. A few
+    blocks of keys per head would otherwise leave most SMs idle (96 programs at Wan 480p)."""
     bh = tl.program_id(1).to(tl.int64)
     share = tl.program_id(2)
     per_share = tl.cdiv(N, tl.num_programs(2))
@@ -309,7 +309,8 @@ def _transposed(kv_count: torch.Tensor, kv_index: torch.Tensor, N: int):
     mask.scatter_(-1, torch.where(idx >= 0, idx, N), True)
     mask_t = mask[..., :N].transpose(-1, -2)  # [B, H, KV cube, query cube]
     count = mask_t.sum(-1, dtype=torch.int32)
-    place = torch.where(mask_t, torch.cumsum(mask_t, -1) - 1, N)  # entries not in the list go to a dump column
+    # entries not in the list go to a dump column
+    place = torch.where(mask_t, torch.cumsum(mask_t, -1, dtype=torch.int32) - 1, N).long()
     index = torch.full((B, H, N, N + 1), -1, dtype=torch.int32, device=device)
     index.scatter_(-1, place, torch.arange(N, dtype=torch.int32, device=device).expand(B, H, N, N))
     return count.contiguous(), index[..., :N].contiguous()
