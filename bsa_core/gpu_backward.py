@@ -24,10 +24,10 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
     """q, k, v, grad_out [B, H, L, D] as the forward got them -> (dq, dk, dv) in q's dtype. out, lse: the
     forward's output and LSE (`bsa_attention(..., return_lse=True)`); without them the forward runs again.
 
-    The kernels read Q, O, dO in cube order (one permute each). keep_ratio 1 (the default): every slot is its
-    own row and the kernels write the gradients' raster rows themselves (in q's dtype when the video is the
-    whole sequence). Below 1: the kept-query lists, a dropped query's output gradient summed onto the row it
-    copied, the gradients scattered back from cube order."""
+    The kernels read Q and dO in cube order (one permute each). keep_ratio 1 (the default): every slot is its
+    own row, dO's permute also gives delta = rowsum(dO * O), and the kernels write the gradients' raster rows
+    themselves (in q's dtype when the video is the whole sequence). Below 1: the kept-query lists, a dropped
+    query's output gradient summed onto the row it copied, the gradients scattered back from cube order."""
     q_in, k_in, v_in = q, k, v
     B, H, L, D = q.shape
     N, S = layout.num_cubes, layout.cube_volume
