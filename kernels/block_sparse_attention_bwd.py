@@ -30,12 +30,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.44269504
 
 
-def _tuned(*key: str):
+def _tuned(*key: str, accumulated: tuple[str, ...] = ()):
     """Warps and pipeline stages picked per shape on the first call on a machine (the choice is cached on disk
-    like the forward's; outputs are stored, not accumulated, so the tuning runs leave them right); configs
-    that do not fit the device's shared memory drop out. The interpreter runs one config."""
+    like the forward's; outputs are stored, so the tuning runs leave them right, and the `accumulated` ones
+    are zeroed before each timing run and the real one); configs that do not fit the device's shared memory
+    drop out. The interpreter runs one config."""
     configs = [c for c in _CONFIGS if c.num_stages > 1]  # the forward's warps x stages, pipelined
-    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=list(key), cache_results=True)
+    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=list(key), cache_results=True,
+                           reset_to_zero=list(accumulated) or None)
 
 
 @triton.jit
@@ -91,13 +93,15 @@ def _dq_over_dense_keys(dq, q, do, lse, delta, KD, VD, Log2N, Attended, bh, cube
     return dq
 
 
-@_tuned("N", "KQ", "E", "CUBE", "HEAD_DIM", "HAS_REMAINDER", "RASTER")
+@_tuned("N", "KQ", "E", "CUBE", "HEAD_DIM", "HAS_REMAINDER", "RASTER", "DQ_ATOMIC")
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended, DQ, q_index_ptr, tokens_ptr,
+def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended, DQ, DQAcc, q_index_ptr, tokens_ptr,
                    kv_count_ptr, kv_index_ptr, key_bias_ptr, qk_scale, N, KQ, KV_W, E, L, n_prefix,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
                    HAS_EXTRA: tl.constexpr, HAS_REMAINDER: tl.constexpr, RASTER: tl.constexpr,
-                   DOT_F32: tl.constexpr):
+                   DQ_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):
+    """dQ of one query cube's kept rows. DQ_ATOMIC: the selected cubes' part was summed into DQAcc by the dK/dV
+    kernel; this one adds the extra and pooled keys' part and writes the result."""
     bh = tl.program_id(1).to(tl.int64)
     cube = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -105,9 +109,13 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended,
     offs_d = tl.arange(0, HEAD_DIM)
     q, do, lse, delta, row, slot, live = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
                                                      CUBE, HEAD_DIM)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     kv_bh = bh * N * CUBE * HEAD_DIM
-    count = tl.load(kv_count_ptr + bh * N + cube)
+    if DQ_ATOMIC:
+        dq = tl.load(DQAcc + row[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
+        count = 0
+    else:
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        count = tl.load(kv_count_ptr + bh * N + cube)
     for j in range(0, count):  # the selected cubes, in pieces of BLOCK_N keys
         kv = tl.load(kv_index_ptr + (bh * N + cube) * KV_W + j).to(tl.int64)
         for start in range(0, CUBE, BLOCK_N):
@@ -131,15 +139,17 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended,
              mask=live[:, None])
 
 
-@_tuned("N", "KQ", "CUBE", "HEAD_DIM", "RASTER", "SPREAD")
+@_tuned("N", "KQ", "CUBE", "HEAD_DIM", "RASTER", "SPREAD", "DQ_ATOMIC", accumulated=("DQAcc",))
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, DKBar, DVBar, Log2N, q_index_ptr, tokens_ptr, t_count_ptr,
-                     t_index_ptr, key_bias_ptr, qk_scale, N, KQ, T_W, L, n_prefix,
+def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, DKBar, DVBar, Log2N, DQAcc, q_index_ptr, tokens_ptr,
+                     t_count_ptr, t_index_ptr, key_bias_ptr, qk_scale, N, KQ, T_W, L, n_prefix,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
-                     RASTER: tl.constexpr, SPREAD: tl.constexpr, DOT_F32: tl.constexpr):
+                     RASTER: tl.constexpr, SPREAD: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):
     """One piece (BLOCK_N keys) of one KV cube against every query cube that selected it. RASTER: dK, dV are
     written at the keys' raster rows of [B, H, L, D]; SPREAD adds the cube's pooled-key gradients (DKBar,
-    DVBar [B, H, N, D], from the dense-key kernel) over its valid keys, since k_bar is their mean."""
+    DVBar [B, H, N, D], from the dense-key kernel) over its valid keys, since k_bar is their mean. DQ_ATOMIC:
+    also dS K, the query rows' dQ from these keys, added into DQAcc [B, H, N, KQ, D] fp32 (FlashAttention-2's
+    route: 5 matmuls per block pair instead of 4 here + 3 in the dQ kernel; the sum order varies run to run)."""
     bh = tl.program_id(1).to(tl.int64)
     kv = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(2)
@@ -157,11 +167,15 @@ def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, DKBar, DVBar, Log2N, q_ind
     count = tl.load(t_count_ptr + bh * N + kv)
     for j in range(0, count):
         cube = tl.load(t_index_ptr + (bh * N + kv) * T_W + j).to(tl.int64)
-        q, do, lse, delta, _, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
-                                                 CUBE, HEAD_DIM)
+        q, do, lse, delta, qi_off, _, live = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m,
+                                                         offs_d, CUBE, HEAD_DIM)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
         dv = _dot(tl.trans(p).to(do.dtype), do, dv, DOT_F32)
         dk = _dot(tl.trans(ds).to(q.dtype), q, dk, DOT_F32)
+        if DQ_ATOMIC:
+            dq = _dot(ds.to(k.dtype), k, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), DOT_F32)
+            tl.atomic_add(DQAcc + qi_off[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=live[:, None],
+                          sem="relaxed")
     dk = dk * (qk_scale / 1.44269504)
     if SPREAD:  # 1 / n_valid of the cube's pooled-key gradient to each of its valid keys
         share = tl.where(bias == 0.0, tl.math.exp2(-tl.load(Log2N + kv)), 0.0).reshape(BLOCK_N, 1)
@@ -210,7 +224,7 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
 
 def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_valid,
                                     out_kept, lse, grad_kept, scale: float | None = None, k_extra=None, v_extra=None,
-                                    remainder=None, raster=None, delta=None):
+                                    remainder=None, raster=None, delta=None, dq_atomic: bool = False):
     """Gradients of `block_sparse_attention(..., return_lse=True)` for the upstream gradient of its kept rows.
 
     q_cubes, k_cubes, v_cubes [B, H, N, S, D] and the tables as in the forward; out_kept, grad_kept
@@ -223,7 +237,8 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
     mean). raster = (layout, n_prefix, dq, dk, dv): where every slot is its own row (q_index[..., s] = s on
     valid slots, keep_ratio 1), the kernels write the video's raster rows of dq, dk, dv [B, H, L, D]
     (contiguous, any float dtype; other rows untouched) and those three are returned: no scatter, cast or
-    gather runs after the kernels."""
+    gather runs after the kernels. dq_atomic: dQ's selected-cube part is summed by the dK/dV kernel with
+    atomic adds (fewer matmuls, a run-to-run varying sum order) instead of recomputed by the dQ kernel."""
     B, H, N, S, D = q_cubes.shape
     KQ = q_index.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -269,15 +284,18 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
 
     # the pooled keys first: the dK/dV kernel spreads their gradients over each cube's keys
     dk_bar, dv_bar = dense_keys(k_bar, v_bar, N, True) if remainder is not None else (q, q)
-    _bwd_dq_kernel[(N, B * H)](q, k, v, do, lse, delta, ke, ve, k_bar, v_bar, tables.log2_n, attended, dq, q_index,
-                               tokens, kv_count, kv_index, tables.key_bias, qk_scale, N, KQ, kv_index.shape[-1], E, L,
-                               n_prefix, BLOCK_N=BLOCK_N, HAS_EXTRA=has_extra, HAS_REMAINDER=remainder is not None,
-                               RASTER=raster is not None, **meta)
+    # zeroed by the autotuner before each run (a one-element stand-in without atomics)
+    dq_acc = torch.zeros(*((B, H, N, KQ, D) if dq_atomic else (1,)), dtype=torch.float32, device=q.device)
     t_count, t_index = _transposed(kv_count, kv_index, N)
     _bwd_dkdv_kernel[(N, B * H, triton.cdiv(S, BLOCK_N))](
-        q, k, v, do, lse, delta, dk, dv, dk_bar, dv_bar, tables.log2_n, q_index, tokens, t_count, t_index,
+        q, k, v, do, lse, delta, dk, dv, dk_bar, dv_bar, tables.log2_n, dq_acc, q_index, tokens, t_count, t_index,
         tables.key_bias, qk_scale, N, KQ, t_index.shape[-1], L, n_prefix, BLOCK_N=BLOCK_N, RASTER=raster is not None,
-        SPREAD=remainder is not None, **meta)
+        SPREAD=remainder is not None, DQ_ATOMIC=dq_atomic, **meta)
+    _bwd_dq_kernel[(N, B * H)](q, k, v, do, lse, delta, ke, ve, k_bar, v_bar, tables.log2_n, attended, dq, dq_acc,
+                               q_index, tokens, kv_count, kv_index, tables.key_bias, qk_scale, N, KQ, kv_index.shape[-1],
+                               E, L, n_prefix, BLOCK_N=BLOCK_N, HAS_EXTRA=has_extra,
+                               HAS_REMAINDER=remainder is not None, RASTER=raster is not None, DQ_ATOMIC=dq_atomic,
+                               **meta)
     dke, dve = dense_keys(ke, ve, E, False) if has_extra else (None, None)
     return dq, dk, dv, dke, dve
 
