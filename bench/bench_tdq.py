@@ -14,8 +14,8 @@ the activation cast. Rows for the cast alone, the _scaled_mm alone on an already
 the former eager cast (four float32 passes before kernels/quantize_fp8.py) show where the time goes (the
 cast's row also says whether its e4m3 bits and row scales, static and dynamic, are compression.fp8's
 exactly, and lines under the table name each quantity that is not, with its first difference); one
-more row times _scaled_mm with use_fast_accum=True, which TDQLinear does not use (Hopper's faster, less
-precise FP8 accumulation).
+more row times _scaled_mm with use_fast_accum=True (Hopper's faster, less precise FP8 accumulation), which
+TDQLinear uses with TDQConfig.fast_accum (the node's fast_accumulation, off by default; its own row too).
 Median ms (triton.testing.do_bench, L2 flushed), x bf16 (bf16 ms / ms), TFLOP/s (2 M K N / time), relative
 RMS error against the bf16 output, and against the same layer's fake-quant reference (compression.fp8:
 same rounded operands, float32 accumulation; only the accumulation order and the bf16 output differ).
@@ -89,9 +89,9 @@ def median_ms(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def tdq_layer(linear: torch.nn.Linear, mode: str, x_scale: torch.Tensor) -> TDQLinear:
+def tdq_layer(linear: torch.nn.Linear, mode: str, x_scale: torch.Tensor, fast_accum: bool = False) -> TDQLinear:
     """The module apply_tdq puts in place of `linear`, its state holding this call's per-tensor scale."""
-    return TDQLinear(linear, TDQState(1, x_scale.reshape(1)), 0, mode)
+    return TDQLinear(linear, TDQState(1, x_scale.reshape(1)), 0, mode, fast_accum)
 
 
 @torch.no_grad()
@@ -108,6 +108,10 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
         with reference_math():
             fake = layer(x)
         rows.append((f"fp8 TDQLinear, {what}", lambda layer=layer: layer(x), fake, True))
+    if device.type == "cuda":  # the node's fast_accumulation option; its reference is the static row's
+        layer = tdq_layer(linear, "static", x_scale, fast_accum=True)
+        static_fake = rows[1][2]
+        rows.append(("fp8 TDQLinear, per-tensor scale, fast accumulation", lambda: layer(x), static_fake, True))
     if device.type == "cuda":  # the pieces of the _scaled_mm path, and the path before the one-pass cast
         from comfyui_bsa.kernels.quantize_fp8 import quantize_fp8_rows
         weight_fp8, w_scale, bias = tdq_layer(linear, "static", x_scale).quantized_weight(device, dtype)
@@ -127,7 +131,7 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
                  ("  its _scaled_mm alone (activation already e4m3)",
                   lambda: torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
                                            out_dtype=torch.bfloat16), None, True),
-                 ("  its _scaled_mm alone with use_fast_accum=True (not used)",
+                 ("  its _scaled_mm alone with use_fast_accum=True",
                   lambda: torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
                                            out_dtype=torch.bfloat16, use_fast_accum=True), None, True),
                  ("fp8 former eager cast (4 float32 passes) + _scaled_mm", eager_former, None, True)]
@@ -246,6 +250,8 @@ def quality(args, device) -> dict:
                 for mode in ("static", "table", "dynamic", "tdq")]
     if device.type == "cuda":
         variants.append(("tdq, fake-quant reference", variants[-1][1], True))
+        variants.append(("tdq, fast accumulation", apply_tdq(model, TDQConfig(mode="tdq", fast_accum=True),
+                                                             calibration), False))
     for label, patched, fake in variants:
         if fake:
             with reference_math():

@@ -284,9 +284,9 @@ def tdq_model(model, args, inputs):
                                     args.tdq_calibration_steps, cfg=1.0, seed=inputs["seed"], fit_steps=200)
         print(f"TDQ: {calibration} from {args.tdq_calibration_steps} dense steps in "
               f"{time.perf_counter() - start:.1f} s (model load included)")
-    patched = apply_tdq(model, TDQConfig(mode=args.tdq), calibration)
+    patched = apply_tdq(model, TDQConfig(mode=args.tdq, fast_accum=args.tdq_fast_accum), calibration)
     print(f"TDQ: mode {args.tdq}, {sum(1 for k in patched.object_patches if k.startswith('diffusion_model.'))} "
-          f"linear layers in FP8 e4m3")
+          f"linear layers in FP8 e4m3{', fast accumulation' if args.tdq_fast_accum else ''}")
     return patched
 
 
@@ -380,6 +380,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tdq", choices=("static", "table", "dynamic", "tdq"),
                         help="also time FP8 linear layers in this TDQConfig mode: variants tdq (dense attention) and "
                              "bsa+tdq")
+    parser.add_argument("--tdq-fast-accum", action="store_true",
+                        help="the FP8 linears with _scaled_mm's fast accumulation (TDQConfig.fast_accum)")
     parser.add_argument("--tdq-calibration-steps", type=int, default=2,
                         help="sampling steps of the quick calibration (static, table, tdq)")
     parser.add_argument("--prune", choices=("magnitude", "wanda"),

@@ -104,12 +104,13 @@ def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               x_scale: torch.Tensor | None) -> torch.Tensor:
+               x_scale: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
     """y = Q(x) @ Q(W)^T + b with W already e4m3 ([out, in], scales [out, 1]) and x's scale a one-element
     tensor, per token [..., 1], or None (each token's absmax, token_scales). On sm89+ GPUs one kernel pass
     quantizes x and torch._scaled_mm (row-wise scales, bias in its epilogue, bf16 out) multiplies; elsewhere
     the fake-quant reference. Both see the same rounded operands, so they agree up to the accumulation order
-    and the bf16 rounding of the product."""
+    and the bf16 rounding of the product. fast_accum: _scaled_mm's use_fast_accum (Hopper sums FP8 products
+    without promoting partial sums to float32: faster, less exact as K grows); the reference ignores it."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x_scale is not None:
@@ -118,7 +119,8 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor,
         from ..kernels.quantize_fp8 import quantize_fp8_rows
         x_fp8, scale_a = quantize_fp8_rows(x2, x_scale)
         y = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=w_scale.reshape(1, -1),
-                             bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+                             bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                             use_fast_accum=fast_accum)
     else:
         x_scale = token_scales(x2) if x_scale is None else x_scale
         y = (to_e4m3(x2, x_scale).float() * x_scale) @ (weight_fp8.float() * w_scale).t()

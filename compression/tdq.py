@@ -50,15 +50,19 @@ TIMESTEP_RANGE = 1000.0  # model timesteps lie in [0, 1000] for ComfyUI's sampli
 
 @dataclasses.dataclass(frozen=True)
 class TDQConfig:
-    """mode: one of MODES. table_bins: timestep bins of the `table` mode's scale table."""
+    """mode: one of MODES. table_bins: timestep bins of the `table` mode's scale table. fast_accum: FP8 matmuls
+    with _scaled_mm's fast accumulation (fp8.fp8_linear)."""
     mode: str = "tdq"
     table_bins: int = 20
+    fast_accum: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if isinstance(self.table_bins, bool) or not isinstance(self.table_bins, int) or self.table_bins < 1:
             raise ValueError(f"table_bins must be an integer >= 1, got {self.table_bins!r}")
+        if not isinstance(self.fast_accum, bool):
+            raise ValueError(f"fast_accum must be True or False, got {self.fast_accum!r}")
 
 
 def timestep_embedding(timesteps: torch.Tensor) -> torch.Tensor:
@@ -234,11 +238,11 @@ class TDQLinear(torch.nn.Module):
     per Parameter; activations are scaled by the state's entry `index` (static/table/tdq) or per token
     (dynamic)."""
 
-    def __init__(self, linear: torch.nn.Linear, state: TDQState, index: int, mode: str):
+    def __init__(self, linear: torch.nn.Linear, state: TDQState, index: int, mode: str, fast_accum: bool = False):
         super().__init__()
         self.__dict__["linear"] = linear  # not a submodule: parameter names stay those of the original
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.state, self.index, self.mode = state, index, mode
+        self.state, self.index, self.mode, self.fast_accum = state, index, mode, fast_accum
         self._cache_key, self._cache = None, None
 
     weight = property(lambda self: self.linear.weight)
@@ -268,7 +272,7 @@ class TDQLinear(torch.nn.Module):
     def forward(self, x):
         weight_fp8, w_scale, bias = self.quantized_weight(x.device, x.dtype)
         x_scale = None if self.mode == "dynamic" else self.state.scales[self.index]  # None: per token
-        return fp8_linear(x, weight_fp8, w_scale, bias, x_scale)
+        return fp8_linear(x, weight_fp8, w_scale, bias, x_scale, self.fast_accum)
 
 
 def original_module(model, name: str) -> torch.nn.Module:
@@ -301,9 +305,10 @@ def _log_skipped(skipped: dict[str, str]) -> None:
         log.info(f"{LOG_PREFIX} {len(names)} linear layers keep their dtype: {reason} (e.g. {names[0]})")
 
 
-def _patch_layers(patched, layers, state: TDQState, mode: str) -> None:
+def _patch_layers(patched, layers, state: TDQState, config: TDQConfig) -> None:
     for index, name in enumerate(layers):
-        patched.add_object_patch(f"diffusion_model.{name}", TDQLinear(original_module(patched, name), state, index, mode))
+        patched.add_object_patch(f"diffusion_model.{name}", TDQLinear(original_module(patched, name), state, index,
+                                                                      config.mode, config.fast_accum))
 
 
 def _call_timestep(executor, args, kwargs) -> torch.Tensor:
@@ -332,7 +337,7 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
         _log_skipped(skipped)
     device = model.load_device
     state = TDQState(len(layers))
-    _patch_layers(patched, layers, state, config.mode)
+    _patch_layers(patched, layers, state, config)
     if config.mode == "dynamic":
         return patched
     if config.mode == "static":

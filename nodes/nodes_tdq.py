@@ -83,15 +83,18 @@ class TDQQuantize(io.ComfyNode):
                 io.String.Input("calibration_file", default="", optional=True,
                                 tooltip="A saved calibration, relative to the output folder or absolute; used when "
                                         "no calibration is connected. It must be this model's (weights hash)."),
+                io.Boolean.Input("fast_accumulation", default=False, optional=True,
+                                 tooltip="Hopper/Ada FP8 matmuls without float32 promotion of partial sums: faster, "
+                                         "less exact in wide layers. Off by default; no effect without _scaled_mm."),
             ],
             outputs=[io.Model.Output(tooltip="The model with FP8 linear layers.")],
         )
 
     @classmethod
-    def execute(cls, model, mode, calibration=None, calibration_file="") -> io.NodeOutput:
+    def execute(cls, model, mode, calibration=None, calibration_file="", fast_accumulation=False) -> io.NodeOutput:
         if calibration is None and calibration_file.strip() and mode in ("static", "table", "tdq"):
             path = os.path.join(folder_paths.get_output_directory(), calibration_file.strip())
             if not os.path.isfile(path):
                 raise ValueError(f"calibration_file {path} does not exist")
             calibration = TDQCalibration.load(path)
-        return io.NodeOutput(apply_tdq(model, TDQConfig(mode=mode), calibration))
+        return io.NodeOutput(apply_tdq(model, TDQConfig(mode=mode, fast_accum=fast_accumulation), calibration))
