@@ -100,11 +100,12 @@ def test_transposed_table_equals_sorted_reference(N):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pooled", [False, True], ids=["no-pooled", "pooled"])
-def test_gpu_wan_480p_gradients_match_reference_autograd(pooled):
+@pytest.mark.parametrize("pooled, dq_atomic", [(False, False), (True, False), (True, True)],
+                         ids=["no-pooled", "pooled", "pooled-atomic-dq"])
+def test_gpu_wan_480p_gradients_match_reference_autograd(pooled, dq_atomic):
     """Wan 480p grid (21 x 30 x 52, partial cubes), one head, node-like selection, 77 extra keys."""
     case = (1, 1, (21, 30, 52), (4, 4, 4), 128, 1.0, "statistical", 1.0, 77, pooled)
-    test_gradients_match_reference_autograd(case)
+    test_gradients_match_reference_autograd(case, dq_atomic=dq_atomic)
 
 
 PIPELINE_CASES = [  # (grid, cube, dtype, n_prefix, n_suffix, keep_ratio, mode, value, pooled)
