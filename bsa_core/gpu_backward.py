@@ -76,12 +76,13 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
             dq_atomic=DQ_ATOMIC)
         slot = torch.where(q_index >= 0, q_index, S).long()[..., None].expand(*dq_kept.shape)  # padding -> dump
         dq_cubes = torch.zeros(B, H, N, S + 1, D, dtype=torch.float32, device=q.device).scatter_(-2, slot, dq_kept)
+        cubes = (dq_cubes[..., :S, :], dk_cubes, dv_cubes)
+        if not extra:  # the video is the whole sequence: cast in cube order, one gather each
+            return tuple(layout.to_raster(x.to(q_in.dtype)) for x in cubes)
         dq, dk, dv = (torch.zeros(B, H, L, D, dtype=torch.float32, device=q.device) for _ in range(3))
         video = slice(n_prefix, n_prefix + layout.num_tokens)
-        for grad, x in zip((dq, dk, dv), (dq_cubes[..., :S, :], dk_cubes, dv_cubes)):
+        for grad, x in zip((dq, dk, dv), cubes):
             grad[..., video, :] = layout.to_raster(x)
-        if not extra:
-            return tuple(x.to(q_in.dtype) for x in (dq, dk, dv))
     for grad, extra_grad in ((dk, dk_extra), (dv, dv_extra)):
         grad[..., :n_prefix, :] += extra_grad[..., :n_prefix, :]
         grad[..., L - n_suffix:, :] += extra_grad[..., n_prefix:, :]

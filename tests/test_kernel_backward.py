@@ -112,6 +112,7 @@ PIPELINE_CASES = [  # (grid, cube, dtype, n_prefix, n_suffix, keep_ratio, mode, 
     ((3, 5, 6), (2, 2, 4), torch.bfloat16, 2, 3, 1.0, "statistical", 0.5, True),
     ((3, 5, 6), (2, 2, 4), torch.bfloat16, 0, 0, 1.0, "statistical", 0.5, True),  # the video alone: written in place
     ((3, 4, 5), (2, 2, 2), torch.float16, 0, 4, 0.5, "cumulative", 0.7, False),
+    ((3, 4, 5), (2, 2, 2), torch.bfloat16, 0, 0, 0.5, "statistical", 0.5, True),  # kept lists, the video alone
     ((2, 4, 8), (2, 2, 4), torch.float32, 3, 0, 1.0, "cumulative", 0.6, True),
 ]
 
