@@ -45,14 +45,15 @@ def shared_memory_budget(device: torch.device) -> int:
 _device_facts_cache: dict = {}
 
 
-def _device_facts(device: torch.device) -> tuple[int, int]:
-    """(compute capability major, shared-memory budget) of a device, read once per process (the CPU, where
-    the interpreter runs the kernel, has no budget)."""
+def _device_facts(device: torch.device) -> tuple[int, int, int]:
+    """(compute capability major, shared-memory budget, SM count) of a device, read once per process (the CPU,
+    where the interpreter runs the kernel, has no budget and no SMs)."""
     if device.type != "cuda":
-        return 0, 1 << 30
+        return 0, 1 << 30, 0
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _device_facts_cache:
-        _device_facts_cache[index] = (torch.cuda.get_device_capability(index)[0], shared_memory_budget(device))
+        _device_facts_cache[index] = (torch.cuda.get_device_capability(index)[0], shared_memory_budget(device),
+                                      torch.cuda.get_device_properties(index).multi_processor_count)
     return _device_facts_cache[index]
 
 
@@ -523,7 +524,7 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     # raster mode splits a cube of more than 64 queries over programs: 64-row tiles measured fastest
     pieces = -(-rows // 64) if raster_layout is not None and plan.group == 1 and rows > 64 else 1
     BLOCK_M = max(16, triton.next_power_of_2(-(-rows // pieces)))
-    major, budget = _device_facts(k_cubes.device)
+    major, budget, _ = _device_facts(k_cubes.device)
     BLOCK_N = _key_block(S, D, BLOCK_M, budget)
     pow2 = S == triton.next_power_of_2(S) and S >= 16
     on_hopper = not _INTERPRET and major >= 9

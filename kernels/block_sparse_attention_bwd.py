@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import _CONFIGS, _dot, _key_tables
+from .block_sparse_attention import _CONFIGS, _device_facts, _dot, _key_tables
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.44269504
@@ -300,19 +300,10 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
     return dq, dk, dv, dke, dve
 
 
-_sm_count_cache: dict = {}
-
-
 def _query_shares(programs: int, n_cubes: int, device: torch.device) -> int:
     """Into how many shares the dense-key kernel splits the query cubes: enough programs for about four per SM
     (the interpreter counts as 4 SMs, so the CPU tests run the split and its sum)."""
-    if device.type != "cuda":
-        sms = 4
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _sm_count_cache:
-            _sm_count_cache[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        sms = _sm_count_cache[index]
+    sms = _device_facts(device)[2] or 4
     return max(1, min(n_cubes, -(-4 * sms // programs)))
 
 

@@ -214,7 +214,7 @@ def test_raster_matches_reference(case, budget, monkeypatch):
     if budget is not None:
         if math.prod(cube) <= 16:
             pytest.skip("cube fits the smallest key tile")
-        monkeypatch.setattr(kernel_module, "_device_facts", lambda device: (0, budget))
+        monkeypatch.setattr(kernel_module, "_device_facts", lambda device: (0, budget, 0))
     g = torch.Generator().manual_seed(5)
     layout = cube_layout(grid, cube, DEVICE)
     L = n_prefix + layout.num_tokens + n_suffix
@@ -258,7 +258,7 @@ def test_gpu_every_shared_memory_budget_launches(cube, D, budget_kb, monkeypatch
     major = torch.cuda.get_device_capability()[0]
     if kernel_module.shared_memory_budget(torch.device("cuda")) < budget_kb * 1024:
         pytest.skip("this GPU has less shared memory than forced")
-    monkeypatch.setattr(kernel_module, "_device_facts", lambda device: (major, budget_kb * 1024))
+    monkeypatch.setattr(kernel_module, "_device_facts", lambda device: (major, budget_kb * 1024, 0))
     grid, H = (9, 16, 16), 2
     layout = cube_layout(grid, cube, DEVICE)
     g = torch.Generator().manual_seed(budget_kb + D)
