@@ -76,9 +76,7 @@ def kernel_reason(q: torch.Tensor) -> str | None:
         return f"device {q.device.type} (kernels need CUDA)"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "GPU older than sm80"
-    from ..kernels.block_sparse_attention import (
-        HEAD_DIMS,  # imported here: CUDA machines have Triton
-    )
+    from ..kernels.block_sparse_attention import HEAD_DIMS  # imported here: CUDA machines have Triton
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} not in {HEAD_DIMS}"
     return None
@@ -321,10 +319,7 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     keep_ratio 1 (the default): Q is only pooled (one read); the attention kernel reads Q's raster rows
     and writes the output rows itself. Below 1: Q is permuted for query selection, the kernel computes
     the kept queries, and the scatter copies every dropped query's source row."""
-    from ..kernels.block_sparse_attention import (
-        block_sparse_attention,
-        block_sparse_attention_raster,
-    )
+    from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
     from ..kernels.output_scatter import output_scatter
 
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
