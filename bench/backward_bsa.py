@@ -1,7 +1,7 @@
 """Forward + backward of one BSA call vs cuDNN SDPA forward + backward (video-like Q/K/V, Wan shapes), and
 the gradients' error against dense attention's. A script, not a test:
 
-    python bench/backward_bsa.py [--shapes 480p] [--settings stat1,stat1.5] [--profile] [--dq-atomic]
+    python bench/backward_bsa.py [--shapes 480p] [--settings stat1,stat1.5] [--profile]
 
 fwd+bwd is what training runs: bsa::attention's forward (it saves its LSE), then autograd, whose backward
 recomputes the call's selection and runs the block-sparse backward kernels (bsa_core/gpu_backward.py); bwd is
@@ -23,7 +23,6 @@ from common import errors, ms, video_inputs  # noqa: E402  (also loads the pack 
 from comfyui_bsa.bsa_core.attention import bsa_attention, bsa_attention_op  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
-from comfyui_bsa.bsa_core import gpu_backward  # noqa: E402
 from comfyui_bsa.bsa_core.gpu_backward import bsa_attention_backward_triton  # noqa: E402
 
 SETTINGS = {"stat1": ("statistical", 1.0), "stat1.5": ("statistical", 1.5), "cum0.9": ("cumulative", 0.9)}
@@ -36,8 +35,6 @@ def main():
     parser.add_argument("--shapes", default="480p")
     parser.add_argument("--settings", default="stat1,stat1.5")
     parser.add_argument("--profile", action="store_true", help="per-kernel GPU time of each setting's backward")
-    parser.add_argument("--dq-atomic", action="store_true",
-                        help="also time the dQ route with atomic adds in the dK/dV kernel (gpu_backward.DQ_ATOMIC)")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     for shape in args.shapes.split(","):
@@ -70,19 +67,15 @@ def main():
             def backward():
                 return bsa_attention_backward_triton(q, k, v, grad, layout, config, scale, out=out, lse=lse)
 
-            for dq_atomic in (False, True)[:1 + args.dq_atomic]:
-                gpu_backward.DQ_ATOMIC = dq_atomic
-                label = name + (" atomic dQ" if dq_atomic else "")
-                grads = fwd_bwd()
-                total, bwd = ms(fwd_bwd), ms(backward)
-                rels = ", ".join(f"{errors(a, b)[0]:.3f}" for a, b in zip(grads, dense_grads))
-                print(f"  {label:8s} {total:10.2f} {dense_ms / total:7.2f} {bwd:7.2f}  {rels}", flush=True)
-                if args.profile:
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                        backward()
-                        torch.cuda.synchronize()
-                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
-            gpu_backward.DQ_ATOMIC = False
+            grads = fwd_bwd()
+            total, bwd = ms(fwd_bwd), ms(backward)
+            rels = ", ".join(f"{errors(a, b)[0]:.3f}" for a, b in zip(grads, dense_grads))
+            print(f"  {name:8s} {total:10.2f} {dense_ms / total:7.2f} {bwd:7.2f}  {rels}", flush=True)
+            if args.profile:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    backward()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,6 @@ from ..kernels.cube_permute import cube_permute, grad_permute
 from .attention import _triton_selection, extra_parts, extra_rows
 from .cubes import CubeLayout
 
-# dQ's route: False, its own kernel recomputes the selected blocks (deterministic); True, the dK/dV kernel adds
-# dS K into it with atomics (two matmuls fewer per block pair, a sum order that varies run to run). Chosen by
-# measurement: `python3 bench/backward_bsa.py --dq-atomic` times both.
-DQ_ATOMIC = False
-
 
 def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config, scale: float, n_prefix: int = 0,
                                   n_suffix: int = 0, out=None, lse=None):
@@ -63,7 +58,7 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
                   torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(3)]
         dq, dk, dv, dk_extra, dv_extra = block_sparse_attention_backward(
             q_cubes, k_cubes, v_cubes, *tables, out_kept, lse, grad_cubes, scale, k_extra, v_extra,
-            remainder=remainder, raster=(layout, n_prefix, *raster), delta=delta, dq_atomic=DQ_ATOMIC)
+            remainder=remainder, raster=(layout, n_prefix, *raster), delta=delta)
         if not extra:
             return dq, dk, dv
     else:
@@ -72,8 +67,7 @@ def bsa_attention_backward_triton(q, k, v, grad_out, layout: CubeLayout, config,
         grad_kept = torch.zeros(*out_kept.shape, dtype=torch.float32, device=q.device).scatter_add_(
             -2, source, grad_cubes.float())
         dq_kept, dk_cubes, dv_cubes, dk_extra, dv_extra = block_sparse_attention_backward(
-            q_cubes, k_cubes, v_cubes, *tables, out_kept, lse, grad_kept, scale, k_extra, v_extra, remainder=remainder,
-            dq_atomic=DQ_ATOMIC)
+            q_cubes, k_cubes, v_cubes, *tables, out_kept, lse, grad_kept, scale, k_extra, v_extra, remainder=remainder)
         slot = torch.where(q_index >= 0, q_index, S).long()[..., None].expand(*dq_kept.shape)  # padding -> dump
         dq_cubes = torch.zeros(B, H, N, S + 1, D, dtype=torch.float32, device=q.device).scatter_(-2, slot, dq_kept)
         cubes = (dq_cubes[..., :S, :], dk_cubes, dv_cubes)

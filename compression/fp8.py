@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
@@ -103,6 +106,31 @@ def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
 
+_FAST_ACCUM_REFUSED: set[tuple[int, int, int]] = set()  # (tokens, out, in) cuBLASLt has no fast-accum kernel for
+
+
+def _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, fast_accum: bool) -> torch.Tensor:
+    """torch._scaled_mm with row-wise scales and bias, bf16 out. cuBLASLt has no fast-accumulation kernel for
+    some shapes (an H200 refused 300 tokens x 8960 -> 384 with CUBLAS_STATUS_NOT_SUPPORTED, where 32760 tokens
+    ran): those fall back to float32 accumulation, logged once per shape, instead of failing the workflow."""
+    def matmul(fast: bool) -> torch.Tensor:
+        return torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=w_scale.reshape(1, -1),
+                                bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                                use_fast_accum=fast)
+
+    shape = (x_fp8.shape[0], *weight_fp8.shape)
+    if fast_accum and shape not in _FAST_ACCUM_REFUSED:
+        try:
+            return matmul(True)
+        except RuntimeError as error:
+            if "NOT_SUPPORTED" not in str(error):
+                raise
+            _FAST_ACCUM_REFUSED.add(shape)
+            log.warning("[TDQ] fast accumulation is not supported for a %d x %d -> %d FP8 matmul on this GPU: "
+                        "float32 accumulation there", shape[0], shape[2], shape[1])
+    return matmul(False)
+
+
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                x_scale: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
     """y = Q(x) @ Q(W)^T + b with W already e4m3 ([out, in], scales [out, 1]) and x's scale a one-element
@@ -118,9 +146,7 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor,
     if scaled_mm_supported(x, weight_fp8):
         from ..kernels.quantize_fp8 import quantize_fp8_rows
         x_fp8, scale_a = quantize_fp8_rows(x2, x_scale)
-        y = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=scale_a, scale_b=w_scale.reshape(1, -1),
-                             bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
-                             use_fast_accum=fast_accum)
+        y = _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, fast_accum)
     else:
         x_scale = token_scales(x2) if x_scale is None else x_scale
         y = (to_e4m3(x2, x_scale).float() * x_scale) @ (weight_fp8.float() * w_scale).t()

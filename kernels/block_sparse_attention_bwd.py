@@ -11,7 +11,8 @@ cubes, the extra keys and the pooled keys:
        row) and the pooled keys (seen by the rows whose cube skipped that cube).
 
 P = exp2(S * log2e * scale + bias - LSE) is recomputed, dS = P * (dO . V - delta) with delta = rowsum(dO * O),
-as in Triton's fused-attention tutorial. Accumulators are fp32; gradients come back in fp32 (dK/dV of the
+as in Triton's fused-attention tutorial (whose dK/dV loop forms S^T = K Q^T instead: measured slower here,
+dK/dV 5.9 -> 8.2 ms at Wan 480p on an H200). Accumulators are fp32; gradients come back in fp32 (dK/dV of the
 selected cubes in cube order, dQ per kept row, the pooled keys' gradients per cube mean: the caller
 spreads those over the cube's keys and values, since k_bar is their mean).
 """
@@ -30,14 +31,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.44269504
 
 
-def _tuned(*key: str, accumulated: tuple[str, ...] = ()):
+def _tuned(*key: str):
     """Warps and pipeline stages picked per shape on the first call on a machine (the choice is cached on disk
-    like the forward's; outputs are stored, so the tuning runs leave them right, and the `accumulated` ones
-    are zeroed before each timing run and the real one); configs that do not fit the device's shared memory
-    drop out. The interpreter runs one config."""
+    like the forward's; outputs are stored, so the tuning runs leave them right); configs that do not fit the
+    device's shared memory drop out. The interpreter runs one config."""
     configs = [c for c in _CONFIGS if c.num_stages > 1]  # the forward's warps x stages, pipelined
-    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=list(key), cache_results=True,
-                           reset_to_zero=list(accumulated) or None)
+    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=list(key), cache_results=True)
 
 
 @triton.jit
@@ -59,8 +58,8 @@ def _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
 
 @triton.jit
 def _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32: tl.constexpr):
-    """P [M, N] of the forward (0 on dead rows: their lse is +inf) and dS = P * (dO . V^T - delta)."""
-    s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), DOT_F32) * qk_scale + bias
+    """P [M, N] of the forward (0 on dead rows: their lse is +inf) and dS = P * (dO . V^T - delta); bias [N]."""
+    s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), DOT_F32) * qk_scale + bias[None, :]
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], tl.float32), DOT_F32)
     return p, p * (dp - delta[:, None])
@@ -68,12 +67,12 @@ def _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32: tl.cons
 
 @triton.jit
 def _dense_key_bias(Log2N, Attended, bh, N, cube, cols, ok, POOLED: tl.constexpr):
-    """[1, BLOCK_N] log2 bias of a block of keys every row may see: extra keys 0 (-inf past the end); with
+    """[BLOCK_N] log2 bias of a block of keys every row may see: extra keys 0 (-inf past the end); with
     POOLED the pooled cube means, log2 n_valid, -inf where the row's cube selected that cube."""
     if POOLED:
         hidden = tl.load(Attended + (bh * N + cube) * N + cols, mask=ok, other=1)
-        return tl.where(ok & (hidden == 0), tl.load(Log2N + cols, mask=ok, other=0.0), float("-inf"))[None, :]
-    return tl.where(ok, 0.0, float("-inf"))[None, :]
+        return tl.where(ok & (hidden == 0), tl.load(Log2N + cols, mask=ok, other=0.0), float("-inf"))
+    return tl.where(ok, 0.0, float("-inf"))
 
 
 @triton.jit
@@ -93,15 +92,14 @@ def _dq_over_dense_keys(dq, q, do, lse, delta, KD, VD, Log2N, Attended, bh, cube
     return dq
 
 
-@_tuned("N", "KQ", "E", "CUBE", "HEAD_DIM", "HAS_REMAINDER", "RASTER", "DQ_ATOMIC")
+@_tuned("N", "KQ", "E", "CUBE", "HEAD_DIM", "HAS_REMAINDER", "RASTER")
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended, DQ, DQAcc, q_index_ptr, tokens_ptr,
+def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended, DQ, q_index_ptr, tokens_ptr,
                    kv_count_ptr, kv_index_ptr, key_bias_ptr, qk_scale, N, KQ, KV_W, E, L, n_prefix,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
                    HAS_EXTRA: tl.constexpr, HAS_REMAINDER: tl.constexpr, RASTER: tl.constexpr,
-                   DQ_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):
-    """dQ of one query cube's kept rows. DQ_ATOMIC: the selected cubes' part was summed into DQAcc by the dK/dV
-    kernel; this one adds the extra and pooled keys' part and writes the result."""
+                   DOT_F32: tl.constexpr):
+    """dQ of one query cube's kept rows."""
     bh = tl.program_id(1).to(tl.int64)
     cube = tl.program_id(0).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -110,23 +108,18 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended,
     q, do, lse, delta, row, slot, live = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
                                                      CUBE, HEAD_DIM)
     kv_bh = bh * N * CUBE * HEAD_DIM
-    if DQ_ATOMIC:
-        dq = tl.load(DQAcc + row[:, None] * HEAD_DIM + offs_d[None, :], mask=live[:, None], other=0.0)
-        count = 0
-    else:
-        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        count = tl.load(kv_count_ptr + bh * N + cube)
-    for j in range(0, count):  # the selected cubes, in pieces of BLOCK_N keys
-        kv = tl.load(kv_index_ptr + (bh * N + cube) * KV_W + j).to(tl.int64)
-        for start in range(0, CUBE, BLOCK_N):
-            cols = start + offs_n
-            ok = cols < CUBE
-            rows = kv * CUBE + cols
-            k = tl.load(K + kv_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(V + kv_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-            bias = tl.load(key_bias_ptr + rows, mask=ok, other=float("-inf"))[None, :]
-            _, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
-            dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    PIECES: tl.constexpr = (CUBE + BLOCK_N - 1) // BLOCK_N
+    for step in range(0, tl.load(kv_count_ptr + bh * N + cube) * PIECES):  # one flat loop, as the forward's
+        kv = tl.load(kv_index_ptr + (bh * N + cube) * KV_W + step // PIECES).to(tl.int64)
+        cols = (step % PIECES) * BLOCK_N + offs_n
+        ok = cols < CUBE
+        rows = kv * CUBE + cols
+        k = tl.load(K + kv_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(V + kv_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+        bias = tl.load(key_bias_ptr + rows, mask=ok, other=float("-inf"))
+        _, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_F32)
     if HAS_EXTRA:
         dq = _dq_over_dense_keys(dq, q, do, lse, delta, KE, VE, Log2N, Attended, bh, cube, N, E, qk_scale, offs_n,
                                  offs_d, BLOCK_N, HEAD_DIM, False, DOT_F32)
@@ -139,17 +132,15 @@ def _bwd_dq_kernel(Q, K, V, dO, Lse, Delta, KE, VE, KBar, VBar, Log2N, Attended,
              mask=live[:, None])
 
 
-@_tuned("N", "KQ", "CUBE", "HEAD_DIM", "RASTER", "SPREAD", "DQ_ATOMIC", accumulated=("DQAcc",))
+@_tuned("N", "KQ", "CUBE", "HEAD_DIM", "RASTER", "SPREAD")
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, DKBar, DVBar, Log2N, DQAcc, q_index_ptr, tokens_ptr,
+def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, DKBar, DVBar, Log2N, q_index_ptr, tokens_ptr,
                      t_count_ptr, t_index_ptr, key_bias_ptr, qk_scale, N, KQ, T_W, L, n_prefix,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CUBE: tl.constexpr,
-                     RASTER: tl.constexpr, SPREAD: tl.constexpr, DQ_ATOMIC: tl.constexpr, DOT_F32: tl.constexpr):
+                     RASTER: tl.constexpr, SPREAD: tl.constexpr, DOT_F32: tl.constexpr):
     """One piece (BLOCK_N keys) of one KV cube against every query cube that selected it. RASTER: dK, dV are
     written at the keys' raster rows of [B, H, L, D]; SPREAD adds the cube's pooled-key gradients (DKBar,
-    DVBar [B, H, N, D], from the dense-key kernel) over its valid keys, since k_bar is their mean. DQ_ATOMIC:
-    also dS K, the query rows' dQ from these keys, added into DQAcc [B, H, N, KQ, D] fp32 (FlashAttention-2's
-    route: 5 matmuls per block pair instead of 4 here + 3 in the dQ kernel; the sum order varies run to run)."""
+    DVBar [B, H, N, D], from the dense-key kernel) over its valid keys, since k_bar is their mean."""
     bh = tl.program_id(1).to(tl.int64)
     kv = tl.program_id(0).to(tl.int64)
     piece = tl.program_id(2)
@@ -161,24 +152,20 @@ def _bwd_dkdv_kernel(Q, K, V, dO, Lse, Delta, DK, DV, DKBar, DVBar, Log2N, DQAcc
     kv_off = bh * N * CUBE * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
     k = tl.load(K + kv_off, mask=ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=ok[:, None], other=0.0)
-    bias = tl.load(key_bias_ptr + rows, mask=ok, other=float("-inf"))[None, :]
+    bias = tl.load(key_bias_ptr + rows, mask=ok, other=float("-inf"))
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     count = tl.load(t_count_ptr + bh * N + kv)
     for j in range(0, count):
         cube = tl.load(t_index_ptr + (bh * N + kv) * T_W + j).to(tl.int64)
-        q, do, lse, delta, qi_off, _, live = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m,
-                                                         offs_d, CUBE, HEAD_DIM)
+        q, do, lse, delta, _, _, _ = _query_tile(Q, dO, Lse, Delta, q_index_ptr, bh, cube, N, KQ, offs_m, offs_d,
+                                                 CUBE, HEAD_DIM)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, bias, qk_scale, DOT_F32)
         dv = _dot(tl.trans(p).to(do.dtype), do, dv, DOT_F32)
         dk = _dot(tl.trans(ds).to(q.dtype), q, dk, DOT_F32)
-        if DQ_ATOMIC:
-            dq = _dot(ds.to(k.dtype), k, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), DOT_F32)
-            tl.atomic_add(DQAcc + qi_off[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=live[:, None],
-                          sem="relaxed")
     dk = dk * (qk_scale / 1.44269504)
     if SPREAD:  # 1 / n_valid of the cube's pooled-key gradient to each of its valid keys
-        share = tl.where(bias == 0.0, tl.math.exp2(-tl.load(Log2N + kv)), 0.0).reshape(BLOCK_N, 1)
+        share = tl.where(bias == 0.0, tl.math.exp2(-tl.load(Log2N + kv)), 0.0)[:, None]
         dk += tl.load(DKBar + (bh * N + kv) * HEAD_DIM + offs_d)[None, :] * share
         dv += tl.load(DVBar + (bh * N + kv) * HEAD_DIM + offs_d)[None, :] * share
     if RASTER:
@@ -224,7 +211,7 @@ def _bwd_dense_keys_kernel(Q, dO, Lse, Delta, KD, VD, Log2N, Attended, DK, DV, q
 
 def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count, kv_index, slot_valid,
                                     out_kept, lse, grad_kept, scale: float | None = None, k_extra=None, v_extra=None,
-                                    remainder=None, raster=None, delta=None, dq_atomic: bool = False):
+                                    remainder=None, raster=None, delta=None):
     """Gradients of `block_sparse_attention(..., return_lse=True)` for the upstream gradient of its kept rows.
 
     q_cubes, k_cubes, v_cubes [B, H, N, S, D] and the tables as in the forward; out_kept, grad_kept
@@ -237,8 +224,7 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
     mean). raster = (layout, n_prefix, dq, dk, dv): where every slot is its own row (q_index[..., s] = s on
     valid slots, keep_ratio 1), the kernels write the video's raster rows of dq, dk, dv [B, H, L, D]
     (contiguous, any float dtype; other rows untouched) and those three are returned: no scatter, cast or
-    gather runs after the kernels. dq_atomic: dQ's selected-cube part is summed by the dK/dV kernel with
-    atomic adds (fewer matmuls, a run-to-run varying sum order) instead of recomputed by the dQ kernel."""
+    gather runs after the kernels."""
     B, H, N, S, D = q_cubes.shape
     KQ = q_index.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -284,18 +270,15 @@ def block_sparse_attention_backward(q_cubes, k_cubes, v_cubes, q_index, kv_count
 
     # the pooled keys first: the dK/dV kernel spreads their gradients over each cube's keys
     dk_bar, dv_bar = dense_keys(k_bar, v_bar, N, True) if remainder is not None else (q, q)
-    # zeroed by the autotuner before each run (a one-element stand-in without atomics)
-    dq_acc = torch.zeros(*((B, H, N, KQ, D) if dq_atomic else (1,)), dtype=torch.float32, device=q.device)
     t_count, t_index = _transposed(kv_count, kv_index, N)
     _bwd_dkdv_kernel[(N, B * H, triton.cdiv(S, BLOCK_N))](
-        q, k, v, do, lse, delta, dk, dv, dk_bar, dv_bar, tables.log2_n, dq_acc, q_index, tokens, t_count, t_index,
+        q, k, v, do, lse, delta, dk, dv, dk_bar, dv_bar, tables.log2_n, q_index, tokens, t_count, t_index,
         tables.key_bias, qk_scale, N, KQ, t_index.shape[-1], L, n_prefix, BLOCK_N=BLOCK_N, RASTER=raster is not None,
-        SPREAD=remainder is not None, DQ_ATOMIC=dq_atomic, **meta)
-    _bwd_dq_kernel[(N, B * H)](q, k, v, do, lse, delta, ke, ve, k_bar, v_bar, tables.log2_n, attended, dq, dq_acc,
-                               q_index, tokens, kv_count, kv_index, tables.key_bias, qk_scale, N, KQ, kv_index.shape[-1],
-                               E, L, n_prefix, BLOCK_N=BLOCK_N, HAS_EXTRA=has_extra,
-                               HAS_REMAINDER=remainder is not None, RASTER=raster is not None, DQ_ATOMIC=dq_atomic,
-                               **meta)
+        SPREAD=remainder is not None, **meta)
+    _bwd_dq_kernel[(N, B * H)](q, k, v, do, lse, delta, ke, ve, k_bar, v_bar, tables.log2_n, attended, dq, q_index,
+                               tokens, kv_count, kv_index, tables.key_bias, qk_scale, N, KQ, kv_index.shape[-1], E, L,
+                               n_prefix, BLOCK_N=BLOCK_N, HAS_EXTRA=has_extra, HAS_REMAINDER=remainder is not None,
+                               RASTER=raster is not None, **meta)
     dke, dve = dense_keys(ke, ve, E, False) if has_extra else (None, None)
     return dq, dk, dv, dke, dve
 

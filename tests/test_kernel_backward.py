@@ -34,7 +34,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{'x'.join(map(str, c[2]))}-c{'x'.join(map(str, c[3]))}-D{c[4]}"
                          f"-r{c[5]}-{c[6][:4]}{c[7]}-E{c[8]}-pooled{int(c[9])}")
-def test_gradients_match_reference_autograd(case, dq_atomic=False):
+def test_gradients_match_reference_autograd(case):
     B, H, grid, cube, D, r, mode, p, E, pooled = case
     g = torch.Generator().manual_seed(7)
     layout = cube_layout(grid, cube, DEVICE)
@@ -62,7 +62,7 @@ def test_gradients_match_reference_autograd(case, dq_atomic=False):
     grad_kept = torch.zeros(*out_kept.shape, dtype=torch.float32, device=DEVICE).scatter_add_(-2, src, grad)
     dq, dk, dv, dke, dve = block_sparse_attention_backward(
         q16, k16, v16, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, out_kept, lse, grad_kept, scale,
-        ke16, ve16, remainder=remainder, dq_atomic=dq_atomic)  # dk, dv hold the pooled keys' share
+        ke16, ve16, remainder=remainder)  # dk, dv hold the pooled keys' share
     slot = torch.where(sel.q_index >= 0, sel.q_index, S).long()[..., None].expand(*dq.shape)  # padding -> slot S
     dq_cubes = torch.zeros(B, H, N, S + 1, D, device=DEVICE).scatter_(-2, slot, dq)[..., :S, :]
     # padding slots are no tokens: the reference's cube_mean still hands them a gradient, compare real slots
@@ -71,19 +71,6 @@ def test_gradients_match_reference_autograd(case, dq_atomic=False):
         assert _rel(got * valid, ref * valid) < 3e-2, (name, _rel(got * valid, ref * valid))
     if E:
         assert _rel(dke, want[3]) < 3e-2 and _rel(dve, want[4]) < 3e-2, (_rel(dke, want[3]), _rel(dve, want[4]))
-
-
-@pytest.mark.parametrize("case", CASES[1:3], ids=["E5-pooled", "r0.5-E3-pooled"])
-def test_gradients_with_atomic_dq_match_reference_autograd(case):
-    """The dQ route that sums dS K inside the dK/dV kernel (atomic adds) gives the same gradients."""
-    test_gradients_match_reference_autograd(case, dq_atomic=True)
-
-
-def test_call_gradients_with_atomic_dq_match_reference_autograd(monkeypatch):
-    """The whole call (saved LSE, raster stores, extra tokens) with the dQ route that uses atomic adds."""
-    from comfyui_bsa.bsa_core import gpu_backward
-    monkeypatch.setattr(gpu_backward, "DQ_ATOMIC", True)
-    test_call_gradients_match_reference_autograd(PIPELINE_CASES[0], saved=True)
 
 
 @pytest.mark.parametrize("N", [1, 7, 40])
@@ -100,12 +87,11 @@ def test_transposed_table_equals_sorted_reference(N):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pooled, dq_atomic", [(False, False), (True, False), (True, True)],
-                         ids=["no-pooled", "pooled", "pooled-atomic-dq"])
-def test_gpu_wan_480p_gradients_match_reference_autograd(pooled, dq_atomic):
+@pytest.mark.parametrize("pooled", [False, True], ids=["no-pooled", "pooled"])
+def test_gpu_wan_480p_gradients_match_reference_autograd(pooled):
     """Wan 480p grid (21 x 30 x 52, partial cubes), one head, node-like selection, 77 extra keys."""
     case = (1, 1, (21, 30, 52), (4, 4, 4), 128, 1.0, "statistical", 1.0, 77, pooled)
-    test_gradients_match_reference_autograd(case, dq_atomic=dq_atomic)
+    test_gradients_match_reference_autograd(case)
 
 
 PIPELINE_CASES = [  # (grid, cube, dtype, n_prefix, n_suffix, keep_ratio, mode, value, pooled)
