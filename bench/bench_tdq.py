@@ -114,7 +114,7 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
         rows.append(("fp8 TDQLinear, per-tensor scale, fast accumulation", lambda: layer(x), static_fake, True))
     if device.type == "cuda":  # the pieces of the _scaled_mm path, and the path before the one-pass cast
         from comfyui_bsa.kernels.quantize_fp8 import quantize_fp8_rows
-        weight_fp8, w_scale, bias = tdq_layer(linear, "static", x_scale).quantized_weight(device, dtype)
+        weight_fp8, w_scale, bias = tdq_layer(linear, "static", x_scale).quantized_weight(device)
         x_fp8, scale_a = quantize_fp8_rows(x, x_scale)
         scale_b = w_scale.reshape(1, -1)
         differences = ([f"static {line}" for line in kernel_bit_differences(x, x_scale)]

@@ -400,7 +400,8 @@ def main(argv=None) -> int:
                         help="sampling steps of the quick calibration of --prune and --teal")
     parser.add_argument("--no-attention-share", action="store_true", help="skip the attention-timing step")
     parser.add_argument("--compile", action="store_true",
-                        help="also sample the BSA model through ComfyUI's TorchCompileModel wrapper (inductor)")
+                        help="also sample dense, BSA (and with --tdq BSA + TDQ) through ComfyUI's TorchCompileModel "
+                             "wrapper (inductor)")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log lines")
     args = parser.parse_args(argv)
 
@@ -490,17 +491,20 @@ def main(argv=None) -> int:
     if args.teal is not None:
         variants["teal"], teal_state = teal_model(model, args, inputs)
         variants["bsa+teal"] = apply_bsa(variants["teal"], config, start_percent=0.0, end_percent=1.0)
-    if args.compile:  # what TorchCompileModel does to the model it is given
+    if args.compile:  # what TorchCompileModel does to the model it is given: dense, BSA and BSA + TDQ
         from comfy_api.torch_helpers import set_torch_compile_wrapper
-        variants["bsa+inductor"] = bsa_model.clone()
-        set_torch_compile_wrapper(variants["bsa+inductor"], backend="inductor")
+        for label in ("dense", "bsa", "bsa+tdq")[:2 + bool(args.tdq)]:
+            variants[f"{label}+inductor"] = variants[label].clone()
+            set_torch_compile_wrapper(variants[f"{label}+inductor"], backend="inductor")
     results, stats, notes = {}, {}, {}
     width = max(7, *(len(label) for label in variants))
     for label, m in variants.items():
-        if args.warmup_steps:
+        # a compiled model warms up on the timed run's step count: its graphs are specialised on the schedule
+        warmup = max(args.warmup_steps, steps) if label.endswith("+inductor") else args.warmup_steps
+        if warmup:
             start = time.perf_counter()
-            run(m, inputs, args.warmup_steps, device, sdpa)
-            print(f"{label:{width}s} warm-up ({args.warmup_steps} step, model load and autotuning included): "
+            run(m, inputs, warmup, device, sdpa)
+            print(f"{label:{width}s} warm-up ({warmup} step, model load, autotuning and compiling included): "
                   f"{time.perf_counter() - start:.2f} s", flush=True)
     for label, m in variants.items():
         runs_before = len(run_log.runs)
@@ -518,10 +522,12 @@ def main(argv=None) -> int:
               flush=True)
 
     dense, bsa = results["dense"], results["bsa"]
-    if "bsa+inductor" in results:
-        compiled = results["bsa+inductor"]
-        print(f"bsa+inductor: {dense['per_step'] / compiled['per_step']:.2f}x over dense; {summary(stats['bsa+inductor'])}; "
-              f"final latent vs eager BSA rel L2 {rel_l2(compiled['latent'], bsa['latent']):.2e}")
+    for label in [k for k in results if k.endswith("+inductor") and k != "dense+inductor"]:
+        compiled, eager = results[label], results[label.removesuffix("+inductor")]
+        print(f"{label}: {dense['per_step'] / compiled['per_step']:.2f}x over dense, "
+              f"{results['dense+inductor']['per_step'] / compiled['per_step']:.2f}x over dense+inductor; "
+              f"{summary(stats[label])}; final latent vs eager {label.removesuffix('+inductor')} rel L2 "
+              f"{rel_l2(compiled['latent'], eager['latent']):.2e}")
     print(f"speed-up dense/BSA: {dense['per_step'] / bsa['per_step']:.2f}x "
           f"({dense['per_step']:.3f} -> {bsa['per_step']:.3f} s/step)")
     print(f"BSA run: {summary(stats['bsa'])}")

@@ -156,7 +156,11 @@ class CallPlan:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass: an attention call then is a gradient checkpoint's recompute."""
+    """True while autograd runs a backward pass: an attention call then is a gradient checkpoint's recompute.
+    Never inside torch.compile: a compiled region's recompute runs in its backward graph, not through this
+    Python (and asking autograd is a graph break per attention call)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -254,25 +254,29 @@ class TDQLinear(torch.nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def quantized_weight(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(e4m3 weight [out, in], scales [out, 1], bias in `dtype` or None) on `device`, made again only when
-        the weight or bias Parameter is replaced (a LoRA patch) or moved. ComfyUI's loader does not see the
-        linear behind this module (no submodule), so its weights may stay on the offload device: nothing is
-        copied per call."""
+    def quantized_weight(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(e4m3 weight [out, in], scales [out, 1], bias or None) on `device`, made again only when the weight or
+        bias Parameter is replaced (a LoRA patch) or moved. ComfyUI's loader does not see the linear behind this
+        module (no submodule), so its weights may stay on the offload device: nothing is copied per call. Inside
+        torch.compile the cache is read as it is: apply_tdq's APPLY_MODEL wrapper checks it before each model call
+        (comparing data pointers is a graph break, and one per layer made Dynamo recompile past its limit)."""
+        if torch.compiler.is_compiling() and self._cache is not None:
+            return self._cache
         bias = self.bias
         key = (id(self.weight), self.weight.data_ptr(), id(bias), None if bias is None else bias.data_ptr(),
-               str(device), dtype)  # inference tensors have no _version
+               str(device))  # inference tensors have no _version
         if key != self._cache_key:
             weight = self.weight.detach().to(device)
             scales = weight_scales(weight)
-            bias = None if bias is None else bias.detach().to(device=device, dtype=dtype)
+            bias = None if bias is None else bias.detach().to(device)
             self._cache, self._cache_key = (to_e4m3(weight, scales), scales, bias), key
         return self._cache
 
     def forward(self, x):
-        weight_fp8, w_scale, bias = self.quantized_weight(x.device, x.dtype)
+        weight_fp8, w_scale, bias = self.quantized_weight(x.device)
         x_scale = None if self.mode == "dynamic" else self.state.scales[self.index]  # None: per token
-        return fp8_linear(x, weight_fp8, w_scale, bias, x_scale, self.fast_accum)
+        return fp8_linear(x, weight_fp8, w_scale, None if bias is None else bias.to(x.dtype), x_scale,
+                          self.fast_accum)
 
 
 def original_module(model, name: str) -> torch.nn.Module:
@@ -305,10 +309,12 @@ def _log_skipped(skipped: dict[str, str]) -> None:
         log.info(f"{LOG_PREFIX} {len(names)} linear layers keep their dtype: {reason} (e.g. {names[0]})")
 
 
-def _patch_layers(patched, layers, state: TDQState, config: TDQConfig) -> None:
-    for index, name in enumerate(layers):
-        patched.add_object_patch(f"diffusion_model.{name}", TDQLinear(original_module(patched, name), state, index,
-                                                                      config.mode, config.fast_accum))
+def _patch_layers(patched, layers, state: TDQState, config: TDQConfig) -> list[TDQLinear]:
+    modules = [TDQLinear(original_module(patched, name), state, index, config.mode, config.fast_accum)
+               for index, name in enumerate(layers)]
+    for name, module in zip(layers, modules):
+        patched.add_object_patch(f"diffusion_model.{name}", module)
+    return modules
 
 
 def _call_timestep(executor, args, kwargs) -> torch.Tensor:
@@ -337,27 +343,27 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
         _log_skipped(skipped)
     device = model.load_device
     state = TDQState(len(layers))
-    _patch_layers(patched, layers, state, config)
-    if config.mode == "dynamic":
-        return patched
-    if config.mode == "static":
+    modules = _patch_layers(patched, layers, state, config)
+    if config.mode != "dynamic":  # static: always; table and tdq: outside sampling
         state.scales = (calibration.static_intervals() / E4M3_MAX).clamp_min(1e-12).to(device)
-        return patched
-
     table = calibration.table_intervals(config.table_bins) if config.mode == "table" else None
 
-    def set_scales(executor, *args, **kwargs):
-        """APPLY_MODEL: the activation scales of this call, from its sigma, before the model runs."""
-        timestep = _call_timestep(executor, args, kwargs)
-        if table is not None:
-            intervals = table[:, timestep_bin(timestep, config.table_bins)[0, 0]]
-        else:
-            intervals = calibration.generator_intervals(timestep.reshape(1))[:, 0]
-        state.scales = (intervals / E4M3_MAX).clamp_min(1e-12).to(device)
+    def before_call(executor, *args, **kwargs):
+        """APPLY_MODEL, before the model runs: the layers' FP8 weights checked on the input's device (read as
+        they are inside torch.compile) and, for table and tdq, the activation scales of this call's sigma."""
+        x = kwargs["x"] if "x" in kwargs else args[0]
+        for module in modules:
+            module.quantized_weight(x.device)
+        if config.mode in ("table", "tdq"):
+            timestep = _call_timestep(executor, args, kwargs)
+            if table is not None:
+                intervals = table[:, timestep_bin(timestep, config.table_bins)[0, 0]]
+            else:
+                intervals = calibration.generator_intervals(timestep.reshape(1))[:, 0]
+            state.scales = (intervals / E4M3_MAX).clamp_min(1e-12).to(device)
         return executor(*args, **kwargs)
 
-    state.scales = (calibration.static_intervals() / E4M3_MAX).clamp_min(1e-12).to(device)  # outside sampling
-    patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, set_scales)
+    patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, before_call)
     return patched
 
 

@@ -313,6 +313,22 @@ def test_modes_on_the_tiny_wan_are_close_to_the_unquantized_sample(calibration, 
                        sample(apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration)))  # deterministic
 
 
+def test_torch_compile_model_over_tdq_and_bsa_matches_eager(calibration, tiny_wan):
+    """ComfyUI's TorchCompileModel wrapper (aot_eager: no C++ compiler needed) over TDQ then BSA: the per-step
+    scale and the FP8 layers trace, and the compiled sample equals the eager one."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    from comfyui_bsa.bsa_core import BSAConfig
+    from comfyui_bsa.bsa_core.patch import apply_bsa
+    eager = apply_bsa(apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration),
+                      BSAConfig(keep_ratio=0.5, kv_threshold=0.5, threshold_mode="cumulative"),
+                      start_percent=0.0, end_percent=1.0)
+    compiled = eager.clone()
+    set_torch_compile_wrapper(compiled, backend="aot_eager")
+    torch._dynamo.reset()
+    torch.testing.assert_close(sample(compiled), sample(eager), atol=1e-4, rtol=1e-4)
+
+
 def test_calibrate_save_load_quantize_with_bsa_through_the_executor(tiny_wan_path, tmp_path):
     import folder_paths
     runner = PromptRunner(tiny_wan_path, tmp_path)
