@@ -58,7 +58,7 @@ from pack import load_pack  # noqa: E402
 
 load_pack()
 from comfyui_bsa.compression.fp8 import E4M3_MAX, kernel_bit_differences, reference_math, to_e4m3  # noqa: E402
-from comfyui_bsa.compression.tdq import TDQLinear, TDQState  # noqa: E402
+from comfyui_bsa.compression.tdq import TDQLinear  # noqa: E402
 
 # tokens, (out, in) of attention q/k/v/o, ffn.0, ffn.2: 81 frames at 480p = 21x30x52 tokens, 720p 21x45x80
 SHAPES = {
@@ -90,8 +90,8 @@ def median_ms(fn, device: torch.device) -> float:
 
 
 def tdq_layer(linear: torch.nn.Linear, mode: str, x_scale: torch.Tensor, fast_accum: bool = False) -> TDQLinear:
-    """The module apply_tdq puts in place of `linear`, its state holding this call's per-tensor scale."""
-    return TDQLinear(linear, TDQState(1, x_scale.reshape(1)), 0, mode, fast_accum)
+    """The module apply_tdq puts in place of `linear`: this call's per-tensor scale, or per token (dynamic)."""
+    return TDQLinear(linear, None if mode == "dynamic" else x_scale.reshape(()), fast_accum)
 
 
 @torch.no_grad()

@@ -224,25 +224,18 @@ def timestep_bin(timesteps: torch.Tensor, bins: int) -> torch.Tensor:
     return (timesteps.float() / TIMESTEP_RANGE * bins).long().clamp(0, bins - 1).reshape(1, -1)
 
 
-class TDQState:
-    """Shared by the patched layers of one apply: the activation scales [L] of the current model call (set
-    once per call by the APPLY_MODEL wrapper)."""
-
-    def __init__(self, layers: int, initial_scales: torch.Tensor | None = None):
-        self.scales = initial_scales if initial_scales is not None else torch.ones(layers)
-
-
 class TDQLinear(torch.nn.Module):
     """Stands in for one nn.Linear on a clone and reads (and lets ComfyUI's weight patches write) that
     linear's own weight and bias, so LoRA and unpatching keep working; FP8 weights (and the bias) are cached
-    per Parameter; activations are scaled by the state's entry `index` (static/table/tdq) or per token
-    (dynamic)."""
+    per Parameter; activations are scaled by `x_scale`, a 0-d view into the scales apply_tdq updates in place
+    once per model call (static/table/tdq: a tensor, not an index, so torch.compile does not specialise each
+    layer's graph on it), or per token when it is None (dynamic)."""
 
-    def __init__(self, linear: torch.nn.Linear, state: TDQState, index: int, mode: str, fast_accum: bool = False):
+    def __init__(self, linear: torch.nn.Linear, x_scale: torch.Tensor | None, fast_accum: bool = False):
         super().__init__()
         self.__dict__["linear"] = linear  # not a submodule: parameter names stay those of the original
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.state, self.index, self.mode, self.fast_accum = state, index, mode, fast_accum
+        self.x_scale, self.fast_accum = x_scale, fast_accum
         self._cache_key, self._cache = None, None
 
     weight = property(lambda self: self.linear.weight)
@@ -274,8 +267,7 @@ class TDQLinear(torch.nn.Module):
 
     def forward(self, x):
         weight_fp8, w_scale, bias = self.quantized_weight(x.device)
-        x_scale = None if self.mode == "dynamic" else self.state.scales[self.index]  # None: per token
-        return fp8_linear(x, weight_fp8, w_scale, None if bias is None else bias.to(x.dtype), x_scale,
+        return fp8_linear(x, weight_fp8, w_scale, None if bias is None else bias.to(x.dtype), self.x_scale,
                           self.fast_accum)
 
 
@@ -309,8 +301,8 @@ def _log_skipped(skipped: dict[str, str]) -> None:
         log.info(f"{LOG_PREFIX} {len(names)} linear layers keep their dtype: {reason} (e.g. {names[0]})")
 
 
-def _patch_layers(patched, layers, state: TDQState, config: TDQConfig) -> list[TDQLinear]:
-    modules = [TDQLinear(original_module(patched, name), state, index, config.mode, config.fast_accum)
+def _patch_layers(patched, layers, scales: torch.Tensor | None, config: TDQConfig) -> list[TDQLinear]:
+    modules = [TDQLinear(original_module(patched, name), None if scales is None else scales[index], config.fast_accum)
                for index, name in enumerate(layers)]
     for name, module in zip(layers, modules):
         patched.add_object_patch(f"diffusion_model.{name}", module)
@@ -342,10 +334,10 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
         layers, skipped = quantizable_layers(model)
         _log_skipped(skipped)
     device = model.load_device
-    state = TDQState(len(layers))
-    modules = _patch_layers(patched, layers, state, config)
-    if config.mode != "dynamic":  # static: always; table and tdq: outside sampling
-        state.scales = (calibration.static_intervals() / E4M3_MAX).clamp_min(1e-12).to(device)
+    # per layer; static: always, table and tdq: outside sampling (each call writes its sigma's in place)
+    scales = None if config.mode == "dynamic" else (
+        calibration.static_intervals() / E4M3_MAX).clamp_min(1e-12).to(device)
+    modules = _patch_layers(patched, layers, scales, config)
     table = calibration.table_intervals(config.table_bins) if config.mode == "table" else None
 
     def before_call(executor, *args, **kwargs):
@@ -360,7 +352,7 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
                 intervals = table[:, timestep_bin(timestep, config.table_bins)[0, 0]]
             else:
                 intervals = calibration.generator_intervals(timestep.reshape(1))[:, 0]
-            state.scales = (intervals / E4M3_MAX).clamp_min(1e-12).to(device)
+            scales.copy_((intervals / E4M3_MAX).clamp_min(1e-12))
         return executor(*args, **kwargs)
 
     patched.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY, before_call)
