@@ -55,6 +55,7 @@ import logging
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 import types
@@ -515,10 +516,10 @@ def main(argv=None) -> int:
         elif label.endswith("teal"):
             notes[label] = teal_state.stats.to_text()
         r = results[label]
-        per_step = sum(r["steps"]) / len(r["steps"])
+        per_step = statistics.median(r["steps"])  # a compiled model's odd recompiling step does not count
         r["per_step"] = per_step
         peak = f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else ""
-        print(f"{label:{width}s} {per_step:8.3f} s/step (steps: {', '.join(f'{s:.3f}' for s in r['steps'])}){peak}",
+        print(f"{label:{width}s} {per_step:8.3f} s/step (median; steps: {', '.join(f'{s:.3f}' for s in r['steps'])}){peak}",
               flush=True)
 
     dense, bsa = results["dense"], results["bsa"]
