@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
+import types
 
 import torch
 
@@ -106,7 +108,7 @@ def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
 
-_FAST_ACCUM_REFUSED: set[tuple[int, int, int]] = set()  # (tokens, out, in) cuBLASLt has no fast-accum kernel for
+_FAST_ACCUM_REFUSED: set[tuple] = set()  # (device, tokens, out, in) cuBLASLt has no fast-accumulation kernel for
 
 
 def _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, fast_accum: bool) -> torch.Tensor:
@@ -118,7 +120,7 @@ def _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, fast_accum: bool) -> t
                                 bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
                                 use_fast_accum=fast)
 
-    shape = (x_fp8.shape[0], *weight_fp8.shape)
+    shape = (str(x_fp8.device), x_fp8.shape[0], *weight_fp8.shape)
     if fast_accum and shape not in _FAST_ACCUM_REFUSED:
         try:
             return matmul(True)
@@ -127,8 +129,29 @@ def _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, fast_accum: bool) -> t
                 raise
             _FAST_ACCUM_REFUSED.add(shape)
             log.warning("[TDQ] fast accumulation is not supported for a %d x %d -> %d FP8 matmul on this GPU: "
-                        "float32 accumulation there", shape[0], shape[2], shape[1])
+                        "float32 accumulation there", shape[1], shape[3], shape[2])
     return matmul(False)
+
+
+def _fast_accum_matmul(x_fp8: torch.Tensor, weight_fp8: torch.Tensor, scale_a: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    return _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, True)
+
+
+def _fast_accum_matmul_fake(x_fp8, weight_fp8, scale_a, w_scale, bias):
+    return x_fp8.new_empty((x_fp8.shape[0], weight_fp8.shape[0]), dtype=torch.bfloat16)
+
+
+def _fast_accum_op():
+    """_scaled_mm with fast accumulation and its fallback as the custom op bsa::fp8_matmul_fast_accum: inside
+    torch.compile a traced try/except could not catch cuBLASLt's refusal, raised by the compiled graph.
+    Defined once per process, as bsa::attention is (the pack may be imported twice)."""
+    registry = sys.modules.setdefault("_bsa_custom_ops", types.ModuleType("_bsa_custom_ops"))
+    if not hasattr(registry, "fp8_matmul_fast_accum"):
+        op = torch.library.custom_op("bsa::fp8_matmul_fast_accum", _fast_accum_matmul, mutates_args=())
+        op.register_fake(_fast_accum_matmul_fake)
+        registry.fp8_matmul_fast_accum = op
+    return registry.fp8_matmul_fast_accum
 
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -146,7 +169,8 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor,
     if scaled_mm_supported(x, weight_fp8):
         from ..kernels.quantize_fp8 import quantize_fp8_rows
         x_fp8, scale_a = quantize_fp8_rows(x2, x_scale)
-        y = _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, fast_accum)
+        y = (_fast_accum_op()(x_fp8, weight_fp8, scale_a, w_scale, bias) if fast_accum else
+             _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, False))
     else:
         x_scale = token_scales(x2) if x_scale is None else x_scale
         y = (to_e4m3(x2, x_scale).float() * x_scale) @ (weight_fp8.float() * w_scale).t()

@@ -325,6 +325,12 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
     patched = model.clone()
     if config.mode == "off":
         return patched
+    earlier = [key for key, module in patched.object_patches.items() if isinstance(module, TDQLinear)]
+    if earlier:  # TDQ on a TDQ model: the new one replaces it (its wrapper would keep refreshing stale layers)
+        log.warning(f"{LOG_PREFIX} this model already has FP8 linear layers: the later TDQ node's replace them")
+        for key in earlier:
+            del patched.object_patches[key]
+        patched.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY)
     if config.mode in CALIBRATED_MODES:
         if calibration is None:
             raise ValueError(f"calibration is required for mode {config.mode!r} (run TDQ Calibrate)")

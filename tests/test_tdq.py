@@ -199,6 +199,28 @@ def synthetic_activations(timesteps):
     return [torch.randn(256, 64, generator=generator) * 10 ** (5 * float(t) / 1000 - 5) for t in timesteps]
 
 
+def test_fast_accumulation_fallback_holds_inside_torch_compile(monkeypatch):
+    """Inside a compiled graph the fallback still catches cuBLASLt's refusal: the fast-accumulation matmul is
+    the custom op bsa::fp8_matmul_fast_accum, which Dynamo does not trace into (fullgraph: no graph break)."""
+    from comfyui_bsa.compression import fp8
+    calls = []
+
+    def scaled_mm(a, b, *, use_fast_accum, out_dtype, **kwargs):
+        calls.append(use_fast_accum)
+        if use_fast_accum:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmulAlgoGetHeuristic")
+        return (a.float() @ b.float()).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    monkeypatch.setattr(fp8, "_FAST_ACCUM_REFUSED", set())
+    op = fp8._fast_accum_op()
+    x, weight, scale = torch.randn(5, 32), torch.randn(16, 32), torch.ones(16, 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: op(a, weight, scale, scale, None) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), (x @ weight.t()).bfloat16() * 2)
+    assert calls == [True, False]
+
+
 def test_modes_error_order_on_sigma_dependent_ranges():
     timesteps = torch.linspace(0, 1000, 12)
     acts = synthetic_activations(timesteps)
@@ -291,6 +313,20 @@ def test_patch_stays_on_its_clone(calibration, tiny_wan):
     assert not any(layer.fast_accum for layer in patched.object_patches.values())
     assert not tiny_wan.clone().object_patches
     assert "comfyui_bsa_tdq" not in str(tiny_wan.wrappers)
+
+
+def test_second_tdq_replaces_the_first(calibration, tiny_wan, caplog):
+    """TDQ on a TDQ model: the later apply's layers and wrapper only (the earlier wrapper would keep a second
+    FP8 copy of every layer warm), sampling as one apply does; the first model keeps its own."""
+    import comfy.patcher_extension as pe
+    first = apply_tdq(tiny_wan, TDQConfig(mode="static"), calibration)
+    with caplog.at_level("WARNING"):
+        second = apply_tdq(first, TDQConfig(mode="tdq"), calibration)
+    assert any("already has FP8 linear layers" in r.message for r in caplog.records)
+    assert len(second.get_wrappers(pe.WrappersMP.APPLY_MODEL, "comfyui_bsa_tdq")) == 1
+    assert len(first.get_wrappers(pe.WrappersMP.APPLY_MODEL, "comfyui_bsa_tdq")) == 1
+    assert not set(map(id, second.object_patches.values())) & set(map(id, first.object_patches.values()))
+    assert torch.equal(sample(second), sample(apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration)))
 
 
 def sample(model, seed=0):
