@@ -1,6 +1,7 @@
 """FP8 e4m3 math shared by the compression modes: a plain-torch reference of the rounding, the fake-quant
 path every device runs, and the torch._scaled_mm path of sm89+ GPUs that computes the same numbers (its
-activations quantized in one pass by kernels/quantize_fp8.py, bit-exact with to_e4m3 / token_scales)."""
+activations quantized in one pass by kernels/quantize_fp8.py, bit-exact with to_e4m3 / token_scales; inside
+torch.compile by those torch ops, for inductor to fuse)."""
 from __future__ import annotations
 
 import contextlib
@@ -154,6 +155,17 @@ def _fast_accum_op():
     return registry.fp8_matmul_fast_accum
 
 
+def quantize_activations(x2: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [M, K] -> (e4m3 [M, K], float32 row scales [M, 1]) for _scaled_mm; x_scale [1, 1], [M, 1] or None (per
+    token). Eager: one pass of kernels/quantize_fp8.py. Inside torch.compile the same numbers as torch ops,
+    which inductor fuses into the op that made x (a norm, a GELU) instead of a separate pass over x."""
+    if torch.compiler.is_compiling():
+        scale_a = (token_scales(x2) if x_scale is None else x_scale.expand(x2.shape[0], 1)).contiguous()
+        return to_e4m3(x2, scale_a), scale_a
+    from ..kernels.quantize_fp8 import quantize_fp8_rows
+    return quantize_fp8_rows(x2, x_scale)
+
+
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                x_scale: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
     """y = Q(x) @ Q(W)^T + b with W already e4m3 ([out, in], scales [out, 1]) and x's scale a one-element
@@ -167,8 +179,7 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor,
     if x_scale is not None:
         x_scale = x_scale.float().reshape(-1, 1) if x_scale.numel() > 1 else x_scale.float().reshape(1, 1)
     if scaled_mm_supported(x, weight_fp8):
-        from ..kernels.quantize_fp8 import quantize_fp8_rows
-        x_fp8, scale_a = quantize_fp8_rows(x2, x_scale)
+        x_fp8, scale_a = quantize_activations(x2, x_scale)
         y = (_fast_accum_op()(x_fp8, weight_fp8, scale_a, w_scale, bias) if fast_accum else
              _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, False))
     else:

@@ -107,6 +107,22 @@ def test_quantize_kernel_gives_to_e4m3s_bits(scale_kind, dtype):
     assert kernel_bit_differences(x, scale) == []
 
 
+@pytest.mark.parametrize("scale_kind", ["shared", "rows", "dynamic"])
+def test_compiled_activation_cast_gives_the_kernels_bits(scale_kind):
+    """Inside torch.compile the activation cast is torch ops (inductor fuses them into x's producer): the same
+    e4m3 bytes and row scales as the kernel's one pass (fullgraph: no graph break)."""
+    from comfyui_bsa.compression.fp8 import quantize_activations
+    from comfyui_bsa.kernels.quantize_fp8 import quantize_fp8_rows
+    x, pow2_scales = kernel_inputs(torch.bfloat16, "cuda" if torch.cuda.is_available() else "cpu")
+    scale = kernel_scale(scale_kind, x, pow2_scales)
+    scale = None if scale is None else scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1, 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(quantize_activations, backend="aot_eager", fullgraph=True)
+    (x_fp8, scales), (want_fp8, want_scales) = compiled(x, scale), quantize_fp8_rows(x, scale)
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(x_fp8.view(torch.uint8), want_fp8.view(torch.uint8))
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="patches Triton's front end: interpreter only")
 def test_quantize_kernel_keeps_minus_zero_whatever_unary_minus_compiles_to(monkeypatch):
     """Triton 3.6 compiles -x as 0 - x, +0 for x = +0: on the H200 the kernel wrote +0 for negatives that round
