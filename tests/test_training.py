@@ -143,6 +143,53 @@ def test_resumed_run_equals_the_uninterrupted_one_bit_for_bit(comfy, tmp_path):
         train(tiny_config(tmp_path / "resumed", lr=1e-2), progress=False)
 
 
+def test_crashes_leave_a_run_that_resumes_cleanly(comfy, tmp_path, monkeypatch):
+    """A run killed before its first checkpoint starts its log again; a torn last log line is dropped; a run folder
+    moved elsewhere resumes; an export torn by a crash is never behind state.pt (written first, atomically)."""
+    import shutil
+
+    from comfyui_bsa.training import loop
+    update = loop.EMA.update
+
+    def killed_at_step_3(self, model, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        update(self, model, step)
+
+    monkeypatch.setattr(loop.EMA, "update", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "a"), progress=False)  # steps 1, 2 logged, no checkpoint
+    monkeypatch.setattr(loop.EMA, "update", update)
+    train(tiny_config(tmp_path / "a"), stop_at=2, progress=False)
+    with open(tmp_path / "a" / LOG_FILE, "a") as log:
+        log.write('{"step": 3, "loss": 0.12')  # a crash mid-append
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    export = loop.export_comfyui
+
+    def torn_export(state, path, dtype):
+        path.with_suffix(path.suffix + ".tmp").write_bytes(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "export_comfyui", torn_export)
+    with pytest.raises(KeyboardInterrupt):  # dies at its final checkpoint, inside the export
+        train(tiny_config(tmp_path / "b"), progress=False)
+    assert torch.load(tmp_path / "b" / STATE_FILE, weights_only=False)["step"] == 2  # state.pt not ahead
+    monkeypatch.setattr(loop, "export_comfyui", export)
+    assert [r["step"] for r in train(tiny_config(tmp_path / "b"), progress=False)] == [3, 4]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / LOG_FILE).read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]
+    exported, ema = load_file(str(tmp_path / "b" / EXPORT_FILE)), _state(tmp_path / "b")["ema"]
+    assert all(torch.equal(exported[name], ema[name].half()) for name in ema)
+
+
+def test_non_finite_step_stops_before_it_is_applied_or_saved(comfy, tmp_path):
+    config = tiny_config(tmp_path, lr=1e4, min_lr=0.0, warmup_steps=1, max_steps=6, grad_clip=0.0, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match="nothing of this step was applied or saved"):
+        train(config, progress=False)
+    state = _state(tmp_path)
+    assert state["step"] >= 1 and all(torch.isfinite(w).all() for w in state["model"].values())
+
+
 def test_ema_is_the_hand_computed_average_of_the_weights(comfy, tmp_path):
     config = tiny_config(tmp_path, ema_decay=0.5, max_steps=3)
     weights = [initial_state_dict(config.dim, config.layers, config.ffn_dim, config.seed)]
@@ -245,6 +292,15 @@ def test_config_round_trips_through_its_file_and_rejects_unknown_settings(tmp_pa
         TrainConfig.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="keep_ratio"):
         tiny_config(tmp_path, bsa={"keep_ratio": 0})
+
+
+@pytest.mark.parametrize("key, value", [("ema_decay", -1.0), ("ema_decay", 1.5), ("warmup_steps", -5),
+                                        ("bsa_ramp_steps", -10), ("bsa_ramp_from_lambda", -20.0),
+                                        ("bsa_dense_blocks", "0-x"), ("preview_classes", (0, 99)), ("shift", -1.0),
+                                        ("batch_size", True)])
+def test_invalid_settings_raise_naming_the_key_before_any_step(tmp_path, key, value):
+    with pytest.raises(ValueError, match=key):
+        tiny_config(tmp_path, **{key: value})
 
 
 def test_shipped_configs_load_and_the_dense_model_fits_16_mb():

@@ -6,7 +6,9 @@ import json
 import pathlib
 
 from ..bsa_core.config import BSAConfig
+from ..bsa_core.patch import parse_block_ranges
 from ..compression.sparsity24 import Sparsity24Config
+from .data import num_classes
 
 CONFIG_FILE = "config.json"
 
@@ -77,10 +79,27 @@ class TrainConfig:
         object.__setattr__(self, "preview_classes", tuple(self.preview_classes))
         if self.dim % 128 or self.dim < 128:
             raise ValueError(f"dim must be a multiple of 128 (ComfyUI derives heads = dim / 128), got {self.dim}")
-        for name in ("layers", "frames", "latent_size", "num_videos", "text_tokens", "batch_size", "grad_accum",
-                     "max_steps", "log_every", "preview_every", "preview_steps", "checkpoint_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name, low in (("layers", 1), ("frames", 1), ("latent_size", 1), ("num_videos", 1), ("text_tokens", 1),
+                          ("batch_size", 1), ("grad_accum", 1), ("max_steps", 1), ("log_every", 1),
+                          ("preview_every", 1), ("preview_steps", 1), ("checkpoint_every", 1), ("warmup_steps", 0),
+                          ("bsa_start_step", 0), ("bsa_ramp_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1], got {self.ema_decay!r}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift!r}")
+        if not abs(self.bsa_ramp_from_lambda) <= 10:  # the ramp's first stat_lambda (BSAConfig's range)
+            raise ValueError(f"bsa_ramp_from_lambda must lie in [-10, 10], got {self.bsa_ramp_from_lambda!r}")
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes()
+               for c in self.preview_classes):
+            raise ValueError(f"preview_classes must be class numbers in 0..{num_classes() - 1}, "
+                             f"got {self.preview_classes!r}")
+        try:
+            parse_block_ranges(self.bsa_dense_blocks)
+        except ValueError as error:
+            raise ValueError(f"bsa_dense_blocks: {error}") from None
         if self.latent_size % 2:
             raise ValueError(f"latent_size must be even (Wan's 2x2 patches), got {self.latent_size}")
         if not 0 <= self.min_lr <= self.lr:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -135,12 +136,23 @@ def _save_atomic(obj, path: pathlib.Path) -> None:
     os.replace(tmp, path)
 
 
+def _log_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-write
+        return None
+
+
 def _truncate_log(path: pathlib.Path, step: int) -> None:
-    """Drops the log rows past `step`: a run killed after its last checkpoint logged steps that the resumed
-    run takes again, and the log holds each step once."""
+    """Drops the log rows past `step` (all of them for a run that had no checkpoint yet) and any torn line: a run
+    killed after its last checkpoint logged steps that the resumed run takes again, and the log holds each step
+    once. Rewritten through a temporary file."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in rows))
+        rows = [line for line in path.read_text().splitlines()
+                if (logged := _log_step(line)) is not None and logged <= step]
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in rows))
+        os.replace(tmp, path)
 
 
 def _start_run(config: TrainConfig, run_dir: pathlib.Path) -> None:
@@ -148,7 +160,8 @@ def _start_run(config: TrainConfig, run_dir: pathlib.Path) -> None:
     path = run_dir / CONFIG_FILE
     if path.exists():
         saved = TrainConfig.load(path)
-        if saved.to_json() != config.to_json():
+        # a moved run folder (or one given by --run-dir) still resumes
+        if dataclasses.replace(saved, run_dir=config.run_dir).to_json() != config.to_json():
             raise ValueError(f"{path} differs from the given config: a run folder holds one run "
                              "(use a new run_dir, or the config.json that is there)")
     else:
@@ -191,7 +204,7 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step = state["step"]
-        _truncate_log(run_dir / LOG_FILE, step)
+    _truncate_log(run_dir / LOG_FILE, step)
 
     rows = []
     bar = tqdm(total=config.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -214,6 +227,10 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
         # clip (the norm is measured either way, for the log)
         max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if not (math.isfinite(float(loss_sum)) and math.isfinite(float(grad_norm))):
+            bar.close()  # stop before the weights take it: the last checkpoint stays the last good state
+            raise FloatingPointError(f"step {step + 1}: loss {float(loss_sum)}, gradient norm {float(grad_norm)}; "
+                                     f"nothing of this step was applied or saved (lower lr, or set grad_clip)")
         # step
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -240,12 +257,13 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
             write_preview(preview_model, videos, config, device, run_dir / "previews" / f"step_{step:07d}.png")
         # checkpoint
         if step % config.checkpoint_every == 0 or step == last_step:
+            # the export first: state.pt is what a resume trusts, so it never runs ahead of the export
+            export_comfyui(ema.state_dict(), run_dir / EXPORT_FILE, getattr(torch, config.export_dtype))
             _save_atomic({
                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
                 "rng": {"noise": generator.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
             }, run_dir / STATE_FILE)
-            export_comfyui(ema.state_dict(), run_dir / EXPORT_FILE, getattr(torch, config.export_dtype))
     bar.close()
     return rows

@@ -12,6 +12,7 @@ the model gets timestep = 1000 sigma and predicts the velocity noise - x0; sampl
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 
 import torch
@@ -98,5 +99,7 @@ def export_comfyui(state_dict: dict[str, torch.Tensor], path, dtype=torch.float1
     """Writes `state_dict` (WanModel's own key names) as a safetensors diffusion model for ComfyUI."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}, str(path))
+    tmp = path.with_suffix(path.suffix + ".tmp")  # a crash mid-write leaves the previous file whole
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state_dict.items()}, str(tmp))
+    os.replace(tmp, path)
     return path
