@@ -7,7 +7,7 @@
 
 Speed: one linear layer at the Wan 2.1 1.3B 480p shapes (21x30x52 tokens; q/k/v/o 1536x1536, ffn.0 8960x1536,
 ffn.2 1536x8960) and 14B 720p (21x45x80 tokens; 5120x5120, 13824x5120, 5120x13824): bf16 F.linear against
-compression.tdq.TDQLinear as a sampling run calls it (FP8 e4m3 weights with per-output-channel scales made
+a TDQ layer as a sampling run calls it (compression.linears.LinearPatch with compression.tdq.FP8Weight) (FP8 e4m3 weights with per-output-channel scales made
 once; the activation quantized in every call with the layer's per-tensor scale of the call, which is the
 static, table and tdq modes' path, or with each token's own absmax, the dynamic mode), so the time includes
 the activation cast. Rows for the cast alone, the _scaled_mm alone on an already quantized activation, and
@@ -15,7 +15,7 @@ the former eager cast (four float32 passes before kernels/quantize_fp8.py) show 
 cast's row also says whether its e4m3 bits and row scales, static and dynamic, are compression.fp8's
 exactly, and lines under the table name each quantity that is not, with its first difference); one
 more row times _scaled_mm with use_fast_accum=True (Hopper's faster, less precise FP8 accumulation), which
-TDQLinear uses with TDQConfig.fast_accum (the node's fast_accumulation, off by default; its own row too).
+FP8Weight uses with TDQConfig.fast_accum (the node's fast_accumulation, off by default; its own row too).
 Median ms (triton.testing.do_bench, L2 flushed), x bf16 (bf16 ms / ms), TFLOP/s (2 M K N / time), relative
 RMS error against the bf16 output, and against the same layer's fake-quant reference (compression.fp8:
 same rounded operands, float32 accumulation; only the accumulation order and the bf16 output differ).
@@ -58,7 +58,8 @@ from pack import load_pack  # noqa: E402
 
 load_pack()
 from comfyui_bsa.compression.fp8 import E4M3_MAX, kernel_bit_differences, reference_math, to_e4m3  # noqa: E402
-from comfyui_bsa.compression.tdq import TDQLinear  # noqa: E402
+from comfyui_bsa.compression.linears import LinearPatch  # noqa: E402
+from comfyui_bsa.compression.tdq import FP8Weight  # noqa: E402
 
 # tokens, (out, in) of attention q/k/v/o, ffn.0, ffn.2: 81 frames at 480p = 21x30x52 tokens, 720p 21x45x80
 SHAPES = {
@@ -89,9 +90,9 @@ def median_ms(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def tdq_layer(linear: torch.nn.Linear, mode: str, x_scale: torch.Tensor, fast_accum: bool = False) -> TDQLinear:
-    """The module apply_tdq puts in place of `linear`: this call's per-tensor scale, or per token (dynamic)."""
-    return TDQLinear(linear, None if mode == "dynamic" else x_scale.reshape(()), fast_accum)
+def tdq_layer(linear: torch.nn.Linear, mode: str, x_scale: torch.Tensor, fast_accum: bool = False) -> LinearPatch:
+    """The forward apply_tdq patches onto `linear`: this call's per-tensor scale, or per token (dynamic)."""
+    return LinearPatch(linear, fp8=FP8Weight(None if mode == "dynamic" else x_scale.reshape(()), fast_accum))
 
 
 @torch.no_grad()
@@ -107,14 +108,14 @@ def bench_shape(name: str, label: str, tokens: int, out_features: int, in_featur
         layer = tdq_layer(linear, mode, x_scale)
         with reference_math():
             fake = layer(x)
-        rows.append((f"fp8 TDQLinear, {what}", lambda layer=layer: layer(x), fake, True))
+        rows.append((f"fp8 TDQ linear, {what}", lambda layer=layer: layer(x), fake, True))
     if device.type == "cuda":  # the node's fast_accumulation option; its reference is the static row's
         layer = tdq_layer(linear, "static", x_scale, fast_accum=True)
         static_fake = rows[1][2]
-        rows.append(("fp8 TDQLinear, per-tensor scale, fast accumulation", lambda: layer(x), static_fake, True))
+        rows.append(("fp8 TDQ linear, per-tensor scale, fast accumulation", lambda: layer(x), static_fake, True))
     if device.type == "cuda":  # the pieces of the _scaled_mm path, and the path before the one-pass cast
         from comfyui_bsa.kernels.quantize_fp8 import quantize_fp8_rows
-        weight_fp8, w_scale, bias = tdq_layer(linear, "static", x_scale).quantized_weight(device)
+        weight_fp8, w_scale, bias = tdq_layer(linear, "static", x_scale).fp8.quantized(linear, device)
         x_fp8, scale_a = quantize_fp8_rows(x, x_scale)
         scale_b = w_scale.reshape(1, -1)
         differences = ([f"static {line}" for line in kernel_bit_differences(x, x_scale)]

@@ -1,5 +1,5 @@
-"""What 2:4 pruning and activation sparsity share: which linear layers of a video model they touch, how a
-layer's forward is patched on a ModelPatcher clone (so that both methods compose, in either order), and the
+"""What 2:4 pruning, activation sparsity and TDQ share: which linear layers of a video model they touch, how a
+layer's forward is patched on a ModelPatcher clone (so that the methods compose, in any order), and the
 calibration run that shows the layers' inputs while ComfyUI's sampler samples a few seeds.
 
 A layer is patched through an object patch of its `forward` ("diffusion_model.<name>.forward"): the module,
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import weakref
 from typing import Callable
 
 import torch
@@ -33,27 +34,46 @@ def _patch_key(name: str) -> str:
     return f"diffusion_model.{name}.forward"
 
 
+class TensorIdentity:
+    """Which tensors a cached value was made from: the same objects (held weakly: ComfyUI swaps a weight for a
+    new tensor when a LoRA patch changes, and a freed tensor's id and address are soon reused) at the same
+    addresses, with any other key parts (device, dtype)."""
+
+    def __init__(self, tensors, *extra):
+        self.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self.addresses = tuple(None if t is None else t.data_ptr() for t in tensors)
+        self.extra = extra
+
+    def matches(self, tensors, *extra) -> bool:
+        return extra == self.extra and len(tensors) == len(self.refs) and all(
+            (r is None and t is None) or (r is not None and r() is t and t.data_ptr() == a)
+            for t, r, a in zip(tensors, self.refs, self.addresses))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LinearPatch:
     """The forward of one patched linear: the input goes through `sparsify` (activation sparsity) when set,
-    then through the layer with `weight24` (a 2:4-pruned weight) when set, else through the layer's own
-    forward (ComfyUI's weight casting included)."""
+    then through the layer in FP8 (`fp8`, TDQ; of the 2:4-masked weight when `weight24` is set too), or with
+    `weight24` (a 2:4-pruned weight), else through the layer's own forward (ComfyUI's weight casting included)."""
 
     module: torch.nn.Linear
     weight24: object | None = None  # compression.sparsity24.Sparse24Weight
     sparsify: Callable[[torch.Tensor], torch.Tensor] | None = None
+    fp8: object | None = None  # compression.tdq.FP8Weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparsify is not None:
             x = self.sparsify(x)
+        if self.fp8 is not None:
+            return self.fp8.linear(self.module, x, None if self.weight24 is None else self.weight24.mask)
         if self.weight24 is not None:
             return self.weight24.linear(self.module, x)
         return type(self.module).forward(self.module, x)
 
 
 def patch_linears(model, names, **fields) -> None:
-    """Sets LinearPatch `fields` (weight24= / sparsify=) of the layers `names` on the ModelPatcher `model`
-    (a clone), keeping the other method's fields where the layer was patched before."""
+    """Sets LinearPatch `fields` (weight24= / sparsify= / fp8=) of the layers `names` on the ModelPatcher `model`
+    (a clone), keeping the other methods' fields where the layer was patched before."""
     diffusion_model = model.get_model_object("diffusion_model")
     for name in names:
         current = model.object_patches.get(_patch_key(name))

@@ -20,7 +20,8 @@ import logging
 
 import torch
 
-from .linears import LOG_PREFIX, CalibrationSampling, RowSample, observe_linear_inputs, patch_linears, target_linears
+from .linears import (LOG_PREFIX, CalibrationSampling, RowSample, TensorIdentity, observe_linear_inputs, patch_linears,
+                      target_linears)
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ class Sparse24Weight:
 
     def weight_for(self, module: torch.nn.Linear, x: torch.Tensor):
         weight = module.weight
-        key = (x.device, x.dtype, weight.data_ptr())  # ComfyUI's weight patches (LoRA) swap the tensor
-        if key != self._key:
+        if self._key is None or not self._key.matches((weight,), x.device, x.dtype):  # LoRA patches swap it
+            key = TensorIdentity((weight,), x.device, x.dtype)
             masked = weight.detach().to(x.device, x.dtype) * self.mask.to(x.device)
             reason = self.dense_reason = semi_structured_unsupported(masked)
             if reason is None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, weight_scales
+from .linears import LinearPatch, TensorIdentity, patch_linears
 
 log = logging.getLogger(__name__)
 LOG_PREFIX = "[TDQ]"
@@ -133,11 +134,10 @@ def _fit_generators(timesteps, absmax, errors, steps, seed, progress):
 
 def base_weights(model) -> dict[str, torch.Tensor]:
     """The diffusion model's unpatched parameters by name, whatever clone is currently patched into it: LoRA
-    weights are read from the patcher's backups, TDQ layers through to the linear they stand in for."""
+    weights are read from the patcher's backups."""
     weights = {}
     for name, module in model.model.diffusion_model.named_modules():
-        source = module.linear if isinstance(module, TDQLinear) else module
-        for key, tensor in list(source.named_parameters(recurse=False)) + list(source.named_buffers(recurse=False)):
+        for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             full = f"{name}.{key}" if name else key
             backup = model.backup.get(f"diffusion_model.{full}")
             weights[full] = backup.weight if backup is not None else tensor
@@ -224,65 +224,46 @@ def timestep_bin(timesteps: torch.Tensor, bins: int) -> torch.Tensor:
     return (timesteps.float() / TIMESTEP_RANGE * bins).long().clamp(0, bins - 1).reshape(1, -1)
 
 
-class TDQLinear(torch.nn.Module):
-    """Stands in for one nn.Linear on a clone and reads (and lets ComfyUI's weight patches write) that
-    linear's own weight and bias, so LoRA and unpatching keep working; FP8 weights (and the bias) are cached
-    per Parameter; activations are scaled by `x_scale`, a 0-d view into the scales apply_tdq updates in place
-    once per model call (static/table/tdq: a tensor, not an index, so torch.compile does not specialise each
-    layer's graph on it), or per token when it is None (dynamic)."""
+class FP8Weight:
+    """The FP8 form of one linear layer, set as LinearPatch.fp8 on a clone (the nn.Linear, its parameters and
+    ComfyUI's weight patches such as LoRA stay in place): its e4m3 weight with per-output-channel scales (of the
+    2:4-masked weight when the layer is pruned too), made again only when the weight or bias tensor is replaced
+    (a LoRA patch) or moved, and its activation scale `x_scale`, a 0-d view into the per-layer scales apply_tdq
+    updates in place once per model call (a tensor, not an index, so torch.compile does not specialise each
+    layer's graph on it), or per token when None (dynamic)."""
 
-    def __init__(self, linear: torch.nn.Linear, x_scale: torch.Tensor | None, fast_accum: bool = False):
-        super().__init__()
-        self.__dict__["linear"] = linear  # not a submodule: parameter names stay those of the original
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+    def __init__(self, x_scale: torch.Tensor | None, fast_accum: bool = False):
         self.x_scale, self.fast_accum = x_scale, fast_accum
         self._cache_key, self._cache = None, None
 
-    weight = property(lambda self: self.linear.weight)
-    bias = property(lambda self: self.linear.bias)
-
-    def __setattr__(self, name, value):
-        if name in ("weight", "bias"):  # comfy.utils.set_attr_param (LoRA patch / restore)
-            setattr(self.linear, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def quantized_weight(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(e4m3 weight [out, in], scales [out, 1], bias or None) on `device`, made again only when the weight or
-        bias Parameter is replaced (a LoRA patch) or moved. ComfyUI's loader does not see the linear behind this
-        module (no submodule), so its weights may stay on the offload device: nothing is copied per call. Inside
-        torch.compile the cache is read as it is: apply_tdq's APPLY_MODEL wrapper checks it before each model call
-        (comparing data pointers is a graph break, and one per layer made Dynamo recompile past its limit)."""
+    def quantized(self, module: torch.nn.Linear, device, mask: torch.Tensor | None = None):
+        """(e4m3 weight [out, in], scales [out, 1], bias or None) on `device`. Inside torch.compile the cache is
+        read as it is: apply_tdq's APPLY_MODEL wrapper checks it before each model call (comparing data pointers
+        is a graph break, and one per layer made Dynamo recompile past its limit)."""
         if torch.compiler.is_compiling() and self._cache is not None:
             return self._cache
-        bias = self.bias
-        key = (id(self.weight), self.weight.data_ptr(), id(bias), None if bias is None else bias.data_ptr(),
-               str(device))  # inference tensors have no _version
-        if key != self._cache_key:
-            weight = self.weight.detach().to(device)
+        weight, bias = module.weight, module.bias
+        if self._cache_key is None or not self._cache_key.matches((weight, bias, mask), str(device)):
+            key = TensorIdentity((weight, bias, mask), str(device))  # inference tensors have no _version
+            weight = weight.detach().to(device)
+            if mask is not None:
+                weight = weight * mask.to(device)
             scales = weight_scales(weight)
             bias = None if bias is None else bias.detach().to(device)
             self._cache, self._cache_key = (to_e4m3(weight, scales), scales, bias), key
         return self._cache
 
-    def forward(self, x):
-        weight_fp8, w_scale, bias = self.quantized_weight(x.device)
+    def linear(self, module: torch.nn.Linear, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        weight_fp8, w_scale, bias = self.quantized(module, x.device, mask)
         return fp8_linear(x, weight_fp8, w_scale, None if bias is None else bias.to(x.dtype), self.x_scale,
                           self.fast_accum)
-
-
-def original_module(model, name: str) -> torch.nn.Module:
-    """The module `name` (under diffusion_model) as loaded, not another clone's object patch."""
-    module = model.get_model_object(f"diffusion_model.{name}")
-    return module.linear if isinstance(module, TDQLinear) else module
 
 
 def quantizable_layers(model) -> tuple[list[str], dict[str, str]]:
     """(names of the linear layers to quantize, {name: reason} of the linears that keep their dtype)."""
     chosen, skipped = [], {}
-    for name, _ in model.model.diffusion_model.named_modules():
-        module = original_module(model, name) if name else None
-        if not isinstance(module, torch.nn.Linear):
+    for name, module in model.get_model_object("diffusion_model").named_modules():
+        if not name or not isinstance(module, torch.nn.Linear):
             continue
         if not BLOCK_LAYER.search(name):
             skipped[name] = "outside the transformer blocks (embeddings, time MLPs and head keep their dtype)"
@@ -301,14 +282,6 @@ def _log_skipped(skipped: dict[str, str]) -> None:
         log.info(f"{LOG_PREFIX} {len(names)} linear layers keep their dtype: {reason} (e.g. {names[0]})")
 
 
-def _patch_layers(patched, layers, scales: torch.Tensor | None, config: TDQConfig) -> list[TDQLinear]:
-    modules = [TDQLinear(original_module(patched, name), None if scales is None else scales[index], config.fast_accum)
-               for index, name in enumerate(layers)]
-    for name, module in zip(layers, modules):
-        patched.add_object_patch(f"diffusion_model.{name}", module)
-    return modules
-
-
 def _call_timestep(executor, args, kwargs) -> torch.Tensor:
     """APPLY_MODEL (x, t, ...): the model timestep of the call's largest sigma (a 0-d float tensor)."""
     sigma = kwargs["t"] if "t" in kwargs else args[1]
@@ -325,11 +298,11 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
     patched = model.clone()
     if config.mode == "off":
         return patched
-    earlier = [key for key, module in patched.object_patches.items() if isinstance(module, TDQLinear)]
+    earlier = [key.removeprefix("diffusion_model.").removesuffix(".forward") for key, patch in
+               patched.object_patches.items() if isinstance(patch, LinearPatch) and patch.fp8 is not None]
     if earlier:  # TDQ on a TDQ model: the new one replaces it (its wrapper would keep refreshing stale layers)
         log.warning(f"{LOG_PREFIX} this model already has FP8 linear layers: the later TDQ node's replace them")
-        for key in earlier:
-            del patched.object_patches[key]
+        patch_linears(patched, earlier, fp8=None)
         patched.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, PATCH_KEY)
     if config.mode in CALIBRATED_MODES:
         if calibration is None:
@@ -343,15 +316,21 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
     # per layer; static: always, table and tdq: outside sampling (each call writes its sigma's in place)
     scales = None if config.mode == "dynamic" else (
         calibration.static_intervals() / E4M3_MAX).clamp_min(1e-12).to(device)
-    modules = _patch_layers(patched, layers, scales, config)
+    weights = [FP8Weight(None if scales is None else scales[index], config.fast_accum) for index in range(len(layers))]
+    for name, fp8 in zip(layers, weights):
+        patch_linears(patched, [name], fp8=fp8)
     table = calibration.table_intervals(config.table_bins) if config.mode == "table" else None
 
     def before_call(executor, *args, **kwargs):
         """APPLY_MODEL, before the model runs: the layers' FP8 weights checked on the input's device (read as
-        they are inside torch.compile) and, for table and tdq, the activation scales of this call's sigma."""
+        they are inside torch.compile), with the 2:4 mask of the patch live in this run (a prune node may come
+        after this one), and, for table and tdq, the activation scales of this call's sigma."""
         x = kwargs["x"] if "x" in kwargs else args[0]
-        for module in modules:
-            module.quantized_weight(x.device)
+        diffusion_model = executor.class_obj.diffusion_model
+        for name, fp8 in zip(layers, weights):
+            patch = diffusion_model.get_submodule(name).forward
+            if isinstance(patch, LinearPatch) and patch.fp8 is fp8:
+                fp8.quantized(patch.module, x.device, None if patch.weight24 is None else patch.weight24.mask)
         if config.mode in ("table", "tdq"):
             timestep = _call_timestep(executor, args, kwargs)
             if table is not None:

@@ -325,8 +325,8 @@ def test_patch_stays_on_its_clone(calibration, tiny_wan):
     patched = apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration)
     assert patched.object_patches and not tiny_wan.object_patches
     fast = apply_tdq(tiny_wan, TDQConfig(mode="tdq", fast_accum=True), calibration)
-    assert all(layer.fast_accum for layer in fast.object_patches.values())  # the option reaches every layer
-    assert not any(layer.fast_accum for layer in patched.object_patches.values())
+    assert all(patch.fp8.fast_accum for patch in fast.object_patches.values())  # the option reaches every layer
+    assert not any(patch.fp8.fast_accum for patch in patched.object_patches.values())
     assert not tiny_wan.clone().object_patches
     assert "comfyui_bsa_tdq" not in str(tiny_wan.wrappers)
 
@@ -341,7 +341,7 @@ def test_second_tdq_replaces_the_first(calibration, tiny_wan, caplog):
     assert any("already has FP8 linear layers" in r.message for r in caplog.records)
     assert len(second.get_wrappers(pe.WrappersMP.APPLY_MODEL, "comfyui_bsa_tdq")) == 1
     assert len(first.get_wrappers(pe.WrappersMP.APPLY_MODEL, "comfyui_bsa_tdq")) == 1
-    assert not set(map(id, second.object_patches.values())) & set(map(id, first.object_patches.values()))
+    assert not {id(p.fp8) for p in second.object_patches.values()} & {id(p.fp8) for p in first.object_patches.values()}
     assert torch.equal(sample(second), sample(apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration)))
 
 
@@ -353,6 +353,50 @@ def sample(model, seed=0):
     latent = torch.zeros(1, 16, 5, 16, 16)
     return comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), 3, 5.0, "euler", "simple", cond,
                                negative, latent, seed=seed, disable_pbar=True)
+
+
+def with_lora(model, strength=1.0):
+    """A clone with a 'diff' weight patch on every block linear, as a LoRA loader adds them."""
+    from comfyui_bsa.compression.linears import target_linears
+    clone, generator = model.clone(), torch.Generator().manual_seed(11)
+    linears = target_linears(model.get_model_object("diffusion_model"))
+    patches = {f"diffusion_model.{name}.weight": (0.05 * torch.randn(m.weight.shape, generator=generator),)
+               for name, m in linears.items()}
+    assert len(clone.add_patches(patches, strength)) == len(patches) == 20
+    return clone
+
+
+def test_tdq_composes_with_lora_pruning_and_teal_and_leaves_the_base_model_alone(tiny_wan):
+    """TDQ patches each linear's forward (the layer and its parameters stay): a LoRA before or after it applies,
+    2:4 masks (either order) are kept and quantized with the weight, TEAL before it keeps sparsifying, and
+    sampling these clones leaves the base model's own sample unchanged."""
+    import comfy.model_management
+
+    from comfyui_bsa.compression.activation_sparsity import ActivationSparsityConfig, apply_activation_sparsity
+    from comfyui_bsa.compression.linears import CalibrationSampling, current_patch
+    from comfyui_bsa.compression.sparsity24 import Sparsity24Config, apply_sparsity24
+    dynamic = TDQConfig(mode="dynamic")
+    base = sample(tiny_wan)
+    tdq = sample(apply_tdq(tiny_wan, dynamic))
+    assert not torch.equal(sample(apply_tdq(with_lora(tiny_wan), dynamic)), tdq)  # LoRA, then TDQ
+    assert not torch.equal(sample(with_lora(apply_tdq(tiny_wan, dynamic))), tdq)  # TDQ, then LoRA
+    pruned = apply_sparsity24(tiny_wan, Sparsity24Config(method="magnitude", layers="all"))[0]
+    pruned_tdq = apply_tdq(pruned, dynamic)
+    patch = current_patch(pruned_tdq, "blocks.0.ffn.0")
+    assert patch.fp8 is not None and patch.weight24 is not None
+    weight_fp8 = patch.fp8.quantized(patch.module, torch.device("cpu"), patch.weight24.mask)[0]
+    assert not weight_fp8.float()[~patch.weight24.mask].any()  # the quantized weight is the masked one
+    assert not torch.equal(sample(pruned_tdq), tdq)
+    generator = torch.Generator().manual_seed(3)
+    sampling = CalibrationSampling([[torch.randn(1, 16, 4096, generator=generator), {}]],
+                                   [[torch.randn(1, 16, 4096, generator=generator), {}]],
+                                   {"samples": torch.zeros(1, 16, 5, 16, 16)}, samples=1, steps=2)
+    teal = apply_activation_sparsity(tiny_wan, ActivationSparsityConfig(target=0.5), sampling)[0]
+    assert not torch.equal(sample(apply_tdq(teal, dynamic)), tdq)
+    tdq_pruned = apply_sparsity24(apply_tdq(tiny_wan, dynamic), Sparsity24Config(method="magnitude", layers="all"))
+    assert len(tdq_pruned[1].masks) == 20 and current_patch(tdq_pruned[0], "blocks.0.ffn.0").fp8 is not None
+    comfy.model_management.unload_all_models()
+    assert torch.equal(sample(tiny_wan), base)
 
 
 def test_modes_on_the_tiny_wan_are_close_to_the_unquantized_sample(calibration, tiny_wan):
@@ -417,7 +461,7 @@ def test_bench_cpu_smoke_runs_every_mode():
                           text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert sum("fp8 TDQLinear" in line and "vs its fake-quant reference 0.0e+00" in line for line in lines) == 6
+    assert sum("fp8 TDQ linear" in line and "vs its fake-quant reference 0.0e+00" in line for line in lines) == 6
     for mode in ("static", "table", "dynamic", "tdq"):
         assert any(line.split()[:1] == [mode] and "PSNR vs reference" in line for line in lines), mode
     assert any(line.startswith("tdq - dynamic:") for line in lines)
