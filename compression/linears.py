@@ -30,6 +30,16 @@ def target_linears(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Linea
             if isinstance(m, torch.nn.Linear) and WAN_LINEARS.search(name)}
 
 
+FP8_STORED = "weights stored in 8 bits (an fp8 / fp8_scaled checkpoint): left as loaded"
+
+
+def stored_in_fp8(module: torch.nn.Linear) -> bool:
+    """Whether the layer's weight is stored in 8 bits (ComfyUI's fp8 and fp8_scaled checkpoints, whose layers
+    multiply it by their `scale_weight` when they cast it): pruning and TDQ read the raw weight, so they leave
+    such layers as loaded."""
+    return module.weight.element_size() == 1 or getattr(module, "scale_weight", None) is not None
+
+
 def _patch_key(name: str) -> str:
     return f"diffusion_model.{name}.forward"
 

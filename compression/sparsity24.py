@@ -20,8 +20,8 @@ import logging
 
 import torch
 
-from .linears import (LOG_PREFIX, CalibrationSampling, RowSample, TensorIdentity, observe_linear_inputs, patch_linears,
-                      target_linears)
+from .linears import (FP8_STORED, LOG_PREFIX, CalibrationSampling, RowSample, TensorIdentity, observe_linear_inputs,
+                      patch_linears, stored_in_fp8, target_linears)
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,9 @@ def choose_layers(linears: dict[str, torch.nn.Linear], config: Sparsity24Config,
         shape = (out_features, in_features)
         if in_features % 4:
             choices.append(LayerChoice(name, shape, None, False, "in_features not divisible by 4"))
+            continue
+        if stored_in_fp8(module):
+            choices.append(LayerChoice(name, shape, None, False, FP8_STORED))
             continue
         if config.layers == "fast" and not expected_to_gain(out_features, in_features):
             choices.append(LayerChoice(name, shape, None, False, "shape not expected to gain speed"))

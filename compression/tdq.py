@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, weight_scales
-from .linears import LinearPatch, TensorIdentity, patch_linears
+from .linears import FP8_STORED, LinearPatch, TensorIdentity, patch_linears, stored_in_fp8
 
 log = logging.getLogger(__name__)
 LOG_PREFIX = "[TDQ]"
@@ -269,6 +269,8 @@ def quantizable_layers(model) -> tuple[list[str], dict[str, str]]:
             skipped[name] = "outside the transformer blocks (embeddings, time MLPs and head keep their dtype)"
         elif module.in_features % 16 or module.out_features % 16:
             skipped[name] = "in/out features not multiples of 16 (torch._scaled_mm)"
+        elif stored_in_fp8(module):
+            skipped[name] = FP8_STORED
         else:
             chosen.append(name)
     return chosen, skipped

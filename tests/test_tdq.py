@@ -399,6 +399,28 @@ def test_tdq_composes_with_lora_pruning_and_teal_and_leaves_the_base_model_alone
     assert torch.equal(sample(tiny_wan), base)
 
 
+def test_fp8_scaled_checkpoints_keep_their_layers(tiny_wan_path, tmp_path, caplog):
+    """A Wan loaded from an fp8_scaled file (8-bit weights times scale_weight): TDQ and 2:4 pruning leave those
+    layers as loaded, with the reason, instead of reading the raw 8-bit weight as if it were the real one."""
+    import comfy.sd
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_bsa.compression.sparsity24 import Sparsity24Config, apply_sparsity24
+    state = load_file(str(tiny_wan_path))
+    for name in [n for n in state if n.startswith("blocks.") and n.endswith(".weight") and state[n].ndim == 2]:
+        scale = state[name].float().abs().amax() / E4M3_MAX
+        state[name] = (state[name].float() / scale).to(E4M3)
+        state[name.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+    state["scaled_fp8"] = torch.empty(0, dtype=E4M3)
+    save_file(state, str(tmp_path / "tiny_wan_fp8_scaled.safetensors"))
+    model = comfy.sd.load_diffusion_model(str(tmp_path / "tiny_wan_fp8_scaled.safetensors"))
+    with caplog.at_level("INFO"):
+        patched = apply_tdq(model, TDQConfig(mode="dynamic"))
+    assert not patched.object_patches and any("8 bits" in r.message for r in caplog.records)
+    pruned, result = apply_sparsity24(model, Sparsity24Config(method="magnitude", layers="all"))
+    assert not result.masks and all("8 bits" in choice.reason for choice in result.choices)
+
+
 def test_modes_on_the_tiny_wan_are_close_to_the_unquantized_sample(calibration, tiny_wan):
     reference = sample(tiny_wan)
     errors = {mode: rms_rel(sample(apply_tdq(tiny_wan, TDQConfig(mode=mode), calibration)), reference)
