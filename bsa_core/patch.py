@@ -12,7 +12,9 @@ decides the sigma window from its own sigmas (transformer_options["sigmas"]: spa
 the batch lies in the window), and dense_blocks counts the call's blocks as in sampling. A gradient
 checkpoint recomputes blocks during backward, last block first: the call's decisions are kept in its
 transformer_options (which the recompute gets again) and the recompute counts the blocks down, so it
-runs exactly what the forward ran. Recomputes are not counted in the run's stats.
+runs exactly what the forward ran. Recomputes are not counted in the run's stats. ComfyUI's dpm_fast and
+dpm_adaptive samplers number their callbacks by their own iterations, not by the schedule's steps: with
+them, too, each model call decides the window from its own sigmas (one host read per call).
 
 Importable without ComfyUI: comfy.* is imported inside functions only.
 """
@@ -40,6 +42,8 @@ OVERRIDE_KEY = "optimized_attention_override"
 RUN_KEY = "bsa_run"  # transformer_options key of the run in progress (only in the sampler's copy)
 CALL_KEY = "bsa_call"  # transformer_options key of a training model call's CallPlan (one dict per call)
 
+# comfy.samplers.ksampler's functions whose callback counts their own iterations, not the schedule's steps
+CALLBACKS_NOT_PER_STEP = ("dpm_fast_function", "dpm_adaptive_function")
 # A step is sparse when the schedule's sigma at its start lies in [sigma(end_percent), sigma(start_percent)],
 # both ends included. The comparison allows this relative slack so that a step placed exactly on a boundary
 # (e.g. step 2 of 10 at start_percent 0.2) counts as inside whatever float rounding the scheduler used.
@@ -175,9 +179,11 @@ class BSARun:
     window from its own sigmas and keeps its decisions for checkpoint recomputes (see the module docstring).
     """
 
-    def __init__(self, options: BSAOptions, model_sampling=None, schedule=(), record=(), training: bool = False):
+    def __init__(self, options: BSAOptions, model_sampling=None, schedule=(), record=(), training: bool = False,
+                 window_per_call: bool = False):
         self.options = options
         self.training = training
+        self.window_per_call = training or window_per_call  # each model call decides from its own sigmas
         self.plan = None  # training: the CallPlan of the model call in progress
         self.schedule = [float(s) for s in schedule]
         self.sigma_start, self.sigma_end = math.inf, 0.0
@@ -223,10 +229,10 @@ class BSARun:
         self.layout = layout
         self.cross_tokens = cross_tokens
         self._self_attention_pending_cross = False
+        if self.window_per_call and sigmas:
+            self.sigma = max(sigmas)
+            self.in_window = all(self.window_contains(s) for s in sigmas)
         if self.training:
-            if sigmas:
-                self.sigma = max(sigmas)
-                self.in_window = all(self.window_contains(s) for s in sigmas)
             self.plan = CallPlan(layout, cross_tokens, self.in_window)
         if self.report is not None:
             self.report.begin_forward(self.step, self.sigma)
@@ -325,7 +331,7 @@ class BSARun:
             log.warning(f"{LOG_PREFIX} dense_blocks lists block {last}, but this model has {self.blocks_per_forward} "
                         f"blocks (0-{self.blocks_per_forward - 1}): blocks past the last one are ignored")
         decisions = {self.window_contains(s) for s in self.schedule[:-1]}
-        if len(decisions) > 1 and not self.steps_reported:
+        if len(decisions) > 1 and not self.steps_reported and not self.window_per_call:
             log.warning(f"{LOG_PREFIX} the sampler reported no finished step: every step used the first step's "
                         "start_percent..end_percent decision")
 
@@ -469,9 +475,11 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
         original_options = guider.model_options
         sigmas = _sample_args(args, kwargs, "sigmas", 3)
         callback = _sample_args(args, kwargs, "callback", 5)
+        sampler_function = getattr(_sample_args(args, kwargs, "sampler", 2), "sampler_function", None)
         run = BSARun(options, guider.model_patcher.get_model_object("model_sampling"),
                      [] if sigmas is None else sigmas.tolist(), _specs_to_record(options),
-                     training=torch.is_grad_enabled())  # ComfyUI samples in inference mode; trainers do not
+                     training=torch.is_grad_enabled(),  # ComfyUI samples in inference mode; trainers do not
+                     window_per_call=getattr(sampler_function, "__name__", "") in CALLBACKS_NOT_PER_STEP)
 
         def step_done(step, *rest):
             run.step_done(step)
@@ -491,6 +499,9 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
             if run.report is not None and run.report.rows:
                 _last_report_of_model[guider.model_patcher] = run.report
                 _last_report_of_options[options] = run.report
+            else:  # a later run recorded nothing: a Report must not show an older run's numbers as this one's
+                _last_report_of_model.pop(guider.model_patcher, None)
+                _last_report_of_options.pop(options, None)
 
     def learn_token_layout(executor, x, *args, **kwargs):
         """APPLY_MODEL (x, t, c_concat, c_crossattn, control, transformer_options): x is the noisy latent,
@@ -499,7 +510,7 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
         run = transformer_options.get(RUN_KEY)
         if isinstance(run, BSARun) and run.options is options:
             context = kwargs.get("c_crossattn", args[2] if len(args) > 2 else None)
-            sigmas = transformer_options.get("sigmas") if run.training else None
+            sigmas = transformer_options.get("sigmas") if run.window_per_call else None
             plan = run.begin_forward(token_layout(executor.class_obj.diffusion_model, x.shape, kwargs),
                                      context.shape[1] if isinstance(context, torch.Tensor) and context.dim() >= 2
                                      else None,

@@ -156,6 +156,30 @@ def test_sampling_window_and_dense_blocks(tiny_wan, caplog):
     assert run["sparse_calls"] == 2
 
 
+@pytest.mark.parametrize("sampler", ["euler", "dpm_fast", "dpm_adaptive"])
+def test_window_follows_each_calls_sigma_whatever_the_samplers_callbacks_count(tiny_wan, sampler):
+    """dpm_fast and dpm_adaptive number their callbacks by their own iterations, not the schedule's steps: there
+    each model call decides by its own sigma. A self-attention call runs sparse exactly when its model call's
+    sigma lies in the window (end_percent 0.5 here)."""
+    self_dense = {}  # model call sigma -> self-attention calls that stayed dense (cross-attention always does)
+
+    def previous(func, q, k, *args, **kwargs):
+        sigma = round(float(kwargs["transformer_options"]["sigmas"].max()), 6)
+        self_dense[sigma] = self_dense.get(sigma, 0) + (q.shape[1] == k.shape[1])
+        return func(q, k, *args, **kwargs)
+
+    base = tiny_wan.clone()
+    base.model_options["transformer_options"][OVERRIDE_KEY] = previous
+    model = apply_bsa(base, SPARSE, start_percent=0.0, end_percent=0.5)
+    sigma_end = float(model.get_model_object("model_sampling").percent_to_sigma(0.5))
+    g = torch.Generator().manual_seed(0)
+    positive, negative = ([[torch.randn(1, 16, 4096, generator=g), {}]] for _ in range(2))
+    nodes.common_ksampler(model, 7, 10, 3.0, sampler, "simple", positive, negative,
+                          {"samples": torch.zeros(1, 16, 5, 16, 16)})
+    wrong = {sigma: n for sigma, n in self_dense.items() if (n == 0) != (sigma >= sigma_end * (1 - 1e-4))}
+    assert len(self_dense) > 3 and not wrong, (sigma_end, wrong)
+
+
 def test_dense_blocks_past_the_model_warn(tiny_wan, caplog):
     caplog.set_level(logging.INFO)
     sample(apply_bsa(tiny_wan, SPARSE, dense_blocks="1-10000000"))

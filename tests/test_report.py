@@ -183,6 +183,18 @@ def test_report_of_another_spec_is_recorded_from_the_next_run(tiny_wan):
     assert image.shape == (1, 256, 256, 3)
 
 
+def test_a_later_run_that_records_nothing_clears_the_report(tiny_wan, monkeypatch):
+    """A run with a Report, a later run without one (e.g. another seed), then the Report back while ComfyUI serves
+    the sampler output from its cache: the Report must not show the first run's numbers as the latent's run."""
+    model = apply_bsa(tiny_wan, SPARSE, record=ReportSpec(-1, 0, 0))
+    sample(model)
+    assert len(table_rows(BSAReport.execute(model, {"samples": None}, -1, 0, 0).result[0])) == STEPS * BLOCKS
+    monkeypatch.setattr(patch_module, "_specs_to_record", lambda options: ())  # no Report on this run's branch
+    sample(model)
+    text = BSAReport.execute(model, {"samples": None}, -1, 0, 0).result[0]
+    assert text.startswith("Nothing recorded: no sampling run of this model has finished with a BSA Report")
+
+
 def test_dense_rows_and_a_head_out_of_range(tiny_wan):
     model = apply_bsa(tiny_wan, SPARSE, start_percent=0.5, dense_blocks={1}, record=ReportSpec(-1, 0, 5))
     sample(model, steps=3)
