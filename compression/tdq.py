@@ -400,6 +400,9 @@ def calibrate_tdq(model, prompts, latent: dict, steps: int = 20, cfg: float = 5.
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not prompts:
         raise ValueError("prompts must hold at least one (positive, negative) pair")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**64 - seeds_per_prompt:
+        raise ValueError(f"seed must be an integer in [0, 2**64 - seeds] (seeds {seeds_per_prompt} follow it), "
+                         f"got {seed!r}")
     layers, skipped = quantizable_layers(model)
     _log_skipped(skipped)
     index = {name: i for i, name in enumerate(layers)}

@@ -319,6 +319,9 @@ def test_invalid_settings_raise_naming_the_input(tiny_wan):
         TDQConfig(fast_accum="yes")
     with pytest.raises(ValueError, match="calibration"):
         apply_tdq(tiny_wan, TDQConfig(mode="tdq"))
+    with pytest.raises(ValueError, match="seed"):  # before any sampling: the last of 2 seeds would pass 2**64 - 1
+        calibrate_tdq(tiny_wan, [([], [])], {"samples": torch.zeros(1, 16, 5, 16, 16)}, seed=2**64 - 1,
+                      seeds_per_prompt=2)
 
 
 def test_patch_stays_on_its_clone(calibration, tiny_wan):
