@@ -11,7 +11,6 @@ import json
 import math
 import os
 import pathlib
-import time
 
 import torch
 from safetensors.torch import load_file
