@@ -196,6 +196,7 @@ class BSARun:
         self.block = 0
         self.blocks_per_forward = 0  # most self-attention blocks seen in one model call
         self.call_block = None  # transformer block of the attention call in progress (None: not a block)
+        self.outside_blocks = 0  # > 0 inside a block the model does not number (OutsideBlocks)
         self.cross_tokens = None
         self._self_attention_pending_cross = False
         self._logged = set()
@@ -269,7 +270,9 @@ class BSARun:
         if grid is not None and tokens < self.layout.n_prefix + math.prod(grid):
             return "shorter than the video (e.g. text refiner)"  # not a transformer block: not counted
         self._self_attention_pending_cross = True  # a block's self-attention: its cross-attention may follow
-        if recompute is not None:
+        if self.outside_blocks:  # e.g. Wan VACE's blocks: no number of the model's own blocks
+            block = None
+        elif recompute is not None:
             recompute.blocks -= 1
             block = self.call_block = recompute.blocks
         else:
@@ -284,7 +287,7 @@ class BSARun:
             return f"fewer than min_tokens={self.options.min_tokens} tokens"
         if not self.in_window:
             return "sigma outside start_percent..end_percent"
-        if block in self.options.dense_blocks:
+        if block is not None and block in self.options.dense_blocks:
             return "block listed in dense_blocks"
         reason = unsupported_reason(q, k, v, self.layout.grid, *self.layout.extra_tokens(tokens))
         if reason is None and q.is_cuda:
@@ -334,6 +337,25 @@ class BSARun:
         if len(decisions) > 1 and not self.steps_reported and not self.window_per_call:
             log.warning(f"{LOG_PREFIX} the sampler reported no finished step: every step used the first step's "
                         "start_percent..end_percent decision")
+
+
+class OutsideBlocks:
+    """forward of a block that is not one of the model's numbered transformer blocks (Wan VACE's vace_blocks,
+    which run between them on the control latents): its attention calls take no block number, so dense_blocks
+    and the report's layers count the model's own blocks. An object patch on the BSA clone."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        run = (kwargs.get("transformer_options") or {}).get(RUN_KEY)
+        if not isinstance(run, BSARun):
+            return type(self.module).forward(self.module, *args, **kwargs)
+        run.outside_blocks += 1
+        try:
+            return type(self.module).forward(self.module, *args, **kwargs)
+        finally:
+            run.outside_blocks -= 1
 
 
 def make_override(run: BSARun, previous):
@@ -386,7 +408,7 @@ def make_override(run: BSARun, previous):
         except Exception as error:  # a failing sparse call must not kill a long render: run it dense
             return dense(f"BSA failed ({type(error).__name__}: {error})", warning=True)
         stats.record_sparse(kept_queries, kept_kv)
-        if report is not None:
+        if report is not None and run.call_block is not None:
             report.record_sparse(run.call_block, timer, kept_queries, kept_kv)
             for spec in report.wanted_selections(run.call_block):
                 report.capture_selection(spec, run.call_block, qh, kh, run.layout.grid, config, n_prefix,
@@ -463,6 +485,8 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
                          record, None if node_id is None else str(node_id))
 
     patched = model.clone()
+    for i, block in enumerate(getattr(patched.get_model_object("diffusion_model"), "vace_blocks", None) or ()):
+        patched.add_object_patch(f"diffusion_model.vace_blocks.{i}.forward", OutsideBlocks(block))
     if find_options(patched) is not None:
         log.warning(f"{LOG_PREFIX} this model already has BSA (two BSA Sparse Attention nodes in a row): the one "
                     "nearer the sampler runs, the earlier one is removed")

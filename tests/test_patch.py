@@ -180,6 +180,32 @@ def test_window_follows_each_calls_sigma_whatever_the_samplers_callbacks_count(t
     assert len(self_dense) > 3 and not wrong, (sigma_end, wrong)
 
 
+def test_vace_blocks_take_no_block_number(caplog):
+    """Wan VACE runs its vace_blocks between the numbered blocks, on control latents as long as the video: their
+    attention neither shifts dense_blocks (0-3 = all 4 blocks of this model) nor counts as a block, and follows
+    the sampling setting (sparse)."""
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.wan.model import VaceWanModel
+    torch.manual_seed(0)
+    vace = VaceWanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=256, ffn_dim=512,
+                        freq_dim=256, text_dim=4096, out_dim=16, num_heads=2, num_layers=4, vace_layers=2,
+                        vace_in_dim=96, operations=comfy.ops.manual_cast, device="cpu", dtype=torch.float32)
+    for parameter in vace.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    model = comfy.sd.load_diffusion_model_state_dict(vace.state_dict())
+    assert len(model.get_model_object("diffusion_model").vace_blocks) == 2
+    caplog.set_level(logging.INFO)
+    sample(apply_bsa(model, SPARSE, dense_blocks="0-3"), steps=2)
+    run = last_run(caplog)
+    assert run["dense_reasons"]["block listed in dense_blocks"] == 2 * 4 and run["sparse_calls"] == 2 * 2, run
+    assert not any("dense_blocks lists block" in line for line in bsa_lines(caplog))
+    caplog.clear()
+    sample(apply_bsa(model, SPARSE, dense_blocks="4"), steps=2)  # past the model's 4 blocks (0-3)
+    assert last_run(caplog)["sparse_calls"] == 2 * 6
+    assert any("dense_blocks lists block 4, but this model has 4 blocks" in line for line in bsa_lines(caplog))
+
+
 def test_dense_blocks_past_the_model_warn(tiny_wan, caplog):
     caplog.set_level(logging.INFO)
     sample(apply_bsa(tiny_wan, SPARSE, dense_blocks="1-10000000"))
