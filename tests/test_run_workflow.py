@@ -75,3 +75,15 @@ def test_shipped_api_workflow_runs_headless_and_writes_its_images(workflow, tmp_
         # without the BSA node (dense) the report has nothing to draw; with it, every image shows the run
         with Image.open(tmp_path / name) as sparse, Image.open(tmp_path / name.replace("bsa_", "dense_", 1)) as dense:
             assert sparse.size != dense.size or sparse.tobytes() != dense.tobytes(), name
+
+
+def test_variants_given_in_any_order_run_and_compare_with_the_first_run(tmp_path, shapes_stand_in_dir):
+    """--variants bsa dense: the runs go dense then bsa, and both lines compare with dense (the first run)."""
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "run_workflow.py"), "--variants", "bsa", "dense",
+                             "--width", "64", "--height", "64", "--length", "5", "--steps", "1",
+                             "--output-dir", str(tmp_path), "--models-dir", str(shapes_stand_in_dir)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if " wall " in line]
+    assert [line.split()[0] for line in lines] == ["dense", "bsa"]
+    assert all("max|latent - dense|" in line for line in lines), lines

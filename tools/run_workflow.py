@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="override KSampler steps")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="which runs: dense (BSA node bypassed), bsa_1_1 (keep_ratio = kv_threshold = 1), "
-                             "bsa (the workflow's settings); max|latent - dense| needs dense first")
+                             "bsa (the workflow's settings); run in that order, each compared with the first run")
     parser.add_argument("--output-dir", help="where the workflow's images go (default: output/<workflow name>)")
     parser.add_argument("--models-dir", help="a folder of diffusion models searched before assets/")
     parser.add_argument("--verbose", action="store_true", help="show ComfyUI's own log lines")
@@ -341,6 +341,7 @@ def main(argv=None) -> int:
             print(f"{'':8s} latents in training/'s space, decoded by its exact decoder: PSNR of the pixels vs the "
                   f"first run, {FRAMES_FILE} one row per run")
         reference, frames = None, {}
+        first = next(name for name in VARIANTS if name in args.variants)  # runs go in VARIANTS order
         for name, variant in variants(prompt).items():
             if name not in args.variants:
                 continue
@@ -350,10 +351,10 @@ def main(argv=None) -> int:
             result = latest_latent(tmp / "output")
             reference = result if reference is None else reference
             error = float((result - reference).abs().max())
-            line = f"{name:8s} wall {seconds:6.2f} s  max|latent - {args.variants[0]}| {error:.2e}"
+            line = f"{name:8s} wall {seconds:6.2f} s  max|latent - {first}| {error:.2e}"
             if synthetic:
                 frames[name] = decode_synthetic(result)
-                line += f"  PSNR {psnr(frames[name], frames[args.variants[0]]):6.2f} dB"
+                line += f"  PSNR {psnr(frames[name], frames[first]):6.2f} dB"
             for run in run_log.runs[runs_before:]:
                 kept = (f"kept queries {run['kept_query_pct']:.1f}%, kept KV cubes {run['kept_kv_pct']:.1f}%"
                         if run["sparse_calls"] else "no sparse call")
