@@ -92,6 +92,12 @@ class TDQQuantize(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, calibration_file="", **kwargs):
+        """A calibration file written again under the same name (by TDQ Calibrate) is a new input: its time."""
+        path = os.path.join(folder_paths.get_output_directory(), calibration_file.strip())
+        return os.path.getmtime(path) if calibration_file.strip() and os.path.isfile(path) else ""
+
+    @classmethod
     def execute(cls, model, mode, calibration=None, calibration_file="", fast_accumulation=False) -> io.NodeOutput:
         if calibration is None and calibration_file.strip() and mode in ("static", "table", "tdq"):
             path = os.path.join(folder_paths.get_output_directory(), calibration_file.strip())

@@ -476,6 +476,12 @@ def test_calibrate_save_load_quantize_with_bsa_through_the_executor(tiny_wan_pat
     from_file["2"]["inputs"]["model"] = ["9", 0]
     from_file["7"] = prompt["7"]
     runner.run(from_file)
+    # the file written again under the same name is a new input for ComfyUI's cache
+    from comfyui_bsa.nodes.nodes_tdq import TDQQuantize
+    path = tmp_path / "output" / "tdq" / "tiny.safetensors"
+    before = TDQQuantize.fingerprint_inputs(calibration_file="tdq/tiny.safetensors")
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 5))
+    assert before and TDQQuantize.fingerprint_inputs(calibration_file="tdq/tiny.safetensors") != before
 
 
 def test_bench_cpu_smoke_runs_every_mode():
