@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cube_index import _cube_tokens, _grid_args
+from .cube_tokens import _cube_tokens, _grid_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cube_index import _cube_tokens, _grid_args
+from .cube_tokens import _cube_tokens, _grid_args
 
 _TILE_ELEMENTS = 8192  # rows x head_dim per loop step: ~64 fp32 registers a thread at 4 warps
 

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cube_index import _cube_tokens, _grid_args, keep_counts, kept_width
+from .cube_index import keep_counts, kept_width
+from .cube_tokens import _cube_tokens, _grid_args
 
 _EPS = tl.constexpr(1e-12)  # torch.nn.functional.normalize's eps
 _TILE_ELEMENTS = 8192

@@ -17,7 +17,8 @@ from packaging.requirements import Requirement
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-PLATFORMS = {"linux": "triton", "win32": "triton-windows", "darwin": None}
+# Linux: torch's CUDA wheels bring triton; a 'triton' requirement would overwrite ROCm's / nightly's own build
+PLATFORMS = {"linux": None, "win32": "triton-windows", "darwin": None}
 
 
 def requirement_lines(path: pathlib.Path) -> list[str]:
@@ -133,3 +134,31 @@ def test_pip_install_gives_an_importable_package_that_runs_without_comfyui(tmp_p
     metadata = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.requires('comfyui-bsa'))"],
                               capture_output=True, text=True, check=True).stdout
     assert "triton-windows" in metadata and "sys_platform" in metadata
+
+
+def test_pack_loads_in_comfyui_without_triton_and_runs_the_reference(tmp_path):
+    """macOS or a CPU-only torch has no Triton: ComfyUI's loader still registers every node, and BSA runs the
+    pure-PyTorch reference (Triton imported only where kernels run)."""
+    from comfy_env import COMFYUI_PATH, require_comfyui
+    require_comfyui()
+    link = tmp_path / "comfyui-bsa"
+    link.symlink_to(REPO, target_is_directory=True)
+    script = f"""
+import asyncio, sys
+sys.modules["triton"] = sys.modules["triton.language"] = None  # import triton raises ImportError
+sys.path.insert(0, {str(COMFYUI_PATH)!r})
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import nodes
+assert asyncio.run(nodes.load_custom_node({str(link)!r}))
+assert "BSASparseAttention" in nodes.NODE_CLASS_MAPPINGS and "TDQQuantize" in nodes.NODE_CLASS_MAPPINGS
+import torch
+bsa_core = next(m for name, m in sys.modules.items() if name.endswith("comfyui-bsa.bsa_core"))
+q = torch.randn(1, 2, 320, 64)
+out = bsa_core.bsa_attention(q, q, q, (5, 8, 8), bsa_core.BSAConfig(cube_size=(2, 4, 4)))
+print("reference ran", tuple(out[0].shape))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=str(COMFYUI_PATH))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "reference ran (1, 2, 320, 64)" in result.stdout
