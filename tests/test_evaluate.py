@@ -63,6 +63,9 @@ def test_validation_loss_is_deterministic_batch_free_and_dense_under_bsa_that_ke
     sparse = validation_loss(model, vset, SPARSE, batch_size=4)
     again = validation_loss(model, vset, SPARSE, batch_size=4)
     assert (again.loss, again.kept_kv_pct) == (sparse.loss, sparse.kept_kv_pct)
+    one_batch = validation_loss(model, vset, SPARSE, batch_size=6)  # 6 pairs; 4 + 2 above, and 5 + 1 here
+    assert sparse.kept_kv_pct == pytest.approx(one_batch.kept_kv_pct)
+    assert validation_loss(model, vset, SPARSE, batch_size=5).kept_kv_pct == pytest.approx(one_batch.kept_kv_pct)
     assert 0 < sparse.kept_kv_pct < 100 and sparse.loss != dense.loss and math.isfinite(sparse.loss)
     assert validation_loss(model, vset, SPARSE, dense_blocks="0,1").kept_kv_pct is None  # every block dense
 

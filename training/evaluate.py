@@ -88,9 +88,10 @@ def validation_loss(model, vset: ValidationSet, bsa: BSAConfig | None = None, de
         with autocast(device):
             prediction = velocity(model, x_t, sigma, context, options)
         losses[videos, levels] = (prediction.float() - (noise - x0)).square().flatten(1).mean(1).cpu()
-        if run is not None and run.stats.sparse_calls:
-            kept_kv.append(run.stats.as_dict()["kept_kv_pct"])
-    return ValidationResult(float(losses.mean()), losses.mean(0), sum(kept_kv) / len(kept_kv) if kept_kv else None)
+        if run is not None and run.stats.sparse_calls:  # weighed by the batch's pairs: independent of batch_size
+            kept_kv.append((run.stats.as_dict()["kept_kv_pct"], len(videos)))
+    kept = sum(pct * pairs for pct, pairs in kept_kv) / sum(pairs for _, pairs in kept_kv) if kept_kv else None
+    return ValidationResult(float(losses.mean()), losses.mean(0), kept)
 
 
 def psnr(video: torch.Tensor, reference: torch.Tensor, peak: float = 2.0) -> float:
