@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import defaultdict
 
 import torch
@@ -143,9 +144,16 @@ class InputMagnitudes:
 
 
 def quantile(values: torch.Tensor, q: float) -> float:
-    """The q-quantile of values (torch.quantile caps its input at 2^24 entries; kthvalue does not)."""
-    k = max(1, min(values.numel(), round(q * values.numel())))
-    return float(values.kthvalue(k).values) if q > 0 else 0.0
+    """The threshold below which (strictly, as the sparsifier zeroes |x| < t) a share q of `values` lies: the
+    (k+1)-th smallest value for k = round(q n) (torch.quantile caps its input at 2^24 entries; kthvalue does
+    not); above the largest value when k = n."""
+    n = values.numel()
+    k = min(n, round(q * n)) if q > 0 else 0
+    if k == 0:
+        return 0.0
+    if k == n:
+        return float(torch.nextafter(values.max().float(), torch.tensor(math.inf)))
+    return float(values.kthvalue(k + 1).values)
 
 
 @dataclasses.dataclass(frozen=True)

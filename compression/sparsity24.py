@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 
@@ -248,6 +249,9 @@ def choose_layers(linears: dict[str, torch.nn.Linear], config: Sparsity24Config,
         mask = mask_24(scores)
         error = None if stats is None else relative_output_error(stats.rows[name].tensor(), module.weight, mask,
                                                                  module.bias)
+        if error is not None and not math.isfinite(error):  # inf in the calibration inputs (fp16 overflow)
+            choices.append(LayerChoice(name, shape, error, False, "non-finite calibration output"))
+            continue
         if error is not None and error > config.max_error:
             choices.append(LayerChoice(name, shape, error, False, f"error above {config.max_error}"))
             continue

@@ -216,6 +216,22 @@ def test_thresholds_hit_target_per_bin_and_patch_stays_on_its_clone(tiny_wan, sa
     torch.testing.assert_close(sample(tiny_wan), dense_before, rtol=0, atol=0)  # no leak into the base model
 
 
+def test_threshold_zeroes_the_target_share_and_a_non_finite_error_keeps_the_layer():
+    """TEAL's threshold: a share q of the calibration values lies strictly below it (the sparsifier zeroes
+    |x| < t); 2:4: an infinite calibration input (fp16 overflow) gives a NaN error, which must not pass max_error."""
+    from comfyui_bsa.compression.activation_sparsity import quantile
+    from comfyui_bsa.compression.sparsity24 import InputStats, choose_layers
+    values = torch.arange(1.0, 17.0)
+    assert [float((values < quantile(values, q)).float().mean()) for q in (0.0, 0.25, 0.5, 1.0)] == [0, 0.25, 0.5, 1]
+    layer, stats = torch.nn.Linear(8, 4), InputStats(16)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    x[:, :2] = float("inf")
+    stats.observe("blocks.0.ffn.0", x)
+    choice = choose_layers({"blocks.0.ffn.0": layer}, Sparsity24Config(method="magnitude", layers="all", max_error=0.1),
+                           stats).choices[0]
+    assert not choice.pruned and choice.reason == "non-finite calibration output", choice
+
+
 def test_non_wan_model_is_returned_unpatched():
     from comfyui_bsa.compression.sparsity24 import choose_layers
     assert choose_layers({}, Sparsity24Config(method="wanda"), None).masks == {}
