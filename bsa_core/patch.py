@@ -424,6 +424,9 @@ def make_override(run: BSARun, previous):
 # whose model is an upstream clone of the sampler's). Weak: a model ComfyUI drops takes its report along.
 _last_report_of_model = weakref.WeakKeyDictionary()
 _last_report_of_options = weakref.WeakKeyDictionary()
+# and by the sampler node that ran them: (options, report), for a Report whose `samples` come from that sampler
+# (two samplers on one model: each Report shows its own sampler's run)
+_last_report_of_sampler: dict[str, tuple] = {}
 
 
 def _running_prompt():
@@ -520,12 +523,18 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
         finally:
             guider.model_options = original_options
             run.finish()
+            sampler_id = _running_prompt()[1]
             if run.report is not None and run.report.rows:
                 _last_report_of_model[guider.model_patcher] = run.report
                 _last_report_of_options[options] = run.report
+                if sampler_id is not None:
+                    if len(_last_report_of_sampler) > 64:
+                        _last_report_of_sampler.clear()
+                    _last_report_of_sampler[str(sampler_id)] = (options, run.report)
             else:  # a later run recorded nothing: a Report must not show an older run's numbers as this one's
                 _last_report_of_model.pop(guider.model_patcher, None)
                 _last_report_of_options.pop(options, None)
+                _last_report_of_sampler.pop(str(sampler_id), None)
 
     def learn_token_layout(executor, x, *args, **kwargs):
         """APPLY_MODEL (x, t, c_concat, c_crossattn, control, transformer_options): x is the noisy latent,
@@ -557,21 +566,33 @@ def find_options(model) -> BSAOptions | None:
     return options[-1] if options else None
 
 
-def last_report(model) -> RunReport | None:
-    """The RunReport of the last finished recorded sampling run of `model` (the model the sampler got) or,
-    failing that, of any model carrying the same BSA patch; None without a patch or such a run."""
+def last_report(model, sampler_id=None) -> RunReport | None:
+    """The RunReport of the last finished recorded sampling run of sampler node `sampler_id` with this BSA
+    patch, or else of `model` (the model the sampler got), or else of any model carrying the same BSA patch;
+    None without a patch or such a run."""
     options = find_options(model)
     if options is None:
         return None
+    of_sampler = _last_report_of_sampler.get(str(sampler_id)) if sampler_id is not None else None
+    if of_sampler is not None and of_sampler[0] is options:
+        return of_sampler[1]
     return _last_report_of_model.get(model) or _last_report_of_options.get(options)
 
 
-def bsa_report(model, spec: ReportSpec) -> tuple[str, torch.Tensor]:
-    """(table, heat-map image) of last_report(model), or a message and a placeholder without one."""
+def running_report_sampler() -> str | None:
+    """The node whose output feeds the `samples` input of the BSA Report executing now (its sampler), or None
+    outside ComfyUI's executor."""
+    prompt, node_id = _running_prompt()
+    link = (((prompt or {}).get(str(node_id)) or {}).get("inputs") or {}).get("samples")
+    return str(link[0]) if isinstance(link, (list, tuple)) and len(link) == 2 else None
+
+
+def bsa_report(model, spec: ReportSpec, sampler_id=None) -> tuple[str, torch.Tensor]:
+    """(table, heat-map image) of last_report(model, sampler_id), or a message and a placeholder without one."""
     if find_options(model) is None:
         return render(None, spec, "No BSA patch on this model: connect the MODEL output of BSA Sparse "
                                   "Attention (directly or through other model nodes).")
-    report = last_report(model)
+    report = last_report(model, sampler_id)
     message = ("Nothing recorded: no sampling run of this model has finished with a BSA Report on its branch. "
                "ComfyUI reuses a cached sampler output without sampling again: change the seed or any sampler "
                "input and queue again.")

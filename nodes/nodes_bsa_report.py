@@ -2,7 +2,7 @@
 kept-cube heat-map."""
 from comfy_api.latest import io
 
-from ..bsa_core.patch import bsa_report, last_report
+from ..bsa_core.patch import bsa_report, last_report, running_report_sampler
 from ..bsa_core.report import ReportSpec, kept_kv_plot
 
 DEFAULTS = ReportSpec()
@@ -52,5 +52,6 @@ class BSAReport(io.ComfyNode):
     @classmethod
     def execute(cls, model, samples, step=DEFAULTS.step, layer=DEFAULTS.layer,
                 head=DEFAULTS.head) -> io.NodeOutput:
-        text, image = bsa_report(model, ReportSpec(step, layer, head))
-        return io.NodeOutput(text, image, kept_kv_plot(last_report(model)))
+        sampler = running_report_sampler()  # two samplers on one model: this Report's own sampler's run
+        text, image = bsa_report(model, ReportSpec(step, layer, head), sampler)
+        return io.NodeOutput(text, image, kept_kv_plot(last_report(model, sampler)))

@@ -274,3 +274,30 @@ def test_workflow_through_the_executor(tiny_wan_path, tmp_path):
     assert "heat-map: step 1 " in text and "total: 4 sparse calls" in text
     assert executor.history_result["outputs"][image_id]["images"]
     assert executor.history_result["outputs"][plot_id]["images"]
+
+
+def test_two_samplers_on_one_model_each_report_shows_its_own_run(tiny_wan_path, tmp_path):
+    """One BSA model, samplers 6 (2 steps) and 7 (3 steps), a Report on each. Queued again with only the
+    Reports' layer changed, ComfyUI serves both samplers from its cache: each Report still shows its own
+    sampler's run (found by following its `samples` link), not whichever run finished last."""
+    import copy
+
+    from comfy_env import PromptRunner, tiny_prompt
+    bsa = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative", start_percent=0.0,
+               end_percent=1.0, stat_lambda=1.0, min_blocks=1, dense_blocks="", min_tokens=0, pooled_remainder=False)
+    runner = PromptRunner(tiny_wan_path, tmp_path)
+    prompt = tiny_prompt(bsa, steps=2)
+    prompt["7"] = copy.deepcopy(prompt["6"])
+    prompt["7"]["inputs"].update(steps=3, seed=5)
+    for report, preview, sampler in (("8", "9", "6"), ("10", "11", "7")):
+        prompt[report] = {"class_type": "BSAReport", "inputs": {"model": ["2", 0], "samples": [sampler, 0],
+                                                               "step": -1, "layer": 0, "head": 0}}
+        prompt[preview] = {"class_type": "PreviewAny", "inputs": {"source": [report, 0]}}
+
+    def steps_shown(executor):
+        outputs = executor.history_result["outputs"]
+        return [outputs[p]["text"][0].split("BSA report: ")[1].split(" steps")[0] for p in ("9", "11")]
+
+    assert steps_shown(runner.run(prompt)) == ["2", "3"]
+    prompt["8"]["inputs"]["layer"] = prompt["10"]["inputs"]["layer"] = 1
+    assert steps_shown(runner.run(prompt)) == ["2", "3"]
