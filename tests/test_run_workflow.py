@@ -52,8 +52,10 @@ def test_shipped_api_workflow_runs_headless_and_writes_its_images(workflow, tmp_
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if " wall " in line}
     assert set(lines) == set(VARIANTS), result.stdout
-    quantized = any(node["class_type"] == "TDQQuantize" for node in json.loads(workflow.read_text()).values())
-    if not quantized:  # FP8 layers downstream round the 1e-6 differences of two exact attentions to 6 % steps
+    # FP8 layers round the 1e-6 differences of two exact attentions to 6 % steps, and TEAL's thresholds zero or
+    # keep an input that lies on them: downstream of either, two exact attentions need not give close latents
+    discontinuous = {"TDQQuantize", "ActivationSparsityTEAL"}
+    if not any(node["class_type"] in discontinuous for node in json.loads(workflow.read_text()).values()):
         assert float(lines["bsa_1_1"].split("dense|")[1].split()[0]) < 1e-3
     assert CALLS.get(workflow.stem, "4 sparse / 4 dense calls") in lines["bsa"], lines["bsa"]
 
