@@ -38,7 +38,8 @@ def find_report_specs(prompt: dict | None, bsa_node_id, sampler_node_id=None) ->
     """The ReportSpecs of the BSA Report nodes of an API prompt that read a model made by BSA node
     `bsa_node_id` (their model input leads upstream to it) and, when `sampler_node_id` is given, that
     model is upstream of that sampler: the reports on the branch that sampler runs. Ordered by node id;
-    widget values that are links (not literals) fall back to the defaults."""
+    a widget linked to a primitive node (PrimitiveInt) takes its value, other links fall back to the defaults
+    (their value is known only when the Report runs, after the sampler)."""
     if not isinstance(prompt, dict) or bsa_node_id is None:
         return ()
     specs = []
@@ -54,8 +55,8 @@ def find_report_specs(prompt: dict | None, bsa_node_id, sampler_node_id=None) ->
                                                          include_start=False):
             continue
         defaults = ReportSpec()
-        values = {name: inputs.get(name) for name in ("step", "layer", "head")}
-        spec = ReportSpec(**{name: value if _is_int(value) else getattr(defaults, name)
+        values = {name: _literal_int(prompt, inputs.get(name)) for name in ("step", "layer", "head")}
+        spec = ReportSpec(**{name: value if value is not None else getattr(defaults, name)
                              for name, value in values.items()})
         if spec not in specs:
             specs.append(spec)
@@ -68,6 +69,16 @@ def _is_link(value) -> bool:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _literal_int(prompt: dict, value) -> int | None:
+    """An int widget value, or the literal `value` of the primitive node (PrimitiveInt) a link comes from."""
+    if _is_link(value):
+        node = prompt.get(str(value[0]), prompt.get(value[0]))
+        if not (isinstance(node, dict) and str(node.get("class_type", "")).startswith("Primitive")):
+            return None
+        value = (node.get("inputs") or {}).get("value")
+    return value if _is_int(value) else None
 
 
 def _leads_to(prompt: dict, link, target: str, include_start: bool = True) -> bool:

@@ -78,12 +78,15 @@ def test_prompt_walk_finds_the_reports_on_a_branch():
         "12": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": 3.0}},
         "13": {"class_type": "KSampler", "inputs": {"model": ["12", 0]}},
         "14": {"class_type": "BSAReport", "inputs": {"model": ["12", 0], "samples": ["13", 0], "layer": 1}},
-        "15": {"class_type": "BSAReport", "inputs": {"model": ["4", 0], "samples": ["5", 0], "head": 1}},
+        "15": {"class_type": "BSAReport", "inputs": {"model": ["4", 0], "samples": ["5", 0], "head": 1,
+                                                     "layer": ["16", 0]}},
+        "16": {"class_type": "MathExpression", "inputs": {"expression": "a + 1", "a": 2}},
     }
-    linked_default = ReportSpec(step=3, layer=7, head=0)  # a linked widget: its default
-    assert find_report_specs(prompt, "2", "5") == (ReportSpec(head=1), linked_default), "both reports of branch 5"
+    from_primitive = ReportSpec(step=3, layer=7, head=1)  # head linked to PrimitiveInt 1: its value
+    other_link = ReportSpec(head=1)  # layer linked to a node computing it: the default (known only later)
+    assert find_report_specs(prompt, "2", "5") == (other_link, from_primitive), "both reports of branch 5"
     assert find_report_specs(prompt, "2", "13") == (ReportSpec(layer=1),), "only branch 13's report"
-    assert find_report_specs(prompt, "2") == (ReportSpec(layer=1), ReportSpec(head=1), linked_default)
+    assert find_report_specs(prompt, "2") == (ReportSpec(layer=1), other_link, from_primitive)
     assert find_report_specs(prompt, "7") == (ReportSpec(step=1),)
     assert find_report_specs(prompt, "7", "5") == (), "node 7's model does not reach sampler 5"
     assert find_report_specs({k: v for k, v in prompt.items() if k not in ("6", "8", "14", "15")}, "2") == (), \
