@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +9,7 @@ import torch
 from ..kernels.cube_index import kept_width
 from .config import BSAConfig
 from .cubes import CubeLayout, cube_layout
+from .custom_ops import custom_op_once
 from .reference import bsa_attention_reference, bsa_select
 from .selection import BSASelection
 
@@ -241,21 +240,8 @@ def _bsa_attention_grad(ctx, grad_out, _grad_kept_queries, _grad_kept_kv, _grad_
     return (dq, dk, dv) + (None,) * len(ctx.call)
 
 
-def _registered_op():
-    """bsa::attention, defined once per process, with its fake and its autograd formula. ComfyUI (or a test)
-    may import this pack a second time under another module name; defining the op again there replaced the
-    first registration under the first module's feet (intermittent crashes), so later imports reuse the first
-    definition, formula included."""
-    registry = sys.modules.setdefault("_bsa_custom_ops", types.ModuleType("_bsa_custom_ops"))
-    if not hasattr(registry, "attention"):
-        op = torch.library.custom_op("bsa::attention", _bsa_attention_impl, mutates_args=())
-        op.register_fake(_bsa_attention_fake)
-        op.register_autograd(_bsa_attention_grad, setup_context=_bsa_attention_setup_context)
-        registry.attention = op
-    return registry.attention
-
-
-_bsa_attention_op = _registered_op()
+_bsa_attention_op = custom_op_once("attention", _bsa_attention_impl, _bsa_attention_fake, _bsa_attention_grad,
+                                   _bsa_attention_setup_context)
 
 
 def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_suffix: int = 0,

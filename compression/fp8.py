@@ -7,10 +7,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sys
-import types
 
 import torch
+
+from ..bsa_core.custom_ops import custom_op_once
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,8 @@ def _fast_accum_matmul_fake(x_fp8, weight_fp8, scale_a, w_scale, bias):
 
 def _fast_accum_op():
     """_scaled_mm with fast accumulation and its fallback as the custom op bsa::fp8_matmul_fast_accum: inside
-    torch.compile a traced try/except could not catch cuBLASLt's refusal, raised by the compiled graph.
-    Defined once per process, as bsa::attention is (the pack may be imported twice)."""
-    registry = sys.modules.setdefault("_bsa_custom_ops", types.ModuleType("_bsa_custom_ops"))
-    if not hasattr(registry, "fp8_matmul_fast_accum"):
-        op = torch.library.custom_op("bsa::fp8_matmul_fast_accum", _fast_accum_matmul, mutates_args=())
-        op.register_fake(_fast_accum_matmul_fake)
-        registry.fp8_matmul_fast_accum = op
-    return registry.fp8_matmul_fast_accum
+    torch.compile a traced try/except could not catch cuBLASLt's refusal, raised by the compiled graph."""
+    return custom_op_once("fp8_matmul_fast_accum", _fast_accum_matmul, _fast_accum_matmul_fake)
 
 
 def quantize_activations(x2: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
