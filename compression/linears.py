@@ -97,6 +97,12 @@ def current_patch(model, name: str) -> LinearPatch | None:
     return patch if isinstance(patch, LinearPatch) else None
 
 
+def linear_patches(model) -> dict[str, LinearPatch]:
+    """name -> LinearPatch of every layer patched on the ModelPatcher `model`."""
+    return {key.removeprefix("diffusion_model.").removesuffix(".forward"): patch
+            for key, patch in model.object_patches.items() if isinstance(patch, LinearPatch)}
+
+
 @dataclasses.dataclass(frozen=True)
 class CalibrationSampling:
     """How the calibration run samples: `samples` seeds from `seed` on, each a full run of the sampler with

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, weight_scales
-from .linears import FP8_STORED, LinearPatch, TensorIdentity, patch_linears, stored_in_fp8
+from .linears import FP8_STORED, LinearPatch, TensorIdentity, linear_patches, patch_linears, stored_in_fp8
 
 log = logging.getLogger(__name__)
 LOG_PREFIX = "[TDQ]"
@@ -300,8 +300,7 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
     patched = model.clone()
     if config.mode == "off":
         return patched
-    earlier = [key.removeprefix("diffusion_model.").removesuffix(".forward") for key, patch in
-               patched.object_patches.items() if isinstance(patch, LinearPatch) and patch.fp8 is not None]
+    earlier = [name for name, patch in linear_patches(patched).items() if patch.fp8 is not None]
     if earlier:  # TDQ on a TDQ model: the new one replaces it (its wrapper would keep refreshing stale layers)
         log.warning(f"{LOG_PREFIX} this model already has FP8 linear layers: the later TDQ node's replace them")
         patch_linears(patched, earlier, fp8=None)
