@@ -5,7 +5,6 @@ torch.compile by those torch ops, for inductor to fuse)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import torch
@@ -97,9 +96,15 @@ def reference_math():
         _reference_only = before
 
 
-@functools.lru_cache(maxsize=None)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
 def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
+    """A device's compute capability, read once (a plain dict: Dynamo guards on it, where it warns about an
+    lru_cache wrapper and traces the CUDA query inside every compiled layer)."""
+    if device_index not in _CAPABILITY:
+        _CAPABILITY[device_index] = torch.cuda.get_device_capability(device_index)
+    return _CAPABILITY[device_index]
 
 
 def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -143,10 +148,11 @@ def _fast_accum_matmul_fake(x_fp8, weight_fp8, scale_a, w_scale, bias):
     return x_fp8.new_empty((x_fp8.shape[0], weight_fp8.shape[0]), dtype=torch.bfloat16)
 
 
-def _fast_accum_op():
-    """_scaled_mm with fast accumulation and its fallback as the custom op bsa::fp8_matmul_fast_accum: inside
-    torch.compile a traced try/except could not catch cuBLASLt's refusal, raised by the compiled graph."""
-    return custom_op_once("fp8_matmul_fast_accum", _fast_accum_matmul, _fast_accum_matmul_fake)
+# _scaled_mm with fast accumulation and its fallback as the custom op bsa::fp8_matmul_fast_accum: inside
+# torch.compile a traced try/except could not catch cuBLASLt's refusal, raised by the compiled graph. Defined at
+# import: looked up per call, the registry lookup broke the graph in every compiled layer (an H200 run hit
+# Dynamo's recompile limit there and ran slower than eager).
+_fast_accum_op = custom_op_once("fp8_matmul_fast_accum", _fast_accum_matmul, _fast_accum_matmul_fake)
 
 
 def quantize_activations(x2: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +180,7 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, w_scale: torch.Tensor,
         x_scale = x_scale.float().reshape(-1, 1) if x_scale.numel() > 1 else x_scale.float().reshape(1, 1)
     if scaled_mm_supported(x, weight_fp8):
         x_fp8, scale_a = quantize_activations(x2, x_scale)
-        y = (_fast_accum_op()(x_fp8, weight_fp8, scale_a, w_scale, bias) if fast_accum else
+        y = (_fast_accum_op(x_fp8, weight_fp8, scale_a, w_scale, bias) if fast_accum else
              _scaled_mm(x_fp8, weight_fp8, scale_a, w_scale, bias, False))
     else:
         x_scale = token_scales(x2) if x_scale is None else x_scale
