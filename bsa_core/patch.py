@@ -308,6 +308,11 @@ class BSARun:
 
     # ---- logging ------------------------------------------------------------------------------------
     def log_once(self, reason: str, warning: bool = False) -> None:
+        """Logs `reason` the first time a run meets it. Not inside torch.compile: a logging call breaks the
+        graph (in every block, and Dynamo then recompiles a block's frame per layer past its limit); finish()
+        logs those reasons."""
+        if torch.compiler.is_compiling():
+            return
         if reason not in self._logged:
             self._logged.add(reason)
             (log.warning if warning else log.info)(f"{LOG_PREFIX} dense: {reason}")
@@ -316,6 +321,8 @@ class BSARun:
         """Triton kernels on CUDA, the reference elsewhere; says which once per run, and that the kernels
         compute fp32 inputs in bf16."""
         name, why = choose_backend(q)
+        if torch.compiler.is_compiling():  # no logging call inside the graph (log_once)
+            return name
         if ("backend", name) not in self._logged:
             self._logged.add(("backend", name))
             log.info(f"{LOG_PREFIX} attention backend: {name} ({why})")
@@ -327,6 +334,8 @@ class BSARun:
     def finish(self) -> None:
         """End of the run: the one-line summary, and what the run showed about the settings."""
         stats = self.stats
+        for reason in stats.dense_reasons:  # those met inside torch.compile only
+            self.log_once(reason, warning=reason.startswith("BSA kernels"))
         if stats.sparse_calls or stats.dense_calls:
             log.info(f"{LOG_PREFIX} run: {stats.summary()}", extra={"bsa_run": stats.as_dict()})
         last = self.options.dense_blocks.last
