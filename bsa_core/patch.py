@@ -104,6 +104,13 @@ class RunStats:
     def dense_calls(self) -> int:
         return sum(self.dense_reasons.values())
 
+    def add(self, other: RunStats) -> None:
+        """Adds `other`'s counts to these."""
+        self.sparse_calls += other.sparse_calls
+        self.dense_reasons.update(other.dense_reasons)
+        self._kept_query_sum = self._kept_query_sum + other._kept_query_sum
+        self._kept_kv_sum = self._kept_kv_sum + other._kept_kv_sum
+
     def record_sparse(self, kept_query_fraction, kept_kv_fraction) -> None:
         """Accumulates 0-d tensors on the attention's device: reading a GPU number every call would stall it."""
         self.sparse_calls += 1
@@ -191,7 +198,8 @@ class BSARun:
             self.sigma_start = float(model_sampling.percent_to_sigma(options.start_percent))
             self.sigma_end = float(model_sampling.percent_to_sigma(options.end_percent))
         self.report = RunReport(record) if record else None
-        self.stats = RunStats()
+        self._stats = RunStats()
+        self.call_stats = RunStats()  # the model call in progress: attention calls count here (see stats)
         self.layout = TokenLayout("none", reason="unknown video grid")
         self.block = 0
         self.blocks_per_forward = 0  # most self-attention blocks seen in one model call
@@ -222,10 +230,22 @@ class BSARun:
         self.begin_step(step + 1)
 
     # ---- per model call ---------------------------------------------------------------------------
+    @property
+    def stats(self) -> RunStats:
+        """The run's counts so far. Attention calls count into call_stats, fresh at each model call, and this
+        adds them up: inside torch.compile every model call then starts from the same counts (0), where run
+        totals that grow from call to call made Dynamo compile the whole model a second time."""
+        if self.call_stats.sparse_calls or self.call_stats.dense_reasons:
+            self._stats.add(self.call_stats)
+            self.call_stats = RunStats()
+        return self._stats
+
     def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None, sigmas=None) -> CallPlan | None:
         """A new model call: where its video tokens sit and how long its cross-attention context is;
         restart the block count. Training: the call's sigmas (host numbers) decide the window; returns
         the call's CallPlan."""
+        self.stats  # noqa: B018 (adds up the previous call's counts; this call counts from zero)
+        self.blocks_per_forward = max(self.blocks_per_forward, self.block)  # here, not in the graph (stats)
         self.block = 0
         self.layout = layout
         self.cross_tokens = cross_tokens
@@ -278,7 +298,6 @@ class BSARun:
         else:
             block = self.call_block = self.block
             self.block += 1
-            self.blocks_per_forward = max(self.blocks_per_forward, self.block)
             if self.plan is not None:
                 self.plan.blocks = self.block
         if self.layout.reason is not None:
@@ -334,6 +353,7 @@ class BSARun:
     def finish(self) -> None:
         """End of the run: the one-line summary, and what the run showed about the settings."""
         stats = self.stats
+        self.blocks_per_forward = max(self.blocks_per_forward, self.block)
         for reason in stats.dense_reasons:  # those met inside torch.compile only
             self.log_once(reason, warning=reason.startswith("BSA kernels"))
         if stats.sparse_calls or stats.dense_calls:
@@ -374,7 +394,7 @@ def make_override(run: BSARun, previous):
     def bsa_override(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                      skip_output_reshape=False, **kwargs):
         recompute = run.recompute_plan(kwargs.get("transformer_options"))
-        stats = RunStats() if recompute is not None else run.stats  # a recompute repeats counted calls
+        stats = RunStats() if recompute is not None else run.call_stats  # a recompute repeats counted calls
         report = run.report  # None unless a BSA Report is on this run's branch
         if report is not None and (torch.compiler.is_compiling() or recompute is not None):
             report = None  # timers and python-side tables do not trace; a recompute is no new call
