@@ -73,12 +73,24 @@ def kernel_reason(q: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take this call (None when they can): they need CUDA sm80+."""
     if not q.is_cuda:
         return f"device {q.device.type} (kernels need CUDA)"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
+    return _cuda_kernel_reason(q.device.index, q.shape[-1])
+
+
+# The CUDA queries below are constants to torch.compile (run once while tracing, not traced): inside the graph
+# they broke it in every block on an H200 (torch 2.11), and Dynamo then recompiled the block frames past its limit.
+@torch.compiler.assume_constant_result
+def _cuda_kernel_reason(device_index: int, head_dim: int) -> str | None:
+    if torch.cuda.get_device_capability(device_index) < (8, 0):
         return "GPU older than sm80"
     from ..kernels.block_sparse_attention import HEAD_DIMS  # imported here: CUDA machines have Triton
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} not in {HEAD_DIMS}"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} not in {HEAD_DIMS}"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _cuda_device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
 
 
 def choose_backend(q: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
@@ -89,7 +101,7 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
         return "reference", "asked for"
     reason = kernel_reason(q)
     if reason is None:
-        return "triton", f"CUDA {torch.cuda.get_device_name(q.device)}"
+        return "triton", f"CUDA {_cuda_device_name(q.device.index)}"
     if backend == "triton":
         raise ValueError(f"backend 'triton' cannot run this call: {reason}")
     return "reference", reason

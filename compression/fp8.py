@@ -96,15 +96,10 @@ def reference_math():
         _reference_only = before
 
 
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-
-
+@torch.compiler.assume_constant_result
 def _capability(device_index: int) -> tuple[int, int]:
-    """A device's compute capability, read once (a plain dict: Dynamo guards on it, where it warns about an
-    lru_cache wrapper and traces the CUDA query inside every compiled layer)."""
-    if device_index not in _CAPABILITY:
-        _CAPABILITY[device_index] = torch.cuda.get_device_capability(device_index)
-    return _CAPABILITY[device_index]
+    """A device's compute capability: a constant to torch.compile (a traced CUDA query breaks the graph)."""
+    return torch.cuda.get_device_capability(device_index)
 
 
 def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -101,3 +101,43 @@ def test_comfyui_torch_compile_model_with_the_patch(tiny_wan_path, caplog):
     eager_run, compiled_run = [r.bsa_run for r in caplog.records if hasattr(r, "bsa_run")]
     assert compiled_run == eager_run and compiled_run["sparse_calls"] == 4, compiled_run
     torch.testing.assert_close(compiled_latent, eager_latent, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_override_and_fp8_linear_compile_without_graph_break_on_cuda():
+    """The CUDA-only parts of a compiled Wan block trace whole (fullgraph): the BSA override's self-attention
+    (its device checks) and cross-attention (dense, ComfyUI's SDPA), and a TDQ FP8 linear with fast
+    accumulation. On an H200 (torch 2.11) the device queries broke the graph in every block, and with the
+    per-layer TDQ patches Dynamo then recompiled block frames past its limit: compiled BSA+TDQ ran at eager speed."""
+    require_comfyui()
+    import comfy.ldm.modules.attention as comfy_attention
+
+    from comfyui_bsa.bsa_core.adapters import TokenLayout
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BlockRanges, BSAOptions, BSARun, make_override
+    from comfyui_bsa.compression import fp8
+
+    heads, head_dim = 2, 128
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 256, heads * head_dim, generator=g, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    text = torch.randn(1, 16, heads * head_dim, generator=g, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(256, heads * head_dim, generator=g, device="cuda")
+    w_scale = fp8.weight_scales(weight)
+    weight_fp8, x_scale = fp8.to_e4m3(weight, w_scale), torch.tensor(0.05, device="cuda")
+    run = BSARun(BSAOptions(SPARSE, 0.0, 1.0, BlockRanges(), 0))
+    options = {OVERRIDE_KEY: make_override(run, None)}
+
+    def block(q, k, v, text):
+        x = comfy_attention.optimized_attention(q, k, v, heads, transformer_options=options)
+        x = x + comfy_attention.optimized_attention(x, text, text, heads, transformer_options=options)
+        return fp8.fp8_linear(x, weight_fp8, w_scale, None, x_scale, fast_accum=True)
+
+    def model_call(fn):
+        run.begin_forward(TokenLayout("wan", GRID, 0, 0))
+        return fn(q, k, v, text)
+
+    eager = model_call(block)
+    torch._dynamo.reset()
+    compiled = model_call(torch.compile(block, fullgraph=True, backend="aot_eager"))
+    assert run.stats.sparse_calls == 2 and run.stats.dense_reasons == {"cross-attention": 2}, run.stats.as_dict()
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
