@@ -96,16 +96,22 @@ def reference_math():
         _reference_only = before
 
 
-@torch.compiler.assume_constant_result
-def _capability(device_index: int) -> tuple[int, int]:
-    """A device's compute capability: a constant to torch.compile (a traced CUDA query breaks the graph)."""
-    return torch.cuda.get_device_capability(device_index)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def capability(device_index: int) -> tuple[int, int]:
+    """A CUDA device's compute capability, read once into a plain dict that compiled graphs look up: a traced
+    CUDA query breaks the graph, and apply_tdq's wrapper reads it eagerly before the model runs. (Marked
+    torch.compiler.assume_constant_result instead, its tuple compared in the graph crashed Dynamo in torch 2.11.)"""
+    if device_index not in _CAPABILITY:
+        _CAPABILITY[device_index] = torch.cuda.get_device_capability(device_index)
+    return _CAPABILITY[device_index]
 
 
 def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch._scaled_mm runs here: a CUDA device of compute capability 8.9+ and dims that are multiples of 16
     (and not inside reference_math())."""
-    return (not _reference_only and x.is_cuda and _capability(x.device.index) >= (8, 9)
+    return (not _reference_only and x.is_cuda and capability(x.device.index) >= (8, 9)
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
 

@@ -32,7 +32,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .fp8 import E4M3_MAX, fake_quantize, fp8_linear, to_e4m3, weight_scales
+from .fp8 import E4M3_MAX, capability, fake_quantize, fp8_linear, to_e4m3, weight_scales
 from .linears import FP8_STORED, LinearPatch, TensorIdentity, linear_patches, patch_linears, stored_in_fp8
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,8 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
         they are inside torch.compile), with the 2:4 mask of the patch live in this run (a prune node may come
         after this one), and, for table and tdq, the activation scales of this call's sigma."""
         x = kwargs["x"] if "x" in kwargs else args[0]
+        if x.is_cuda:
+            capability(x.device.index)  # read here, outside the compiled model (fp8.capability)
         diffusion_model = executor.class_obj.diffusion_model
         for name, fp8 in zip(layers, weights):
             patch = diffusion_model.get_submodule(name).forward

@@ -127,9 +127,11 @@ def test_override_and_fp8_linear_compile_without_graph_break_on_cuda():
     run = BSARun(BSAOptions(SPARSE, 0.0, 1.0, BlockRanges(), 0))
     options = {OVERRIDE_KEY: make_override(run, None)}
 
+    attention = comfy_attention.attention_pytorch  # the GPU's (the tests run ComfyUI in CPU mode)
+
     def block(q, k, v, text):
-        x = comfy_attention.optimized_attention(q, k, v, heads, transformer_options=options)
-        x = x + comfy_attention.optimized_attention(x, text, text, heads, transformer_options=options)
+        x = attention(q, k, v, heads, transformer_options=options)
+        x = x + attention(x, text, text, heads, transformer_options=options)
         return fp8.fp8_linear(x, weight_fp8, w_scale, None, x_scale, fast_accum=True)
 
     def model_call(fn):
