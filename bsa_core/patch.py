@@ -32,7 +32,7 @@ import torch
 from .adapters import TokenLayout, token_layout
 from .attention import bsa_attention_key_masked, bsa_attention_op, choose_backend, key_mask_plan, unsupported_reason
 from .config import RECOMMENDED_PATCH, BSAConfig
-from .report import ReportSpec, RunReport, find_report_specs, render
+from .report import ReportSpec, RunReport, find_report_specs, remember_linked_values, render
 
 log = logging.getLogger(__name__)
 
@@ -606,6 +606,14 @@ def last_report(model, sampler_id=None) -> RunReport | None:
     if of_sampler is not None and of_sampler[0] is options:
         return of_sampler[1]
     return _last_report_of_model.get(model) or _last_report_of_options.get(options)
+
+
+def remember_report_inputs(spec: ReportSpec) -> None:
+    """The BSA Report executing now was given `spec`: its widgets linked to computing nodes are known only now,
+    and the next sampling run records them (report.remember_linked_values)."""
+    prompt, node_id = _running_prompt()
+    if prompt is not None and node_id is not None:
+        remember_linked_values(prompt, node_id, spec)
 
 
 def running_report_sampler() -> str | None:

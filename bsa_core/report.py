@@ -38,8 +38,9 @@ def find_report_specs(prompt: dict | None, bsa_node_id, sampler_node_id=None) ->
     """The ReportSpecs of the BSA Report nodes of an API prompt that read a model made by BSA node
     `bsa_node_id` (their model input leads upstream to it) and, when `sampler_node_id` is given, that
     model is upstream of that sampler: the reports on the branch that sampler runs. Ordered by node id;
-    a widget linked to a primitive node (PrimitiveInt) takes its value, other links fall back to the defaults
-    (their value is known only when the Report runs, after the sampler)."""
+    a widget linked to a primitive node (PrimitiveInt) takes its value; one linked to a node that computes it
+    takes the value that Report last received (remember_linked_values), else the default (the value is known
+    only when the Report runs, after the sampler)."""
     if not isinstance(prompt, dict) or bsa_node_id is None:
         return ()
     specs = []
@@ -55,12 +56,33 @@ def find_report_specs(prompt: dict | None, bsa_node_id, sampler_node_id=None) ->
                                                          include_start=False):
             continue
         defaults = ReportSpec()
-        values = {name: _literal_int(prompt, inputs.get(name)) for name in ("step", "layer", "head")}
+        values = {name: _literal_int(prompt, inputs.get(name)) if not _computed(prompt, inputs.get(name))
+                  else _linked_values.get((str(report_id), name)) for name in REPORT_WIDGETS}
         spec = ReportSpec(**{name: value if value is not None else getattr(defaults, name)
                              for name, value in values.items()})
         if spec not in specs:
             specs.append(spec)
     return tuple(specs)
+
+
+REPORT_WIDGETS = ("step", "layer", "head")
+_linked_values: dict[tuple[str, str], int] = {}  # (Report node id, widget) -> value its computing link gave last
+
+
+def remember_linked_values(prompt: dict | None, report_id, spec: ReportSpec) -> None:
+    """The Report `report_id` of `prompt` runs with `spec`: keeps the values of its widgets linked to a node
+    that computes them, for the next run's sampler to record (find_report_specs); without this, such a Report
+    asked every run for a heat-map that no run recorded."""
+    node = (prompt or {}).get(str(report_id))
+    inputs = (node.get("inputs") or {}) if isinstance(node, dict) else {}
+    for name in REPORT_WIDGETS:
+        if _computed(prompt, inputs.get(name)):
+            _linked_values[(str(report_id), name)] = getattr(spec, name)
+
+
+def _computed(prompt: dict, value) -> bool:
+    """A link to a node other than a primitive (its value exists only once that node has run)."""
+    return _is_link(value) and _literal_int(prompt, value) is None
 
 
 def _is_link(value) -> bool:

@@ -2,7 +2,7 @@
 kept-cube heat-map."""
 from comfy_api.latest import io
 
-from ..bsa_core.patch import bsa_report, last_report, running_report_sampler
+from ..bsa_core.patch import bsa_report, last_report, remember_report_inputs, running_report_sampler
 from ..bsa_core.report import ReportSpec, kept_kv_plot
 
 DEFAULTS = ReportSpec()
@@ -53,5 +53,7 @@ class BSAReport(io.ComfyNode):
     def execute(cls, model, samples, step=DEFAULTS.step, layer=DEFAULTS.layer,
                 head=DEFAULTS.head) -> io.NodeOutput:
         sampler = running_report_sampler()  # two samplers on one model: this Report's own sampler's run
-        text, image = bsa_report(model, ReportSpec(step, layer, head), sampler)
+        spec = ReportSpec(step, layer, head)
+        remember_report_inputs(spec)  # widgets linked to computing nodes: recorded from the next run
+        text, image = bsa_report(model, spec, sampler)
         return io.NodeOutput(text, image, kept_kv_plot(last_report(model, sampler)))

@@ -21,7 +21,7 @@ from comfyui_bsa.bsa_core import BSAConfig, cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.patch import bsa_report, find_options  # noqa: E402
 from comfyui_bsa.bsa_core.reference import bsa_attention_reference  # noqa: E402
 from comfyui_bsa.bsa_core.report import (KEPT_RGB, PLOT_MARGINS, SKIPPED_RGB, ReportSpec,  # noqa: E402
-                                         find_report_specs, heatmap_image)
+                                         find_report_specs, heatmap_image, remember_linked_values)
 from comfyui_bsa.nodes.nodes_bsa_attention import BSASparseAttention  # noqa: E402
 from comfyui_bsa.nodes.nodes_bsa_report import BSAReport  # noqa: E402
 
@@ -60,7 +60,9 @@ def table_rows(text: str) -> list[dict]:
 
 # ---- which BSA node records ------------------------------------------------------------------------
 
-def test_prompt_walk_finds_the_reports_on_a_branch():
+def test_prompt_walk_finds_the_reports_on_a_branch(monkeypatch):
+    from comfyui_bsa.bsa_core import report
+    monkeypatch.setattr(report, "_linked_values", {})
     prompt = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "x"}},
         "2": {"class_type": "BSASparseAttention", "inputs": {"model": ["1", 0], "keep_ratio": 0.5}},
@@ -92,6 +94,10 @@ def test_prompt_walk_finds_the_reports_on_a_branch():
     assert find_report_specs({k: v for k, v in prompt.items() if k not in ("6", "8", "14", "15")}, "2") == (), \
         "a report reaching node 2 only through its samples (the sampler) reads another model"
     assert find_report_specs(None, "2") == () and find_report_specs(prompt, None) == ()
+    # once Report 15 has run with the computed layer (2 + 1), the next run records it: no endless "next run"
+    remember_linked_values(prompt, "15", ReportSpec(head=1, layer=3))
+    remember_linked_values(prompt, "6", ReportSpec(step=9, layer=9, head=9))  # no computed link: nothing kept
+    assert find_report_specs(prompt, "2", "5") == (ReportSpec(layer=3, head=1), from_primitive)
     cyclic = {"1": {"class_type": "A", "inputs": {"x": ["2", 0]}}, "2": {"class_type": "A", "inputs": {"x": ["1", 0]}},
               "3": {"class_type": "BSAReport", "inputs": {"model": ["1", 0]}}}
     assert find_report_specs(cyclic, "9") == ()
@@ -304,3 +310,41 @@ def test_two_samplers_on_one_model_each_report_shows_its_own_run(tiny_wan_path, 
     assert steps_shown(runner.run(prompt)) == ["2", "3"]
     prompt["8"]["inputs"]["layer"] = prompt["10"]["inputs"]["layer"] = 1
     assert steps_shown(runner.run(prompt)) == ["2", "3"]
+
+
+def test_widget_linked_to_a_computing_node_is_recorded_from_the_next_run(tiny_wan_path, tmp_path, monkeypatch):
+    """A Report whose layer comes from a node computing it (known only after the sampler ran): the first run
+    records the default and says so; the Report keeps the value it got, and the next run records that layer
+    (before, every run recorded the default and promised the next one)."""
+    from comfy_env import PromptRunner, tiny_prompt
+
+    from comfyui_bsa.bsa_core import report
+    monkeypatch.setattr(report, "_linked_values", {})
+
+    class PlusOne:  # stands in for any node computing an INT (math / image-size nodes)
+        CATEGORY, RETURN_TYPES, FUNCTION = "testing", ("INT",), "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"value": ("INT", {"default": 0})}}
+
+        def run(self, value):
+            return (value + 1,)
+
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TestPlusOne", PlusOne)
+    bsa = dict(keep_ratio=0.5, kv_threshold=0.9, cube_size="4x4x4", threshold_mode="cumulative", start_percent=0.0,
+               end_percent=1.0, stat_lambda=1.0, min_blocks=1, dense_blocks="", min_tokens=0, pooled_remainder=False)
+    runner = PromptRunner(tiny_wan_path, tmp_path)
+    prompt = tiny_prompt(bsa, steps=2)
+    prompt["20"] = {"class_type": "TestPlusOne", "inputs": {"value": 0}}
+    prompt["8"] = {"class_type": "BSAReport", "inputs": {"model": ["2", 0], "samples": ["6", 0], "step": -1,
+                                                        "layer": ["20", 0], "head": 0}}
+    prompt["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["8", 0]}}
+
+    def heatmap_line(executor):
+        return executor.history_result["outputs"]["9"]["text"][0].splitlines()[-1]
+
+    assert "layer 1, head 0 is recorded from the next sampling run" in heatmap_line(runner.run(prompt))
+    prompt["6"]["inputs"]["seed"] += 1  # the sampler runs again
+    line = heatmap_line(runner.run(prompt))
+    assert line.startswith("heat-map: step 1") and ", layer 1, head 0," in line, line
