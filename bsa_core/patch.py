@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 LOG_PREFIX = "[BSA]"
 PATCH_KEY = "bsa_sparse_attention"
 OVERRIDE_KEY = "optimized_attention_override"
+FAILED = "BSA failed"
+WARNING_REASONS = ("BSA kernels", FAILED)  # dense reasons logged as warnings (the others are choices)
 RUN_KEY = "bsa_run"  # transformer_options key of the run in progress (only in the sampler's copy)
 CALL_KEY = "bsa_call"  # transformer_options key of a training model call's CallPlan (one dict per call)
 
@@ -96,6 +98,7 @@ class RunStats:
 
     def __init__(self):
         self.sparse_calls = 0
+        self.backend_why: tuple[str, str] | None = None  # (backend, why) of the sparse calls
         self.dense_reasons: Counter[str] = Counter()
         self._kept_query_sum = 0.0  # tensors on the attention's device once a call is recorded
         self._kept_kv_sum = 0.0
@@ -107,6 +110,7 @@ class RunStats:
     def add(self, other: RunStats) -> None:
         """Adds `other`'s counts to these."""
         self.sparse_calls += other.sparse_calls
+        self.backend_why = other.backend_why or self.backend_why
         self.dense_reasons.update(other.dense_reasons)
         self._kept_query_sum = self._kept_query_sum + other._kept_query_sum
         self._kept_kv_sum = self._kept_kv_sum + other._kept_kv_sum
@@ -340,7 +344,8 @@ class BSARun:
         """Triton kernels on CUDA, the reference elsewhere; says which once per run, and that the kernels
         compute fp32 inputs in bf16."""
         name, why = choose_backend(q)
-        if torch.compiler.is_compiling():  # no logging call inside the graph (log_once)
+        if torch.compiler.is_compiling():  # no logging call inside the graph (log_once): finish() says it
+            self.call_stats.backend_why = (name, why)
             return name
         if ("backend", name) not in self._logged:
             self._logged.add(("backend", name))
@@ -355,7 +360,10 @@ class BSARun:
         stats = self.stats
         self.blocks_per_forward = max(self.blocks_per_forward, self.block)
         for reason in stats.dense_reasons:  # those met inside torch.compile only
-            self.log_once(reason, warning=reason.startswith("BSA kernels"))
+            self.log_once(reason, warning=reason.startswith(WARNING_REASONS))
+        if stats.backend_why is not None and ("backend", stats.backend_why[0]) not in self._logged:
+            self._logged.add(("backend", stats.backend_why[0]))
+            log.info(f"{LOG_PREFIX} attention backend: {stats.backend_why[0]} ({stats.backend_why[1]})")
         if stats.sparse_calls or stats.dense_calls:
             log.info(f"{LOG_PREFIX} run: {stats.summary()}", extra={"bsa_run": stats.as_dict()})
         last = self.options.dense_blocks.last
@@ -418,7 +426,7 @@ def make_override(run: BSARun, previous):
         tokens = qh.shape[-2]
         reason = run.dense_reason(qh, kh, vh, tokens, recompute)
         if reason is not None:
-            return dense(reason, warning=reason.startswith("BSA kernels"))
+            return dense(reason, warning=reason.startswith(WARNING_REASONS))
         n_prefix, n_suffix = run.layout.extra_tokens(tokens)
         plan = None
         if mask is not None:
@@ -435,7 +443,7 @@ def make_override(run: BSARun, previous):
                 out, kept_queries, kept_kv = bsa_attention_key_masked(qh, kh, vh, run.layout.grid, config, plan,
                                                                       **args)
         except Exception as error:  # a failing sparse call must not kill a long render: run it dense
-            return dense(f"BSA failed ({type(error).__name__}: {error})", warning=True)
+            return dense(f"{FAILED} ({type(error).__name__}: {error})", warning=True)
         stats.record_sparse(kept_queries, kept_kv)
         if report is not None and run.call_block is not None:
             report.record_sparse(run.call_block, timer, kept_queries, kept_kv)

@@ -143,3 +143,44 @@ def test_override_and_fp8_linear_compile_without_graph_break_on_cuda():
     compiled = model_call(torch.compile(block, fullgraph=True, backend="aot_eager"))
     assert run.stats.sparse_calls == 2 and run.stats.dense_reasons == {"cross-attention": 2}, run.stats.as_dict()
     torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
+
+
+def test_compiled_run_logs_what_an_eager_run_logs(monkeypatch, caplog):
+    """Nothing is logged inside the graph (a log call broke it in every block): a compiled run says its
+    attention backend and its dense reasons when it finishes, a failed sparse call as a warning, as eager does."""
+    import logging
+
+    from comfyui_bsa.bsa_core import patch
+    from comfyui_bsa.bsa_core.adapters import TokenLayout
+
+    def failing(*args, **kwargs):
+        raise ValueError("boom")
+
+    def sdpa(q, k, v, heads, **kwargs):
+        qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).flatten(-2)
+
+    def logged(compiled: bool, fail: bool) -> list[tuple[int, str]]:
+        monkeypatch.setattr(patch, "bsa_attention_op", failing if fail else bsa_attention_op)
+        run = patch.BSARun(patch.BSAOptions(SPARSE, 0.0, 1.0, patch.BlockRanges(), 0))
+        override = patch.make_override(run, None)
+        options = {patch.OVERRIDE_KEY: override}
+
+        def model(x, text):
+            x = x + override(sdpa, x, x, x, 2, transformer_options=options)
+            return x + override(sdpa, x, text, text, 2, transformer_options=options)
+
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="eager", fullgraph=not fail) if compiled else model
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=patch.log.name):
+            for _ in range(2):
+                run.begin_forward(TokenLayout("wan", GRID, 0, 0), 16)
+                fn(torch.randn(1, 256, 128), torch.randn(1, 16, 128))
+            run.finish()
+        return sorted((r.levelno, r.getMessage()) for r in caplog.records)
+
+    for fail in (False, True):
+        eager = logged(False, fail)
+        assert logged(True, fail) == eager and any("attention backend" in m for _, m in eager), eager
+    assert (logging.WARNING, "[BSA] dense: BSA failed (ValueError: boom)") in eager
