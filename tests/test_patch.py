@@ -209,7 +209,8 @@ def test_vace_blocks_take_no_block_number(caplog):
 def test_dense_blocks_past_the_model_warn(tiny_wan, caplog):
     caplog.set_level(logging.INFO)
     sample(apply_bsa(tiny_wan, SPARSE, dense_blocks="1-10000000"))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records  # ours: ComfyUI may warn of an earlier test's model
+                if r.levelno == logging.WARNING and r.getMessage().startswith("[BSA]")]
     assert warnings == ["[BSA] dense_blocks lists block 10000000, but this model has 2 blocks (0-1): blocks past "
                         "the last one are ignored"]
     assert last_run(caplog)["dense_reasons"]["block listed in dense_blocks"] == 2
