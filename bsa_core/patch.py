@@ -236,20 +236,24 @@ class BSARun:
     # ---- per model call ---------------------------------------------------------------------------
     @property
     def stats(self) -> RunStats:
-        """The run's counts so far. Attention calls count into call_stats, fresh at each model call, and this
-        adds them up: inside torch.compile every model call then starts from the same counts (0), where run
-        totals that grow from call to call made Dynamo compile the whole model a second time."""
+        """The run's counts so far, the model call in progress included."""
+        self._end_call()
+        return self._stats
+
+    def _end_call(self) -> None:
+        """Adds the model call's counts (call_stats, blocks) to the run's, outside the graph: inside torch.compile
+        every model call then starts from the same counts (0), where run totals read and grown by the graph made
+        Dynamo compile the whole model a second time."""
+        self.blocks_per_forward = max(self.blocks_per_forward, self.block)
         if self.call_stats.sparse_calls or self.call_stats.dense_reasons:
             self._stats.add(self.call_stats)
             self.call_stats = RunStats()
-        return self._stats
 
     def begin_forward(self, layout: TokenLayout, cross_tokens: int | None = None, sigmas=None) -> CallPlan | None:
         """A new model call: where its video tokens sit and how long its cross-attention context is;
         restart the block count. Training: the call's sigmas (host numbers) decide the window; returns
         the call's CallPlan."""
-        self.stats  # noqa: B018 (adds up the previous call's counts; this call counts from zero)
-        self.blocks_per_forward = max(self.blocks_per_forward, self.block)  # here, not in the graph (stats)
+        self._end_call()  # the previous call's; this one counts from zero
         self.block = 0
         self.layout = layout
         self.cross_tokens = cross_tokens
@@ -347,23 +351,24 @@ class BSARun:
         if torch.compiler.is_compiling():  # no logging call inside the graph (log_once): finish() says it
             self.call_stats.backend_why = (name, why)
             return name
-        if ("backend", name) not in self._logged:
-            self._logged.add(("backend", name))
-            log.info(f"{LOG_PREFIX} attention backend: {name} ({why})")
+        self._log_backend(name, why)
         if name == "triton" and q.dtype == torch.float32 and "fp32" not in self._logged:
             self._logged.add("fp32")
             log.info(f"{LOG_PREFIX} float32 inputs: the kernels compute them in bfloat16 (rel. error ~1e-2)")
         return name
 
+    def _log_backend(self, name: str, why: str) -> None:
+        if ("backend", name) not in self._logged:
+            self._logged.add(("backend", name))
+            log.info(f"{LOG_PREFIX} attention backend: {name} ({why})")
+
     def finish(self) -> None:
         """End of the run: the one-line summary, and what the run showed about the settings."""
         stats = self.stats
-        self.blocks_per_forward = max(self.blocks_per_forward, self.block)
         for reason in stats.dense_reasons:  # those met inside torch.compile only
             self.log_once(reason, warning=reason.startswith(WARNING_REASONS))
-        if stats.backend_why is not None and ("backend", stats.backend_why[0]) not in self._logged:
-            self._logged.add(("backend", stats.backend_why[0]))
-            log.info(f"{LOG_PREFIX} attention backend: {stats.backend_why[0]} ({stats.backend_why[1]})")
+        if stats.backend_why is not None:
+            self._log_backend(*stats.backend_why)
         if stats.sparse_calls or stats.dense_calls:
             log.info(f"{LOG_PREFIX} run: {stats.summary()}", extra={"bsa_run": stats.as_dict()})
         last = self.options.dense_blocks.last

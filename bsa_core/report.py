@@ -56,8 +56,7 @@ def find_report_specs(prompt: dict | None, bsa_node_id, sampler_node_id=None) ->
                                                          include_start=False):
             continue
         defaults = ReportSpec()
-        values = {name: _literal_int(prompt, inputs.get(name)) if not _computed(prompt, inputs.get(name))
-                  else _linked_values.get((str(report_id), name)) for name in REPORT_WIDGETS}
+        values = {name: _widget_value(prompt, report_id, inputs.get(name), name) for name in REPORT_WIDGETS}
         spec = ReportSpec(**{name: value if value is not None else getattr(defaults, name)
                              for name, value in values.items()})
         if spec not in specs:
@@ -83,6 +82,14 @@ def remember_linked_values(prompt: dict | None, report_id, spec: ReportSpec) -> 
 def _computed(prompt: dict, value) -> bool:
     """A link to a node other than a primitive (its value exists only once that node has run)."""
     return _is_link(value) and _literal_int(prompt, value) is None
+
+
+def _widget_value(prompt: dict, report_id, value, name: str) -> int | None:
+    """A Report widget's value as the sampler can know it: literal, from a primitive, or remembered."""
+    literal = _literal_int(prompt, value)
+    if literal is None and _is_link(value):
+        return _linked_values.get((str(report_id), name))
+    return literal
 
 
 def _is_link(value) -> bool:
