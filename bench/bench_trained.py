@@ -272,10 +272,24 @@ def sample_rows(report: Report, config, setting, models, device, args, out: path
     node_settings = [("defaults", RECOMMENDED), ("", dataclasses.replace(RECOMMENDED, stat_lambda=1.5)),
                      ("", dataclasses.replace(RECOMMENDED, stat_lambda=2.0)),
                      ("", dataclasses.replace(RECOMMENDED, keep_ratio=0.5)),
-                     ("", dataclasses.replace(RECOMMENDED, threshold_mode="cumulative", kv_threshold=0.9))]
+                     ("", dataclasses.replace(RECOMMENDED, threshold_mode="cumulative", kv_threshold=0.9)),
+                     ("", dataclasses.replace(RECOMMENDED, pooled_remainder=False)),
+                     ("nearly every cube", dataclasses.replace(RECOMMENDED, threshold_mode="cumulative",
+                                                               kv_threshold=0.9999))]  # the kernel's own rounding
     for name, bsa in node_settings:
         label = f"{name} ({describe(bsa)})" if name else describe(bsa)
         row(dense_model, label, start, bsa_run(dense_model, bsa, start), reference)
+
+    if device.type == "cuda":  # how far another dense kernel's rounding alone moves the samples
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def efficient_sdpa(func, *args, **kwargs):
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                return func(*args, **kwargs)
+        options = {OVERRIDE_KEY: efficient_sdpa}
+        result = sample(dense_model.module, noise, context, sigmas, device, repeats,
+                        lambda: ((lambda step: options if window[step] else {}), None))
+        row(dense_model, "dense, mem-efficient SDPA", start, result, reference)
 
     ck, why = sol_attn_module(device)
     if ck is None:
