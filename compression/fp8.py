@@ -108,11 +108,27 @@ def capability(device_index: int) -> tuple[int, int]:
     return _CAPABILITY[device_index]
 
 
+FP8_CAPABILITY = (8, 9)  # the first CUDA compute capability with FP8 tensor cores (Ada, Hopper and later)
+
+
 def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """torch._scaled_mm runs here: a CUDA device of compute capability 8.9+ and dims that are multiples of 16
     (and not inside reference_math())."""
-    return (not _reference_only and x.is_cuda and capability(x.device.index) >= (8, 9)
+    return (not _reference_only and x.is_cuda and capability(x.device.index) >= FP8_CAPABILITY
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
+
+
+def no_fp8_matmul_reason(device: torch.device) -> str | None:
+    """Why `device` has no torch._scaled_mm, None where it has one. Layers there run the fake-quant reference:
+    the same numbers through float32 matmuls, slower than the layer unquantized (eager only: names the GPU)."""
+    if device.type != "cuda":
+        return f"{device.type} has no FP8 matrix multiplication"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    major, minor = capability(index)
+    if (major, minor) < FP8_CAPABILITY:
+        return (f"{torch.cuda.get_device_name(index)} (sm{major}{minor}) has no FP8 matrix multiplication "
+                f"(sm{''.join(map(str, FP8_CAPABILITY))}+)")
+    return None
 
 
 _FAST_ACCUM_REFUSED: set[tuple] = set()  # (device, tokens, out, in) cuBLASLt has no fast-accumulation kernel for

@@ -32,7 +32,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .fp8 import E4M3_MAX, capability, fake_quantize, fp8_linear, to_e4m3, weight_scales
+from .fp8 import E4M3_MAX, capability, fake_quantize, fp8_linear, no_fp8_matmul_reason, to_e4m3, weight_scales
 from .linears import FP8_STORED, LinearPatch, TensorIdentity, linear_patches, patch_linears, stored_in_fp8
 
 log = logging.getLogger(__name__)
@@ -321,6 +321,7 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
     for name, fp8 in zip(layers, weights):
         patch_linears(patched, [name], fp8=fp8)
     table = calibration.table_intervals(config.table_bins) if config.mode == "table" else None
+    slow_path_logged = []  # once per patched model: its first call says when FP8 matmuls are not there
 
     def before_call(executor, *args, **kwargs):
         """APPLY_MODEL, before the model runs: the layers' FP8 weights checked on the input's device (read as
@@ -329,6 +330,12 @@ def apply_tdq(model, config: TDQConfig, calibration: TDQCalibration | None = Non
         x = kwargs["x"] if "x" in kwargs else args[0]
         if x.is_cuda:
             capability(x.device.index)  # read here, outside the compiled model (fp8.capability)
+        if not slow_path_logged:
+            slow_path_logged.append(True)
+            reason = no_fp8_matmul_reason(x.device)
+            if reason is not None:
+                log.warning(f"{LOG_PREFIX} {reason}: the FP8 layers run the fake-quantized reference (float32), "
+                            "slower than the model without TDQ; mode 'off' keeps its speed")
         diffusion_model = executor.class_obj.diffusion_model
         for name, fp8 in zip(layers, weights):
             patch = diffusion_model.get_submodule(name).forward

@@ -71,8 +71,8 @@ class TDQQuantize(io.ComfyNode):
             category=CATEGORY,
             description="Runs the transformer-block linear layers in FP8 e4m3 (weights per output channel, "
                         "activations with a scale per timestep): torch._scaled_mm on sm89+ GPUs, the same numbers "
-                        "through fake quantization elsewhere. Chains with BSA, LoRA and TorchCompileModel. "
-                        "Experimental.",
+                        "through fake quantization elsewhere (float32: slower than without TDQ). Chains with BSA, "
+                        "LoRA and TorchCompileModel. Experimental.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched copy is returned)."),
                 io.Combo.Input("mode", options=list(MODES), default="tdq",

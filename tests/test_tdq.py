@@ -375,6 +375,26 @@ def with_lora(model, strength=1.0):
     return clone
 
 
+def test_a_device_without_fp8_matmuls_is_named_once_per_patched_model(calibration, tiny_wan, caplog, monkeypatch):
+    """Without torch._scaled_mm the FP8 layers run the float32 fake-quant reference, slower than no TDQ: the
+    first call of each TDQ model says so (here on the CPU), once; a pre-Ada GPU is named with its sm."""
+    from comfyui_bsa.compression import fp8
+    patched = apply_tdq(tiny_wan, TDQConfig(mode="tdq"), calibration)
+    with caplog.at_level("WARNING"):
+        sample(patched)
+        sample(patched)
+        sample(apply_tdq(tiny_wan, TDQConfig(mode="static"), calibration))
+    slow = [r.message for r in caplog.records if "fake-quantized reference" in r.message]
+    assert len(slow) == 2 and slow[0].startswith("[TDQ] cpu has no FP8 matrix multiplication"), slow
+
+    monkeypatch.setitem(fp8._CAPABILITY, 0, (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA GeForce RTX 3090")
+    assert fp8.no_fp8_matmul_reason(torch.device("cuda", 0)) == (
+        "NVIDIA GeForce RTX 3090 (sm86) has no FP8 matrix multiplication (sm89+)")
+    monkeypatch.setitem(fp8._CAPABILITY, 0, (9, 0))
+    assert fp8.no_fp8_matmul_reason(torch.device("cuda", 0)) is None
+
+
 def test_tdq_composes_with_lora_pruning_and_teal_and_leaves_the_base_model_alone(tiny_wan):
     """TDQ patches each linear's forward (the layer and its parameters stay): a LoRA before or after it applies,
     2:4 masks (either order) are kept and quantized with the weight, TEAL before it keeps sparsifying, and
