@@ -402,7 +402,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-attention-share", action="store_true", help="skip the attention-timing step")
     parser.add_argument("--compile", action="store_true",
                         help="also sample dense, BSA (and with --tdq BSA + TDQ) through ComfyUI's TorchCompileModel "
-                             "wrapper (inductor)")
+                             "wrapper: variants dense+BACKEND, bsa+BACKEND, bsa+tdq+BACKEND")
+    parser.add_argument("--compile-backend", choices=("inductor", "cudagraphs"), default="inductor",
+                        help="TorchCompileModel's backend for --compile (default inductor)")
     parser.add_argument("--skip", default="", metavar="LABELS",
                         help="comma-separated variants not to run (e.g. tdq,bsa+tdq,bsa+inductor: less device time); "
                              "dense and bsa always run")
@@ -484,6 +486,7 @@ def main(argv=None) -> int:
     print(f"BSA: {config} (start_percent 0, end_percent 1: every step sparse)")
 
     bsa_model = apply_bsa(model, config, start_percent=0.0, end_percent=1.0)
+    compiled_suffix = f"+{args.compile_backend}"
     variants = {"dense": model, "bsa": bsa_model}
     if args.tdq:
         variants["tdq"] = tdq_model(model, args, inputs)
@@ -498,8 +501,8 @@ def main(argv=None) -> int:
     if args.compile:  # what TorchCompileModel does to the model it is given: dense, BSA and BSA + TDQ
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         for label in ("dense", "bsa", "bsa+tdq")[:2 + bool(args.tdq)]:
-            variants[f"{label}+inductor"] = variants[label].clone()
-            set_torch_compile_wrapper(variants[f"{label}+inductor"], backend="inductor")
+            variants[label + compiled_suffix] = variants[label].clone()
+            set_torch_compile_wrapper(variants[label + compiled_suffix], backend=args.compile_backend)
     skipped = {label.strip() for label in args.skip.split(",") if label.strip()} - {"dense", "bsa"}
     if skipped - set(variants):
         raise SystemExit(f"--skip: no variant {sorted(skipped - set(variants))} in this run (it has {list(variants)})")
@@ -508,7 +511,7 @@ def main(argv=None) -> int:
     width = max(7, *(len(label) for label in variants))
     for label, m in variants.items():
         # a compiled model warms up on the timed run's step count: its graphs are specialised on the schedule
-        warmup = max(args.warmup_steps, steps) if label.endswith("+inductor") else args.warmup_steps
+        warmup = max(args.warmup_steps, steps) if label.endswith(compiled_suffix) else args.warmup_steps
         if warmup:
             start = time.perf_counter()
             run(m, inputs, warmup, device, sdpa)
@@ -530,11 +533,12 @@ def main(argv=None) -> int:
               flush=True)
 
     dense, bsa = results["dense"], results["bsa"]
-    for label in [k for k in results if k.endswith("+inductor") and k != "dense+inductor"]:
-        compiled, eager = results[label], results.get(label.removesuffix("+inductor"))
-        versus = (f", {results['dense+inductor']['per_step'] / compiled['per_step']:.2f}x over dense+inductor"
-                  if "dense+inductor" in results else "")
-        latent = ("" if eager is None else f"; final latent vs eager {label.removesuffix('+inductor')} rel L2 "
+    compiled_dense = "dense" + compiled_suffix
+    for label in [k for k in results if k.endswith(compiled_suffix) and k != compiled_dense]:
+        compiled, eager = results[label], results.get(label.removesuffix(compiled_suffix))
+        versus = (f", {results[compiled_dense]['per_step'] / compiled['per_step']:.2f}x over {compiled_dense}"
+                  if compiled_dense in results else "")
+        latent = ("" if eager is None else f"; final latent vs eager {label.removesuffix(compiled_suffix)} rel L2 "
                   f"{rel_l2(compiled['latent'], eager['latent']):.2e}")
         print(f"{label}: {dense['per_step'] / compiled['per_step']:.2f}x over dense{versus}; "
               f"{summary(stats[label])}{latent}")
