@@ -180,7 +180,8 @@ def key_mask_plan(mask, batch: int, n_tokens: int, n_prefix: int, n_suffix: int)
 
 
 def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, plan: KeyMaskPlan, *, n_prefix: int = 0,
-                             n_suffix: int = 0, scale: float | None = None, backend: str = "auto"):
+                             n_suffix: int = 0, scale: float | None = None, backend: str = "auto",
+                             thresholds: torch.Tensor | None = None):
     """BSA where `plan` (from key_mask_plan) hides some extra keys: equals masked dense attention. The hidden
     tokens drop out of the sequence; their queries attend the kept keys densely. Returns (out, kept
     query fraction, kept KV fraction) like bsa_attention_op, the fractions averaged over batch rows."""
@@ -188,7 +189,8 @@ def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, plan: KeyMaskPlan
     for rows, kept, hidden, hidden_prefix, hidden_suffix in plan.groups:
         qs, ks, vs = (t[rows].index_select(-2, kept) for t in (q, k, v))
         out_kept, fq, fkv = bsa_attention_op(qs, ks, vs, grid, config, n_prefix=n_prefix - hidden_prefix,
-                                             n_suffix=n_suffix - hidden_suffix, scale=scale, backend=backend)
+                                             n_suffix=n_suffix - hidden_suffix, scale=scale, backend=backend,
+                                             thresholds=thresholds)
         out = torch.empty(q[rows].shape, dtype=q.dtype, device=q.device)
         out.index_copy_(-2, kept, out_kept)
         if hidden_prefix + hidden_suffix:
@@ -199,12 +201,24 @@ def bsa_attention_key_masked(q, k, v, grid, config: BSAConfig, plan: KeyMaskPlan
     return torch.cat(outs), kept_q, kept_kv
 
 
+def threshold_tensor(config: BSAConfig) -> torch.Tensor:
+    """(kv_threshold, stat_lambda) as the op takes them: a CPU tensor, whose values a compiled graph does not
+    guard on (floats it would), so a compiled model takes another threshold without compiling again."""
+    return torch.tensor([config.kv_threshold, config.stat_lambda], dtype=torch.float64)
+
+
+def _op_config(cube_size: list[int], keep_ratio: float, thresholds: torch.Tensor, threshold_mode: str,
+               min_blocks: int, pooled_remainder: bool) -> BSAConfig:
+    kv_threshold, stat_lambda = thresholds.tolist()
+    return BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
+                     pooled_remainder)
+
+
 def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], cube_size: list[int],
-                        keep_ratio: float, kv_threshold: float, threshold_mode: str, stat_lambda: float,
-                        min_blocks: int, pooled_remainder: bool, n_prefix: int, n_suffix: int, scale: float,
+                        keep_ratio: float, thresholds: torch.Tensor, threshold_mode: str, min_blocks: int,
+                        pooled_remainder: bool, n_prefix: int, n_suffix: int, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
-                       pooled_remainder)
+    config = _op_config(cube_size, keep_ratio, thresholds, threshold_mode, min_blocks, pooled_remainder)
     out, selection, lse = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
                                         scale=scale, backend=backend, return_lse=True)
     if config.keep_ratio >= 1.0:  # every query kept: no reduction to launch
@@ -219,8 +233,8 @@ def _lse_or_empty(lse: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(0, dtype=torch.float32) if lse is None else lse
 
 
-def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda,
-                        min_blocks, pooled_remainder, n_prefix, n_suffix, scale, backend):
+def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, thresholds, threshold_mode, min_blocks,
+                        pooled_remainder, n_prefix, n_suffix, scale, backend):
     fraction = q.new_empty((), dtype=torch.float64)
     lse = None
     if choose_backend(q, backend)[0] == "triton":  # the same choice the real call makes
@@ -235,17 +249,15 @@ def _bsa_attention_setup_context(ctx, inputs, output):
     # the kept fractions are counts and the LSE a saved statistic: marked so that a run's stats summing
     # them keep no autograd graph alive
     ctx.mark_non_differentiable(*output[1:])
-    ctx.call = call  # grid, cube_size, the config's numbers, n_prefix, n_suffix, scale, backend
+    ctx.call = call  # grid, cube_size, the config's settings, n_prefix, n_suffix, scale, backend
 
 
 def _bsa_attention_grad(ctx, grad_out, _grad_kept_queries, _grad_kept_kv, _grad_lse):
     """dq, dk, dv for the op's inputs (the kept fractions are counts: no gradient reaches them)."""
     from .backward import bsa_attention_backward  # backward.py imports this module
 
-    (grid, cube_size, keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks, pooled_remainder,
-     n_prefix, n_suffix, scale, backend) = ctx.call
-    config = BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
-                       pooled_remainder)
+    grid, *settings, n_prefix, n_suffix, scale, backend = ctx.call
+    config = _op_config(*settings)
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = bsa_attention_backward(q, k, v, out, grad_out, tuple(grid), config, n_prefix, n_suffix, scale,
                                         backend=backend, lse=lse if lse.numel() else None)
@@ -257,14 +269,16 @@ _bsa_attention_op = custom_op_once("attention", _bsa_attention_impl, _bsa_attent
 
 
 def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_suffix: int = 0,
-                     scale: float | None = None, backend: str = "auto"):
+                     scale: float | None = None, backend: str = "auto", thresholds: torch.Tensor | None = None):
     """bsa_attention as the torch custom op bsa::attention, so torch.compile (ComfyUI's TorchCompileModel)
     treats it as one opaque call instead of tracing the data-dependent selection. Returns (out
-    [B, H, L, D], kept query fraction, kept KV-cube fraction), the fractions as 0-d float64 tensors."""
+    [B, H, L, D], kept query fraction, kept KV-cube fraction), the fractions as 0-d float64 tensors.
+    thresholds: threshold_tensor(config), made once outside the compiled model (the BSA patch's options)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    thresholds = threshold_tensor(config) if thresholds is None else thresholds
     return _bsa_attention_op(q, k, v, [int(n) for n in grid], list(config.cube_size), float(config.keep_ratio),
-                             float(config.kv_threshold), config.threshold_mode, float(config.stat_lambda),
-                             int(config.min_blocks), bool(config.pooled_remainder), int(n_prefix), int(n_suffix),
+                             thresholds, config.threshold_mode, int(config.min_blocks),
+                             bool(config.pooled_remainder), int(n_prefix), int(n_suffix),
                              scale, backend)[:3]  # the fourth output, the LSE, is the backward's
 
 

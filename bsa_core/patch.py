@@ -25,12 +25,19 @@ import math
 import re
 import weakref
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .adapters import TokenLayout, token_layout
-from .attention import bsa_attention_key_masked, bsa_attention_op, choose_backend, key_mask_plan, unsupported_reason
+from .attention import (
+    bsa_attention_key_masked,
+    bsa_attention_op,
+    choose_backend,
+    key_mask_plan,
+    threshold_tensor,
+    unsupported_reason,
+)
 from .config import RECOMMENDED_PATCH, BSAConfig
 from .report import ReportSpec, RunReport, find_report_specs, remember_linked_values, render
 
@@ -156,6 +163,10 @@ class BSAOptions:
     min_tokens: int
     record: tuple[ReportSpec, ...] = ()
     node_id: str | None = None
+    thresholds: torch.Tensor = field(init=False, repr=False)  # the config's, as bsa_attention_op takes them
+
+    def __post_init__(self):
+        object.__setattr__(self, "thresholds", threshold_tensor(self.config))
 
 
 @dataclass
@@ -438,7 +449,8 @@ def make_override(run: BSARun, previous):
             plan, reason = run.key_mask(mask, qh.shape[0], tokens, n_prefix, n_suffix)
             if reason is not None:
                 return dense(reason)
-        args = dict(n_prefix=n_prefix, n_suffix=n_suffix, scale=kwargs.get("scale"), backend=run.backend(qh))
+        args = dict(n_prefix=n_prefix, n_suffix=n_suffix, scale=kwargs.get("scale"), backend=run.backend(qh),
+                    thresholds=run.options.thresholds)
         timer = None if report is None else report.start_timer(qh)
         config = run.options.config
         try:

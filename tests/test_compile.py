@@ -37,7 +37,8 @@ def test_op_passes_torch_library_checks():
     """Inputs as ComfyUI hands them over: [B, L, H*D] viewed as [B, H, L, D] (not contiguous)."""
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv())
     torch.library.opcheck(torch.ops.bsa.attention.default,
-                          (q, k, v, list(GRID), [4, 4, 4], 0.5, 0.9, "cumulative", 1.0, 1, True, 0, 0, 0.125, "auto"),
+                          (q, k, v, list(GRID), [4, 4, 4], 0.5, torch.tensor([0.9, 1.0], dtype=torch.float64),
+                           "cumulative", 1, True, 0, 0, 0.125, "auto"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
@@ -101,6 +102,50 @@ def test_comfyui_torch_compile_model_with_the_patch(tiny_wan_path, caplog):
     eager_run, compiled_run = [r.bsa_run for r in caplog.records if hasattr(r, "bsa_run")]
     assert compiled_run == eager_run and compiled_run["sparse_calls"] == 4, compiled_run
     torch.testing.assert_close(compiled_latent, eager_latent, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("setting, before, after", [("kv_threshold", 0.5, 0.9), ("stat_lambda", 0.0, 1.0)])
+def test_a_changed_threshold_reuses_the_compiled_model(tiny_wan_path, monkeypatch, setting, before, after):
+    """TorchCompileModel after BSA, a threshold moved (a new BSA clone, as a slider change makes it): the
+    compiled model samples at the new threshold, as eager does, without compiling again. A threshold read as
+    a float was guarded on, so every new value recompiled the model (about a minute at Wan 1.3B on a GPU) and
+    past Dynamo's 8 recompiles ran it eagerly. keep_ratio sets the saved LSE's shape: it compiles anew."""
+    require_comfyui()
+    import comfy.ldm.modules.attention
+    import comfy.ldm.wan.model
+    import comfy.sd
+    import nodes
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from torch._dynamo.utils import counters
+
+    from comfy_env import apply_bsa
+
+    def sample(model):
+        g = torch.Generator().manual_seed(0)
+        positive, negative = ([[torch.randn(1, 16, 4096, generator=g), {}]] for _ in range(2))
+        latent = {"samples": torch.zeros(1, 16, 5, 16, 16)}
+        return nodes.common_ksampler(model, 7, 2, 3.0, "euler", "simple", positive, negative, latent)[0]["samples"]
+
+    monkeypatch.setattr(comfy.ldm.wan.model, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    base = comfy.sd.load_diffusion_model(str(tiny_wan_path))
+    mode = "cumulative" if setting == "kv_threshold" else "statistical"
+    torch._dynamo.reset()
+    latents = {}
+    for value, compiles in ((before, 1), (after, 0), (after, 0)):
+        eager = apply_bsa(base, dataclasses.replace(SPARSE, threshold_mode=mode, **{setting: value}))
+        compiled = eager.clone()
+        set_torch_compile_wrapper(compiled, backend="aot_eager")
+        counters.clear()
+        latents[value] = sample(compiled)
+        assert counters["frames"]["ok"] == compiles, (setting, value, dict(counters["frames"]))
+        torch.testing.assert_close(latents[value], sample(eager), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(latents[before], latents[after], atol=1e-3)  # the new threshold took effect
+    keep = apply_bsa(base, dataclasses.replace(SPARSE, threshold_mode=mode, keep_ratio=0.75, **{setting: after}))
+    compiled = keep.clone()
+    set_torch_compile_wrapper(compiled, backend="aot_eager")
+    counters.clear()
+    sample(compiled)
+    assert counters["frames"]["ok"] == 1, dict(counters["frames"])
 
 
 @pytest.mark.gpu
