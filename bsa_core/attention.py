@@ -9,7 +9,7 @@ import torch
 from ..kernels.cube_index import kept_width
 from .config import BSAConfig
 from .cubes import CubeLayout, cube_layout
-from .custom_ops import custom_op_once
+from .custom_ops import CUDAGRAPH_UNSAFE, custom_op_once
 from .reference import bsa_attention_reference, bsa_select
 from .selection import BSASelection
 
@@ -265,7 +265,7 @@ def _bsa_attention_grad(ctx, grad_out, _grad_kept_queries, _grad_kept_kv, _grad_
 
 
 _bsa_attention_op = custom_op_once("attention", _bsa_attention_impl, _bsa_attention_fake, _bsa_attention_grad,
-                                   _bsa_attention_setup_context)
+                                   _bsa_attention_setup_context, tags=CUDAGRAPH_UNSAFE)
 
 
 def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_suffix: int = 0,

@@ -7,7 +7,7 @@ import torch
 
 from comfy_env import require_comfyui, tiny_wan_path  # noqa: F401  (fixture)
 from comfyui_bsa.bsa_core import BSAConfig
-from comfyui_bsa.bsa_core.attention import bsa_attention, bsa_attention_op
+from comfyui_bsa.bsa_core.attention import bsa_attention, bsa_attention_op, threshold_tensor
 
 SPARSE = BSAConfig(keep_ratio=0.5, kv_threshold=0.5,
                    threshold_mode="cumulative", pooled_remainder=False)  # 4 cubes of random tokens: keeps 2-3
@@ -49,6 +49,36 @@ def test_compiled_without_graph_break_matches_eager(backend):
     compiled = torch.compile(attention_block, backend=backend, fullgraph=True)
     for got, expected in zip(compiled(q, k, v, 8), attention_block(q, k, v, 8)):
         torch.testing.assert_close(got, expected)
+
+
+def test_op_stays_out_of_cuda_graphs():
+    """bsa::attention reads its thresholds from a CPU tensor on the host at each call; a CUDA graph replay
+    (torch.compile's reduce-overhead / max-autotune) would keep the values of the recorded call."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag (nor graph partitioning: CPU inputs skip CUDA graphs)")
+    assert torch.Tag.cudagraph_unsafe in torch.ops.bsa.attention.default.tags
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_compile_reads_a_changed_threshold_on_cuda():
+    """torch.compile with CUDA graphs around the op: a threshold changed in place or passed anew is the one
+    the next call uses (the op is kept out of the graphs), as eager."""
+    torch._dynamo.reset()
+    q, k, v = qkv("cuda", torch.bfloat16)
+    config = dataclasses.replace(SPARSE, threshold_mode="statistical", stat_lambda=0.0)
+    thresholds = threshold_tensor(config)
+
+    def block(q, k, v, thresholds):
+        return torch.nn.functional.gelu(bsa_attention_op(q, k, v, GRID, config, thresholds=thresholds)[0]) + 1
+
+    compiled = torch.compile(block, mode="reduce-overhead")
+    for stat_lambda in (0.0, 1.5, -1.0):
+        thresholds[1] = stat_lambda
+        for _ in range(3):  # warm-up, recording, replays
+            got = compiled(q, k, v, thresholds).clone()
+        expected = block(q, k, v, threshold_tensor(dataclasses.replace(config, stat_lambda=stat_lambda)))
+        torch.testing.assert_close(got, expected)
+    assert not torch.allclose(block(q, k, v, threshold_tensor(config)), expected, atol=1e-2)
 
 
 @pytest.mark.gpu
