@@ -45,6 +45,7 @@ MODELS = {  # name -> (weights, training config)
     "bsa_scratch": (REPO / "assets" / "tiny_wan_shapes_bsa_scratch.safetensors", CONFIGS / "tiny_wan_bsa_scratch.json"),
     "bsa_finetune": (REPO / "assets" / "tiny_wan_shapes_bsa_finetune.safetensors",
                      CONFIGS / "tiny_wan_bsa_finetune.json"),
+    "bsa_distill": (REPO / "assets" / "tiny_wan_shapes_bsa_distill.safetensors", CONFIGS / "tiny_wan_bsa_distill.json"),
 }
 CLASSES = (0, 5, 10, 3, 6, 11)  # red disc, green square, blue triangle, yellow disc, blue square, yellow triangle
 SAMPLE_SEED = 1234
@@ -180,14 +181,15 @@ def models_and_config(args, device, tmp: pathlib.Path):
             models.append(Model(name, load_model(path, device), None if name == "dense" else setting))
         return config, setting, models
 
-    paths = {"dense": args.dense, "bsa_scratch": args.scratch, "bsa_finetune": args.finetune}
+    paths = {"dense": args.dense, "bsa_scratch": args.scratch, "bsa_finetune": args.finetune,
+             "bsa_distill": args.distill}
     config = TrainConfig.load(MODELS["dense"][1])
     if not pathlib.Path(paths["dense"]).is_file():
         raise SystemExit(f"{paths['dense']}: no dense model (train training/configs/tiny_wan_dense.json and copy "
                          "its runs/tiny_wan_dense/model_ema.safetensors there, or pass --dense)")
     models = [Model("dense", load_model(pathlib.Path(paths["dense"]), device), None)]
     setting = None
-    for name in ("bsa_scratch", "bsa_finetune"):
+    for name in ("bsa_scratch", "bsa_finetune", "bsa_distill"):
         weights, config_path = pathlib.Path(paths[name]), MODELS[name][1]
         if not config_path.is_file():
             print(f"{name}: skipped, no config {config_path.relative_to(REPO)}")
@@ -330,6 +332,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dense", default=str(MODELS["dense"][0]), help="the dense-trained model (safetensors)")
     parser.add_argument("--scratch", default=str(MODELS["bsa_scratch"][0]), help="the model trained with BSA")
     parser.add_argument("--finetune", default=str(MODELS["bsa_finetune"][0]), help="the dense one fine-tuned with BSA")
+    parser.add_argument("--distill", default=str(MODELS["bsa_distill"][0]),
+                        help="the dense one fine-tuned with BSA on the dense one's velocities (distill_from)")
     parser.add_argument("--steps", type=int, help="Euler steps (default 20; smoke 4)")
     parser.add_argument("--videos", type=int, help=f"sampled videos, at most {len(CLASSES)} (default 6; smoke 2)")
     parser.add_argument("--val-videos", type=int, help="validation videos (default 16; smoke 2)")

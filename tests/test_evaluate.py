@@ -126,6 +126,9 @@ def test_bench_trained_cpu_smoke_runs_and_writes_its_table_and_strips(tmp_path):
     for row in ("defaults (stat λ1)", "stat λ1.5", "stat λ2", "keep 0.5 stat λ1", "cum 0.9", "trained (keep 0.5"):
         assert row in table, row
     assert "sol_attn: skipped (" in table
-    assert len([line for line in table.splitlines() if line.strip().startswith("bsa_")]) == 2 * (2 + 3)  # per model: 2 validation rows, 3 sample rows
+    bsa_models = 3  # scratch, finetune, distill; per model 2 validation rows and 3 sample rows
+    assert len([line for line in table.splitlines() if line.strip().startswith("bsa_")]) == bsa_models * (2 + 3)
+    for row in ("stat λ1 no pool", "nearly every cube (cum 0.9999)"):  # the pooled remainder's share, the floor
+        assert row in table, row
     strips = sorted(tmp_path.glob("strip_*.png"))
     assert [p.name for p in strips] == ["strip_0_red_disc.png", "strip_1_green_square.png"]

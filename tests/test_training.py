@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from comfyui_bsa.bsa_core.config import BSAConfig
 from comfyui_bsa.training import TrainConfig, data, train
 from comfyui_bsa.training.loop import EXPORT_FILE, LOG_FILE, STATE_FILE, lr_factor
-from comfyui_bsa.training.model import initial_state_dict
+from comfyui_bsa.training.model import export_comfyui, initial_state_dict
 from comfyui_bsa.training.sparsity import SparsityRamp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -221,6 +221,22 @@ def test_accumulated_micro_batches_equal_one_large_batch(comfy, tmp_path):
         assert (update_a - update_b).norm() <= 1e-4 * update_b.norm(), name  # weights ~0.1 in float32, updates ~1e-3
 
 
+def test_distillation_blends_the_teachers_velocity_into_the_target(comfy, tmp_path):
+    """A student starting from its teacher's weights: the teacher's velocity is the student's, so the first
+    step's loss is (1 - w)^2 times the plain flow-matching loss of the same batch (target blended with weight
+    w), and with w = 1 nothing moves."""
+    teacher = export_comfyui(initial_state_dict(256, 2, 512, 0), tmp_path / "teacher.safetensors", torch.float32)
+    common = {"max_steps": 1, "init_from": str(teacher)}
+    plain = train(tiny_config(tmp_path / "plain", **common), progress=False)[0]
+    for weight in (0.5, 1.0):
+        row = train(tiny_config(tmp_path / f"w{weight}", distill_from=str(teacher), distill_weight=weight, **common),
+                    progress=False)[0]
+        assert row["loss"] == pytest.approx((1 - weight) ** 2 * plain["loss"], rel=1e-5, abs=1e-12), weight
+    assert row["grad_norm"] == 0.0
+    with pytest.raises(ValueError, match="distill_from and distill_weight"):
+        tiny_config(tmp_path, distill_weight=0.5)
+
+
 def test_preview_and_exported_model(comfy, tmp_path):
     """The preview is a PNG strip (a row per caption, a column per frame); the exported EMA weights load with
     ComfyUI's own loader as WAN21_T2V, and comfy.sample's euler gives what the loop's sampler gives."""
@@ -297,7 +313,7 @@ def test_config_round_trips_through_its_file_and_rejects_unknown_settings(tmp_pa
 @pytest.mark.parametrize("key, value", [("ema_decay", -1.0), ("ema_decay", 1.5), ("warmup_steps", -5),
                                         ("bsa_ramp_steps", -10), ("bsa_ramp_from_lambda", -20.0),
                                         ("bsa_dense_blocks", "0-x"), ("preview_classes", (0, 99)), ("shift", -1.0),
-                                        ("batch_size", True)])
+                                        ("batch_size", True), ("distill_weight", 1.5)])
 def test_invalid_settings_raise_naming_the_key_before_any_step(tmp_path, key, value):
     with pytest.raises(ValueError, match=key):
         tiny_config(tmp_path, **{key: value})

@@ -182,6 +182,8 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
     apply_masks_(model, masks)
     ema = EMA(model, config.ema_decay)
     preview_model = copy.deepcopy(model).requires_grad_(False)  # holds the EMA weights while it samples
+    teacher = None if config.distill_from is None else (
+        wan_from_state_dict(load_file(config.distill_from)).to(device).eval().requires_grad_(False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
@@ -218,7 +220,8 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
             # forward (the step's sparse setting on this forward's attention) and loss
             options, run = attention_options(bsa, model, x0.shape, context.shape[1], config.bsa_dense_blocks)
             with autocast(device):
-                loss = flow_matching_loss(model, x0, context, noise, sigma, options) / config.grad_accum
+                loss = flow_matching_loss(model, x0, context, noise, sigma, options, teacher,
+                                          config.distill_weight) / config.grad_accum
             loss.backward()
             loss_sum += loss.detach()
             if run is not None and run.stats.sparse_calls:
