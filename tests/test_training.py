@@ -223,18 +223,40 @@ def test_accumulated_micro_batches_equal_one_large_batch(comfy, tmp_path):
 
 def test_distillation_blends_the_teachers_velocity_into_the_target(comfy, tmp_path):
     """A student starting from its teacher's weights: the teacher's velocity is the student's, so the first
-    step's loss is (1 - w)^2 times the plain flow-matching loss of the same batch (target blended with weight
-    w), and with w = 1 nothing moves."""
+    step's loss is (1 - w) times the plain flow-matching loss of the same batch, which the row also logs as
+    flow_loss, and with w = 1 nothing moves."""
     teacher = export_comfyui(initial_state_dict(256, 2, 512, 0), tmp_path / "teacher.safetensors", torch.float32)
     common = {"max_steps": 1, "init_from": str(teacher)}
     plain = train(tiny_config(tmp_path / "plain", **common), progress=False)[0]
     for weight in (0.5, 1.0):
         row = train(tiny_config(tmp_path / f"w{weight}", distill_from=str(teacher), distill_weight=weight, **common),
                     progress=False)[0]
-        assert row["loss"] == pytest.approx((1 - weight) ** 2 * plain["loss"], rel=1e-5, abs=1e-12), weight
+        assert row["loss"] == pytest.approx((1 - weight) * plain["loss"], rel=1e-5, abs=1e-12), weight
+        assert row["flow_loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert row["grad_norm"] == 0.0
     with pytest.raises(ValueError, match="distill_from and distill_weight"):
         tiny_config(tmp_path, distill_weight=0.5)
+    with pytest.raises(FileNotFoundError, match="distill_from"):  # before the run folder is made
+        train(tiny_config(tmp_path / "missing", distill_from=str(tmp_path / "nope.safetensors"), distill_weight=0.5))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_sparse_distillation_resumes_bit_for_bit_and_refuses_another_teacher(comfy, tmp_path):
+    """BSA on the student, a teacher that differs from it: a run paused after step 2 and resumed ends as the
+    uninterrupted one; a resume after the teacher's file changed stops with an error naming distill_from."""
+    teacher = export_comfyui(initial_state_dict(256, 2, 512, 7), tmp_path / "teacher.safetensors", torch.float16)
+    settings = {"distill_from": str(teacher), "distill_weight": 0.7,
+                "bsa": {"cube_size": [1, 4, 4], "keep_ratio": 0.5, "threshold_mode": "statistical"}}
+    straight = train(tiny_config(tmp_path / "straight", **settings), progress=False)
+    resumed = train(tiny_config(tmp_path / "paused", **settings), stop_at=2, progress=False)
+    resumed += train(tiny_config(tmp_path / "paused", **settings), progress=False)
+    assert resumed == straight and all("flow_loss" in row for row in straight)
+    assert any("kept_kv_pct" in row for row in straight)  # the student's attention was sparse
+    _assert_states_equal(_state(tmp_path / "straight"), _state(tmp_path / "paused"))
+    train(tiny_config(tmp_path / "changed", **settings), stop_at=2, progress=False)
+    export_comfyui(initial_state_dict(256, 2, 512, 8), teacher, torch.float16)
+    with pytest.raises(ValueError, match="distill_from"):
+        train(tiny_config(tmp_path / "changed", **settings), progress=False)
 
 
 def test_preview_and_exported_model(comfy, tmp_path):
@@ -313,7 +335,8 @@ def test_config_round_trips_through_its_file_and_rejects_unknown_settings(tmp_pa
 @pytest.mark.parametrize("key, value", [("ema_decay", -1.0), ("ema_decay", 1.5), ("warmup_steps", -5),
                                         ("bsa_ramp_steps", -10), ("bsa_ramp_from_lambda", -20.0),
                                         ("bsa_dense_blocks", "0-x"), ("preview_classes", (0, 99)), ("shift", -1.0),
-                                        ("batch_size", True), ("distill_weight", 1.5)])
+                                        ("batch_size", True), ("distill_weight", 1.5),
+                                        ("distill_weight", True)])
 def test_invalid_settings_raise_naming_the_key_before_any_step(tmp_path, key, value):
     with pytest.raises(ValueError, match=key):
         tiny_config(tmp_path, **{key: value})

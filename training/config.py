@@ -26,8 +26,9 @@ class TrainConfig:
     bsa: BSAConfig fields of the target sparse setting (None = dense training); the ramp is dense up to
     bsa_start_step, then interpolates over bsa_ramp_steps (keep_ratio and kv_threshold from 1, stat_lambda
     from bsa_ramp_from_lambda) to the target. bsa_dense_blocks: blocks that stay dense ('0,1').
-    distill_from / distill_weight: the target velocity blends in a frozen teacher's (dense attention), so a
-    sparse student learns what its sparsity changes rather than the flow-matching target's noise again.
+    distill_from / distill_weight: the loss blends in the squared error to a frozen teacher's velocity (dense
+    attention), so a sparse student learns what its sparsity changes rather than the flow-matching target's
+    noise again; the file's hash is kept in state.pt and a resume against another file is refused.
     Every `*_every` counts optimizer steps; previews sample the EMA weights dense with `preview_steps`
     Euler steps, one row per caption in preview_classes.
     """
@@ -66,7 +67,7 @@ class TrainConfig:
     bsa_dense_blocks: str = ""
     # distillation: the loss blends the flow-matching target with a frozen teacher's velocity (dense attention)
     distill_from: str | None = None  # the teacher, a Wan 2.1 safetensors (e.g. the dense run's model_ema)
-    distill_weight: float = 0.0  # w in [0, 1]: target = (1 - w) (noise - x0) + w teacher(x_t)
+    distill_weight: float = 0.0  # w in [0, 1]: loss = (1 - w) flow matching + w squared error to the teacher
     # 2:4 recovery fine-tune: Sparsity24Config fields (method 'magnitude'); masks fixed from the initial weights
     prune: dict | None = None
     # or masks from a file (compression.sparsity24.save_masks: layer name -> bool [out, in]), e.g. Wanda's
@@ -109,8 +110,11 @@ class TrainConfig:
             raise ValueError(f"latent_size must be even (Wan's 2x2 patches), got {self.latent_size}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must lie in [0, lr ({self.lr})]")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError(f"distill_weight must lie in [0, 1], got {self.distill_weight!r}")
+        if self.distill_from == "":
+            object.__setattr__(self, "distill_from", None)  # as init_from: empty is none
+        if (isinstance(self.distill_weight, bool) or not isinstance(self.distill_weight, (int, float))
+                or not 0.0 <= self.distill_weight <= 1.0):
+            raise ValueError(f"distill_weight must be a number in [0, 1], got {self.distill_weight!r}")
         if (self.distill_from is None) != (self.distill_weight == 0.0):
             raise ValueError(f"distill_from and distill_weight go together: a teacher file and a weight > 0, or "
                              f"neither (got {self.distill_from!r} and {self.distill_weight!r})")

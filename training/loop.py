@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -154,6 +155,17 @@ def _truncate_log(path: pathlib.Path, step: int) -> None:
         os.replace(tmp, path)
 
 
+def load_teacher(config: TrainConfig, device) -> tuple[torch.nn.Module | None, str | None]:
+    """(the frozen distillation teacher, the sha256 of its file), or (None, None) without distill_from."""
+    if config.distill_from is None:
+        return None, None
+    path = pathlib.Path(config.distill_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"distill_from {path}: no such file")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return wan_from_state_dict(load_file(str(path))).to(device).eval().requires_grad_(False), digest
+
+
 def _start_run(config: TrainConfig, run_dir: pathlib.Path) -> None:
     """A new run writes config.json; a resumed one must have been started with the same config."""
     path = run_dir / CONFIG_FILE
@@ -170,11 +182,12 @@ def _start_run(config: TrainConfig, run_dir: pathlib.Path) -> None:
 
 def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True) -> list[dict]:
     """Trains (or resumes, when run_dir holds state.pt) up to config.max_steps, or pauses after step
-    `stop_at` with a checkpoint. Returns one log row per step run here: step, loss, lr, grad_norm, and the
-    kept KV percentage on sparse steps."""
+    `stop_at` with a checkpoint. Returns one log row per step run here: step, loss, lr, grad_norm, the
+    kept KV percentage on sparse steps and, when distilling, the flow-matching term alone (flow_loss)."""
     run_dir = pathlib.Path(config.run_dir)
-    _start_run(config, run_dir)
     device = pick_device(config)
+    teacher, teacher_hash = load_teacher(config, device)  # a missing file fails before the run folder is made
+    _start_run(config, run_dir)
     last_step = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
 
     model = wan_from_state_dict(initial_weights(config)).to(device)
@@ -182,8 +195,6 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
     apply_masks_(model, masks)
     ema = EMA(model, config.ema_decay)
     preview_model = copy.deepcopy(model).requires_grad_(False)  # holds the EMA weights while it samples
-    teacher = None if config.distill_from is None else (
-        wan_from_state_dict(load_file(config.distill_from)).to(device).eval().requires_grad_(False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
@@ -195,6 +206,9 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
 
     if (run_dir / STATE_FILE).exists():
         state = torch.load(run_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        if state.get("teacher") != teacher_hash:
+            raise ValueError(f"distill_from {config.distill_from} is not the file this run started with (its "
+                             "contents changed): resuming would train against another target")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -211,7 +225,7 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
     bar = tqdm(total=config.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     while step < last_step:
         bsa = ramp.at(step)
-        loss_sum, kept_kv = 0.0, []  # kept KV cubes, % per sparse forward
+        loss_sum, flow_sum, kept_kv = 0.0, 0.0, []  # kept KV cubes, % per sparse forward
         for _ in range(config.grad_accum):
             # batch
             x0, context, _ = next(stream)
@@ -219,11 +233,14 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
             noise, sigma = noise.to(device), sigma.to(device)
             # forward (the step's sparse setting on this forward's attention) and loss
             options, run = attention_options(bsa, model, x0.shape, context.shape[1], config.bsa_dense_blocks)
+            parts = {}
             with autocast(device):
                 loss = flow_matching_loss(model, x0, context, noise, sigma, options, teacher,
-                                          config.distill_weight) / config.grad_accum
+                                          config.distill_weight, parts) / config.grad_accum
             loss.backward()
             loss_sum += loss.detach()
+            if teacher is not None:
+                flow_sum += parts["flow"] / config.grad_accum
             if run is not None and run.stats.sparse_calls:
                 kept_kv.append(run.stats.as_dict()["kept_kv_pct"])
         # clip (the norm is measured either way, for the log)
@@ -244,6 +261,8 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
         step += 1
         # log
         row = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm)}
+        if teacher is not None:
+            row["flow_loss"] = float(flow_sum)  # loss blends in the teacher's term: this one compares with runs
         if kept_kv:
             row["kept_kv_pct"] = sum(kept_kv) / len(kept_kv)
         rows.append(row)
@@ -262,7 +281,7 @@ def train(config: TrainConfig, stop_at: int | None = None, progress: bool = True
             # the export first: state.pt is what a resume trusts, so it never runs ahead of the export
             export_comfyui(ema.state_dict(), run_dir / EXPORT_FILE, getattr(torch, config.export_dtype))
             _save_atomic({
-                "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "teacher": teacher_hash,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
                 "rng": {"noise": generator.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},

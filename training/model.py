@@ -65,18 +65,21 @@ def velocity(model, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
 
 
 def flow_matching_loss(model, x0, context, noise, sigma, transformer_options=None, teacher=None,
-                       teacher_weight: float = 0.0) -> torch.Tensor:
+                       teacher_weight: float = 0.0, parts: dict | None = None) -> torch.Tensor:
     """Mean squared error of the velocity at x_t = (1 - sigma) x0 + sigma noise; float32. With a `teacher`
-    model the target is (1 - w) (noise - x0) + w teacher(x_t) (its dense velocity, no gradient): the same
-    gradient as (1 - w) flow loss + w distillation loss."""
+    model: (1 - w) that + w the squared error to the teacher's velocity (dense, no gradient); `parts` then
+    receives the flow-matching term alone ("flow", detached), the number comparable across runs."""
     s = sigma.view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
-    target = (noise - x0).float()
-    if teacher is not None:
-        with torch.no_grad():
-            target = (1 - teacher_weight) * target + teacher_weight * velocity(teacher, x_t, sigma, context).float()
-    prediction = velocity(model, x_t, sigma, context, transformer_options)
-    return torch.nn.functional.mse_loss(prediction.float(), target)
+    prediction = velocity(model, x_t, sigma, context, transformer_options).float()
+    flow = torch.nn.functional.mse_loss(prediction, (noise - x0).float())
+    if teacher is None:
+        return flow
+    with torch.no_grad():
+        target = velocity(teacher, x_t, sigma, context).float()
+    if parts is not None:
+        parts["flow"] = flow.detach()
+    return (1 - teacher_weight) * flow + teacher_weight * torch.nn.functional.mse_loss(prediction, target)
 
 
 def sampling_sigmas(steps: int, shift: float, device=None) -> torch.Tensor:
