@@ -112,9 +112,11 @@ FP8_CAPABILITY = (8, 9)  # the first CUDA compute capability with FP8 tensor cor
 
 
 def scaled_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch._scaled_mm runs here: a CUDA device of compute capability 8.9+ and dims that are multiples of 16
-    (and not inside reference_math())."""
-    return (not _reference_only and x.is_cuda and capability(x.device.index) >= FP8_CAPABILITY
+    """torch._scaled_mm runs here: an NVIDIA device of compute capability 8.9+ and dims that are multiples of
+    16 (and not inside reference_math()). ROCm builds report other capabilities and other FP8 formats (MI300's
+    e4m3fnuz): they take the reference."""
+    return (not _reference_only and x.is_cuda and torch.version.hip is None
+            and capability(x.device.index) >= FP8_CAPABILITY
             and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0)
 
 
@@ -123,6 +125,8 @@ def no_fp8_matmul_reason(device: torch.device) -> str | None:
     the same numbers through float32 matmuls, slower than the layer unquantized (eager only: names the GPU)."""
     if device.type != "cuda":
         return f"{device.type} has no FP8 matrix multiplication"
+    if torch.version.hip is not None:
+        return "ROCm: this pack's FP8 matrix multiplication is for NVIDIA GPUs"
     index = torch.cuda.current_device() if device.index is None else device.index
     major, minor = capability(index)
     if (major, minor) < FP8_CAPABILITY:

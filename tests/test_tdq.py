@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -393,6 +394,11 @@ def test_a_device_without_fp8_matmuls_is_named_once_per_patched_model(calibratio
         "NVIDIA GeForce RTX 3090 (sm86) has no FP8 matrix multiplication (sm89+)")
     monkeypatch.setitem(fp8._CAPABILITY, 0, (9, 0))
     assert fp8.no_fp8_matmul_reason(torch.device("cuda", 0)) is None
+    on_gpu, weight = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0)), torch.empty(32, 32)
+    assert fp8.scaled_mm_supported(on_gpu, weight)
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")  # ROCm reports capabilities past sm89 without e4m3fn GEMMs
+    assert fp8.no_fp8_matmul_reason(torch.device("cuda", 0)).startswith("ROCm")
+    assert not fp8.scaled_mm_supported(on_gpu, weight)
 
 
 def test_tdq_composes_with_lora_pruning_and_teal_and_leaves_the_base_model_alone(tiny_wan):
