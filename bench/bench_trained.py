@@ -189,7 +189,7 @@ def models_and_config(args, device, tmp: pathlib.Path):
                          "its runs/tiny_wan_dense/model_ema.safetensors there, or pass --dense)")
     models = [Model("dense", load_model(pathlib.Path(paths["dense"]), device), None)]
     setting = None
-    for name in ("bsa_scratch", "bsa_finetune", "bsa_distill"):
+    for name in [name for name in MODELS if name != "dense"]:
         weights, config_path = pathlib.Path(paths[name]), MODELS[name][1]
         if not config_path.is_file():
             print(f"{name}: skipped, no config {config_path.relative_to(REPO)}")

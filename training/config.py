@@ -65,7 +65,7 @@ class TrainConfig:
     bsa_ramp_steps: int = 0
     bsa_ramp_from_lambda: float = -3.0
     bsa_dense_blocks: str = ""
-    # distillation: the loss blends the flow-matching target with a frozen teacher's velocity (dense attention)
+    # distillation: the loss weighs in the squared error to a frozen teacher's velocity (dense attention)
     distill_from: str | None = None  # the teacher, a Wan 2.1 safetensors (e.g. the dense run's model_ema)
     distill_weight: float = 0.0  # w in [0, 1]: loss = (1 - w) flow matching + w squared error to the teacher
     # 2:4 recovery fine-tune: Sparsity24Config fields (method 'magnitude'); masks fixed from the initial weights

@@ -13,6 +13,7 @@ import math
 import os
 import pathlib
 
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -162,8 +163,9 @@ def load_teacher(config: TrainConfig, device) -> tuple[torch.nn.Module | None, s
     path = pathlib.Path(config.distill_from)
     if not path.is_file():
         raise FileNotFoundError(f"distill_from {path}: no such file")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return wan_from_state_dict(load_file(str(path))).to(device).eval().requires_grad_(False), digest
+    data = path.read_bytes()  # read once: hashed and loaded
+    teacher = wan_from_state_dict(safetensors.torch.load(data)).to(device).eval().requires_grad_(False)
+    return teacher, hashlib.sha256(data).hexdigest()
 
 
 def _start_run(config: TrainConfig, run_dir: pathlib.Path) -> None:
