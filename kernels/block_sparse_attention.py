@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .cube_tokens import _cube_tokens, _grid_args
+from .quantize_keys import QuantizedKeys, _round_to_int8
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -93,6 +94,14 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _dot_int8(a, b, DOT_F32: tl.constexpr):
+    """int8 x int8 -> fp32 logits (int32 accumulation; the interpreter's fp32 product is exact for D <= 256)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
+
+
+@triton.jit
 def _softmax_update(acc, l_i, m_i, s, v, DOT_F32: tl.constexpr):
     """One online-softmax step over one key block (logits s in the log2 domain, values v)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -106,13 +115,15 @@ def _softmax_update(acc, l_i, m_i, s, v, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _selected_cubes(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, desc_row0, idx_ptr, bits_ptr, key_bias_ptr,
-                    count, row_cube, qk_scale, offs_n, offs_d, CUBE: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, HAS_BITS: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
+def _selected_cubes(acc, l_i, m_i, q, q_scale, K_bh, K_scale_bh, V_bh, K_desc, V_desc, desc_row0, idx_ptr, bits_ptr,
+                    key_bias_ptr, count, row_cube, qk_scale, offs_n, offs_d, CUBE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BITS: tl.constexpr, USE_TMA: tl.constexpr,
+                    QK_INT8: tl.constexpr, DOT_F32: tl.constexpr):
     """Online softmax over the `count` KV cubes of the table, one cube per step in BLOCK_N-key pieces
     (a cube larger than the tile the device's shared memory holds takes several); key_bias masks padding
     slots. HAS_BITS: row r sees entry j only when bit row_cube[r] of bits_ptr[j] is set.
-    USE_TMA: K/V tiles through tensor descriptors over [B*H*N*CUBE, HEAD_DIM], rows desc_row0 + kv * CUBE."""
+    USE_TMA: K/V tiles through tensor descriptors over [B*H*N*CUBE, HEAD_DIM], rows desc_row0 + kv * CUBE.
+    QK_INT8: q and the keys are int8 (`quantize_keys`), logits = q . k * q_scale[row] * K_scale_bh[cube]."""
     PIECES_PER_CUBE: tl.constexpr = (CUBE + BLOCK_N - 1) // BLOCK_N
     for step in range(0, count * PIECES_PER_CUBE):  # one flat loop: one set of pipeline buffers
         j = step // PIECES_PER_CUBE
@@ -124,9 +135,12 @@ def _selected_cubes(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, desc_row0, idx
         if USE_TMA:
             k = K_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
         else:
-            k = tl.load(K_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32)
-        s = s * qk_scale + tl.load(key_bias_ptr + rows, mask=key_ok, other=float("-inf"))[None, :]
+            k = tl.load(K_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0)
+        if QK_INT8:
+            s = _dot_int8(q, tl.trans(k), DOT_F32) * (q_scale[:, None] * (tl.load(K_scale_bh + kv) * qk_scale))
+        else:
+            s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32) * qk_scale
+        s = s + tl.load(key_bias_ptr + rows, mask=key_ok, other=float("-inf"))[None, :]
         if HAS_BITS:
             member = ((tl.load(bits_ptr + j) >> row_cube) & 1) != 0
             s = tl.where(member[:, None], s, float("-inf"))
@@ -180,10 +194,10 @@ def _pooled_keys(acc, l_i, m_i, q, KBar_bh, VBar_bh, log2n_ptr, attended_bh, n_c
 
 
 @triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "POOL_BLOCK", "HEAD_DIM", "GROUP", "USE_TMA",
-                                        "HAS_REMAINDER", "RASTER", "smem_budget"],
+                                        "HAS_REMAINDER", "RASTER", "QK_INT8", "smem_budget"],
                  prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
+def _block_sparse_attn_fwd(Q, K, K_scale, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
                            q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
                            H, N, KQ, NG, KG, E, n_prefix, GT, GH, GW, NH, NW,
                            stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, smem_budget,
@@ -192,7 +206,7 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
                            CUBE: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
                            GROUP: tl.constexpr, PIECES: tl.constexpr, HAS_EXTRA: tl.constexpr,
                            HAS_REMAINDER: tl.constexpr, USE_TMA: tl.constexpr, RASTER: tl.constexpr,
-                           STORE_LSE: tl.constexpr, DOT_F32: tl.constexpr):
+                           STORE_LSE: tl.constexpr, QK_INT8: tl.constexpr, DOT_F32: tl.constexpr):
     tl.static_assert(BLOCK_N >= 16 and BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(not USE_TMA or CUBE % BLOCK_N == 0, "TMA loads whole pieces of a cube")
     tl.static_assert(GROUP <= 32, "membership bits are one int32 per table entry")
@@ -240,12 +254,21 @@ def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, A
     qk_scale = qk_scale * 1.44269504  # log2(e): exp2 instead of exp
     row_cube = row_cube.to(tl.int32)
 
+    if QK_INT8:  # each row in int8 at its own scale, for the selected cubes' logits only
+        q_amax = tl.max(tl.abs(q.to(tl.float32)), 1)
+        q_scale = tl.where(q_amax > 0.0, q_amax / 127.0, 1.0)
+        q_sel = _round_to_int8(q.to(tl.float32) / q_scale[:, None])
+    else:
+        q_scale = tl.full([BLOCK_M], 1.0, tl.float32)
+        q_sel = q
+
     kv_bh = bh * N * CUBE * HEAD_DIM
     table = (bh * NG + grp) * KG
     count = tl.load(grp_count_ptr + bh * NG + grp)
-    acc, l_i, m_i = _selected_cubes(acc, l_i, m_i, q, K + kv_bh, V + kv_bh, K_desc, V_desc, bh * N * CUBE,
-                                    grp_index_ptr + table, grp_bits_ptr + table, key_bias_ptr, count, row_cube,
-                                    qk_scale, offs_n, offs_d, CUBE, BLOCK_N, HEAD_DIM, GROUP > 1, USE_TMA, DOT_F32)
+    acc, l_i, m_i = _selected_cubes(acc, l_i, m_i, q_sel, q_scale, K + kv_bh, K_scale + bh * N, V + kv_bh, K_desc,
+                                    V_desc, bh * N * CUBE, grp_index_ptr + table, grp_bits_ptr + table, key_bias_ptr,
+                                    count, row_cube, qk_scale, offs_n, offs_d, CUBE, BLOCK_N, HEAD_DIM, GROUP > 1,
+                                    USE_TMA, QK_INT8, DOT_F32)
     if HAS_EXTRA:
         acc, l_i, m_i = _extra_keys(acc, l_i, m_i, q, KE + bh * E * HEAD_DIM, VE + bh * E * HEAD_DIM, E, qk_scale,
                                     offs_n, offs_d, BLOCK_N, HEAD_DIM, DOT_F32)
@@ -403,7 +426,8 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                            cubes_per_program: int | None = None, use_tma: bool | None = None,
                            plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
-                           pool_block: int | None = None, return_lse: bool = False):
+                           pool_block: int | None = None, return_lse: bool = False,
+                           quantized_keys: QuantizedKeys | None = None):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
@@ -417,6 +441,9 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] mean key / value of every cube, attended
     [B, H, N, N] bool the same table as a dense mask. Each KV cube a query cube did not select joins its
     softmax as one key k_bar with weight n_valid and value v_bar (pooled remainder).
+    quantized_keys: `quantize_key_cubes(k_cubes, slot_valid)`: the selected cubes' logits as int8 MMAs (the
+    extra and pooled keys are shifted by the same head mean, so each row's softmax is the exact one's up to
+    rounding). Forward only: not with return_lse.
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with return_lse the
     log2-domain log-sum-exp of every kept row [B, H, N, Kq] fp32 (what the backward needs).
     """
@@ -433,7 +460,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     out = torch.empty(B, H, N, KQ, D, dtype=q_cubes.dtype, device=q_cubes.device)
     lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q_cubes.device) if return_lse else None
     _launch(q_cubes, None, 0, out, k_cubes, v_cubes, q_index.contiguous(), KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None, lse)
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None, lse, quantized_keys)
     return (out.to(in_dtype), lse) if return_lse else out.to(in_dtype)
 
 
@@ -443,11 +470,12 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
                                   k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                                   cubes_per_program: int | None = None, use_tma: bool | None = None,
                                   plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
-                                  pool_block: int | None = None, return_lse: bool = False):
+                                  pool_block: int | None = None, return_lse: bool = False,
+                                  quantized_keys: QuantizedKeys | None = None):
     """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
     n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
-    block_sparse_attention. Returns out, and with return_lse the log2-domain log-sum-exp of every row in
+    block_sparse_attention (quantized_keys too). Returns out, and with return_lse the log2-domain log-sum-exp of every row in
     cube order [B, H, N, S] fp32 (slot order; -inf on padding slots), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and out must be fp16/bf16 [B, H, L, D] of one shape and dtype, got {q.dtype} "
@@ -461,12 +489,13 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
            if return_lse else None)
     _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
             layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout,
-            lse)
+            lse, quantized_keys)
     return (out, lse) if return_lse else out
 
 
 def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse):
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse,
+            quantized_keys):
     """Validate the K/V side and the tables, build what the launch needs, launch."""
     first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
     if first.dim() != 5:
@@ -519,6 +548,13 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
         attended = attended.to(torch.bool).contiguous().view(torch.uint8)
     else:
         k_bar = v_bar = attended = k_cubes
+    k_selected, k_scale = k_cubes, plan.count  # (a dummy pointer where no scales are read)
+    if quantized_keys is not None:
+        k_selected, k_scale, k_shift = _check_quantized_keys(quantized_keys, k_cubes, lse is not None)
+        if has_extra:
+            k_extra = (k_extra.float() - k_shift).to(compute_dtype)
+        if remainder is not None:
+            k_bar = (k_bar.float() - k_shift).to(compute_dtype)
 
     rows = plan.group * KQ
     # raster mode splits a cube of more than 64 queries over programs: 64-row tiles measured fastest
@@ -537,20 +573,38 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
         raise ValueError(f"pool_block must be 16, 32, 64 or 128, got {pool_block}")
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        k_desc = TensorDescriptor.from_tensor(k_cubes.view(-1, D), [BLOCK_N, D])
+        k_desc = TensorDescriptor.from_tensor(k_selected.view(-1, D), [BLOCK_N, D])
         v_desc = TensorDescriptor.from_tensor(v_cubes.view(-1, D), [BLOCK_N, D])
     else:
-        k_desc, v_desc = k_cubes, v_cubes
+        k_desc, v_desc = k_selected, v_cubes
     grid_args = _grid_args(raster_layout) if raster_layout is not None else (1, 1, 1, 1, 1)
     cube = raster_layout.cube_size if raster_layout is not None else (1, 1, S)
     q_strides = (q.stride(0), q.stride(1), q.stride(2)) if raster_layout is not None else (0, 0, 0)
     o_strides = (out.stride(0), out.stride(1), out.stride(2)) if raster_layout is not None else (0, 0, 0)
     _block_sparse_attn_fwd[(B * H * NG * pieces,)](
-        q, k_cubes, v_cubes, k_desc, v_desc, k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
+        q, k_selected, k_scale, v_cubes, k_desc, v_desc, k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
         k_bar, v_bar, tables.log2_n, attended, out, out if lse is None else lse, plan.order,
         q_index if q_index is not None else plan.count, plan.count, plan.index, plan.bits, tables.key_bias, scale,
         H, N, KQ, NG, KG, E, n_prefix, *grid_args, *q_strides, *o_strides, budget,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, POOL_BLOCK=pool_block, HEAD_DIM=D, CUBE=S, CT=cube[0], CH=cube[1], CW=cube[2], GROUP=plan.group,
         PIECES=pieces, HAS_EXTRA=has_extra,
         HAS_REMAINDER=remainder is not None, USE_TMA=bool(use_tma), RASTER=raster_layout is not None,
-        STORE_LSE=lse is not None, DOT_F32=_INTERPRET)
+        STORE_LSE=lse is not None, QK_INT8=quantized_keys is not None, DOT_F32=_INTERPRET)
+
+
+def _check_quantized_keys(quantized_keys: QuantizedKeys, k_cubes: torch.Tensor, wants_lse: bool):
+    """The int8 keys, their per-cube scales and the head-mean shift [B, H, 1, D] fp32, checked against k_cubes."""
+    if wants_lse:
+        raise ValueError("quantized_keys: the int8 path is forward-only (its log-sum-exp is of shifted keys); "
+                         "leave return_lse off or the keys unquantized")
+    keys, scale, mean = quantized_keys
+    B, H, N, _, D = k_cubes.shape
+    if D < 32:
+        raise ValueError(f"quantized_keys: int8 MMAs need head_dim >= 32, got {D}")
+    if (keys.shape != k_cubes.shape or keys.dtype != torch.int8 or not keys.is_contiguous()
+            or scale.shape != (B, H, N) or scale.dtype != torch.float32 or mean.shape != (B, H, D)
+            or keys.device != k_cubes.device):
+        raise ValueError(f"quantized_keys must be quantize_key_cubes(k_cubes, slot_valid) of k_cubes "
+                         f"{tuple(k_cubes.shape)}, got keys {keys.dtype} {tuple(keys.shape)}, scale {scale.dtype} "
+                         f"{tuple(scale.shape)}, mean {tuple(mean.shape)}")
+    return keys, scale.contiguous(), mean.to(torch.float32)[:, :, None, :]

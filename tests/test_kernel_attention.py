@@ -271,3 +271,113 @@ def test_gpu_every_shared_memory_budget_launches(cube, D, budget_kb, monkeypatch
     out = torch.empty_like(q)
     block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, remainder=remainder)
     assert _rel_rms(out, layout.to_raster(ref)) < 1e-2
+
+
+# ---- int8 keys (SageAttention-style Q K^T), forward only ---------------------------------------------------
+
+def test_quantized_key_cubes_round_trip():
+    """Dequantized keys = k - head mean within half a step of the cube's scale; padding slots 0; the mean is
+    over real slots only (a partial grid's padding would pull it to 0)."""
+    from comfyui_bsa.kernels.quantize_keys import quantize_key_cubes
+    layout, _, kc, _, _, _ = _inputs(2, 3, (3, 5, 6), (2, 2, 4), 32, torch.bfloat16, seed=11)
+    kc = (kc.float() + 4.0 * layout.slot_valid[..., None].float()).to(torch.bfloat16).contiguous()  # a channel bias
+    keys, scale, mean = quantize_key_cubes(kc, layout.slot_valid)
+    valid = layout.slot_valid[..., None].to(kc.device)
+    true_mean = (kc.float() * valid).sum((2, 3)) / layout.slot_valid.sum()
+    assert keys.dtype == torch.int8 and torch.allclose(mean, true_mean, atol=1e-4)
+    assert keys.abs().amax((-2, -1)).eq(127).all()  # every cube's amax lands on the int8 edge
+    dequant = keys.float() * scale[..., None, None]
+    err = (dequant - (kc.float() - mean[:, :, None, None, :])) * valid
+    assert (err.abs() <= scale[..., None, None] / 2 + 1e-6).all()
+    assert (keys * ~valid).eq(0).all()
+
+
+INT8_CASES = [  # (grid, cube, D, n_prefix, n_suffix, pooled, group)
+    ((3, 5, 6), (2, 2, 2), 32, 3, 2, True, None),
+    ((5, 4, 7), (2, 2, 4), 64, 0, 4, True, 2),
+    ((4, 8, 8), (4, 4, 8), 32, 2, 0, False, None),  # 128 queries: two programs a cube
+]
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"T{'x'.join(map(str, c[0]))}-D{c[2]}-pooled{int(c[5])}")
+def test_int8_keys_match_the_exact_softmax(case):
+    """Keys with a strong shared channel bias (as video DiTs' have): the int8 path stays within int8 rounding of
+    the reference, so every key a row sees, extra and pooled ones included, lost the same shift."""
+    from comfyui_bsa.bsa_core.reference import cube_mean
+    from comfyui_bsa.kernels.quantize_keys import quantize_key_cubes
+    grid, cube, D, n_prefix, n_suffix, pooled, group = case
+    B, H = 1, 2
+    g = torch.Generator().manual_seed(7)
+    layout = cube_layout(grid, cube, DEVICE)
+    L = n_prefix + layout.num_tokens + n_suffix
+    q, k, v = (torch.randn(B, H, L, D, generator=g) for _ in range(3))
+    k = k + 3.0 * torch.randn(1, H, 1, D, generator=g)
+    q, k, v = (x.to(DEVICE, torch.bfloat16) for x in (q, k, v))
+    video = slice(n_prefix, n_prefix + layout.num_tokens)
+    qc, kc, vc = (layout.to_cubes(x[:, :, video]).contiguous() for x in (q, k, v))
+    ke = torch.cat([k[:, :, :n_prefix], k[:, :, L - n_suffix:]], 2).contiguous()
+    ve = torch.cat([v[:, :, :n_prefix], v[:, :, L - n_suffix:]], 2).contiguous()
+    scale = D ** -0.5
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=0.6,
+                                               threshold_mode="cumulative"), scale)
+    ref = layout.to_raster(sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve, pooled_remainder=pooled))
+    remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()) if pooled else None
+    runs = {}
+    for name, quantized in (("bf16", None), ("int8", quantize_key_cubes(kc, layout.slot_valid))):
+        out = torch.zeros_like(q)
+        block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, n_prefix, scale, ke, ve,
+                                      cubes_per_program=group, remainder=remainder, quantized_keys=quantized)
+        runs[name] = _rel_rms(out[:, :, video], ref)
+    assert runs["bf16"] < 1e-2 and runs["int8"] < 3e-2, runs
+
+
+def test_int8_keys_in_cube_order_and_forward_only():
+    """keep_ratio < 1 (kept-query lists) takes the int8 keys too; asking for the backward's LSE refuses them."""
+    from comfyui_bsa.kernels.quantize_keys import quantize_key_cubes
+    layout, qc, kc, vc, ke, ve = _inputs(1, 2, (3, 5, 6), (2, 2, 4), 32, torch.bfloat16, seed=4, E=3)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=(2, 2, 4), keep_ratio=0.5, kv_threshold=0.6,
+                                               threshold_mode="cumulative", pooled_remainder=False), 32 ** -0.5)
+    ref = sparse_attention_reference(qc, kc, vc, layout, sel, 32 ** -0.5, ke, ve)
+    quantized = quantize_key_cubes(kc, layout.slot_valid)
+    kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, 32 ** -0.5,
+                                  ke, ve, quantized_keys=quantized)
+    assert _rel_rms(scatter_kept(kept, sel.q_source, layout.slot_valid), ref) < 3e-2
+    with pytest.raises(ValueError, match="forward-only"):
+        block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, 32 ** -0.5,
+                               ke, ve, return_lse=True, quantized_keys=quantized)
+    small = _inputs(1, 2, (3, 5, 6), (2, 2, 4), 16, torch.bfloat16, seed=4)
+    with pytest.raises(ValueError, match="head_dim >= 32"):
+        block_sparse_attention(small[1], small[2], small[3], sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid,
+                               quantized_keys=quantize_key_cubes(small[2], layout.slot_valid))
+    with pytest.raises(ValueError, match="quantize_key_cubes"):
+        block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, 32 ** -0.5,
+                               quantized_keys=quantized._replace(scale=quantized.scale[:, :1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D, use_tma", [(128, False), (128, True), (64, True)])
+def test_gpu_int8_keys_wan_480p(D, use_tma):
+    """The int8 MMA path compiles and stays within int8 rounding of the reference on the Wan 480p grid (raster
+    rows, pooled remainder, a text-like prefix of extra keys), with and without tensor descriptors."""
+    if use_tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need Hopper")
+    from comfyui_bsa.bsa_core.reference import cube_mean
+    from comfyui_bsa.kernels.quantize_keys import quantize_key_cubes
+    grid, H, n_prefix = (21, 30, 52), 2, 16
+    layout = cube_layout(grid, (4, 4, 4), "cuda")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    L = n_prefix + layout.num_tokens
+    q, k, v = (torch.randn(1, H, L, D, device="cuda", generator=g) for _ in range(3))
+    k = (k + 2.0 * torch.randn(1, H, 1, D, device="cuda", generator=g))
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    qc, kc, vc = (layout.to_cubes(x[:, :, n_prefix:]).contiguous() for x in (q, k, v))
+    ke, ve = k[:, :, :n_prefix].contiguous(), v[:, :, :n_prefix].contiguous()
+    scale = D ** -0.5
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=1.0, kv_threshold=0.3, min_blocks=8,
+                                               threshold_mode="cumulative"), scale)
+    ref = layout.to_raster(sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve, pooled_remainder=True))
+    out = torch.zeros_like(q)
+    block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, n_prefix, scale, ke, ve,
+                                  use_tma=use_tma, remainder=(cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()),
+                                  quantized_keys=quantize_key_cubes(kc, layout.slot_valid))
+    assert _rel_rms(out[:, :, n_prefix:], ref) < 3e-2

@@ -1,0 +1,81 @@
+"""Key cubes in int8 for the attention kernel's Q K^T (SageAttention's recipe, per KV cube).
+
+Keys first lose their head's mean key: q . (k - m) = q . k - q . m shifts every logit of a query row by
+the same amount, so its softmax is unchanged as long as every key the row sees is shifted alike (the
+attention wrapper shifts the pooled and extra keys too); what it removes is the channel bias video DiTs'
+keys share across tokens, which would otherwise set every cube's int8 range. Each KV cube then gets one
+fp32 scale (its amax / 127) and its slots are rounded to int8; padding slots are 0. The attention kernel
+quantizes each query row the same way when it loads it and runs Q K^T as an int8 MMA (twice bf16's rate
+on sm80+, half the key bytes); P V stays 16-bit.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_TILE_ELEMENTS = 8192  # slots x head_dim per loop step, as cube_permute's
+
+
+class QuantizedKeys(NamedTuple):
+    """What `quantize_key_cubes` returns: dequantized key = keys * scale + mean (padding slots: mean)."""
+    keys: torch.Tensor   # [B, H, N, S, D] int8
+    scale: torch.Tensor  # [B, H, N] fp32, one per KV cube
+    mean: torch.Tensor   # [B, H, D] fp32, the shift every key of a head lost
+
+
+@triton.jit
+def _round_to_int8(x):
+    """Round half away from zero (a float -> int conversion truncates)."""
+    return (x + tl.where(x >= 0, 0.5, -0.5)).to(tl.int8)
+
+
+@triton.jit
+def _quantize_key_cubes_kernel(K, Mean, Valid, K8, Scale, n_cubes, S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               D_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One KV cube of one (batch, head): its amax after the shift, then the int8 slots (the second pass re-reads
+    the cube from L2)."""
+    pid = tl.program_id(0).to(tl.int64)
+    cube = pid % n_cubes
+    base = pid * (S * HEAD_DIM)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    mean = tl.load(Mean + (pid // n_cubes) * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    amax = tl.zeros([D_PAD], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        ok = (slots < S) & (tl.load(Valid + cube * S + slots, mask=slots < S, other=0) != 0)
+        k = tl.load(K + base + slots[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        shifted = tl.where(ok[:, None] & d_ok[None, :], k.to(tl.float32) - mean[None, :], 0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(shifted), 0))
+    cube_amax = tl.max(amax, 0)
+    scale = tl.where(cube_amax > 0.0, cube_amax / 127.0, 1.0)
+    tl.store(Scale + pid, scale)
+    for s0 in range(0, S, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        ok = (slots < S) & (tl.load(Valid + cube * S + slots, mask=slots < S, other=0) != 0)
+        k = tl.load(K + base + slots[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        shifted = tl.where(ok[:, None] & d_ok[None, :], k.to(tl.float32) - mean[None, :], 0.0)
+        tl.store(K8 + base + slots[:, None] * HEAD_DIM + offs_d[None, :], _round_to_int8(shifted / scale),
+                 mask=(slots < S)[:, None] & d_ok[None, :])
+
+
+def quantize_key_cubes(k_cubes: torch.Tensor, slot_valid: torch.Tensor) -> QuantizedKeys:
+    """k_cubes [B, H, N, S, D] fp16/bf16/fp32 in cube order with padding slots 0 (as `cube_permute` writes
+    them), slot_valid [N, S] bool -> QuantizedKeys. One reduction for the head means, one Triton pass."""
+    if k_cubes.dim() != 5 or not k_cubes.is_contiguous():
+        raise ValueError(f"k_cubes must be a contiguous [B, H, N, S, D], got {tuple(k_cubes.shape)}")
+    B, H, N, S, D = k_cubes.shape
+    if slot_valid.shape != (N, S):
+        raise ValueError(f"slot_valid must be [N, S] = [{N}, {S}], got {tuple(slot_valid.shape)}")
+    valid = slot_valid.to(device=k_cubes.device, dtype=torch.uint8).contiguous()
+    mean = k_cubes.sum((2, 3), dtype=torch.float32) / valid.sum().clamp(min=1).to(torch.float32)  # no host sync
+    keys = torch.empty(k_cubes.shape, dtype=torch.int8, device=k_cubes.device)
+    scale = torch.empty(B, H, N, dtype=torch.float32, device=k_cubes.device)
+    d_pad = triton.next_power_of_2(D)
+    block_s = max(1, min(triton.next_power_of_2(S), _TILE_ELEMENTS // d_pad))
+    _quantize_key_cubes_kernel[(B * H * N,)](k_cubes, mean.contiguous(), valid, keys, scale, N,
+                                             S=S, HEAD_DIM=D, D_PAD=d_pad, BLOCK_S=block_s)
+    return QuantizedKeys(keys, scale, mean)
