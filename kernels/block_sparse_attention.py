@@ -256,7 +256,7 @@ def _block_sparse_attn_fwd(Q, K, K_scale, V, K_desc, V_desc, KE, VE, KBar, VBar,
 
     if QK_INT8:  # each row in int8 at its own scale, for the selected cubes' logits only
         q_amax = tl.max(tl.abs(q.to(tl.float32)), 1)
-        q_scale = tl.where(q_amax > 0.0, q_amax / 127.0, 1.0)
+        q_scale = tl.where(q_amax > 1e-30, q_amax / 127.0, 1.0)  # a subnormal scale could flush to 0
         q_sel = _round_to_int8(q.to(tl.float32) / q_scale[:, None])
     else:
         q_scale = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -522,11 +522,19 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     if slot_valid.shape != (N, S):
         raise ValueError(f"slot_valid must be [N, S] = [{N}, {S}], got {tuple(slot_valid.shape)}")
     has_extra = k_extra is not None and k_extra.shape[-2] > 0
+    # int8 keys: every other key a row sees loses the same head mean, before it is rounded to compute_dtype
+    k_selected, k_scale, k_shift = k_cubes, None, None
+    if quantized_keys is not None:
+        k_selected, k_scale, k_shift = _check_quantized_keys(quantized_keys, k_cubes, lse is not None)
+
+    def shifted(keys):
+        return keys if k_shift is None else keys.float() - k_shift
+
     if has_extra:
         if k_extra.shape != (B, H, k_extra.shape[2], D) or v_extra is None or v_extra.shape != k_extra.shape:
             raise ValueError(f"k_extra/v_extra must both be [B, H, E, D], got {tuple(k_extra.shape)}, "
                              f"{None if v_extra is None else tuple(v_extra.shape)}")
-        k_extra, v_extra = (x.to(compute_dtype).contiguous() for x in (k_extra, v_extra))
+        k_extra, v_extra = (x.to(compute_dtype).contiguous() for x in (shifted(k_extra), v_extra))
     E = k_extra.shape[2] if has_extra else 0
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
@@ -544,17 +552,10 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
             raise ValueError(f"remainder must be (k_bar, v_bar, attended) of shapes [B, H, N, D] x 2 and "
                              f"[B, H, N, N] (B={B}, H={H}, N={N}, D={D}), got "
                              f"{[tuple(x.shape) for x in remainder]}")
-        k_bar, v_bar = (x.to(compute_dtype).contiguous() for x in (k_bar, v_bar))
+        k_bar, v_bar = (x.to(compute_dtype).contiguous() for x in (shifted(k_bar), v_bar))
         attended = attended.to(torch.bool).contiguous().view(torch.uint8)
     else:
         k_bar = v_bar = attended = k_cubes
-    k_selected, k_scale = k_cubes, plan.count  # (a dummy pointer where no scales are read)
-    if quantized_keys is not None:
-        k_selected, k_scale, k_shift = _check_quantized_keys(quantized_keys, k_cubes, lse is not None)
-        if has_extra:
-            k_extra = (k_extra.float() - k_shift).to(compute_dtype)
-        if remainder is not None:
-            k_bar = (k_bar.float() - k_shift).to(compute_dtype)
 
     rows = plan.group * KQ
     # raster mode splits a cube of more than 64 queries over programs: 64-row tiles measured fastest
@@ -582,7 +583,8 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     q_strides = (q.stride(0), q.stride(1), q.stride(2)) if raster_layout is not None else (0, 0, 0)
     o_strides = (out.stride(0), out.stride(1), out.stride(2)) if raster_layout is not None else (0, 0, 0)
     _block_sparse_attn_fwd[(B * H * NG * pieces,)](
-        q, k_selected, k_scale, v_cubes, k_desc, v_desc, k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
+        q, k_selected, plan.count if k_scale is None else k_scale, v_cubes, k_desc, v_desc,
+        k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
         k_bar, v_bar, tables.log2_n, attended, out, out if lse is None else lse, plan.order,
         q_index if q_index is not None else plan.count, plan.count, plan.index, plan.bits, tables.key_bias, scale,
         H, N, KQ, NG, KG, E, n_prefix, *grid_args, *q_strides, *o_strides, budget,
@@ -603,7 +605,7 @@ def _check_quantized_keys(quantized_keys: QuantizedKeys, k_cubes: torch.Tensor, 
         raise ValueError(f"quantized_keys: int8 MMAs need head_dim >= 32, got {D}")
     if (keys.shape != k_cubes.shape or keys.dtype != torch.int8 or not keys.is_contiguous()
             or scale.shape != (B, H, N) or scale.dtype != torch.float32 or mean.shape != (B, H, D)
-            or keys.device != k_cubes.device):
+            or {keys.device, scale.device, mean.device} != {k_cubes.device}):
         raise ValueError(f"quantized_keys must be quantize_key_cubes(k_cubes, slot_valid) of k_cubes "
                          f"{tuple(k_cubes.shape)}, got keys {keys.dtype} {tuple(keys.shape)}, scale {scale.dtype} "
                          f"{tuple(scale.shape)}, mean {tuple(mean.shape)}")

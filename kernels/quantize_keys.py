@@ -51,7 +51,7 @@ def _quantize_key_cubes_kernel(K, Mean, Valid, K8, Scale, n_cubes, S: tl.constex
         shifted = tl.where(ok[:, None] & d_ok[None, :], k.to(tl.float32) - mean[None, :], 0.0)
         amax = tl.maximum(amax, tl.max(tl.abs(shifted), 0))
     cube_amax = tl.max(amax, 0)
-    scale = tl.where(cube_amax > 0.0, cube_amax / 127.0, 1.0)
+    scale = tl.where(cube_amax > 1e-30, cube_amax / 127.0, 1.0)  # a subnormal scale could flush to 0
     tl.store(Scale + pid, scale)
     for s0 in range(0, S, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)

@@ -295,7 +295,7 @@ def test_quantized_key_cubes_round_trip():
 INT8_CASES = [  # (grid, cube, D, n_prefix, n_suffix, pooled, group)
     ((3, 5, 6), (2, 2, 2), 32, 3, 2, True, None),
     ((5, 4, 7), (2, 2, 4), 64, 0, 4, True, 2),
-    ((4, 8, 8), (4, 4, 8), 32, 2, 0, False, None),  # 128 queries: two programs a cube
+    ((4, 8, 16), (4, 4, 8), 32, 2, 0, False, None),  # 128 queries: two programs a cube
 ]
 
 
@@ -331,16 +331,28 @@ def test_int8_keys_match_the_exact_softmax(case):
     assert runs["bf16"] < 1e-2 and runs["int8"] < 3e-2, runs
 
 
+def _biased_key_inputs(grid, cube, D, seed, E):
+    """_inputs with a shared key channel bias (cube order: padding slots stay 0), extra keys biased alike."""
+    layout, qc, kc, vc, ke, ve = _inputs(1, 2, grid, cube, D, torch.bfloat16, seed=seed, E=E)
+    bias = 3.0 * torch.randn(1, 2, 1, D, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    valid = layout.slot_valid[..., None].to(DEVICE)
+    kc = (kc.float() + bias[:, :, None] * valid).to(torch.bfloat16).contiguous()
+    return layout, qc, kc, vc, (ke.float() + bias).to(torch.bfloat16).contiguous(), ve
+
+
 def test_int8_keys_in_cube_order_and_forward_only():
-    """keep_ratio < 1 (kept-query lists) takes the int8 keys too; asking for the backward's LSE refuses them."""
+    """keep_ratio < 1 (kept-query lists, two cubes a program) takes the int8 keys too, extra and pooled keys
+    shifted alike; asking for the backward's LSE refuses them."""
+    from comfyui_bsa.bsa_core.reference import cube_mean
     from comfyui_bsa.kernels.quantize_keys import quantize_key_cubes
-    layout, qc, kc, vc, ke, ve = _inputs(1, 2, (3, 5, 6), (2, 2, 4), 32, torch.bfloat16, seed=4, E=3)
+    layout, qc, kc, vc, ke, ve = _biased_key_inputs((3, 5, 6), (2, 2, 4), 32, seed=4, E=3)
     sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=(2, 2, 4), keep_ratio=0.5, kv_threshold=0.6,
-                                               threshold_mode="cumulative", pooled_remainder=False), 32 ** -0.5)
-    ref = sparse_attention_reference(qc, kc, vc, layout, sel, 32 ** -0.5, ke, ve)
+                                               threshold_mode="cumulative"), 32 ** -0.5)
+    ref = sparse_attention_reference(qc, kc, vc, layout, sel, 32 ** -0.5, ke, ve, pooled_remainder=True)
     quantized = quantize_key_cubes(kc, layout.slot_valid)
     kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, 32 ** -0.5,
-                                  ke, ve, quantized_keys=quantized)
+                                  ke, ve, cubes_per_program=2, quantized_keys=quantized,
+                                  remainder=(cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()))
     assert _rel_rms(scatter_kept(kept, sel.q_source, layout.slot_valid), ref) < 3e-2
     with pytest.raises(ValueError, match="forward-only"):
         block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, 32 ** -0.5,
@@ -355,29 +367,34 @@ def test_int8_keys_in_cube_order_and_forward_only():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("D, use_tma", [(128, False), (128, True), (64, True)])
-def test_gpu_int8_keys_wan_480p(D, use_tma):
-    """The int8 MMA path compiles and stays within int8 rounding of the reference on the Wan 480p grid (raster
-    rows, pooled remainder, a text-like prefix of extra keys), with and without tensor descriptors."""
+@pytest.mark.parametrize("cube, D, use_tma, keep, group", [
+    ((4, 4, 4), 128, False, 1.0, None), ((4, 4, 4), 128, True, 1.0, None), ((4, 4, 4), 64, True, 1.0, None),
+    ((4, 4, 4), 32, True, 1.0, None),   # the smallest int8 MMA depth and TMA box
+    ((2, 2, 4), 128, False, 1.0, None),  # 16-row tiles: mma.sync instead of wgmma
+    ((4, 4, 4), 128, True, 0.5, 2),      # kept-query lists, two cubes a program
+])
+def test_gpu_int8_keys_wan_480p(cube, D, use_tma, keep, group):
+    """The int8 MMA path compiles and stays within int8 rounding of the reference on the Wan 480p grid (pooled
+    remainder, a text-like set of extra keys, a shared key channel bias), raster rows and kept-query lists."""
     if use_tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need Hopper")
     from comfyui_bsa.bsa_core.reference import cube_mean
     from comfyui_bsa.kernels.quantize_keys import quantize_key_cubes
-    grid, H, n_prefix = (21, 30, 52), 2, 16
-    layout = cube_layout(grid, (4, 4, 4), "cuda")
-    g = torch.Generator(device="cuda").manual_seed(3)
-    L = n_prefix + layout.num_tokens
-    q, k, v = (torch.randn(1, H, L, D, device="cuda", generator=g) for _ in range(3))
-    k = (k + 2.0 * torch.randn(1, H, 1, D, device="cuda", generator=g))
-    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
-    qc, kc, vc = (layout.to_cubes(x[:, :, n_prefix:]).contiguous() for x in (q, k, v))
-    ke, ve = k[:, :, :n_prefix].contiguous(), v[:, :, :n_prefix].contiguous()
+    layout, qc, kc, vc, ke, ve = _biased_key_inputs((21, 30, 52), cube, D, seed=3, E=16)
     scale = D ** -0.5
-    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=1.0, kv_threshold=0.3, min_blocks=8,
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=keep, kv_threshold=0.3, min_blocks=8,
                                                threshold_mode="cumulative"), scale)
-    ref = layout.to_raster(sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve, pooled_remainder=True))
-    out = torch.zeros_like(q)
-    block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, n_prefix, scale, ke, ve,
-                                  use_tma=use_tma, remainder=(cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()),
-                                  quantized_keys=quantize_key_cubes(kc, layout.slot_valid))
-    assert _rel_rms(out[:, :, n_prefix:], ref) < 3e-2
+    ref = sparse_attention_reference(qc, kc, vc, layout, sel, scale, ke, ve, pooled_remainder=True)
+    remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense())
+    quantized = quantize_key_cubes(kc, layout.slot_valid)
+    if keep == 1.0:
+        q, out = layout.to_raster(qc), torch.zeros_like(layout.to_raster(qc))
+        block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, 0, scale, ke, ve,
+                                      use_tma=use_tma, remainder=remainder, quantized_keys=quantized)
+        out = layout.to_cubes(out)
+    else:
+        kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, scale,
+                                      ke, ve, cubes_per_program=group, use_tma=use_tma, remainder=remainder,
+                                      quantized_keys=quantized)
+        out = scatter_kept(kept, sel.q_source, layout.slot_valid)
+    assert _rel_rms(out * layout.slot_valid[..., None], ref) < 3e-2
