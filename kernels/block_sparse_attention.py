@@ -197,7 +197,7 @@ def _pooled_keys(acc, l_i, m_i, q, KBar_bh, VBar_bh, log2n_ptr, attended_bh, n_c
                                         "HAS_REMAINDER", "RASTER", "QK_INT8", "smem_budget"],
                  prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, K_scale, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
+def _block_sparse_attn_fwd(Q, K, K_scale, K_mean, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
                            q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
                            H, N, KQ, NG, KG, E, n_prefix, GT, GH, GW, NH, NW,
                            stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, smem_budget,
@@ -289,6 +289,9 @@ def _block_sparse_attn_fwd(Q, K, K_scale, V, K_desc, V_desc, KE, VE, KBar, VBar,
                  mask=row_store[:, None])
     if STORE_LSE:  # log2-domain log-sum-exp per row, for the backward (-inf where nothing was seen)
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        if QK_INT8:  # the logits were of keys minus the head mean: add the row's q . mean back
+            mean = tl.load(K_mean + bh * HEAD_DIM + offs_d)
+            lse += tl.sum(q.to(tl.float32) * mean[None, :], 1) * qk_scale
         tl.store(Lse + qi_off, lse, mask=row_store)
 
 
@@ -443,7 +446,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     softmax as one key k_bar with weight n_valid and value v_bar (pooled remainder).
     quantized_keys: `quantize_key_cubes(k_cubes, slot_valid)`: the selected cubes' logits as int8 MMAs (the
     extra and pooled keys are shifted by the same head mean, so each row's softmax is the exact one's up to
-    rounding). Forward only: not with return_lse.
+    rounding; the LSE is the unshifted one).
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with return_lse the
     log2-domain log-sum-exp of every kept row [B, H, N, Kq] fp32 (what the backward needs).
     """
@@ -525,7 +528,7 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     # int8 keys: every other key a row sees loses the same head mean, before it is rounded to compute_dtype
     k_selected, k_scale, k_shift = k_cubes, None, None
     if quantized_keys is not None:
-        k_selected, k_scale, k_shift = _check_quantized_keys(quantized_keys, k_cubes, lse is not None)
+        k_selected, k_scale, k_shift = _check_quantized_keys(quantized_keys, k_cubes)
 
     def shifted(keys):
         return keys if k_shift is None else keys.float() - k_shift
@@ -583,7 +586,8 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     q_strides = (q.stride(0), q.stride(1), q.stride(2)) if raster_layout is not None else (0, 0, 0)
     o_strides = (out.stride(0), out.stride(1), out.stride(2)) if raster_layout is not None else (0, 0, 0)
     _block_sparse_attn_fwd[(B * H * NG * pieces,)](
-        q, k_selected, plan.count if k_scale is None else k_scale, v_cubes, k_desc, v_desc,
+        q, k_selected, plan.count if k_scale is None else k_scale, k_selected if k_shift is None else k_shift, v_cubes,
+        k_desc, v_desc,
         k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
         k_bar, v_bar, tables.log2_n, attended, out, out if lse is None else lse, plan.order,
         q_index if q_index is not None else plan.count, plan.count, plan.index, plan.bits, tables.key_bias, scale,
@@ -594,11 +598,8 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
         STORE_LSE=lse is not None, QK_INT8=quantized_keys is not None, DOT_F32=_INTERPRET)
 
 
-def _check_quantized_keys(quantized_keys: QuantizedKeys, k_cubes: torch.Tensor, wants_lse: bool):
+def _check_quantized_keys(quantized_keys: QuantizedKeys, k_cubes: torch.Tensor):
     """The int8 keys, their per-cube scales and the head-mean shift [B, H, 1, D] fp32, checked against k_cubes."""
-    if wants_lse:
-        raise ValueError("quantized_keys: the int8 path is forward-only (its log-sum-exp is of shifted keys); "
-                         "leave return_lse off or the keys unquantized")
     keys, scale, mean = quantized_keys
     B, H, N, _, D = k_cubes.shape
     if D < 32:
@@ -609,4 +610,4 @@ def _check_quantized_keys(quantized_keys: QuantizedKeys, k_cubes: torch.Tensor, 
         raise ValueError(f"quantized_keys must be quantize_key_cubes(k_cubes, slot_valid) of k_cubes "
                          f"{tuple(k_cubes.shape)}, got keys {keys.dtype} {tuple(keys.shape)}, scale {scale.dtype} "
                          f"{tuple(scale.shape)}, mean {tuple(mean.shape)}")
-    return keys, scale.contiguous(), mean.to(torch.float32)[:, :, None, :]
+    return keys, scale.contiguous(), mean.to(torch.float32).contiguous()[:, :, None, :]

@@ -340,9 +340,9 @@ def _biased_key_inputs(grid, cube, D, seed, E):
     return layout, qc, kc, vc, (ke.float() + bias).to(torch.bfloat16).contiguous(), ve
 
 
-def test_int8_keys_in_cube_order_and_forward_only():
+def test_int8_keys_in_cube_order_and_their_lse():
     """keep_ratio < 1 (kept-query lists, two cubes a program) takes the int8 keys too, extra and pooled keys
-    shifted alike; asking for the backward's LSE refuses them."""
+    shifted alike; the LSE the backward reads is the unshifted one (the row's q . mean added back)."""
     from comfyui_bsa.bsa_core.reference import cube_mean
     from comfyui_bsa.kernels.quantize_keys import quantize_key_cubes
     layout, qc, kc, vc, ke, ve = _biased_key_inputs((3, 5, 6), (2, 2, 4), 32, seed=4, E=3)
@@ -350,13 +350,16 @@ def test_int8_keys_in_cube_order_and_forward_only():
                                                threshold_mode="cumulative"), 32 ** -0.5)
     ref = sparse_attention_reference(qc, kc, vc, layout, sel, 32 ** -0.5, ke, ve, pooled_remainder=True)
     quantized = quantize_key_cubes(kc, layout.slot_valid)
-    kept = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, 32 ** -0.5,
-                                  ke, ve, cubes_per_program=2, quantized_keys=quantized,
-                                  remainder=(cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()))
-    assert _rel_rms(scatter_kept(kept, sel.q_source, layout.slot_valid), ref) < 3e-2
-    with pytest.raises(ValueError, match="forward-only"):
-        block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, 32 ** -0.5,
-                               ke, ve, return_lse=True, quantized_keys=quantized)
+    remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense())
+    lses = {}
+    for name, keys in (("bf16", None), ("int8", quantized)):
+        kept, lses[name] = block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index,
+                                                  layout.slot_valid, 32 ** -0.5, ke, ve, cubes_per_program=2,
+                                                  quantized_keys=keys, remainder=remainder, return_lse=True)
+        assert _rel_rms(scatter_kept(kept, sel.q_source, layout.slot_valid), ref) < 3e-2
+    rows = sel.q_index >= 0
+    assert torch.isfinite(lses["int8"][rows]).all()
+    assert (lses["int8"][rows] - lses["bf16"][rows]).abs().max() < 0.05  # log2 units
     small = _inputs(1, 2, (3, 5, 6), (2, 2, 4), 16, torch.bfloat16, seed=4)
     with pytest.raises(ValueError, match="head_dim >= 32"):
         block_sparse_attention(small[1], small[2], small[3], sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid,
