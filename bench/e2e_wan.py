@@ -260,6 +260,8 @@ def bsa_config(args) -> BSAConfig:
         overrides["threshold_mode"] = args.threshold_mode
     if args.stat_lambda is not None:
         overrides["stat_lambda"] = args.stat_lambda
+    if args.int8_keys:
+        overrides["int8_keys"] = True
     return dataclasses.replace(RECOMMENDED, **overrides)
 
 
@@ -378,6 +380,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
                         help="BSAConfig.threshold_mode (default: the node's, RECOMMENDED)")
     parser.add_argument("--stat-lambda", type=float, help="BSAConfig.stat_lambda (default: the node's, RECOMMENDED)")
+    parser.add_argument("--int8-keys", action="store_true", help="BSAConfig.int8_keys (experimental; off in the node)")
     parser.add_argument("--tdq", choices=("static", "table", "dynamic", "tdq"),
                         help="also time FP8 linear layers in this TDQConfig mode: variants tdq (dense attention) and "
                              "bsa+tdq")

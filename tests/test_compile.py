@@ -38,7 +38,7 @@ def test_op_passes_torch_library_checks():
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv())
     torch.library.opcheck(torch.ops.bsa.attention.default,
                           (q, k, v, list(GRID), [4, 4, 4], 0.5, torch.tensor([0.9, 1.0], dtype=torch.float64),
-                           "cumulative", 1, True, 0, 0, 0.125, "auto"),
+                           "cumulative", 1, True, False, 0, 0, 0.125, "auto"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -110,3 +110,31 @@ def test_gpu_call_has_no_host_sync_and_replays_from_a_cuda_graph(n_prefix, n_suf
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("keep, n_prefix, n_suffix", [(1.0, 2, 3), (0.5, 0, 4)], ids=["raster", "kept-queries"])
+def test_int8_keys_stay_near_the_exact_call(keep, n_prefix, n_suffix):
+    """BSAConfig.int8_keys through the whole call (keys with a shared channel bias, extra tokens, pooled
+    remainder): the same selection, the output within int8 rounding of the exact keys' and of the reference,
+    and the LSE the backward reads close to the exact one."""
+    grid, cube, B, H, D = (3, 5, 6), (2, 2, 4), 1, 2, 32
+    L = n_prefix + math.prod(grid) + n_suffix
+    q, k, v = _qkv(B, H, L, D, torch.bfloat16, seed=9)
+    k = (k.float() + 3.0 * torch.randn(1, H, 1, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)).to(k.dtype)
+    layout = cube_layout(grid, cube, DEVICE)
+    runs = {}
+    for int8 in (False, True):
+        config = BSAConfig(cube, keep_ratio=keep, kv_threshold=0.6, threshold_mode="cumulative", int8_keys=int8)
+        runs[int8] = attention._bsa_attention_triton(q, k, v, layout, config, D ** -0.5, n_prefix, n_suffix)
+    (exact, sel, lse), (out, sel8, lse8) = runs[False], runs[True]
+    assert torch.equal(sel.kv_index, sel8.kv_index)  # selection reads the exact keys
+    ref, _ = bsa_attention_reference(q, k, v, layout, config, D ** -0.5, n_prefix, n_suffix, selection=sel)
+    assert not torch.equal(out, exact)  # the int8 path ran
+    assert _rel(out, exact) < 3e-2 and _rel(out, ref) < 3e-2
+    rows = torch.isfinite(lse)
+    assert torch.equal(rows, torch.isfinite(lse8)) and (lse8[rows] - lse[rows]).abs().max() < 0.05
+
+
+def test_int8_keys_must_be_a_bool():
+    with pytest.raises(ValueError, match="int8_keys"):
+        BSAConfig(int8_keys=1)
