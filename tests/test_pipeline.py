@@ -84,15 +84,17 @@ def test_triton_backend_on_gpu(grid, heads, D, keep, pooled):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_prefix, n_suffix, pooled", [(0, 0, True), (5, 257, True), (0, 40, False)],
-                         ids=["wan", "text-and-reference", "guides-no-pool"])
-def test_gpu_call_has_no_host_sync_and_replays_from_a_cuda_graph(n_prefix, n_suffix, pooled):
+@pytest.mark.parametrize("n_prefix, n_suffix, pooled, int8", [(0, 0, True, False), (5, 257, True, False),
+                                                               (0, 40, False, False), (5, 257, True, True)],
+                         ids=["wan", "text-and-reference", "guides-no-pool", "int8-keys"])
+def test_gpu_call_has_no_host_sync_and_replays_from_a_cuda_graph(n_prefix, n_suffix, pooled, int8):
     """A warm BSA call at Wan 480p never waits for the GPU (sync debug mode 'error'), so it can be captured in a
     CUDA graph; the replay equals the eager call."""
     grid, H, D = (21, 30, 52), 4, 128
     L = n_prefix + math.prod(grid) + n_suffix
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _qkv(1, H, L, D, torch.bfloat16, seed=3))
-    config = BSAConfig(keep_ratio=1.0, threshold_mode="statistical", stat_lambda=1.0, pooled_remainder=pooled)
+    config = BSAConfig(keep_ratio=1.0, threshold_mode="statistical", stat_lambda=1.0, pooled_remainder=pooled,
+                       int8_keys=int8)
 
     def call():
         return attention.bsa_attention_op(q, k, v, grid, config, n_prefix=n_prefix, n_suffix=n_suffix)
