@@ -487,6 +487,8 @@ def main(argv=None) -> int:
     print(f"dense attention: ComfyUI's {comfy.ldm.modules.attention.optimized_attention.__name__}{backend}; "
           f"the BSA run uses the same for cross-attention")
     print(f"BSA: {config} (start_percent 0, end_percent 1: every step sparse)")
+    if config.int8_keys and device.type != "cuda":
+        print("int8_keys: no effect here, the CPU runs the exact reference")
 
     bsa_model = apply_bsa(model, config, start_percent=0.0, end_percent=1.0)
     compiled_suffix = f"+{args.compile_backend}"

@@ -42,6 +42,39 @@ def test_op_passes_torch_library_checks():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+def test_op_hands_every_setting_to_forward_and_backward(monkeypatch):
+    """Every BSAConfig field crosses bsa::attention's schema in its place, into the forward and (rebuilt from the
+    saved call) into the backward: a setting dropped or swapped there would pass silently on the CPU, where
+    both halves run the reference."""
+    import dataclasses
+
+    from comfyui_bsa.bsa_core import attention, backward
+
+    seen = {}
+
+    class Selection:  # what the op reads of a selection at keep_ratio 1
+        def kept_kv_fraction(self):
+            return torch.ones((), dtype=torch.float64)
+
+    def forward(q, k, v, grid, config, **kwargs):
+        seen["forward"] = config
+        return torch.zeros_like(q), Selection(), None
+
+    def backward_of(q, k, v, out, grad_out, grid, config, *args, **kwargs):
+        seen["backward"] = config
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    monkeypatch.setattr(attention, "bsa_attention", forward)
+    monkeypatch.setattr(backward, "bsa_attention_backward", backward_of)
+    config = BSAConfig((2, 2, 2), keep_ratio=1.0, kv_threshold=0.5, threshold_mode="cumulative", stat_lambda=2.0,
+                       min_blocks=3, pooled_remainder=False, int8_keys=True)
+    assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(BSAConfig) if f.name != "keep_ratio")
+    q = torch.randn(1, 2, 32, 8, requires_grad=True)
+    out = attention.bsa_attention_op(q, q.detach(), q.detach(), (2, 4, 4), config)[0]
+    out.sum().backward()
+    assert seen["forward"] == config and seen["backward"] == config
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_without_graph_break_matches_eager(backend):
     torch._dynamo.reset()

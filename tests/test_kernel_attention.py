@@ -273,7 +273,7 @@ def test_gpu_every_shared_memory_budget_launches(cube, D, budget_kb, monkeypatch
     assert _rel_rms(out, layout.to_raster(ref)) < 1e-2
 
 
-# ---- int8 keys (SageAttention-style Q K^T), forward only ---------------------------------------------------
+# ---- int8 keys (SageAttention-style Q K^T) ----------------------------------------------------------------
 
 def test_quantized_key_cubes_round_trip():
     """Dequantized keys = k - head mean within half a step of the cube's scale; padding slots 0; the mean is

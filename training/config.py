@@ -120,7 +120,10 @@ class TrainConfig:
                              f"neither (got {self.distill_from!r} and {self.distill_weight!r})")
         if self.export_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"export_dtype must be float16, bfloat16 or float32, got {self.export_dtype!r}")
-        self.bsa_config()  # a bad BSA setting fails here, before any step
+        bsa = self.bsa_config()  # a bad BSA setting fails here, before any step
+        if bsa is not None and bsa.int8_keys:
+            raise ValueError("bsa.int8_keys is an inference option (its forward rounds the keys the exact backward "
+                             "does not): leave it out of a training config")
         self.prune_config()
         if self.prune is not None and self.prune_masks is not None:
             raise ValueError("prune (magnitude masks from the initial weights) and prune_masks (masks from a file) "
