@@ -333,7 +333,7 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     the kept queries, and the scatter copies every dropped query's source row."""
     from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
     from ..kernels.output_scatter import output_scatter
-    from ..kernels.quantize_keys import quantize_key_cubes
+    from ..kernels.quantize_cubes import quantize_key_cubes
 
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
     (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(

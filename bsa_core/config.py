@@ -28,7 +28,7 @@ class BSAConfig:
                     counts in the denominator and the output instead of vanishing.
     int8_keys:      experimental, Triton path only (the pure-torch reference computes exactly): the selected
                     cubes' Q K^T as int8 MMAs, SageAttention's recipe per KV cube (keys minus their head's mean
-                    key, one scale per cube, each query row at its own scale; kernels/quantize_keys.py). Half
+                    key, one scale per cube, each query row at its own scale; kernels/quantize_cubes.py). Half
                     the key bytes and twice the MMA rate for half the kernel's dots; rounding adds rel L2 ~0.005
                     on video-like attention (CPU estimate). Heads under 32 channels compute exactly.
     """

@@ -1,4 +1,5 @@
-"""Key cubes in int8 for the attention kernel's Q K^T (SageAttention's recipe, per KV cube).
+"""Key cubes in int8 for the attention kernel's Q K^T, value cubes in FP8 for its P V (SageAttention's recipes,
+per KV cube).
 
 Keys first lose their head's mean key: q . (k - m) = q . k - q . m shifts every logit of a query row by
 the same amount, so its softmax is unchanged as long as every key the row sees is shifted alike (the
@@ -6,7 +7,12 @@ attention wrapper shifts the pooled and extra keys too); what it removes is the 
 keys share across tokens, which would otherwise set every cube's int8 range. Each KV cube then gets one
 fp32 scale (its amax / 127) and its slots are rounded to int8; padding slots are 0. The attention kernel
 quantizes each query row the same way when it loads it and runs Q K^T as an int8 MMA (twice bf16's rate
-on sm80+, half the key bytes); P V stays 16-bit.
+on sm80+, half the key bytes).
+
+Values get one fp32 scale per channel of a head (its amax / 448, e4m3's largest) and are stored in FP8 e4m3,
+each cube transposed ([D, S]: FP8 MMAs take their second operand K-major). The kernel multiplies 448 * P in
+FP8 with them, each step's product from a zeroed accumulator (FP8 MMAs accumulate at reduced precision; one
+64-key step is short) added to the fp32 one after scaling back per channel. sm89+ (FP8 tensor cores).
 """
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ import triton
 import triton.language as tl
 
 _TILE_ELEMENTS = 8192  # slots x head_dim per loop step, as cube_permute's
+
+
+FP8_MAX = 448.0  # e4m3's largest finite value
 
 
 class QuantizedKeys(NamedTuple):
@@ -79,3 +88,41 @@ def quantize_key_cubes(k_cubes: torch.Tensor, slot_valid: torch.Tensor) -> Quant
     _quantize_key_cubes_kernel[(B * H * N,)](k_cubes, mean.contiguous(), valid, keys, scale, N,
                                              S=S, HEAD_DIM=D, D_PAD=d_pad, BLOCK_S=block_s)
     return QuantizedKeys(keys, scale, mean)
+
+
+class QuantizedValues(NamedTuple):
+    """What `quantize_value_cubes` returns: dequantized value = values[..., d, s] * scale[d]."""
+    values: torch.Tensor  # [B, H, N, D, S] float8_e4m3fn, each cube transposed
+    scale: torch.Tensor   # [B, H, D] fp32, one per channel of a head
+
+
+@triton.jit
+def _quantize_value_cubes_kernel(V, Scale, V8, n_cubes, S: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                                 BLOCK_S: tl.constexpr):
+    """One cube of one (batch, head): its slots over their channels' scales, to FP8, stored transposed."""
+    pid = tl.program_id(0).to(tl.int64)
+    base = pid * (S * HEAD_DIM)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    inverse = 1.0 / tl.load(Scale + (pid // n_cubes) * HEAD_DIM + offs_d, mask=d_ok, other=1.0)
+    for s0 in range(0, S, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        ok = (slots < S)[:, None] & d_ok[None, :]
+        v = tl.load(V + base + slots[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
+        v8 = tl.minimum(tl.maximum(v.to(tl.float32) * inverse[None, :], -448.0), 448.0).to(V8.dtype.element_ty)
+        tl.store(V8 + base + offs_d[None, :] * S + slots[:, None], v8, mask=ok)
+
+
+def quantize_value_cubes(v_cubes: torch.Tensor) -> QuantizedValues:
+    """v_cubes [B, H, N, S, D] fp16/bf16/fp32 in cube order -> QuantizedValues (one reduction, one Triton pass)."""
+    if v_cubes.dim() != 5 or not v_cubes.is_contiguous():
+        raise ValueError(f"v_cubes must be a contiguous [B, H, N, S, D], got {tuple(v_cubes.shape)}")
+    B, H, N, S, D = v_cubes.shape
+    amax = torch.linalg.vector_norm(v_cubes, ord=float("inf"), dim=(2, 3), dtype=torch.float32)
+    scale = torch.where(amax > 1e-30, amax / FP8_MAX, 1.0).contiguous()
+    values = torch.empty(B, H, N, D, S, dtype=torch.float8_e4m3fn, device=v_cubes.device)
+    d_pad = triton.next_power_of_2(D)
+    block_s = max(1, min(triton.next_power_of_2(S), _TILE_ELEMENTS // d_pad))
+    _quantize_value_cubes_kernel[(B * H * N,)](v_cubes, scale, values, N, S=S, HEAD_DIM=D, D_PAD=d_pad,
+                                               BLOCK_S=block_s)
+    return QuantizedValues(values, scale)
