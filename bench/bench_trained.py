@@ -95,6 +95,8 @@ def describe(config) -> str:
         parts.append("x".join(map(str, config.cube_size)))
     if not config.pooled_remainder:
         parts.append("no pool")
+    if config.int8_keys:
+        parts.append("int8 keys")
     return " ".join(parts)
 
 
@@ -278,6 +280,8 @@ def sample_rows(report: Report, config, setting, models, device, args, out: path
                      ("", dataclasses.replace(RECOMMENDED, pooled_remainder=False)),
                      ("nearly every cube", dataclasses.replace(RECOMMENDED, threshold_mode="cumulative",
                                                                kv_threshold=0.9999))]  # the kernel's own rounding
+    if device.type == "cuda":  # the CPU's reference computes int8_keys exactly: the same row as the defaults
+        node_settings.append(("defaults", dataclasses.replace(RECOMMENDED, int8_keys=True)))
     for name, bsa in node_settings:
         label = f"{name} ({describe(bsa)})" if name else describe(bsa)
         row(dense_model, label, start, bsa_run(dense_model, bsa, start), reference)
