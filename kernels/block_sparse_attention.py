@@ -146,7 +146,8 @@ def _selected_cubes(acc, l_i, m_i, q, q_scale, K_bh, K_scale_bh, V_bh, V8_bh, v_
     """Online softmax over the `count` KV cubes of the table, one cube per step in BLOCK_N-key pieces
     (a cube larger than the tile the device's shared memory holds takes several); key_bias masks padding
     slots. HAS_BITS: row r sees entry j only when bit row_cube[r] of bits_ptr[j] is set.
-    USE_TMA: K/V tiles through tensor descriptors over [B*H*N*CUBE, HEAD_DIM], rows desc_row0 + kv * CUBE.
+    USE_TMA: K/V tiles through tensor descriptors over [B*H*N*CUBE, HEAD_DIM], rows desc_row0 + kv * CUBE (FP8 values:
+    over [B*H*N*HEAD_DIM, CUBE], rows (desc_row0 // CUBE + kv) * HEAD_DIM, columns from piece * BLOCK_N).
     QK_INT8: q and the keys are int8 (`quantize_cubes`), logits = q . k * q_scale[row] * K_scale_bh[cube].
     FP8_PV: the values are FP8 cubes stored transposed (V8_bh [N, D, CUBE]), v_deq their channel scales / 448."""
     PIECES_PER_CUBE: tl.constexpr = (CUBE + BLOCK_N - 1) // BLOCK_N
@@ -170,8 +171,11 @@ def _selected_cubes(acc, l_i, m_i, q, q_scale, K_bh, K_scale_bh, V_bh, V8_bh, v_
             member = ((tl.load(bits_ptr + j) >> row_cube) & 1) != 0
             s = tl.where(member[:, None], s, float("-inf"))
         if FP8_PV:
-            v_t = tl.load(V8_bh + (kv * HEAD_DIM + offs_d[:, None]) * CUBE + cols[None, :], mask=key_ok[None, :],
-                          other=0.0)
+            if USE_TMA:  # rows (batch*head, cube, channel) of [B*H*N*D, CUBE]
+                v_t = V_desc.load([((desc_row0 // CUBE + kv) * HEAD_DIM).to(tl.int32), (piece * BLOCK_N).to(tl.int32)])
+            else:
+                v_t = tl.load(V8_bh + (kv * HEAD_DIM + offs_d[:, None]) * CUBE + cols[None, :], mask=key_ok[None, :],
+                              other=0.0)
             acc, l_i, m_i = _softmax_update_fp8(acc, l_i, m_i, s, v_t, v_deq, DOT_F32)
         else:
             if USE_TMA:
@@ -618,7 +622,8 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         k_desc = TensorDescriptor.from_tensor(k_selected.view(-1, D), [BLOCK_N, D])
-        v_desc = TensorDescriptor.from_tensor(v_cubes.view(-1, D), [BLOCK_N, D])
+        v_desc = (TensorDescriptor.from_tensor(v_cubes.view(-1, D), [BLOCK_N, D]) if v_deq is None
+                  else TensorDescriptor.from_tensor(v_fp8.view(-1, S), [D, BLOCK_N]))
     else:
         k_desc, v_desc = k_selected, v_cubes
     grid_args = _grid_args(raster_layout) if raster_layout is not None else (1, 1, 1, 1, 1)
