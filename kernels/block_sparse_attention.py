@@ -610,12 +610,15 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     BLOCK_M = max(16, triton.next_power_of_2(-(-rows // pieces)))
     major, budget, _ = _device_facts(k_cubes.device)
     BLOCK_N = _key_block(S, D, BLOCK_M, budget)
-    pow2 = S == triton.next_power_of_2(S) and S >= 16
+    if v_deq is not None:  # FP8 P V multiplies at least 32 keys a step (past the cube: masked like padding)
+        BLOCK_N = max(BLOCK_N, 32)
+    pow2 = S == triton.next_power_of_2(S) and S >= 16 and S % BLOCK_N == 0
     on_hopper = not _INTERPRET and major >= 9
     if use_tma is None:
         use_tma = pow2 and on_hopper
     if use_tma and not (pow2 and on_hopper):
-        raise ValueError("use_tma needs a Hopper+ GPU and a power-of-2 cube volume >= 16")
+        raise ValueError("use_tma needs a Hopper+ GPU and a power-of-2 cube volume >= 16 (>= 32 with "
+                         "quantized_values)")
     pool_block = POOL_BLOCK if pool_block is None else int(pool_block)
     if pool_block not in (16, 32, 64, 128):
         raise ValueError(f"pool_block must be 16, 32, 64 or 128, got {pool_block}")

@@ -292,6 +292,29 @@ def test_quantized_key_cubes_round_trip():
     assert (keys * ~valid).eq(0).all()
 
 
+def test_fp8_values_take_at_least_32_keys_a_step(monkeypatch):
+    """FP8 MMAs are at least 32 deep: a 16-slot cube's values step 32 keys at a time (the rest masked), and
+    tensor descriptors, which load whole pieces of a cube, are refused for it."""
+    from comfyui_bsa.kernels.quantize_cubes import quantize_key_cubes, quantize_value_cubes
+    layout, qc, kc, vc, ke, ve = _biased_key_inputs((3, 5, 6), (2, 2, 4), 32, seed=4, E=3)
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=(2, 2, 4), keep_ratio=0.5, kv_threshold=0.6,
+                                               threshold_mode="cumulative", pooled_remainder=False), 32 ** -0.5)
+    launches = []
+    kernel = kernel_module._block_sparse_attn_fwd
+    monkeypatch.setattr(kernel_module, "_block_sparse_attn_fwd", type("Spy", (), {"__getitem__": lambda self, grid: (
+        lambda *args, **kwargs: (launches.append(kwargs["BLOCK_N"]), kernel[grid](*args, **kwargs)))})())
+    for values in (None, quantize_value_cubes(vc)):
+        block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid,
+                               quantized_keys=quantize_key_cubes(kc, layout.slot_valid), quantized_values=values)
+    assert launches == [16, 32]
+    monkeypatch.setattr(kernel_module, "_device_facts", lambda device: (9, 1 << 30, 0))
+    monkeypatch.setattr(kernel_module, "_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(ValueError, match="use_tma"):
+        block_sparse_attention(qc, kc, vc, sel.q_index, sel.kv_count, sel.kv_index, layout.slot_valid, use_tma=True,
+                               quantized_values=quantize_value_cubes(vc))
+
+
 def test_quantized_value_cubes_round_trip():
     """FP8 values: each cube stored transposed, every value as torch rounds it to e4m3 over its channel's scale,
     each channel's largest at 448."""
@@ -387,13 +410,20 @@ def test_fp8_values_match_the_exact_softmax(case):
     assert max(errors.values()) < 3.5e-2, errors
 
 
-def _biased_key_inputs(grid, cube, D, seed, E):
-    """_inputs with a shared key channel bias (cube order: padding slots stay 0), extra keys biased alike."""
+def _biased_key_inputs(grid, cube, D, seed, E, shared_values=False):
+    """_inputs with a shared key channel bias (cube order: padding slots stay 0), extra keys biased alike; with
+    shared_values a shared part in the values too (as smooth video values have)."""
     layout, qc, kc, vc, ke, ve = _inputs(1, 2, grid, cube, D, torch.bfloat16, seed=seed, E=E)
-    bias = 3.0 * torch.randn(1, 2, 1, D, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    g = torch.Generator().manual_seed(seed)
     valid = layout.slot_valid[..., None].to(DEVICE)
+    bias = 3.0 * torch.randn(1, 2, 1, D, generator=g).to(DEVICE)
     kc = (kc.float() + bias[:, :, None] * valid).to(torch.bfloat16).contiguous()
-    return layout, qc, kc, vc, (ke.float() + bias).to(torch.bfloat16).contiguous(), ve
+    ke = (ke.float() + bias).to(torch.bfloat16).contiguous()
+    if shared_values:
+        bias = 2.0 * torch.randn(1, 2, 1, D, generator=g).to(DEVICE)
+        vc = (vc.float() + bias[:, :, None] * valid).to(torch.bfloat16).contiguous()
+        ve = (ve.float() + bias).to(torch.bfloat16).contiguous()
+    return layout, qc, kc, vc, ke, ve
 
 
 def test_int8_keys_in_cube_order_and_their_lse():
@@ -445,7 +475,7 @@ def test_gpu_int8_keys_wan_480p(cube, D, use_tma, keep, group, fp8):
         pytest.skip("FP8 MMAs need sm89+")
     from comfyui_bsa.bsa_core.reference import cube_mean
     from comfyui_bsa.kernels.quantize_cubes import quantize_key_cubes, quantize_value_cubes
-    layout, qc, kc, vc, ke, ve = _biased_key_inputs((21, 30, 52), cube, D, seed=3, E=16)
+    layout, qc, kc, vc, ke, ve = _biased_key_inputs((21, 30, 52), cube, D, seed=3, E=16, shared_values=fp8)
     scale = D ** -0.5
     sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=keep, kv_threshold=0.3, min_blocks=8,
                                                threshold_mode="cumulative"), scale)
@@ -463,4 +493,4 @@ def test_gpu_int8_keys_wan_480p(cube, D, use_tma, keep, group, fp8):
                                       ke, ve, cubes_per_program=group, use_tma=use_tma, remainder=remainder,
                                       **quantized)
         out = scatter_kept(kept, sel.q_source, layout.slot_valid)
-    assert _rel_rms(out * layout.slot_valid[..., None], ref) < (0.15 if fp8 else 3e-2)
+    assert _rel_rms(out * layout.slot_valid[..., None], ref) < (3.5e-2 if fp8 else 3e-2)
