@@ -2,7 +2,7 @@
 (keep_ratio x kv_threshold / stat_lambda x threshold mode x pooled remainder x cube), comfy-kitchen's
 sol_attn (tau; topk_ratio) and FlexAttention on BSA's own tables. A script, not a test:
 
-    PYTHONPATH=.ck python bench/pareto_bsa.py [--shapes 480p,720p] [--out DIR] [--quick] [--int8-keys]
+    PYTHONPATH=.ck python bench/pareto_bsa.py [--shapes 480p,720p] [--out DIR] [--quick] [--int8-keys] [--fp8-values]
     python bench/pareto_bsa.py --plot-only bench/results/pareto_h100_480p.csv bench/results/pareto_h100_720p.csv
 
 Every time is the median of triton.testing.do_bench on the same card in the same run, end to end (BSA:
@@ -43,8 +43,14 @@ FIELDS = ("shape", "provider", "cube", "keep_ratio", "mode", "value", "pooled", 
 ERROR_LEVELS = (0.05, 0.10)
 
 
-def bsa_settings(quick: bool, int8_keys: bool = False):
-    """The sweep's configs; int8_keys adds each front candidate (first cube, keep_ratio 1, pooled) with int8 keys."""
+def provider(config: BSAConfig) -> str:
+    """bsa, bsa+int8 (int8 keys), bsa+int8+fp8 (and FP8 values)."""
+    return "bsa" + "+int8" * config.int8_keys + "+fp8" * config.fp8_values
+
+
+def bsa_settings(quick: bool, quantized: tuple = ()):
+    """The sweep's configs; each of `quantized` (BSAConfig fields, e.g. {"int8_keys": True}) adds every front
+    candidate (first cube, keep_ratio 1, pooled) with those fields."""
     cubes, keeps, thresholds = (CUBES[:1], (1.0,), THRESHOLDS) if quick else (CUBES, KEEP_RATIOS, THRESHOLDS)
     for cube, keep, (mode, value), pooled in itertools.product(cubes, keeps, thresholds, (False, True)):
         if keep < 1.0 and cube != cubes[0]:
@@ -52,18 +58,19 @@ def bsa_settings(quick: bool, int8_keys: bool = False):
         extra = {"stat_lambda": value, "kv_threshold": 1.0} if mode == "statistical" else {"kv_threshold": value}
         config = BSAConfig(cube, keep_ratio=keep, threshold_mode=mode, pooled_remainder=pooled, **extra)
         yield config, mode, value
-        if int8_keys and pooled and keep == 1.0 and cube == cubes[0]:
-            yield dataclasses.replace(config, int8_keys=True), mode, value
+        if pooled and keep == 1.0 and cube == cubes[0]:
+            for fields in quantized:
+                yield dataclasses.replace(config, **fields), mode, value
 
 
-def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick, int8_keys=False):
-    for config, mode, value in bsa_settings(quick, int8_keys):
+def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick, quantized=()):
+    for config, mode, value in bsa_settings(quick, quantized):
         fn = lambda: bsa_attention(q, k, v, grid, config, backend="triton")  # noqa: E731
         out, sel = fn()
         t = ms(fn)
         rel, cos = errors(out, dense_out)
         layout = cube_layout(grid, config.cube_size, q.device)
-        row = dict(shape=shape, provider="bsa+int8" if config.int8_keys else "bsa", cube="x".join(map(str, config.cube_size)),
+        row = dict(shape=shape, provider=provider(config), cube="x".join(map(str, config.cube_size)),
                    keep_ratio=config.keep_ratio, mode=mode, value=value, pooled=int(config.pooled_remainder),
                    kv_pct=100 * float(sel.kept_kv_fraction()), q_pct=100 * float(sel.kept_query_fraction(layout.n_valid)),
                    ms=t, speedup=dense_ms / t, rel_l2=rel, cos=cos)
@@ -149,8 +156,8 @@ def summarize(shape, rows):
         print(f"  {name:16s} " + "  ".join(f"best at rel L2 <= {lvl:.2f}: {describe(best_at(group, lvl))}"
                                          for lvl in ERROR_LEVELS))
     sol = groups.get("sol_attn", [])
-    with_int8 = ours + groups.get("bsa+int8", [])
-    for name, mine in (("BSA", ours), ("BSA or BSA+int8", with_int8))[:1 + (len(with_int8) > len(ours))]:
+    quantized = [r for r in rows if r["provider"].startswith("bsa+")]
+    for name, mine in (("BSA", ours), ("BSA, exact or quantized", ours + quantized))[:1 + bool(quantized)]:
         beaten = [s for s in sol if any(r["speedup"] >= s["speedup"] and r["rel_l2"] <= s["rel_l2"] for r in mine)]
         if sol:
             print(f"  sol_attn points matched or beaten by a {name} point (>= speed-up at <= error): "
@@ -173,6 +180,7 @@ def plot(all_rows, path, device_name):
     shapes = sorted({r["shape"] for r in all_rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 5.5), squeeze=False)
     styles = {"bsa": ("tab:blue", "o"), "bsa +pooled": ("tab:green", "s"), "bsa+int8": ("tab:purple", "D"),
+              "bsa+int8+fp8": ("tab:orange", "P"),
               "sol_attn": ("tab:red", "^"),
               "flex_same_table": ("tab:gray", "x")}
     for ax, shape in zip(axes[0], shapes):
@@ -216,6 +224,8 @@ def main():
                         help="summaries and pareto_h100.png again from saved CSVs (no GPU)")
     parser.add_argument("--int8-keys", action="store_true",
                         help="also the front candidates with BSAConfig.int8_keys (series bsa+int8)")
+    parser.add_argument("--fp8-values", action="store_true",
+                        help="also the front candidates with int8_keys and fp8_values (series bsa+int8+fp8)")
     parser.add_argument("--device-name", default="NVIDIA H100 80GB HBM3", help="plot title with --plot-only")
     args = parser.parse_args()
     if args.plot_only:
@@ -234,7 +244,9 @@ def main():
         print(f"\n{shape}: {title}")
         print("  " + " ".join(f"{f:>9s}" for f in FIELDS[1:]))
         rows = []
-        for row in itertools.chain(bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, args.quick, args.int8_keys),
+        quantized = ([{"int8_keys": True}] if args.int8_keys else []) + (
+            [{"int8_keys": True, "fp8_values": True}] if args.fp8_values else [])
+        for row in itertools.chain(bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, args.quick, quantized),
                                    sol_rows(shape, q, k, v, dense_out, dense_ms)):
             rows.append(row)
             print("  " + " ".join(f"{row[f]:9.3f}" if isinstance(row[f], float) else f"{row[f]!s:>9s}"

@@ -86,7 +86,7 @@ def test_triton_backend_on_gpu(grid, heads, D, keep, pooled):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_prefix, n_suffix, pooled, int8", [(0, 0, True, False), (5, 257, True, False),
                                                                (0, 40, False, False), (5, 257, True, True)],
-                         ids=["wan", "text-and-reference", "guides-no-pool", "int8-keys"])
+                         ids=["wan", "text-and-reference", "guides-no-pool", "int8-keys-fp8-values"])
 def test_gpu_call_has_no_host_sync_and_replays_from_a_cuda_graph(n_prefix, n_suffix, pooled, int8):
     """A warm BSA call at Wan 480p never waits for the GPU (sync debug mode 'error'), so it can be captured in a
     CUDA graph; the replay equals the eager call."""
@@ -94,7 +94,7 @@ def test_gpu_call_has_no_host_sync_and_replays_from_a_cuda_graph(n_prefix, n_suf
     L = n_prefix + math.prod(grid) + n_suffix
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _qkv(1, H, L, D, torch.bfloat16, seed=3))
     config = BSAConfig(keep_ratio=1.0, threshold_mode="statistical", stat_lambda=1.0, pooled_remainder=pooled,
-                       int8_keys=int8)
+                       int8_keys=int8, fp8_values=int8)
 
     def call():
         return attention.bsa_attention_op(q, k, v, grid, config, n_prefix=n_prefix, n_suffix=n_suffix)
@@ -137,6 +137,27 @@ def test_int8_keys_stay_near_the_exact_call(keep, n_prefix, n_suffix):
     assert torch.equal(rows, torch.isfinite(lse8)) and (lse8[rows] - lse[rows]).abs().max() < 0.05
 
 
-def test_int8_keys_must_be_a_bool():
-    with pytest.raises(ValueError, match="int8_keys"):
-        BSAConfig(int8_keys=1)
+@pytest.mark.parametrize("keep", [1.0, 0.5], ids=["raster", "kept-queries"])
+def test_fp8_values_stay_near_the_exact_call(keep):
+    """BSAConfig.fp8_values through the whole call (values with a shared part, as smooth video has; extra tokens,
+    pooled remainder): the same selection and LSE (logits are untouched), the output within FP8 rounding of the
+    exact call's."""
+    grid, cube, B, H, D, n_prefix, n_suffix = (3, 5, 6), (2, 2, 4), 1, 2, 32, 2, 3
+    L = n_prefix + math.prod(grid) + n_suffix
+    q, k, v = _qkv(B, H, L, D, torch.bfloat16, seed=10)
+    v = (v.float() + 2.0 * torch.randn(1, H, 1, D, generator=torch.Generator().manual_seed(2)).to(DEVICE)).to(v.dtype)
+    layout = cube_layout(grid, cube, DEVICE)
+    runs = {}
+    for fp8 in (False, True):
+        config = BSAConfig(cube, keep_ratio=keep, kv_threshold=0.6, threshold_mode="cumulative", fp8_values=fp8)
+        runs[fp8] = attention._bsa_attention_triton(q, k, v, layout, config, D ** -0.5, n_prefix, n_suffix)
+    (exact, sel, lse), (out, sel8, lse8) = runs[False], runs[True]
+    assert torch.equal(sel.kv_index, sel8.kv_index)
+    assert torch.allclose(lse, lse8, atol=1e-4)  # equal up to the order of the sums (FP8 steps 32 keys, not 16)
+    assert not torch.equal(out, exact) and _rel(out, exact) < 3.5e-2
+
+
+@pytest.mark.parametrize("name", ["int8_keys", "fp8_values"])
+def test_quantization_switches_must_be_bools(name):
+    with pytest.raises(ValueError, match=name):
+        BSAConfig(**{name: 1})

@@ -121,9 +121,10 @@ class TrainConfig:
         if self.export_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"export_dtype must be float16, bfloat16 or float32, got {self.export_dtype!r}")
         bsa = self.bsa_config()  # a bad BSA setting fails here, before any step
-        if bsa is not None and bsa.int8_keys:
-            raise ValueError("bsa.int8_keys is an inference option (its forward rounds the keys the exact backward "
-                             "does not): leave it out of a training config")
+        for name in ("int8_keys", "fp8_values"):
+            if bsa is not None and getattr(bsa, name):
+                raise ValueError(f"bsa.{name} is an inference option (its forward rounds what the exact backward "
+                                 "does not): leave it out of a training config")
         self.prune_config()
         if self.prune is not None and self.prune_masks is not None:
             raise ValueError("prune (magnitude masks from the initial weights) and prune_masks (masks from a file) "
