@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .cube_tokens import _cube_tokens, _grid_args
-from .quantize_cubes import FP8_MAX, QuantizedKeys, QuantizedValues, _round_to_int8
+from .quantize_cubes import QuantizedKeys, QuantizedValues, _round_to_int8
+from .quantize_fp8 import E4M3_MAX
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -131,10 +132,11 @@ def _softmax_update(acc, l_i, m_i, s, v, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _softmax_update_fp8(acc, l_i, m_i, s, v_t, v_deq, DOT_F32: tl.constexpr):
-    """_softmax_update with FP8 values, transposed (v_t [D, keys]; v_deq = their per-channel scale / FP8_MAX):
-    FP8_MAX * p in FP8, the step's product from a zeroed accumulator, scaled back and added in fp32."""
+    """_softmax_update with FP8 values, transposed (v_t [D, keys]; v_deq = their per-channel scale / E4M3_MAX):
+    E4M3_MAX * p in FP8 (the hardware cast: this is the hot loop), the step's product from a zeroed accumulator,
+    scaled back and added in fp32."""
     p, alpha, l_i, m_new = _online_softmax_step(l_i, m_i, s)
-    pv = _dot_fp8((p * 448.0).to(v_t.dtype), tl.trans(v_t), DOT_F32)
+    pv = _dot_fp8((p * E4M3_MAX).to(v_t.dtype), tl.trans(v_t), DOT_F32)
     return acc * alpha[:, None] + pv * v_deq[None, :], l_i, m_new
 
 
@@ -663,7 +665,7 @@ def _check_quantized_keys(quantized_keys: QuantizedKeys, k_cubes: torch.Tensor):
 
 
 def _check_quantized_values(quantized_values: QuantizedValues, v_cubes: torch.Tensor):
-    """The FP8 value cubes and their per-channel scales / FP8_MAX, checked against v_cubes and the device."""
+    """The FP8 value cubes and their per-channel scales / E4M3_MAX, checked against v_cubes and the device."""
     values, scale = quantized_values
     B, H, N, S, D = v_cubes.shape
     if (values.shape != (B, H, N, D, S) or values.dtype != torch.float8_e4m3fn or not values.is_contiguous()
@@ -673,4 +675,4 @@ def _check_quantized_values(quantized_values: QuantizedValues, v_cubes: torch.Te
                          f"got values {values.dtype} {tuple(values.shape)}, scale {scale.dtype} {tuple(scale.shape)}")
     if not _INTERPRET and torch.cuda.get_device_capability(v_cubes.device) < (8, 9):
         raise ValueError("quantized_values: FP8 MMAs need an sm89+ GPU (Ada, Hopper, Blackwell)")
-    return values, (scale / FP8_MAX).contiguous()
+    return values, (scale / E4M3_MAX.value).contiguous()
