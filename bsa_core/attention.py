@@ -315,14 +315,6 @@ def _triton_selection(q, k, v, layout: CubeLayout, config: BSAConfig, scale: flo
     return (q, k, v), permuted, selection, attended
 
 
-def _fp8_mma(q: torch.Tensor) -> bool:
-    """Whether the attention kernel can multiply FP8 e4m3 on q's device: NVIDIA sm89+ (Triton's interpreter on
-    the CPU emulates it; ROCm's FP8 is another format)."""
-    if q.device.type != "cuda":
-        return True
-    return torch.version.hip is None and torch.cuda.get_device_capability(q.device) >= (8, 9)
-
-
 def extra_parts(L: int, n_prefix: int, n_suffix: int) -> list[slice]:
     """The rows of the extra (never pruned) tokens: the prefix and the suffix, where present."""
     return [slice(0, n_prefix)] * bool(n_prefix) + [slice(L - n_suffix, L)] * bool(n_suffix)
@@ -343,15 +335,16 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     the kept queries, and the scatter copies every dropped query's source row."""
     from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
     from ..kernels.output_scatter import output_scatter
-    from ..kernels.quantize_cubes import quantize_key_cubes, quantize_value_cubes
+    from ..kernels.quantize_cubes import fp8_mma_available, quantize_key_cubes, quantize_value_cubes
 
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
     (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
         q, k, v, layout, config, scale, n_prefix)
     remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     int8 = config.int8_keys and q.shape[-1] >= 32  # smaller heads: exact keys (int8 MMAs are 32 deep)
+    fp8 = config.fp8_values and fp8_mma_available(q.device)  # elsewhere: 16-bit values
     quantized = {"quantized_keys": quantize_key_cubes(k_cubes, layout.slot_valid) if int8 else None,
-                 "quantized_values": quantize_value_cubes(v_cubes) if config.fp8_values and _fp8_mma(q) else None}
+                 "quantized_values": quantize_value_cubes(v_cubes) if fp8 else None}
     L = q.shape[-2]
     extra = extra_parts(L, n_prefix, n_suffix)
     k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)

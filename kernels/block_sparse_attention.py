@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .cube_tokens import _cube_tokens, _grid_args
-from .quantize_cubes import QuantizedKeys, QuantizedValues, _round_to_int8
+from .quantize_cubes import QuantizedKeys, QuantizedValues, _round_to_int8, fp8_mma_available
 from .quantize_fp8 import E4M3_MAX
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -673,6 +673,6 @@ def _check_quantized_values(quantized_values: QuantizedValues, v_cubes: torch.Te
             or {values.device, scale.device} != {v_cubes.device}):
         raise ValueError(f"quantized_values must be quantize_value_cubes(v_cubes) of v_cubes {tuple(v_cubes.shape)}, "
                          f"got values {values.dtype} {tuple(values.shape)}, scale {scale.dtype} {tuple(scale.shape)}")
-    if not _INTERPRET and torch.cuda.get_device_capability(v_cubes.device) < (8, 9):
-        raise ValueError("quantized_values: FP8 MMAs need an sm89+ GPU (Ada, Hopper, Blackwell)")
+    if not _INTERPRET and not fp8_mma_available(v_cubes.device):
+        raise ValueError("quantized_values: FP8 MMAs need an NVIDIA sm89+ GPU (Ada, Hopper, Blackwell)")
     return values, (scale / E4M3_MAX.value).contiguous()

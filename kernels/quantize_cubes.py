@@ -92,6 +92,14 @@ def quantize_key_cubes(k_cubes: torch.Tensor, slot_valid: torch.Tensor) -> Quant
     return QuantizedKeys(keys, scale, mean)
 
 
+def fp8_mma_available(device: torch.device) -> bool:
+    """Whether the attention kernel can multiply FP8 e4m3 on `device`: NVIDIA sm89+ (compression.fp8's
+    FP8_CAPABILITY; Triton's interpreter on the CPU emulates it; ROCm's FP8 is another format)."""
+    if device.type != "cuda":
+        return True
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 class QuantizedValues(NamedTuple):
     """What `quantize_value_cubes` returns: dequantized value = values[..., d, s] * scale[d]."""
     values: torch.Tensor  # [B, H, N, D, S] float8_e4m3fn, each cube transposed
