@@ -383,7 +383,8 @@ def main(argv=None) -> int:
                         help="BSAConfig.threshold_mode (default: the node's, RECOMMENDED)")
     parser.add_argument("--stat-lambda", type=float, help="BSAConfig.stat_lambda (default: the node's, RECOMMENDED)")
     parser.add_argument("--int8-keys", action="store_true", help="BSAConfig.int8_keys (experimental; off in the node)")
-    parser.add_argument("--fp8-values", action="store_true", help="BSAConfig.fp8_values (experimental; off in the node)")
+    parser.add_argument("--fp8-values", action="store_true",
+                        help="BSAConfig.fp8_values (experimental; off in the node)")
     parser.add_argument("--tdq", choices=("static", "table", "dynamic", "tdq"),
                         help="also time FP8 linear layers in this TDQConfig mode: variants tdq (dense attention) and "
                              "bsa+tdq")

@@ -233,7 +233,8 @@ def _pooled_keys(acc, l_i, m_i, q, KBar_bh, VBar_bh, log2n_ptr, attended_bh, n_c
                                         "HAS_REMAINDER", "RASTER", "QK_INT8", "FP8_PV", "smem_budget"],
                  prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, K_scale, K_mean, V, V8, V_deq, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
+def _block_sparse_attn_fwd(Q, K, K_scale, K_mean, V, V8, V_deq, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended,
+                           Out, Lse, order_ptr,
                            q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
                            H, N, KQ, NG, KG, E, n_prefix, GT, GH, GW, NH, NW,
                            stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, smem_budget,
@@ -523,8 +524,8 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
     """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
     n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
-    block_sparse_attention (quantized_keys and quantized_values too). Returns out, and with return_lse the log2-domain log-sum-exp of every row in
-    cube order [B, H, N, S] fp32 (slot order; -inf on padding slots), what the backward needs."""
+    block_sparse_attention (quantized_keys and quantized_values too). Returns out, and with return_lse the
+    log2-domain log-sum-exp of every row in cube order [B, H, N, S] fp32 (slot order; -inf on padding slots), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and out must be fp16/bf16 [B, H, L, D] of one shape and dtype, got {q.dtype} "
                          f"{tuple(q.shape)} and {out.dtype} {tuple(out.shape)}")
