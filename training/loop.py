@@ -13,9 +13,8 @@ import math
 import os
 import pathlib
 
-import safetensors.torch
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from tqdm import tqdm
 
 from ..compression.sparsity24 import apply_masks_, load_masks, magnitude_masks
@@ -164,7 +163,7 @@ def load_teacher(config: TrainConfig, device) -> tuple[torch.nn.Module | None, s
     if not path.is_file():
         raise FileNotFoundError(f"distill_from {path}: no such file")
     data = path.read_bytes()  # read once: hashed and loaded
-    teacher = wan_from_state_dict(safetensors.torch.load(data)).to(device).eval().requires_grad_(False)
+    teacher = wan_from_state_dict(load(data)).to(device).eval().requires_grad_(False)
     return teacher, hashlib.sha256(data).hexdigest()
 
 
