@@ -392,7 +392,7 @@ def test_int8_keys_match_the_exact_softmax(case):
 
 @pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: f"T{'x'.join(map(str, c[0]))}-D{c[2]}-pooled{int(c[5])}")
 def test_fp8_values_match_the_exact_softmax(case):
-    """FP8 values (alone and with int8 keys) stay within FP8 rounding of the reference (1.2-1.8 % here; a 10 %
+    """FP8 values (alone and with int8 keys) stay within FP8 rounding of the reference (1.1-1.5 % here; a 10 %
     error in their channel scales gives 6-8 %)."""
     from comfyui_bsa.kernels.quantize_cubes import quantize_key_cubes, quantize_value_cubes
     errors = _quantized_errors(case, True, {
