@@ -95,10 +95,6 @@ def describe(config) -> str:
         parts.append("x".join(map(str, config.cube_size)))
     if not config.pooled_remainder:
         parts.append("no pool")
-    if config.int8_keys:
-        parts.append("int8 keys")
-    if config.fp8_values:
-        parts.append("fp8 values")
     return " ".join(parts)
 
 
@@ -282,9 +278,6 @@ def sample_rows(report: Report, config, setting, models, device, args, out: path
                      ("", dataclasses.replace(RECOMMENDED, pooled_remainder=False)),
                      ("nearly every cube", dataclasses.replace(RECOMMENDED, threshold_mode="cumulative",
                                                                kv_threshold=0.9999))]  # the kernel's own rounding
-    if device.type == "cuda":  # the CPU's reference computes int8_keys / fp8_values exactly: the defaults' row
-        node_settings += [("defaults", dataclasses.replace(RECOMMENDED, int8_keys=True)),
-                          ("defaults", dataclasses.replace(RECOMMENDED, int8_keys=True, fp8_values=True))]
     for name, bsa in node_settings:
         label = f"{name} ({describe(bsa)})" if name else describe(bsa)
         row(dense_model, label, start, bsa_run(dense_model, bsa, start), reference)

@@ -260,10 +260,6 @@ def bsa_config(args) -> BSAConfig:
         overrides["threshold_mode"] = args.threshold_mode
     if args.stat_lambda is not None:
         overrides["stat_lambda"] = args.stat_lambda
-    if args.int8_keys:
-        overrides["int8_keys"] = True
-    if args.fp8_values:
-        overrides["fp8_values"] = True
     return dataclasses.replace(RECOMMENDED, **overrides)
 
 
@@ -382,9 +378,6 @@ def main(argv=None) -> int:
     parser.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
                         help="BSAConfig.threshold_mode (default: the node's, RECOMMENDED)")
     parser.add_argument("--stat-lambda", type=float, help="BSAConfig.stat_lambda (default: the node's, RECOMMENDED)")
-    parser.add_argument("--int8-keys", action="store_true", help="BSAConfig.int8_keys (experimental; off in the node)")
-    parser.add_argument("--fp8-values", action="store_true",
-                        help="BSAConfig.fp8_values (experimental; off in the node)")
     parser.add_argument("--tdq", choices=("static", "table", "dynamic", "tdq"),
                         help="also time FP8 linear layers in this TDQConfig mode: variants tdq (dense attention) and "
                              "bsa+tdq")
@@ -491,8 +484,6 @@ def main(argv=None) -> int:
     print(f"dense attention: ComfyUI's {comfy.ldm.modules.attention.optimized_attention.__name__}{backend}; "
           f"the BSA run uses the same for cross-attention")
     print(f"BSA: {config} (start_percent 0, end_percent 1: every step sparse)")
-    if (config.int8_keys or config.fp8_values) and device.type != "cuda":
-        print("int8_keys / fp8_values: no effect here, the CPU runs the exact reference")
 
     bsa_model = apply_bsa(model, config, start_percent=0.0, end_percent=1.0)
     compiled_suffix = f"+{args.compile_backend}"

@@ -6,11 +6,8 @@ on the same inputs in the same run, and the whole BSA call beside it. A script, 
 
 Rows: keep_ratio 1 (raster Q/O), pooled remainder on, 4x4x4 cubes; G1 = one query cube per program
 (the default, 64-row tiles), G2 = two neighbouring cubes over the union of their lists (128-row tiles,
-each row masked to its own cube's list); P = pooled keys per step; i8 = the selected cubes' Q K^T as int8
-MMAs (`quantize_key_cubes`), f8 = their P V as FP8 MMAs too (`quantize_value_cubes`); the quantization passes
-are the "quant ms" column, outside "kernel ms". head_dim 64 runs twice the heads (LTX-Video's shape: same work).
-TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys. "kernel relL2"
-is that kernel's output against dense SDPA; "relL2" the whole call's (bf16 keys).
+each row masked to its own cube's list); P = pooled keys per step. head_dim 64 runs twice the heads (LTX-Video's shape: same work).
+TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys.
 """
 from __future__ import annotations
 
@@ -31,7 +28,6 @@ from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.gpu_select import select_triton  # noqa: E402
 from comfyui_bsa.kernels.block_sparse_attention import block_sparse_attention_raster, plan_block_sparse  # noqa: E402
 from comfyui_bsa.kernels.cube_permute import permute_qkv  # noqa: E402
-from comfyui_bsa.kernels.quantize_cubes import quantize_key_cubes, quantize_value_cubes  # noqa: E402
 
 SETTINGS = {"stat1": ("statistical", 1.0), "stat1.5": ("statistical", 1.5), "stat2.5": ("statistical", 2.5),
             "cum0.9": ("cumulative", 0.9)}
@@ -59,8 +55,8 @@ def run(shape, dtype_name, head_dim, settings):
     L = q.shape[-2]
     print(f"\n{shape} {dtype_name} head_dim {head_dim}: grid {grid}, {heads} heads; cuDNN SDPA {dense_ms:.2f} ms "
           f"({4 * head_dim * L * L * heads / dense_ms / 1e9:.0f} TFLOP/s)")
-    print(f"  {'setting':8s} {'kv%':>5s} {'tile':8s} {'kernel ms':>9s} {'TFLOP/s':>7s} {'x cuDNN':>7s}  "
-          f"{'call ms':>8s} {'x cuDNN':>7s} {'relL2':>6s} {'kernel relL2':>12s} {'quant ms':>8s}")
+    print(f"  {'setting':8s} {'kv%':>5s} {'tile':6s} {'kernel ms':>9s} {'TFLOP/s':>7s} {'x cuDNN':>7s}  "
+          f"{'call ms':>8s} {'x cuDNN':>7s} {'relL2':>6s}")
     _, q_bar, kc, k_bar, vc, k_pooled, v_pooled = permute_qkv(q, k, v, layout)
     for name in settings:
         config = _config(name)
@@ -71,23 +67,15 @@ def run(shape, dtype_name, head_dim, settings):
         sel, mask = select_triton(None, None, layout, config, scale, k_bar=k_bar, q_bar=q_bar, return_mask=True)
         kv_tokens = layout.n_valid[sel.kv_index.clamp(min=0).long()] * (sel.kv_index >= 0)
         useful = 4 * head_dim * (float(kv_tokens.sum().double()) * S + float(L) * heads * N)
-        keys, values = quantize_key_cubes(kc, layout.slot_valid), quantize_value_cubes(vc)
-        quant_ms = {"": 0.0, "i8": ms(lambda: quantize_key_cubes(kc, layout.slot_valid))}
-        quant_ms["i8f8"] = quant_ms["i8"] + ms(lambda: quantize_value_cubes(vc))
-        for group, pool, quant in ((1, 64, ""), (1, 128, ""), (2, 64, ""), (1, 64, "i8"), (1, 64, "i8f8")):
+        for group, pool in ((1, 64), (1, 128), (2, 64)):
             plan = plan_block_sparse(sel.kv_count, sel.kv_index, group)
             result = torch.empty_like(q)
-            kernel = lambda: block_sparse_attention_raster(  # noqa: E731
-                q, kc, vc, layout, sel.kv_count, sel.kv_index, result, 0, scale, plan=plan,
-                remainder=(k_pooled, v_pooled, mask), pool_block=pool, quantized_keys=keys if quant else None,
-                quantized_values=values if quant == "i8f8" else None)
-            kernel_ms = ms(kernel)
-            kernel()
-            kernel_rel, _ = errors(result, dense_out)
-            tile = f"G{group}P{pool}{quant}"
-            print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} {tile:8s} {kernel_ms:9.3f} "
+            kernel_ms = ms(lambda: block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, result,
+                                                                 0, scale, plan=plan, remainder=(k_pooled, v_pooled, mask),
+                                                                 pool_block=pool))
+            print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} G{group}P{pool:<3d} {kernel_ms:9.3f} "
                   f"{useful / kernel_ms / 1e9:7.0f} {dense_ms / kernel_ms:7.2f}  {call_ms:8.3f} {dense_ms / call_ms:7.2f} "
-                  f"{rel:6.3f} {kernel_rel:12.3f} {quant_ms[quant]:8.3f}", flush=True)
+                  f"{rel:6.3f}", flush=True)
 
 
 def main():

@@ -2,7 +2,7 @@
 (keep_ratio x kv_threshold / stat_lambda x threshold mode x pooled remainder x cube), comfy-kitchen's
 sol_attn (tau; topk_ratio) and FlexAttention on BSA's own tables. A script, not a test:
 
-    PYTHONPATH=.ck python bench/pareto_bsa.py [--shapes 480p,720p] [--out DIR] [--quick] [--int8-keys] [--fp8-values]
+    PYTHONPATH=.ck python bench/pareto_bsa.py [--shapes 480p,720p] [--out DIR] [--quick]
     python bench/pareto_bsa.py --plot-only bench/results/pareto_h100_480p.csv bench/results/pareto_h100_720p.csv
 
 Every time is the median of triton.testing.do_bench on the same card in the same run, end to end (BSA:
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import itertools
 import math
 import pathlib
@@ -43,34 +42,23 @@ FIELDS = ("shape", "provider", "cube", "keep_ratio", "mode", "value", "pooled", 
 ERROR_LEVELS = (0.05, 0.10)
 
 
-def provider(config: BSAConfig) -> str:
-    """bsa, bsa+int8 (int8 keys), bsa+int8+fp8 (and FP8 values)."""
-    return "bsa" + "+int8" * config.int8_keys + "+fp8" * config.fp8_values
-
-
-def bsa_settings(quick: bool, quantized: tuple = ()):
-    """The sweep's configs; each of `quantized` (BSAConfig fields, e.g. {"int8_keys": True}) adds every front
-    candidate (first cube, keep_ratio 1, pooled) with those fields."""
+def bsa_settings(quick: bool):
     cubes, keeps, thresholds = (CUBES[:1], (1.0,), THRESHOLDS) if quick else (CUBES, KEEP_RATIOS, THRESHOLDS)
     for cube, keep, (mode, value), pooled in itertools.product(cubes, keeps, thresholds, (False, True)):
         if keep < 1.0 and cube != cubes[0]:
             continue  # query dropping is far off the front (first sweep); one cube size shows it
         extra = {"stat_lambda": value, "kv_threshold": 1.0} if mode == "statistical" else {"kv_threshold": value}
-        config = BSAConfig(cube, keep_ratio=keep, threshold_mode=mode, pooled_remainder=pooled, **extra)
-        yield config, mode, value
-        if pooled and keep == 1.0 and cube == cubes[0]:
-            for fields in quantized:
-                yield dataclasses.replace(config, **fields), mode, value
+        yield BSAConfig(cube, keep_ratio=keep, threshold_mode=mode, pooled_remainder=pooled, **extra), mode, value
 
 
-def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick, quantized=()):
-    for config, mode, value in bsa_settings(quick, quantized):
+def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick):
+    for config, mode, value in bsa_settings(quick):
         fn = lambda: bsa_attention(q, k, v, grid, config, backend="triton")  # noqa: E731
         out, sel = fn()
         t = ms(fn)
         rel, cos = errors(out, dense_out)
         layout = cube_layout(grid, config.cube_size, q.device)
-        row = dict(shape=shape, provider=provider(config), cube="x".join(map(str, config.cube_size)),
+        row = dict(shape=shape, provider="bsa", cube="x".join(map(str, config.cube_size)),
                    keep_ratio=config.keep_ratio, mode=mode, value=value, pooled=int(config.pooled_remainder),
                    kv_pct=100 * float(sel.kept_kv_fraction()), q_pct=100 * float(sel.kept_query_fraction(layout.n_valid)),
                    ms=t, speedup=dense_ms / t, rel_l2=rel, cos=cos)
@@ -156,16 +144,14 @@ def summarize(shape, rows):
         print(f"  {name:16s} " + "  ".join(f"best at rel L2 <= {lvl:.2f}: {describe(best_at(group, lvl))}"
                                          for lvl in ERROR_LEVELS))
     sol = groups.get("sol_attn", [])
-    quantized = [r for r in rows if r["provider"].startswith("bsa+")]
-    for name, mine in (("BSA", ours), ("BSA, exact or quantized", ours + quantized))[:1 + bool(quantized)]:
-        beaten = [s for s in sol if any(r["speedup"] >= s["speedup"] and r["rel_l2"] <= s["rel_l2"] for r in mine)]
-        if sol:
-            print(f"  sol_attn points matched or beaten by a {name} point (>= speed-up at <= error): "
-                  f"{len(beaten)}/{len(sol)}")
-            for s in sol:
-                if s not in beaten:
-                    print(f"    not matched: sol_attn {s['mode']}={s['value']} x{s['speedup']:.2f} at rel L2 "
-                          f"{s['rel_l2']:.3f}; best {name} at that error: {describe(best_at(mine, s['rel_l2']))}")
+    beaten = [s for s in sol if any(r["speedup"] >= s["speedup"] and r["rel_l2"] <= s["rel_l2"] for r in ours)]
+    if sol:
+        print(f"  sol_attn points matched or beaten by a BSA point (>= speed-up at <= error): {len(beaten)}/{len(sol)}")
+        for s in sol:
+            if s not in beaten:
+                ours_at = best_at(ours, s["rel_l2"])
+                print(f"    not matched: sol_attn {s['mode']}={s['value']} x{s['speedup']:.2f} at rel L2 {s['rel_l2']:.3f};"
+                      f" best BSA at that error: {describe(ours_at)}")
 
 
 def plot(all_rows, path, device_name):
@@ -179,9 +165,7 @@ def plot(all_rows, path, device_name):
         return
     shapes = sorted({r["shape"] for r in all_rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(7 * len(shapes), 5.5), squeeze=False)
-    styles = {"bsa": ("tab:blue", "o"), "bsa +pooled": ("tab:green", "s"), "bsa+int8": ("tab:purple", "D"),
-              "bsa+int8+fp8": ("tab:orange", "P"),
-              "sol_attn": ("tab:red", "^"),
+    styles = {"bsa": ("tab:blue", "o"), "bsa +pooled": ("tab:green", "s"), "sol_attn": ("tab:red", "^"),
               "flex_same_table": ("tab:gray", "x")}
     for ax, shape in zip(axes[0], shapes):
         rows = [r for r in all_rows if r["shape"] == shape]
@@ -222,10 +206,6 @@ def main():
                         help="4x4x4 cubes and keep_ratio 1 only (the front: other cubes and query dropping are behind it)")
     parser.add_argument("--plot-only", nargs="+", metavar="CSV",
                         help="summaries and pareto_h100.png again from saved CSVs (no GPU)")
-    parser.add_argument("--int8-keys", action="store_true",
-                        help="also the front candidates with BSAConfig.int8_keys (series bsa+int8)")
-    parser.add_argument("--fp8-values", action="store_true",
-                        help="also the front candidates with int8_keys and fp8_values (series bsa+int8+fp8)")
     parser.add_argument("--device-name", default="NVIDIA H100 80GB HBM3", help="plot title with --plot-only")
     args = parser.parse_args()
     if args.plot_only:
@@ -244,9 +224,7 @@ def main():
         print(f"\n{shape}: {title}")
         print("  " + " ".join(f"{f:>9s}" for f in FIELDS[1:]))
         rows = []
-        quantized = ([{"int8_keys": True}] if args.int8_keys else []) + (
-            [{"int8_keys": True, "fp8_values": True}] if args.fp8_values else [])
-        for row in itertools.chain(bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, args.quick, quantized),
+        for row in itertools.chain(bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, args.quick),
                                    sol_rows(shape, q, k, v, dense_out, dense_ms)):
             rows.append(row)
             print("  " + " ".join(f"{row[f]:9.3f}" if isinstance(row[f], float) else f"{row[f]!s:>9s}"

@@ -34,16 +34,13 @@ def main():
     parser.add_argument("--threshold", type=float, default=d.kv_threshold)
     parser.add_argument("--stat-lambda", type=float, default=d.stat_lambda)
     parser.add_argument("--no-pooled", action="store_true")
-    parser.add_argument("--int8-keys", action="store_true", help="BSAConfig.int8_keys (experimental)")
-    parser.add_argument("--fp8-values", action="store_true", help="BSAConfig.fp8_values (experimental)")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--rows", type=int, default=20, help="kernels listed")
     args = parser.parse_args()
     grid, heads, (q, k, v), _, dense_ms = video_inputs(args.shape)
     config = dataclasses.replace(d, cube_size=parse_cube_size(args.cube), keep_ratio=args.keep,
                                  threshold_mode=args.mode, kv_threshold=args.threshold,
-                                 stat_lambda=args.stat_lambda, pooled_remainder=not args.no_pooled,
-                                 int8_keys=args.int8_keys, fp8_values=args.fp8_values)
+                                 stat_lambda=args.stat_lambda, pooled_remainder=not args.no_pooled)
 
     def call():
         return bsa_attention(q, k, v, grid, config, backend="triton")

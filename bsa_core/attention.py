@@ -208,18 +208,17 @@ def threshold_tensor(config: BSAConfig) -> torch.Tensor:
 
 
 def _op_config(cube_size: list[int], keep_ratio: float, thresholds: torch.Tensor, threshold_mode: str,
-               min_blocks: int, pooled_remainder: bool, int8_keys: bool, fp8_values: bool) -> BSAConfig:
+               min_blocks: int, pooled_remainder: bool) -> BSAConfig:
     kv_threshold, stat_lambda = thresholds.tolist()
     return BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
-                     pooled_remainder, int8_keys, fp8_values)
+                     pooled_remainder)
 
 
 def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], cube_size: list[int],
                         keep_ratio: float, thresholds: torch.Tensor, threshold_mode: str, min_blocks: int,
-                        pooled_remainder: bool, int8_keys: bool, fp8_values: bool, n_prefix: int, n_suffix: int,
-                        scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = _op_config(cube_size, keep_ratio, thresholds, threshold_mode, min_blocks, pooled_remainder, int8_keys,
-                        fp8_values)
+                        pooled_remainder: bool, n_prefix: int, n_suffix: int, scale: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = _op_config(cube_size, keep_ratio, thresholds, threshold_mode, min_blocks, pooled_remainder)
     out, selection, lse = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
                                         scale=scale, backend=backend, return_lse=True)
     if config.keep_ratio >= 1.0:  # every query kept: no reduction to launch
@@ -235,7 +234,7 @@ def _lse_or_empty(lse: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
 
 
 def _bsa_attention_fake(q, k, v, grid, cube_size, keep_ratio, thresholds, threshold_mode, min_blocks,
-                        pooled_remainder, int8_keys, fp8_values, n_prefix, n_suffix, scale, backend):
+                        pooled_remainder, n_prefix, n_suffix, scale, backend):
     fraction = q.new_empty((), dtype=torch.float64)
     lse = None
     if choose_backend(q, backend)[0] == "triton":  # the same choice the real call makes
@@ -279,8 +278,7 @@ def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_s
     thresholds = threshold_tensor(config) if thresholds is None else thresholds
     return _bsa_attention_op(q, k, v, [int(n) for n in grid], list(config.cube_size), float(config.keep_ratio),
                              thresholds, config.threshold_mode, int(config.min_blocks),
-                             bool(config.pooled_remainder), bool(config.int8_keys), bool(config.fp8_values),
-                             int(n_prefix), int(n_suffix),
+                             bool(config.pooled_remainder), int(n_prefix), int(n_suffix),
                              scale, backend)[:3]  # the fourth output, the LSE, is the backward's
 
 
@@ -335,16 +333,11 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     the kept queries, and the scatter copies every dropped query's source row."""
     from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
     from ..kernels.output_scatter import output_scatter
-    from ..kernels.quantize_cubes import fp8_mma_available, quantize_key_cubes, quantize_value_cubes
 
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
     (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
         q, k, v, layout, config, scale, n_prefix)
     remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
-    int8 = config.int8_keys and q.shape[-1] >= 32  # smaller heads: exact keys (int8 MMAs are 32 deep)
-    fp8 = config.fp8_values and fp8_mma_available(q.device)  # elsewhere: 16-bit values
-    quantized = {"quantized_keys": quantize_key_cubes(k_cubes, layout.slot_valid) if int8 else None,
-                 "quantized_values": quantize_value_cubes(v_cubes) if fp8 else None}
     L = q.shape[-2]
     extra = extra_parts(L, n_prefix, n_suffix)
     k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)
@@ -352,11 +345,11 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     if config.keep_ratio >= 1.0:
         _, lse = block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index,
                                                out, n_prefix, scale, k_extra, v_extra, remainder=remainder,
-                                               return_lse=True, **quantized)
+                                               return_lse=True)
     else:
         out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
                                                selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,
-                                               remainder=remainder, return_lse=True, **quantized)
+                                               remainder=remainder, return_lse=True)
         output_scatter(out_kept, selection.q_source, layout, out, n_prefix)
     out = out.to(q_in.dtype)
     if extra:

@@ -26,15 +26,6 @@ class BSAConfig:
     pooled_remainder: fold every KV cube a query cube did not select into its softmax as one pooled key
                     (mean key, mean value, weight = the cube's token count), so the dropped mass still
                     counts in the denominator and the output instead of vanishing.
-    int8_keys:      experimental, Triton path only (the pure-torch reference computes exactly): the selected
-                    cubes' Q K^T as int8 MMAs, SageAttention's recipe per KV cube (keys minus their head's mean
-                    key, one scale per cube, each query row at its own scale; kernels/quantize_cubes.py). Half
-                    the key bytes and twice the MMA rate for half the kernel's dots; rounding adds rel L2 ~0.005
-                    on video-like attention (CPU estimate). Heads under 32 channels compute exactly.
-    fp8_values:     experimental, Triton path on sm89+ only (elsewhere values stay 16-bit): the selected cubes'
-                    P V as FP8 MMAs (SageAttention2's recipe: values in e4m3 over per-channel scales, P * 448 in
-                    e4m3). With int8_keys a kernel step moves half the bytes; rounding adds rel L2 ~0.017 on
-                    video-like attention (CPU estimate, with int8_keys).
     """
 
     # The defaults, from the H100 Pareto sweep on video-like attention (bench/NOTES_pareto.md): every query
@@ -49,8 +40,6 @@ class BSAConfig:
     stat_lambda: float = 1.0
     min_blocks: int = 1
     pooled_remainder: bool = True
-    int8_keys: bool = False
-    fp8_values: bool = False
 
     def __post_init__(self):
         cube = tuple(int(c) for c in self.cube_size) if _is_triple(self.cube_size) else None
@@ -68,9 +57,6 @@ class BSAConfig:
             raise ValueError(f"min_blocks must be an integer >= 1, got {self.min_blocks!r}")
         if not isinstance(self.pooled_remainder, bool):
             raise ValueError(f"pooled_remainder must be True or False, got {self.pooled_remainder!r}")
-        for name in ("int8_keys", "fp8_values"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def cube_volume(self) -> int:

@@ -27,8 +27,6 @@ import triton
 import triton.language as tl
 
 from .cube_tokens import _cube_tokens, _grid_args
-from .quantize_cubes import QuantizedKeys, QuantizedValues, _round_to_int8, fp8_mma_available
-from .quantize_fp8 import E4M3_MAX
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -95,63 +93,26 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _dot_int8(a, b, DOT_F32: tl.constexpr):
-    """int8 x int8 -> fp32 logits (int32 accumulation; the interpreter's fp32 product is exact for D <= 256)."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b, out_dtype=tl.int32).to(tl.float32)
-
-
-@triton.jit
-def _dot_fp8(a, b, DOT_F32: tl.constexpr):
-    """FP8 x FP8 -> fp32 from a zeroed accumulator (the interpreter multiplies upcast operands)."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _online_softmax_step(l_i, m_i, s):
-    """The new running max and sum of one key block (logits s in the log2 domain), its weights p and the factor
-    alpha that rescales what was accumulated before."""
+def _softmax_update(acc, l_i, m_i, s, v, DOT_F32: tl.constexpr):
+    """One online-softmax step over one key block (logits s in the log2 domain, values v)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row that has seen no valid key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_use)
     p = tl.math.exp2(s - m_use[:, None])
-    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
-
-
-@triton.jit
-def _softmax_update(acc, l_i, m_i, s, v, DOT_F32: tl.constexpr):
-    """One online-softmax step over one key block (logits s in the log2 domain, values v)."""
-    p, alpha, l_i, m_new = _online_softmax_step(l_i, m_i, s)
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_F32)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _softmax_update_fp8(acc, l_i, m_i, s, v_t, v_deq, DOT_F32: tl.constexpr):
-    """_softmax_update with FP8 values, transposed (v_t [D, keys]; v_deq = their per-channel scale / E4M3_MAX):
-    E4M3_MAX * p in FP8 (the hardware cast: this is the hot loop), the step's product from a zeroed accumulator,
-    scaled back and added in fp32."""
-    p, alpha, l_i, m_new = _online_softmax_step(l_i, m_i, s)
-    pv = _dot_fp8((p * E4M3_MAX).to(v_t.dtype), tl.trans(v_t), DOT_F32)
-    return acc * alpha[:, None] + pv * v_deq[None, :], l_i, m_new
-
-
-@triton.jit
-def _selected_cubes(acc, l_i, m_i, q, q_scale, K_bh, K_scale_bh, V_bh, V8_bh, v_deq, K_desc, V_desc, desc_row0,
-                    idx_ptr, bits_ptr, key_bias_ptr, count, row_cube, qk_scale, offs_n, offs_d, CUBE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BITS: tl.constexpr, USE_TMA: tl.constexpr,
-                    QK_INT8: tl.constexpr, FP8_PV: tl.constexpr, DOT_F32: tl.constexpr):
+def _selected_cubes(acc, l_i, m_i, q, K_bh, V_bh, K_desc, V_desc, desc_row0, idx_ptr, bits_ptr, key_bias_ptr,
+                    count, row_cube, qk_scale, offs_n, offs_d, CUBE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HAS_BITS: tl.constexpr, USE_TMA: tl.constexpr, DOT_F32: tl.constexpr):
     """Online softmax over the `count` KV cubes of the table, one cube per step in BLOCK_N-key pieces
     (a cube larger than the tile the device's shared memory holds takes several); key_bias masks padding
     slots. HAS_BITS: row r sees entry j only when bit row_cube[r] of bits_ptr[j] is set.
-    USE_TMA: K/V tiles through tensor descriptors over [B*H*N*CUBE, HEAD_DIM], rows desc_row0 + kv * CUBE (FP8 values:
-    over [B*H*N*HEAD_DIM, CUBE], rows (desc_row0 // CUBE + kv) * HEAD_DIM, columns from piece * BLOCK_N).
-    QK_INT8: q and the keys are int8 (`quantize_cubes`), logits = q . k * q_scale[row] * K_scale_bh[cube].
-    FP8_PV: the values are FP8 cubes stored transposed (V8_bh [N, D, CUBE]), v_deq their channel scales / 448."""
+    USE_TMA: K/V tiles through tensor descriptors over [B*H*N*CUBE, HEAD_DIM], rows desc_row0 + kv * CUBE."""
     PIECES_PER_CUBE: tl.constexpr = (CUBE + BLOCK_N - 1) // BLOCK_N
     for step in range(0, count * PIECES_PER_CUBE):  # one flat loop: one set of pipeline buffers
         j = step // PIECES_PER_CUBE
@@ -163,28 +124,17 @@ def _selected_cubes(acc, l_i, m_i, q, q_scale, K_bh, K_scale_bh, V_bh, V8_bh, v_
         if USE_TMA:
             k = K_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
         else:
-            k = tl.load(K_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0)
-        if QK_INT8:
-            s = _dot_int8(q, tl.trans(k), DOT_F32) * (q_scale[:, None] * (tl.load(K_scale_bh + kv) * qk_scale))
-        else:
-            s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32) * qk_scale
-        s = s + tl.load(key_bias_ptr + rows, mask=key_ok, other=float("-inf"))[None, :]
+            k = tl.load(K_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), DOT_F32)
+        s = s * qk_scale + tl.load(key_bias_ptr + rows, mask=key_ok, other=float("-inf"))[None, :]
         if HAS_BITS:
             member = ((tl.load(bits_ptr + j) >> row_cube) & 1) != 0
             s = tl.where(member[:, None], s, float("-inf"))
-        if FP8_PV:
-            if USE_TMA:  # rows (batch*head, cube, channel) of [B*H*N*D, CUBE]
-                v_t = V_desc.load([((desc_row0 // CUBE + kv) * HEAD_DIM).to(tl.int32), (piece * BLOCK_N).to(tl.int32)])
-            else:
-                v_t = tl.load(V8_bh + (kv * HEAD_DIM + offs_d[:, None]) * CUBE + cols[None, :], mask=key_ok[None, :],
-                              other=0.0)
-            acc, l_i, m_i = _softmax_update_fp8(acc, l_i, m_i, s, v_t, v_deq, DOT_F32)
+        if USE_TMA:
+            v = V_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
         else:
-            if USE_TMA:
-                v = V_desc.load([(desc_row0 + kv * CUBE + piece * BLOCK_N).to(tl.int32), 0])
-            else:
-                v = tl.load(V_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_F32)
+            v = tl.load(V_bh + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_F32)
     return acc, l_i, m_i
 
 
@@ -230,11 +180,10 @@ def _pooled_keys(acc, l_i, m_i, q, KBar_bh, VBar_bh, log2n_ptr, attended_bh, n_c
 
 
 @triton.autotune(configs=_CONFIGS, key=["BLOCK_M", "BLOCK_N", "POOL_BLOCK", "HEAD_DIM", "GROUP", "USE_TMA",
-                                        "HAS_REMAINDER", "RASTER", "QK_INT8", "FP8_PV", "smem_budget"],
+                                        "HAS_REMAINDER", "RASTER", "smem_budget"],
                  prune_configs_by={"early_config_prune": _prune_configs}, cache_results=True)
 @triton.jit
-def _block_sparse_attn_fwd(Q, K, K_scale, K_mean, V, V8, V_deq, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended,
-                           Out, Lse, order_ptr,
+def _block_sparse_attn_fwd(Q, K, V, K_desc, V_desc, KE, VE, KBar, VBar, Log2N, Attended, Out, Lse, order_ptr,
                            q_index_ptr, grp_count_ptr, grp_index_ptr, grp_bits_ptr, key_bias_ptr, qk_scale,
                            H, N, KQ, NG, KG, E, n_prefix, GT, GH, GW, NH, NW,
                            stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, smem_budget,
@@ -243,8 +192,7 @@ def _block_sparse_attn_fwd(Q, K, K_scale, K_mean, V, V8, V_deq, K_desc, V_desc, 
                            CUBE: tl.constexpr, CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
                            GROUP: tl.constexpr, PIECES: tl.constexpr, HAS_EXTRA: tl.constexpr,
                            HAS_REMAINDER: tl.constexpr, USE_TMA: tl.constexpr, RASTER: tl.constexpr,
-                           STORE_LSE: tl.constexpr, QK_INT8: tl.constexpr, FP8_PV: tl.constexpr,
-                           DOT_F32: tl.constexpr):
+                           STORE_LSE: tl.constexpr, DOT_F32: tl.constexpr):
     tl.static_assert(BLOCK_N >= 16 and BLOCK_M >= 16, "tl.dot needs tiles of at least 16")
     tl.static_assert(not USE_TMA or CUBE % BLOCK_N == 0, "TMA loads whole pieces of a cube")
     tl.static_assert(GROUP <= 32, "membership bits are one int32 per table entry")
@@ -292,25 +240,12 @@ def _block_sparse_attn_fwd(Q, K, K_scale, K_mean, V, V8, V_deq, K_desc, V_desc, 
     qk_scale = qk_scale * 1.44269504  # log2(e): exp2 instead of exp
     row_cube = row_cube.to(tl.int32)
 
-    if QK_INT8:  # each row in int8 at its own scale, for the selected cubes' logits only
-        q_amax = tl.max(tl.abs(q.to(tl.float32)), 1)
-        q_scale = tl.where(q_amax > 1e-30, q_amax / 127.0, 1.0)  # a subnormal scale could flush to 0
-        q_sel = _round_to_int8(q.to(tl.float32) / q_scale[:, None])
-    else:
-        q_scale = tl.full([BLOCK_M], 1.0, tl.float32)
-        q_sel = q
-
     kv_bh = bh * N * CUBE * HEAD_DIM
     table = (bh * NG + grp) * KG
     count = tl.load(grp_count_ptr + bh * NG + grp)
-    if FP8_PV:
-        v_deq = tl.load(V_deq + bh * HEAD_DIM + offs_d)
-    else:
-        v_deq = tl.full([HEAD_DIM], 1.0, tl.float32)
-    acc, l_i, m_i = _selected_cubes(acc, l_i, m_i, q_sel, q_scale, K + kv_bh, K_scale + bh * N, V + kv_bh, V8 + kv_bh,
-                                    v_deq, K_desc, V_desc, bh * N * CUBE, grp_index_ptr + table, grp_bits_ptr + table,
-                                    key_bias_ptr, count, row_cube, qk_scale, offs_n, offs_d, CUBE, BLOCK_N, HEAD_DIM,
-                                    GROUP > 1, USE_TMA, QK_INT8, FP8_PV, DOT_F32)
+    acc, l_i, m_i = _selected_cubes(acc, l_i, m_i, q, K + kv_bh, V + kv_bh, K_desc, V_desc, bh * N * CUBE,
+                                    grp_index_ptr + table, grp_bits_ptr + table, key_bias_ptr, count, row_cube,
+                                    qk_scale, offs_n, offs_d, CUBE, BLOCK_N, HEAD_DIM, GROUP > 1, USE_TMA, DOT_F32)
     if HAS_EXTRA:
         acc, l_i, m_i = _extra_keys(acc, l_i, m_i, q, KE + bh * E * HEAD_DIM, VE + bh * E * HEAD_DIM, E, qk_scale,
                                     offs_n, offs_d, BLOCK_N, HEAD_DIM, DOT_F32)
@@ -331,9 +266,6 @@ def _block_sparse_attn_fwd(Q, K, K_scale, K_mean, V, V8, V_deq, K_desc, V_desc, 
                  mask=row_store[:, None])
     if STORE_LSE:  # log2-domain log-sum-exp per row, for the backward (-inf where nothing was seen)
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        if QK_INT8:  # the logits were of keys minus the head mean: add the row's q . mean back
-            mean = tl.load(K_mean + bh * HEAD_DIM + offs_d)
-            lse += tl.sum(q.to(tl.float32) * mean[None, :], 1) * qk_scale
         tl.store(Lse + qi_off, lse, mask=row_store)
 
 
@@ -471,9 +403,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
                            k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                            cubes_per_program: int | None = None, use_tma: bool | None = None,
                            plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
-                           pool_block: int | None = None, return_lse: bool = False,
-                           quantized_keys: QuantizedKeys | None = None,
-                           quantized_values: QuantizedValues | None = None):
+                           pool_block: int | None = None, return_lse: bool = False):
     """Attention of each cube's kept queries over its selected KV cubes (+ every extra key).
 
     q_cubes, k_cubes, v_cubes: [B, H, N, S, D] cube order, fp16/bf16 (fp32 is computed in bf16).
@@ -487,10 +417,6 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     remainder: (k_bar, v_bar, attended): k_bar, v_bar [B, H, N, D] mean key / value of every cube, attended
     [B, H, N, N] bool the same table as a dense mask. Each KV cube a query cube did not select joins its
     softmax as one key k_bar with weight n_valid and value v_bar (pooled remainder).
-    quantized_keys: `quantize_key_cubes(k_cubes, slot_valid)`: the selected cubes' logits as int8 MMAs (the
-    extra and pooled keys are shifted by the same head mean, so each row's softmax is the exact one's up to
-    rounding; the LSE is the unshifted one). quantized_values: `quantize_value_cubes(v_cubes)`: the selected
-    cubes' P V as FP8 MMAs (sm89+).
     Returns out_kept [B, H, N, Kq, D] in the input dtype (rows of -1 slots are 0), and with return_lse the
     log2-domain log-sum-exp of every kept row [B, H, N, Kq] fp32 (what the backward needs).
     """
@@ -507,8 +433,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     out = torch.empty(B, H, N, KQ, D, dtype=q_cubes.dtype, device=q_cubes.device)
     lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q_cubes.device) if return_lse else None
     _launch(q_cubes, None, 0, out, k_cubes, v_cubes, q_index.contiguous(), KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None, lse, quantized_keys,
-            quantized_values)
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None, lse)
     return (out.to(in_dtype), lse) if return_lse else out.to(in_dtype)
 
 
@@ -518,14 +443,12 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
                                   k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                                   cubes_per_program: int | None = None, use_tma: bool | None = None,
                                   plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
-                                  pool_block: int | None = None, return_lse: bool = False,
-                                  quantized_keys: QuantizedKeys | None = None,
-                                  quantized_values: QuantizedValues | None = None):
+                                  pool_block: int | None = None, return_lse: bool = False):
     """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
     n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
-    block_sparse_attention (quantized_keys and quantized_values too). Returns out, and with return_lse the
-    log2-domain log-sum-exp of every row in cube order [B, H, N, S] fp32 (slot order; -inf on padding slots), what the backward needs."""
+    block_sparse_attention. Returns out, and with return_lse the log2-domain log-sum-exp of every row in
+    cube order [B, H, N, S] fp32 (slot order; -inf on padding slots), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and out must be fp16/bf16 [B, H, L, D] of one shape and dtype, got {q.dtype} "
                          f"{tuple(q.shape)} and {out.dtype} {tuple(out.shape)}")
@@ -538,13 +461,12 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
            if return_lse else None)
     _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
             layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout,
-            lse, quantized_keys, quantized_values)
+            lse)
     return (out, lse) if return_lse else out
 
 
 def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse,
-            quantized_keys, quantized_values):
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse):
     """Validate the K/V side and the tables, build what the launch needs, launch."""
     first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
     if first.dim() != 5:
@@ -571,20 +493,11 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     if slot_valid.shape != (N, S):
         raise ValueError(f"slot_valid must be [N, S] = [{N}, {S}], got {tuple(slot_valid.shape)}")
     has_extra = k_extra is not None and k_extra.shape[-2] > 0
-    # int8 keys: every other key a row sees loses the same head mean, before it is rounded to compute_dtype
-    k_selected, k_scale, k_shift = k_cubes, None, None
-    if quantized_keys is not None:
-        k_selected, k_scale, k_shift = _check_quantized_keys(quantized_keys, k_cubes)
-    v_fp8, v_deq = (v_cubes, None) if quantized_values is None else _check_quantized_values(quantized_values, v_cubes)
-
-    def shifted(keys):
-        return keys if k_shift is None else keys.float() - k_shift
-
     if has_extra:
         if k_extra.shape != (B, H, k_extra.shape[2], D) or v_extra is None or v_extra.shape != k_extra.shape:
             raise ValueError(f"k_extra/v_extra must both be [B, H, E, D], got {tuple(k_extra.shape)}, "
                              f"{None if v_extra is None else tuple(v_extra.shape)}")
-        k_extra, v_extra = (x.to(compute_dtype).contiguous() for x in (shifted(k_extra), v_extra))
+        k_extra, v_extra = (x.to(compute_dtype).contiguous() for x in (k_extra, v_extra))
     E = k_extra.shape[2] if has_extra else 0
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
@@ -602,7 +515,7 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
             raise ValueError(f"remainder must be (k_bar, v_bar, attended) of shapes [B, H, N, D] x 2 and "
                              f"[B, H, N, N] (B={B}, H={H}, N={N}, D={D}), got "
                              f"{[tuple(x.shape) for x in remainder]}")
-        k_bar, v_bar = (x.to(compute_dtype).contiguous() for x in (shifted(k_bar), v_bar))
+        k_bar, v_bar = (x.to(compute_dtype).contiguous() for x in (k_bar, v_bar))
         attended = attended.to(torch.bool).contiguous().view(torch.uint8)
     else:
         k_bar = v_bar = attended = k_cubes
@@ -613,67 +526,31 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     BLOCK_M = max(16, triton.next_power_of_2(-(-rows // pieces)))
     major, budget, _ = _device_facts(k_cubes.device)
     BLOCK_N = _key_block(S, D, BLOCK_M, budget)
-    if v_deq is not None:  # FP8 P V multiplies at least 32 keys a step (past the cube: masked like padding)
-        BLOCK_N = max(BLOCK_N, 32)
-    pow2 = S == triton.next_power_of_2(S) and S >= 16 and S % BLOCK_N == 0
+    pow2 = S == triton.next_power_of_2(S) and S >= 16
     on_hopper = not _INTERPRET and major >= 9
     if use_tma is None:
         use_tma = pow2 and on_hopper
     if use_tma and not (pow2 and on_hopper):
-        raise ValueError("use_tma needs a Hopper+ GPU and a power-of-2 cube volume >= 16 (>= 32 with "
-                         "quantized_values)")
+        raise ValueError("use_tma needs a Hopper+ GPU and a power-of-2 cube volume >= 16")
     pool_block = POOL_BLOCK if pool_block is None else int(pool_block)
     if pool_block not in (16, 32, 64, 128):
         raise ValueError(f"pool_block must be 16, 32, 64 or 128, got {pool_block}")
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        k_desc = TensorDescriptor.from_tensor(k_selected.view(-1, D), [BLOCK_N, D])
-        v_desc = (TensorDescriptor.from_tensor(v_cubes.view(-1, D), [BLOCK_N, D]) if v_deq is None
-                  else TensorDescriptor.from_tensor(v_fp8.view(-1, S), [D, BLOCK_N]))
+        k_desc = TensorDescriptor.from_tensor(k_cubes.view(-1, D), [BLOCK_N, D])
+        v_desc = TensorDescriptor.from_tensor(v_cubes.view(-1, D), [BLOCK_N, D])
     else:
-        k_desc, v_desc = k_selected, v_cubes
+        k_desc, v_desc = k_cubes, v_cubes
     grid_args = _grid_args(raster_layout) if raster_layout is not None else (1, 1, 1, 1, 1)
     cube = raster_layout.cube_size if raster_layout is not None else (1, 1, S)
     q_strides = (q.stride(0), q.stride(1), q.stride(2)) if raster_layout is not None else (0, 0, 0)
     o_strides = (out.stride(0), out.stride(1), out.stride(2)) if raster_layout is not None else (0, 0, 0)
     _block_sparse_attn_fwd[(B * H * NG * pieces,)](
-        q, k_selected, plan.count if k_scale is None else k_scale, k_selected if k_shift is None else k_shift, v_cubes,
-        v_fp8, v_cubes if v_deq is None else v_deq, k_desc, v_desc,
-        k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
+        q, k_cubes, v_cubes, k_desc, v_desc, k_extra if has_extra else k_cubes, v_extra if has_extra else v_cubes,
         k_bar, v_bar, tables.log2_n, attended, out, out if lse is None else lse, plan.order,
         q_index if q_index is not None else plan.count, plan.count, plan.index, plan.bits, tables.key_bias, scale,
         H, N, KQ, NG, KG, E, n_prefix, *grid_args, *q_strides, *o_strides, budget,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, POOL_BLOCK=pool_block, HEAD_DIM=D, CUBE=S, CT=cube[0], CH=cube[1], CW=cube[2], GROUP=plan.group,
         PIECES=pieces, HAS_EXTRA=has_extra,
         HAS_REMAINDER=remainder is not None, USE_TMA=bool(use_tma), RASTER=raster_layout is not None,
-        STORE_LSE=lse is not None, QK_INT8=quantized_keys is not None, FP8_PV=quantized_values is not None,
-        DOT_F32=_INTERPRET)
-
-
-def _check_quantized_keys(quantized_keys: QuantizedKeys, k_cubes: torch.Tensor):
-    """The int8 keys, their per-cube scales and the head-mean shift [B, H, 1, D] fp32, checked against k_cubes."""
-    keys, scale, mean = quantized_keys
-    B, H, N, _, D = k_cubes.shape
-    if D < 32:
-        raise ValueError(f"quantized_keys: int8 MMAs need head_dim >= 32, got {D}")
-    if (keys.shape != k_cubes.shape or keys.dtype != torch.int8 or not keys.is_contiguous()
-            or scale.shape != (B, H, N) or scale.dtype != torch.float32 or mean.shape != (B, H, D)
-            or {keys.device, scale.device, mean.device} != {k_cubes.device}):
-        raise ValueError(f"quantized_keys must be quantize_key_cubes(k_cubes, slot_valid) of k_cubes "
-                         f"{tuple(k_cubes.shape)}, got keys {keys.dtype} {tuple(keys.shape)}, scale {scale.dtype} "
-                         f"{tuple(scale.shape)}, mean {tuple(mean.shape)}")
-    return keys, scale.contiguous(), mean.to(torch.float32).contiguous()[:, :, None, :]
-
-
-def _check_quantized_values(quantized_values: QuantizedValues, v_cubes: torch.Tensor):
-    """The FP8 value cubes and their per-channel scales / E4M3_MAX, checked against v_cubes and the device."""
-    values, scale = quantized_values
-    B, H, N, S, D = v_cubes.shape
-    if (values.shape != (B, H, N, D, S) or values.dtype != torch.float8_e4m3fn or not values.is_contiguous()
-            or scale.shape != (B, H, D) or scale.dtype != torch.float32
-            or {values.device, scale.device} != {v_cubes.device}):
-        raise ValueError(f"quantized_values must be quantize_value_cubes(v_cubes) of v_cubes {tuple(v_cubes.shape)}, "
-                         f"got values {values.dtype} {tuple(values.shape)}, scale {scale.dtype} {tuple(scale.shape)}")
-    if not _INTERPRET and not fp8_mma_available(v_cubes.device):
-        raise ValueError("quantized_values: FP8 MMAs need an NVIDIA sm89+ GPU (Ada, Hopper, Blackwell)")
-    return values, (scale / E4M3_MAX.value).contiguous()
+        STORE_LSE=lse is not None, DOT_F32=_INTERPRET)

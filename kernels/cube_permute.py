@@ -154,17 +154,11 @@ def _check(x, name, layout, n_prefix):
         raise ValueError(f"n_prefix={n_prefix}: {name} has {x.shape[2]} rows, the grid needs {layout.num_tokens}")
 
 
-def cube_tile(cube_volume: int, head_dim: int) -> tuple[int, int]:
-    """(D_PAD, BLOCK_S) of a kernel that walks one cube's rows: the padded head_dim and rows per step, bounded
-    by _TILE_ELEMENTS."""
-    d_pad = triton.next_power_of_2(head_dim)
-    return d_pad, min(triton.next_power_of_2(cube_volume), max(1, _TILE_ELEMENTS // d_pad))
-
-
 def _tile_args(layout, head_dim: int) -> dict:
     """The permute kernels' tile constexprs: rows per step bounded by _TILE_ELEMENTS, the cube's shape."""
-    d_pad, block_s = cube_tile(layout.cube_volume, head_dim)
-    return dict(HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_S=block_s,
+    d_pad = triton.next_power_of_2(head_dim)
+    return dict(HEAD_DIM=head_dim, D_PAD=d_pad,
+                BLOCK_S=min(triton.next_power_of_2(layout.cube_volume), max(1, _TILE_ELEMENTS // d_pad)),
                 CT=layout.cube_size[0], CH=layout.cube_size[1], CW=layout.cube_size[2])
 
 

@@ -38,7 +38,7 @@ def test_op_passes_torch_library_checks():
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv())
     torch.library.opcheck(torch.ops.bsa.attention.default,
                           (q, k, v, list(GRID), [4, 4, 4], 0.5, torch.tensor([0.9, 1.0], dtype=torch.float64),
-                           "cumulative", 1, True, False, False, 0, 0, 0.125, "auto"),
+                           "cumulative", 1, True, 0, 0, 0.125, "auto"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
@@ -67,7 +67,7 @@ def test_op_hands_every_setting_to_forward_and_backward(monkeypatch):
     monkeypatch.setattr(attention, "bsa_attention", forward)
     monkeypatch.setattr(backward, "bsa_attention_backward", backward_of)
     config = BSAConfig((2, 2, 2), keep_ratio=1.0, kv_threshold=0.5, threshold_mode="cumulative", stat_lambda=2.0,
-                       min_blocks=3, pooled_remainder=False, int8_keys=True, fp8_values=True)
+                       min_blocks=3, pooled_remainder=False)
     assert all(getattr(config, f.name) != f.default for f in dataclasses.fields(BSAConfig) if f.name != "keep_ratio")
     q = torch.randn(1, 2, 32, 8, requires_grad=True)
     out = attention.bsa_attention_op(q, q.detach(), q.detach(), (2, 4, 4), config)[0]

@@ -120,11 +120,7 @@ class TrainConfig:
                              f"neither (got {self.distill_from!r} and {self.distill_weight!r})")
         if self.export_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"export_dtype must be float16, bfloat16 or float32, got {self.export_dtype!r}")
-        bsa = self.bsa_config()  # a bad BSA setting fails here, before any step
-        for name in ("int8_keys", "fp8_values"):
-            if bsa is not None and getattr(bsa, name):
-                raise ValueError(f"bsa.{name} is an inference option (its forward rounds what the exact backward "
-                                 "does not): leave it out of a training config")
+        self.bsa_config()  # a bad BSA setting fails here, before any step
         self.prune_config()
         if self.prune is not None and self.prune_masks is not None:
             raise ValueError("prune (magnitude masks from the initial weights) and prune_masks (masks from a file) "
