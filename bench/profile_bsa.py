@@ -4,7 +4,9 @@ fixed cost = wall time per call minus the kept blocks' work at cuDNN's per-FLOP 
 on the same inputs), at the node defaults unless flags say otherwise:
 
     python bench/profile_bsa.py [--shape 480p] [--cube 4x4x4] [--keep 1.0] [--mode statistical]
-                                [--threshold 0.7] [--stat-lambda 1.0] [--no-pooled]
+                                [--threshold 0.7] [--stat-lambda 1.0] [--no-pooled] [--host-profile 25]
+
+--host-profile N lists the N Python functions with the most own time on the launch side (cProfile).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def main():
     parser.add_argument("--no-pooled", action="store_true")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--rows", type=int, default=20, help="kernels listed")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="also list the N functions with the most own host time per call (cProfile)")
     args = parser.parse_args()
     grid, heads, (q, k, v), _, dense_ms = video_inputs(args.shape)
     config = dataclasses.replace(d, cube_size=parse_cube_size(args.cube), keep_ratio=args.keep,
@@ -85,6 +89,18 @@ def main():
     print(f"CUDA graph replay per call {graph_ms:.3f} ms (fixed cost {graph_ms - kept_ms:.3f} ms, "
           f"x{dense_ms / graph_ms:.2f} over cuDNN)")
     print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+    if args.host_profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.calls):
+            call()
+        profiler.disable()
+        torch.cuda.synchronize()
+        print(f"host side, {args.calls} calls (times are totals over them):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.host_profile)
 
 
 if __name__ == "__main__":
