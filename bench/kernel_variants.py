@@ -5,8 +5,10 @@ on the same inputs in the same run, and the whole BSA call beside it. A script, 
                                     [--dtypes bf16,fp16] [--head-dims 128,64]
 
 Rows: keep_ratio 1 (raster Q/O), pooled remainder on, 4x4x4 cubes; G1 = one query cube per program
-(the default, 64-row tiles), G2 = two neighbouring cubes over the union of their lists (128-row tiles,
-each row masked to its own cube's list); P = pooled keys per step. head_dim 64 runs twice the heads (LTX-Video's shape: same work).
+(64-row tiles), G2 = two neighbouring cubes over the union of their lists (128-row tiles,
+each row masked to its own cube's list); P = pooled keys per step; gluon = the Gluon Hopper kernel
+(`kernels/block_sparse_attention_hopper.py`, the default where it runs: one cube per program, 64 pooled keys
+per step). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
 TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.gpu_select import select_triton  # noqa: E402
-from comfyui_bsa.kernels.block_sparse_attention import block_sparse_attention_raster, plan_block_sparse  # noqa: E402
+from comfyui_bsa.kernels.block_sparse_attention import (  # noqa: E402
+    block_sparse_attention_raster, hopper_path_reason, plan_block_sparse)
 from comfyui_bsa.kernels.cube_permute import permute_qkv  # noqa: E402
 
 SETTINGS = {"stat1": ("statistical", 1.0), "stat1.5": ("statistical", 1.5), "stat2.5": ("statistical", 2.5),
@@ -67,13 +70,16 @@ def run(shape, dtype_name, head_dim, settings):
         sel, mask = select_triton(None, None, layout, config, scale, k_bar=k_bar, q_bar=q_bar, return_mask=True)
         kv_tokens = layout.n_valid[sel.kv_index.clamp(min=0).long()] * (sel.kv_index >= 0)
         useful = 4 * head_dim * (float(kv_tokens.sum().double()) * S + float(L) * heads * N)
-        for group, pool in ((1, 64), (1, 128), (2, 64)):
+        variants = [(f"G{group}P{pool}", group, pool, False) for group, pool in ((1, 64), (1, 128), (2, 64))]
+        if hopper_path_reason(q, head_dim, S, 1, False) is None:
+            variants.append(("gluon", 1, 64, True))
+        for tile, group, pool, hopper in variants:
             plan = plan_block_sparse(sel.kv_count, sel.kv_index, group)
             result = torch.empty_like(q)
             kernel_ms = ms(lambda: block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, result,
                                                                  0, scale, plan=plan, remainder=(k_pooled, v_pooled, mask),
-                                                                 pool_block=pool))
-            print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} G{group}P{pool:<3d} {kernel_ms:9.3f} "
+                                                                 pool_block=pool, hopper_kernel=hopper))
+            print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} {tile:6s} {kernel_ms:9.3f} "
                   f"{useful / kernel_ms / 1e9:7.0f} {dense_ms / kernel_ms:7.2f}  {call_ms:8.3f} {dense_ms / call_ms:7.2f} "
                   f"{rel:6.3f}", flush=True)
 

@@ -18,6 +18,7 @@ to the raster rows, so neither a Q permute nor an output scatter runs).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -55,6 +56,29 @@ def _device_facts(device: torch.device) -> tuple[int, int, int]:
         _device_facts_cache[index] = (torch.cuda.get_device_capability(index)[0], shared_memory_budget(device),
                                       torch.cuda.get_device_properties(index).multi_processor_count)
     return _device_facts_cache[index]
+
+
+def hopper_path_reason(q: torch.Tensor, head_dim: int, cube_volume: int, group: int, has_extra: bool) -> str | None:
+    """Why the Gluon Hopper kernel (`block_sparse_attention_hopper.py`) cannot run a raster call (None: it can)."""
+    if _INTERPRET or q.device.type != "cuda" or _device_facts(q.device)[0] != 9:
+        return "not an sm90 GPU"
+    if q.dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+        return f"{q.dtype} with head_dim {head_dim}"
+    if cube_volume != 64 or group != 1 or has_extra:
+        return "a cube volume other than 64, grouped cubes or extra keys"
+    return _hopper_module()[1]
+
+
+@functools.lru_cache(maxsize=1)
+def _hopper_module():
+    """(the Gluon kernel's module, None) or (None, why it cannot be used with this Triton)."""
+    try:
+        from . import block_sparse_attention_hopper as hopper
+    except ImportError as error:
+        return None, f"no Gluon Hopper support in Triton {triton.__version__} ({error})"
+    if not triton.__version__.startswith(hopper.TESTED_TRITON):
+        return None, f"Triton {triton.__version__}; the Gluon kernel is built for {', '.join(hopper.TESTED_TRITON)}"
+    return hopper, None
 
 
 def _shared_memory(block_m: int, block_n: int, head_dim: int, stages: int) -> int:
@@ -433,7 +457,7 @@ def block_sparse_attention(q_cubes: torch.Tensor, k_cubes: torch.Tensor, v_cubes
     out = torch.empty(B, H, N, KQ, D, dtype=q_cubes.dtype, device=q_cubes.device)
     lse = torch.empty(B, H, N, KQ, dtype=torch.float32, device=q_cubes.device) if return_lse else None
     _launch(q_cubes, None, 0, out, k_cubes, v_cubes, q_index.contiguous(), KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None, lse)
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, None, lse, False)
     return (out.to(in_dtype), lse) if return_lse else out.to(in_dtype)
 
 
@@ -443,11 +467,14 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
                                   k_extra: torch.Tensor | None = None, v_extra: torch.Tensor | None = None,
                                   cubes_per_program: int | None = None, use_tma: bool | None = None,
                                   plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
-                                  pool_block: int | None = None, return_lse: bool = False):
+                                  pool_block: int | None = None, return_lse: bool = False,
+                                  hopper_kernel: bool | None = None):
     """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
     n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
-    block_sparse_attention. Returns out, and with return_lse the log2-domain log-sum-exp of every row in
+    block_sparse_attention. hopper_kernel: the Gluon kernel of `block_sparse_attention_hopper.py` (None: where
+    `hopper_path_reason` allows; True: it or a ValueError; False: the portable kernel). Returns out, and with
+    return_lse the log2-domain log-sum-exp of every row in
     cube order [B, H, N, S] fp32 (slot order; -inf on padding slots), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and out must be fp16/bf16 [B, H, L, D] of one shape and dtype, got {q.dtype} "
@@ -461,12 +488,13 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
            if return_lse else None)
     _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
             layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout,
-            lse)
+            lse, hopper_kernel)
     return (out, lse) if return_lse else out
 
 
 def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,
-            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse):
+            k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse,
+            hopper_kernel):
     """Validate the K/V side and the tables, build what the launch needs, launch."""
     first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
     if first.dim() != 5:
@@ -519,6 +547,18 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
         attended = attended.to(torch.bool).contiguous().view(torch.uint8)
     else:
         k_bar = v_bar = attended = k_cubes
+
+    hopper_reason = (hopper_path_reason(q, D, S, plan.group, has_extra) if raster_layout is not None
+                     else "kept-query lists (keep_ratio < 1)")
+    if hopper_kernel and hopper_reason:
+        raise ValueError(f"hopper_kernel=True, but the Gluon Hopper kernel cannot run this call: {hopper_reason}")
+    if hopper_kernel is not False and hopper_reason is None:
+        if lse is None:  # the Gluon kernel always writes it
+            lse = torch.empty(B, H, N, S, dtype=torch.float32, device=q.device)
+        _hopper_module()[0].hopper_block_sparse_attention(
+            q, k_cubes, v_cubes, raster_layout, plan.count, plan.index, out, lse, n_prefix, scale, plan.order,
+            tables.key_bias, tables.log2_n, (k_bar, v_bar, attended) if remainder is not None else None)
+        return
 
     rows = plan.group * KQ
     # raster mode splits a cube of more than 64 queries over programs: 64-row tiles measured fastest

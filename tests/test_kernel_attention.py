@@ -237,6 +237,64 @@ def test_raster_matches_reference(case, budget, monkeypatch):
     assert _rel_rms(out[:, :, video], layout.to_raster(ref)) < 1e-2
 
 
+HOPPER_CASES = [  # (B, H, grid, cube, D, dtype, kv_threshold, n_prefix, pooled)
+    (1, 4, (21, 30, 52), (4, 4, 4), 128, torch.bfloat16, 0.7, 0, True),  # Wan 480p: partial cubes on T and H
+    (1, 4, (21, 30, 52), (4, 4, 4), 128, torch.bfloat16, 0.7, 0, False),
+    (2, 3, (9, 14, 22), (4, 4, 4), 64, torch.float16, 0.5, 3, True),  # CFG batch, LTX-sized heads, a prefix row
+    (1, 2, (8, 16, 16), (2, 4, 8), 128, torch.float16, 0.9, 0, True),  # another 64-token cube
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=lambda c: f"B{c[0]}-T{'x'.join(map(str, c[2]))}-c{'x'.join(map(str, c[3]))}"
+                         f"-D{c[4]}-{str(c[5]).split('.')[-1]}-pre{c[7]}-pooled{int(c[8])}")
+def test_gpu_hopper_kernel_matches_reference_and_portable_kernel(case):
+    """The Gluon Hopper kernel (the default raster path on sm90) against the pure-torch reference and the
+    portable Triton kernel on the same selection: output rows, untouched rows outside the video, and the LSE
+    the backward reads."""
+    from comfyui_bsa.bsa_core.reference import cube_mean
+    from comfyui_bsa.kernels.block_sparse_attention import hopper_path_reason
+
+    B, H, grid, cube, D, dtype, p, n_prefix, pooled = case
+    layout = cube_layout(grid, cube, DEVICE)
+    g = torch.Generator().manual_seed(21)
+    L = n_prefix + layout.num_tokens
+    q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2) for _ in range(3))  # ComfyUI's
+    reason = hopper_path_reason(q, D, layout.cube_volume, 1, False)
+    if reason:
+        pytest.skip(f"Gluon Hopper kernel: {reason}")
+    video = slice(n_prefix, L)
+    qc, kc, vc = (layout.to_cubes(x[:, :, video]).contiguous() for x in (q, k, v))
+    scale = D ** -0.5
+    sel = bsa_select(qc, kc, layout, BSAConfig(cube_size=cube, keep_ratio=1.0, kv_threshold=p,
+                                               threshold_mode="cumulative"), scale)
+    remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()) if pooled else None
+    ref = layout.to_raster(sparse_attention_reference(qc, kc, vc, layout, sel, scale, pooled_remainder=pooled))
+    runs = {}
+    for hopper in (True, False):
+        out = torch.full_like(q, float("nan"))
+        _, lse = block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, n_prefix, scale,
+                                               remainder=remainder, return_lse=True, hopper_kernel=hopper)
+        runs[hopper] = out, lse
+    (out, lse), (portable, portable_lse) = runs[True], runs[False]
+    assert torch.isnan(out[:, :, :n_prefix]).all() and torch.isfinite(out[:, :, video]).all()
+    assert _rel_rms(out[:, :, video], ref) < 1e-2
+    assert _rel_rms(out[:, :, video], portable[:, :, video]) < 5e-3
+    finite = torch.isfinite(portable_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - portable_lse[finite]).abs().max() < 2e-2
+
+
+def test_hopper_kernel_on_request_names_why_it_cannot_run():
+    """hopper_kernel=True where the Gluon kernel cannot run (here: no sm90 GPU, or head_dim 16) is a clear error,
+    not a silent portable run."""
+    layout, qc, kc, vc, _, _ = _inputs(1, 2, (4, 4, 4), (4, 4, 4), 16, torch.bfloat16, seed=4)
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=1.0, kv_threshold=0.5, threshold_mode="cumulative"), 0.25)
+    q = layout.to_raster(qc)
+    with pytest.raises(ValueError, match="hopper_kernel=True.*Gluon Hopper kernel cannot run"):
+        block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, torch.empty_like(q),
+                                      hopper_kernel=True)
+
+
 def test_key_block_follows_the_shared_memory_budget():
     """Whole cubes up to 128 keys where they fit; a 99 KB consumer card takes 256-key cubes in 64-key pieces."""
     assert _key_block(64, 128, 64, 227 * 1024) == 64

@@ -1,0 +1,214 @@
+"""Hopper (sm90) fast path of the block-sparse attention forward, written in Gluon (Triton's explicit-layout
+language: TMA, mbarriers, wgmma, warp specialisation).
+
+Why: Triton 3.6 does not warp-specialise on Hopper, so the portable kernel (`block_sparse_attention.py`) runs
+its 64 x 64 steps at ~390 TFLOP/s. Here a one-warp TMA loader fills a ring of K/V tiles while four compute
+warps run the next step's Q K^T during the current step's softmax (FlashAttention-3's schedule):
+`bench/gluon_probe.py` measured 528 TFLOP/s on a 14 %-kept list on an H200.
+
+Scope, else the portable kernel runs (`block_sparse_attention.hopper_path_reason`): keep_ratio 1 (Q and the output through the raster
+rows), 64-token cubes, one cube per program, head_dim 64 or 128, fp16 / bf16, no extra keys, an sm90 GPU and a
+Triton whose Gluon this was built against. Same contract as the portable raster kernel: the selected cubes'
+exact keys (padding slots masked by key_bias), then, with a remainder, one pooled key per cube the row's cube
+did not select, in one online softmax; the LSE (log2 domain) of every slot in cube order.
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+TESTED_TRITON = ("3.6",)  # Gluon's API still moves between releases: other versions take the portable kernel
+CUBE = 64  # query rows and keys per step: one 64-token cube
+_STAGES = 3  # K/V ring depth (the probe's best; 3 x 32 KB + Q fits twice per SM)
+
+
+@gluon.jit
+def _cube_rows(cube, slots, GT, GH, GW, NH, NW, CT: gl.constexpr, CH: gl.constexpr, CW: gl.constexpr):
+    """(raster token, inside the grid) of `slots` of `cube`: `kernels/cube_tokens.py`'s map, in Gluon."""
+    c_t = cube // (NH * NW)
+    c_h = (cube // NW) % NH
+    c_w = cube % NW
+    t = c_t * CT + slots // (CH * CW)
+    h = c_h * CH + (slots // CW) % CH
+    w = c_w * CW + slots % CW
+    return (t * GH + h) * GW + w, (t < GT) & (h < GH) & (w < GW)
+
+@gluon.jit
+def _step_bias(j, count, table_ptr, key_bias_ptr, log2n_ptr, attended_row_ptr, N, cols, CUBE: gl.constexpr):
+    """Additive log2 bias of step j's keys: a selected cube's padding slots at -inf, or (past the selected
+    cubes) the pooled keys' log2 weights, -inf where the row's cube attends that cube exactly."""
+    if j < count:
+        kv = gl.load(table_ptr + j).to(gl.int64)
+        bias = gl.load(key_bias_ptr + kv * CUBE + cols)
+    else:
+        pooled = (j - count) * CUBE + cols
+        ok = pooled < N
+        weight = gl.load(log2n_ptr + pooled, mask=ok, other=float("-inf"))
+        hidden = gl.load(attended_row_ptr + pooled, mask=ok, other=1)
+        bias = gl.where(hidden != 0, float("-inf"), weight)
+    return bias
+
+@gluon.jit
+def _softmax_step(s, bias, m_i, l_i, qk_scale):
+    """One online-softmax step in the log2 domain: (p, alpha, m, l)."""
+    s = s * qk_scale + gl.expand_dims(bias, 0)
+    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet: 0, not NaN
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(s - gl.expand_dims(m_use, 1))
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+@gluon.jit
+def _loader(k_desc, v_desc, kbar_desc, vbar_desc, k_smem, v_smem, ready, empty, table_ptr, count, n_steps,
+            kv_row0, pool_row0, CUBE: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """One warp: K/V of every step into the ring (selected cubes, then blocks of pooled keys)."""
+    for j in range(n_steps):
+        slot = j % NUM_STAGES
+        mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)  # a fresh barrier passes lap 0
+        bar = ready.index(slot)
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+        if j < count:
+            row = kv_row0 + gl.load(table_ptr + j) * CUBE
+            tma.async_copy_global_to_shared(k_desc, [row, 0], bar, k_smem.index(slot))
+            tma.async_copy_global_to_shared(v_desc, [row, 0], bar, v_smem.index(slot))
+        else:
+            row = pool_row0 + (j - count) * CUBE
+            tma.async_copy_global_to_shared(kbar_desc, [row, 0], bar, k_smem.index(slot))
+            tma.async_copy_global_to_shared(vbar_desc, [row, 0], bar, v_smem.index(slot))
+
+@gluon.jit
+def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, ready, empty, table_ptr, key_bias_ptr, log2n_ptr,
+             attended_row_ptr, count, n_steps, N, bh, b, h, cube, n_prefix, qk_scale, GT, GH, GW, NH, NW,
+             stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
+             HEAD_DIM: gl.constexpr, CUBE: gl.constexpr, CT: gl.constexpr, CH: gl.constexpr,
+             CW: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Four warps: Q's raster rows into shared memory, the steps' Q K^T / softmax / P V (the next Q K^T in
+    flight during the softmax), then the output rows and the LSE."""
+    NUM_WARPS: gl.constexpr = gl.num_warps()
+    io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [NUM_WARPS, 1],
+                                               [1, 0])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, CUBE, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                      instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    srow: gl.constexpr = gl.SliceLayout(1, s_layout)
+    orow: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    slots = gl.arange(0, CUBE, layout=gl.SliceLayout(1, io_layout))
+    dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io_layout))
+    token, valid = _cube_rows(cube, slots, GT, GH, GW, NH, NW, CT, CH, CW)
+    rows = gl.expand_dims((token + n_prefix).to(gl.int64), 1)
+    live = gl.expand_dims(valid, 1) & gl.expand_dims(dims < HEAD_DIM, 0)
+    q = gl.load(Q + b * stride_qb + h * stride_qh + rows * stride_ql + gl.expand_dims(dims, 0), mask=live,
+                other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    cols = gl.arange(0, CUBE, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([CUBE], float("-inf"), gl.float32, srow)
+    l_i = gl.full([CUBE], 0.0, gl.float32, srow)
+    acc = gl.zeros([CUBE, HEAD_DIM], gl.float32, o_layout)
+    s_zero = gl.zeros([CUBE, CUBE], gl.float32, s_layout)
+    if n_steps > 0:
+        mbarrier.wait(ready.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+        bias = _step_bias(0, count, table_ptr, key_bias_ptr, log2n_ptr, attended_row_ptr, N, cols, CUBE)
+        p, alpha, m_i, l_i = _softmax_step(s, bias, m_i, l_i, qk_scale)
+        p_op = gl.convert_layout(p.to(Q.dtype.element_ty), p_layout)
+        for j in range(n_steps - 1):
+            gl.thread_barrier()  # every compute warp is done with step j - 1's slot
+            mbarrier.arrive(empty.index((j + NUM_STAGES - 1) % NUM_STAGES), pred=j >= 1)
+            cur = j % NUM_STAGES
+            nxt = (j + 1) % NUM_STAGES
+            mbarrier.wait(ready.index(nxt), ((j + 1) // NUM_STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
+                                  is_async=True)
+            o_tok = warpgroup_mma(p_op, v_smem.index(cur), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=[s_tok])  # Q K^T of step j + 1 done; P V of step j may still run
+            bias = _step_bias(j + 1, count, table_ptr, key_bias_ptr, log2n_ptr, attended_row_ptr, N, cols,
+                              CUBE)
+            p, alpha, m_i, l_i = _softmax_step(s, bias, m_i, l_i, qk_scale)
+            acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+            p_op = gl.convert_layout(p.to(Q.dtype.element_ty), p_layout)
+        acc = warpgroup_mma(p_op, v_smem.index((n_steps - 1) % NUM_STAGES), acc)
+
+    l_safe = gl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, orow), 1)
+    # stored from the MMA layout: converting it would take shared memory that two programs per SM need
+    o_slots = gl.arange(0, CUBE, layout=orow)
+    o_dims = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_token, o_valid = _cube_rows(cube, o_slots, GT, GH, GW, NH, NW, CT, CH, CW)
+    o_rows = gl.expand_dims((o_token + n_prefix).to(gl.int64), 1)
+    gl.store(Out + b * stride_ob + h * stride_oh + o_rows * stride_ol + gl.expand_dims(o_dims, 0),
+             out.to(Out.dtype.element_ty), mask=gl.expand_dims(o_valid, 1) & gl.expand_dims(o_dims < HEAD_DIM, 0))
+    lse = gl.where(l_i > 0.0, m_i + gl.log2(l_safe), float("-inf"))
+    gl.store(Lse + (bh * N + cube) * CUBE + gl.arange(0, CUBE, layout=srow), lse)
+
+@gluon.jit
+def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, key_bias_ptr, log2n_ptr,
+                             attended_ptr, order_ptr, count_ptr, index_ptr, qk_scale, H, N, KG, n_pool_steps,
+                             n_prefix, GT, GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh,
+                             stride_ol, HEAD_DIM: gl.constexpr, CUBE: gl.constexpr, CT: gl.constexpr,
+                             CH: gl.constexpr, CW: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """One program per (batch * head, query cube), in order_ptr's order (heads by descending work)."""
+    work = gl.load(order_ptr + gl.program_id(0)).to(gl.int64)
+    bh = work // N
+    cube = work % N
+    b = bh // H
+    h = bh % H
+    count = gl.load(count_ptr + work)
+    n_steps = count + n_pool_steps
+    table_ptr = index_ptr + work * KG
+
+    q_smem = gl.allocate_shared_memory(k_desc.dtype, [CUBE, HEAD_DIM], k_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, CUBE, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, CUBE, HEAD_DIM], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+
+    gl.warp_specialize(
+        [(_compute, (Q, Out, Lse, q_smem, k_smem, v_smem, ready, empty, table_ptr, key_bias_ptr, log2n_ptr,
+                     attended_ptr + work * N, count, n_steps, N, bh, b, h, cube, n_prefix, qk_scale,
+                     GT, GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
+                     HEAD_DIM, CUBE, CT, CH, CW, NUM_STAGES)),
+         (_loader, (k_desc, v_desc, kbar_desc, vbar_desc, k_smem, v_smem, ready, empty, table_ptr, count,
+                    n_steps, (bh * N * CUBE).to(gl.int32), (bh * N).to(gl.int32), CUBE, NUM_STAGES))],
+        [1], [40])
+
+
+def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_index, out, lse, n_prefix, scale, order,
+                                  key_bias, log2_n, remainder):
+    """Launch the Gluon kernel (where `hopper_path_reason` gave none): q, out raster [B, H, L, D] (unit
+    stride on D), k_cubes / v_cubes [B, H, N, 64, D] contiguous in q's dtype, kv_count [B, H, N] / kv_index
+    [B, H, N, K] int32, lse [B, H, N, 64] fp32, order the launch order, key_bias [N, 64] / log2_n [N] fp32,
+    remainder None or (k_bar, v_bar [B, H, N, D] contiguous in q's dtype, attended [B, H, N, N] uint8)."""
+    B, H, N, S, D = k_cubes.shape
+    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    smem_layout = gl.NVMMASharedLayout.get_default_for([CUBE, D], element)
+
+    def rows(x):
+        return TensorDescriptor.from_tensor(x.view(-1, D), [CUBE, D], smem_layout)
+
+    k_desc, v_desc = rows(k_cubes), rows(v_cubes)
+    if remainder is None:
+        kbar_desc, vbar_desc, attended, n_pool_steps = k_desc, v_desc, kv_count, 0
+    else:
+        k_bar, v_bar, attended = remainder
+        kbar_desc, vbar_desc, n_pool_steps = rows(k_bar), rows(v_bar), -(-N // CUBE)
+    _hopper_block_sparse_fwd[(B * H * N,)](
+        q, out, lse, k_desc, v_desc, kbar_desc, vbar_desc, key_bias, log2_n, attended, order, kv_count, kv_index,
+        scale * 1.4426950408889634, H, N, kv_index.shape[-1], n_pool_steps, n_prefix, *layout.grid,
+        *layout.cubes_per_axis[1:], q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), HEAD_DIM=D, CUBE=CUBE, CT=layout.cube_size[0], CH=layout.cube_size[1],
+        CW=layout.cube_size[2], NUM_STAGES=_STAGES, num_warps=4, maxnreg=128)
+
