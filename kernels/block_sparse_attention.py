@@ -14,11 +14,14 @@ domain with the scale folded in (exp2), fp32 accumulators; rows that see no vali
 
 Queries come either from cube order (kept-query lists, keep_ratio < 1) or straight from the raster
 [B, H, L, D] tensor through the cube -> token map (`raster`: every query kept, output written back
-to the raster rows, so neither a Q permute nor an output scatter runs).
+to the raster rows, so neither a Q permute nor an output scatter runs). On sm90 with Triton 3.6 the raster
+path of 64-token cubes runs the Gluon kernel of `block_sparse_attention_hopper.py` instead (same contract:
+`hopper_path_reason` says where it cannot).
 """
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from typing import NamedTuple
@@ -30,6 +33,7 @@ import triton.language as tl
 from .cube_tokens import _cube_tokens, _grid_args
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+log = logging.getLogger(__name__)
 
 # num_warps x num_stages; block shapes follow the data. The autotuner's choice is cached on disk next to
 # the compiled kernels (cache_results), so only the first run on a machine pays the timing runs.
@@ -69,9 +73,18 @@ def hopper_path_reason(q: torch.Tensor, head_dim: int, cube_volume: int, group: 
     return _hopper_module()[1]
 
 
-@functools.lru_cache(maxsize=1)
+_hopper_failure: dict = {}  # "reason": why the Gluon kernel failed to build here (the portable kernel runs since)
+
+
 def _hopper_module():
-    """(the Gluon kernel's module, None) or (None, why it cannot be used with this Triton)."""
+    """(the Gluon kernel's module, None) or (None, why it cannot be used in this process)."""
+    if _hopper_failure:
+        return None, _hopper_failure["reason"]
+    return _import_hopper()
+
+
+@functools.lru_cache(maxsize=1)
+def _import_hopper():
     try:
         from . import block_sparse_attention_hopper as hopper
     except ImportError as error:
@@ -553,12 +566,19 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     if hopper_kernel and hopper_reason:
         raise ValueError(f"hopper_kernel=True, but the Gluon Hopper kernel cannot run this call: {hopper_reason}")
     if hopper_kernel is not False and hopper_reason is None:
-        if lse is None:  # the Gluon kernel always writes it
-            lse = torch.empty(B, H, N, S, dtype=torch.float32, device=q.device)
-        _hopper_module()[0].hopper_block_sparse_attention(
-            q, k_cubes, v_cubes, raster_layout, plan.count, plan.index, out, lse, n_prefix, scale, plan.order,
-            tables.key_bias, tables.log2_n, (k_bar, v_bar, attended) if remainder is not None else None)
-        return
+        hopper_lse = lse if lse is not None else torch.empty(B, H, N, S, dtype=torch.float32, device=q.device)
+        try:
+            _hopper_module()[0].hopper_block_sparse_attention(
+                q, k_cubes, v_cubes, raster_layout, plan.count, plan.index, out, hopper_lse, n_prefix, scale,
+                plan.order, tables.key_bias, tables.log2_n,
+                (k_bar, v_bar, attended) if remainder is not None else None)
+            return
+        except Exception as error:  # a Gluon build this Triton, driver or platform cannot do
+            if hopper_kernel:
+                raise
+            _hopper_failure["reason"] = f"its build failed ({type(error).__name__}: {error})"
+            log.warning("BSA: the Gluon Hopper attention kernel failed to build, the portable Triton kernel runs "
+                        "from now on: %s: %s", type(error).__name__, error)
 
     rows = plan.group * KQ
     # raster mode splits a cube of more than 64 queries over programs: 64-row tiles measured fastest

@@ -295,6 +295,42 @@ def test_hopper_kernel_on_request_names_why_it_cannot_run():
                                       hopper_kernel=True)
 
 
+def test_a_failed_hopper_build_falls_back_to_the_portable_kernel_once(monkeypatch, caplog):
+    """Where the Gluon kernel cannot build (a Triton, driver or platform it was not made for), the call still
+    returns the portable kernel's result, says so once, and does not try again; asked for explicitly, the
+    error is raised."""
+    layout, qc, kc, vc, _, _ = _inputs(1, 2, (4, 4, 4), (4, 4, 4), 16, torch.bfloat16, seed=6)
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=1.0, kv_threshold=0.5, threshold_mode="cumulative"), 0.25)
+    q = layout.to_raster(qc)
+    builds = []
+
+    class Unbuildable:
+        @staticmethod
+        def hopper_block_sparse_attention(*args):
+            builds.append(args)
+            raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(kernel_module, "_hopper_failure", {})
+    monkeypatch.setattr(kernel_module, "_import_hopper", lambda: (Unbuildable, None))
+    monkeypatch.setattr(kernel_module, "hopper_path_reason", lambda *args: kernel_module._hopper_module()[1])
+
+    def call(**kwargs):
+        out = torch.zeros_like(q)
+        block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, **kwargs)
+        return out
+
+    portable = call(hopper_kernel=False)
+    with caplog.at_level("WARNING", logger=kernel_module.__name__):
+        first, second = call(), call()
+    assert len(builds) == 1 and torch.equal(first, portable) and torch.equal(second, portable)
+    assert sum("Gluon Hopper attention kernel failed to build" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="its build failed"):
+        call(hopper_kernel=True)
+    monkeypatch.setattr(kernel_module, "_hopper_failure", {})
+    with pytest.raises(RuntimeError, match="PassManager"):
+        call(hopper_kernel=True)
+
+
 def test_key_block_follows_the_shared_memory_budget():
     """Whole cubes up to 128 keys where they fit; a 99 KB consumer card takes 256-key cubes in 64-key pieces."""
     assert _key_block(64, 128, 64, 227 * 1024) == 64
