@@ -62,14 +62,22 @@ def _device_facts(device: torch.device) -> tuple[int, int, int]:
     return _device_facts_cache[index]
 
 
+HOPPER_TRITON = ("3.6",)  # Triton releases whose Gluon the Hopper kernel is built for: its API still moves
+
+
 def hopper_path_reason(q: torch.Tensor, head_dim: int, cube_volume: int, group: int, has_extra: bool) -> str | None:
-    """Why the Gluon Hopper kernel (`block_sparse_attention_hopper.py`) cannot run a raster call (None: it can)."""
+    """Why the Gluon Hopper kernel (`block_sparse_attention_hopper.py`) cannot run a raster call (None: it can).
+    BSA_HOPPER_KERNEL=0 in the environment turns it off."""
+    if os.environ.get("BSA_HOPPER_KERNEL", "1") == "0":
+        return "BSA_HOPPER_KERNEL=0"
     if _INTERPRET or q.device.type != "cuda" or _device_facts(q.device)[0] != 9:
         return "not an sm90 GPU"
     if q.dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
         return f"{q.dtype} with head_dim {head_dim}"
     if cube_volume != 64 or group != 1 or has_extra:
         return "a cube volume other than 64, grouped cubes or extra keys"
+    if not triton.__version__.startswith(HOPPER_TRITON):
+        return f"Triton {triton.__version__}; the Gluon kernel is built for {', '.join(HOPPER_TRITON)}"
     return _hopper_module()[1]
 
 
@@ -87,11 +95,14 @@ def _hopper_module():
 def _import_hopper():
     try:
         from . import block_sparse_attention_hopper as hopper
-    except ImportError as error:
-        return None, f"no Gluon Hopper support in Triton {triton.__version__} ({error})"
-    if not triton.__version__.startswith(hopper.TESTED_TRITON):
-        return None, f"Triton {triton.__version__}; the Gluon kernel is built for {', '.join(hopper.TESTED_TRITON)}"
+    except Exception as error:  # no Gluon in this Triton, or one whose API moved
+        return None, f"its module did not import ({type(error).__name__}: {error})"
     return hopper, None
+
+
+def _is_cuda_fault(error: Exception) -> bool:
+    """A CUDA error (sticky, from this or an earlier launch), as opposed to a kernel that did not build."""
+    return isinstance(error, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(error)
 
 
 def _shared_memory(block_m: int, block_n: int, head_dim: int, stages: int) -> int:
@@ -488,7 +499,8 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
     block_sparse_attention. hopper_kernel: the Gluon kernel of `block_sparse_attention_hopper.py` (None: where
     `hopper_path_reason` allows; True: it or a ValueError; False: the portable kernel). Returns out, and with
     return_lse the log2-domain log-sum-exp of every row in
-    cube order [B, H, N, S] fp32 (slot order; -inf on padding slots), what the backward needs."""
+    cube order [B, H, N, S] fp32 (slot order; padding slots hold their zero query's, which the backward
+    skips), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and out must be fp16/bf16 [B, H, L, D] of one shape and dtype, got {q.dtype} "
                          f"{tuple(q.shape)} and {out.dtype} {tuple(out.shape)}")
@@ -563,6 +575,9 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
 
     hopper_reason = (hopper_path_reason(q, D, S, plan.group, has_extra) if raster_layout is not None
                      else "kept-query lists (keep_ratio < 1)")
+    tma_bases = (k_cubes, v_cubes) + ((k_bar, v_bar) if remainder is not None else ())
+    if hopper_reason is None and any(x.data_ptr() % 16 for x in tma_bases):
+        hopper_reason = "K/V not 16-byte aligned (tensor descriptors need it)"
     if hopper_kernel and hopper_reason:
         raise ValueError(f"hopper_kernel=True, but the Gluon Hopper kernel cannot run this call: {hopper_reason}")
     if hopper_kernel is not False and hopper_reason is None:
@@ -574,7 +589,7 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
                 (k_bar, v_bar, attended) if remainder is not None else None)
             return
         except Exception as error:  # a Gluon build this Triton, driver or platform cannot do
-            if hopper_kernel:
+            if hopper_kernel or _is_cuda_fault(error):
                 raise
             _hopper_failure["reason"] = f"its build failed ({type(error).__name__}: {error})"
             log.warning("BSA: the Gluon Hopper attention kernel failed to build, the portable Triton kernel runs "

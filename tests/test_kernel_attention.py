@@ -261,8 +261,9 @@ def test_gpu_hopper_kernel_matches_reference_and_portable_kernel(case):
     L = n_prefix + layout.num_tokens
     q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2) for _ in range(3))  # ComfyUI's
     reason = hopper_path_reason(q, D, layout.cube_volume, 1, False)
-    if reason:
+    if reason and reason.startswith(("not an sm90", "Triton ", "BSA_HOPPER_KERNEL")):
         pytest.skip(f"Gluon Hopper kernel: {reason}")
+    assert reason is None  # anything else (a failed build, a module that did not import) is a failure here
     video = slice(n_prefix, L)
     qc, kc, vc = (layout.to_cubes(x[:, :, video]).contiguous() for x in (q, k, v))
     scale = D ** -0.5
@@ -271,17 +272,96 @@ def test_gpu_hopper_kernel_matches_reference_and_portable_kernel(case):
     remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()) if pooled else None
     ref = layout.to_raster(sparse_attention_reference(qc, kc, vc, layout, sel, scale, pooled_remainder=pooled))
     runs = {}
-    for hopper in (True, False):
-        out = torch.full_like(q, float("nan"))
+    for hopper in (True, False, None):  # None: the default path, which takes the Gluon kernel here
+        out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)  # contiguous, unlike q (as the op)
         _, lse = block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, n_prefix, scale,
                                                remainder=remainder, return_lse=True, hopper_kernel=hopper)
         runs[hopper] = out, lse
     (out, lse), (portable, portable_lse) = runs[True], runs[False]
+    assert torch.equal(runs[None][0][:, :, video], out[:, :, video]) and torch.equal(runs[None][1], lse)
     assert torch.isnan(out[:, :, :n_prefix]).all() and torch.isfinite(out[:, :, video]).all()
     assert _rel_rms(out[:, :, video], ref) < 1e-2
     assert _rel_rms(out[:, :, video], portable[:, :, video]) < 5e-3
     finite = torch.isfinite(portable_lse)
     assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - portable_lse[finite]).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pooled", [False, True], ids=["no-pool", "pooled"])
+def test_gpu_hopper_kernel_on_short_and_full_lists(pooled):
+    """Lists the ring never wraps on: 0 (no remainder: output 0, LSE -inf), 1, 2 and 3 selected cubes, and every
+    cube selected (with a remainder: every pooled key hidden), against the portable kernel on the same tables."""
+    from comfyui_bsa.kernels.block_sparse_attention import hopper_path_reason
+
+    grid, cube, H, D = (8, 8, 12), (4, 4, 4), 2, 128
+    layout = cube_layout(grid, cube, DEVICE)
+    N = layout.num_cubes
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, H, layout.num_tokens, D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
+    reason = hopper_path_reason(q, D, layout.cube_volume, 1, False)
+    if reason and reason.startswith(("not an sm90", "Triton ", "BSA_HOPPER_KERNEL")):
+        pytest.skip(f"Gluon Hopper kernel: {reason}")
+    kc, vc = (layout.to_cubes(x).contiguous() for x in (k, v))
+    counts = torch.tensor([0, 1, 2, 3, N] + [1] * (N - 5), dtype=torch.int32)[:N]
+    kv_index = torch.full((1, H, N, N), -1, dtype=torch.int32)
+    for c, n in enumerate(counts.tolist()):  # ascending lists of n cubes from the cube's own on
+        kv_index[0, :, c, :n] = torch.sort(torch.arange(c, c + n) % N).values.to(torch.int32)
+    kv_index = kv_index.to(DEVICE)
+    kv_count = counts.expand(1, H, N).contiguous().to(DEVICE)
+    attended = torch.zeros(1, H, N, N, dtype=torch.bool, device=DEVICE)
+    for c, n in enumerate(counts.tolist()):
+        attended[0, :, c, kv_index[0, 0, c, :n].long()] = True
+    remainder = None
+    if pooled:
+        from comfyui_bsa.bsa_core.reference import cube_mean
+        remainder = (cube_mean(kc, layout), cube_mean(vc, layout), attended)
+    runs = {}
+    for hopper in (True, False):
+        out = torch.zeros_like(q)
+        _, lse = block_sparse_attention_raster(q, kc, vc, layout, kv_count, kv_index, out, 0, D ** -0.5,
+                                               remainder=remainder, return_lse=True, hopper_kernel=hopper)
+        runs[hopper] = layout.to_cubes(out), lse
+    (out, lse), (portable, portable_lse) = runs[True], runs[False]
+    assert torch.isfinite(out).all() and _rel_rms(out, portable) < 5e-3
+    finite = torch.isfinite(portable_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - portable_lse[finite]).abs().max() < 2e-2
+    if not pooled:  # the cube with an empty list saw nothing
+        assert out[:, :, 0].abs().max() == 0 and torch.isinf(lse[:, :, 0]).all()
+
+
+def test_hopper_kernel_can_be_turned_off_and_needs_aligned_tensors(monkeypatch):
+    """BSA_HOPPER_KERNEL=0 is a reason like any other; K/V tensors off a 16-byte boundary (tensor descriptors
+    need it) take the portable kernel without disabling the Gluon one for later calls."""
+    from comfyui_bsa.kernels.block_sparse_attention import hopper_path_reason
+
+    layout, qc, kc, vc, _, _ = _inputs(1, 2, (4, 4, 4), (4, 4, 4), 16, torch.bfloat16, seed=9)
+    q = layout.to_raster(qc)
+    monkeypatch.setenv("BSA_HOPPER_KERNEL", "0")
+    assert hopper_path_reason(q, 128, 64, 1, False) == "BSA_HOPPER_KERNEL=0"
+    monkeypatch.delenv("BSA_HOPPER_KERNEL")
+
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=1.0, kv_threshold=0.5, threshold_mode="cumulative"), 0.25)
+    launches = []
+
+    class Recorder:
+        @staticmethod
+        def hopper_block_sparse_attention(*args):
+            launches.append(args)
+
+    monkeypatch.setattr(kernel_module, "_hopper_failure", {})
+    monkeypatch.setattr(kernel_module, "_import_hopper", lambda: (Recorder, None))
+    monkeypatch.setattr(kernel_module, "hopper_path_reason", lambda *args: kernel_module._hopper_module()[1])
+    shifted = torch.empty(kc.numel() + 1, dtype=kc.dtype, device=kc.device)[1:].view(kc.shape)  # 2 bytes off
+    shifted.copy_(kc)
+    out = torch.zeros_like(q)
+    block_sparse_attention_raster(q, shifted, vc, layout, sel.kv_count, sel.kv_index, out)
+    expected = torch.zeros_like(q)
+    block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, expected, hopper_kernel=False)
+    assert not launches and torch.equal(out, expected) and not kernel_module._hopper_failure
+    with pytest.raises(ValueError, match="16-byte"):
+        block_sparse_attention_raster(q, shifted, vc, layout, sel.kv_count, sel.kv_index, out, hopper_kernel=True)
+    block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out)
+    assert len(launches) == 1  # aligned tensors: the Gluon kernel's launcher
 
 
 def test_hopper_kernel_on_request_names_why_it_cannot_run():
