@@ -237,6 +237,15 @@ def test_raster_matches_reference(case, budget, monkeypatch):
     assert _rel_rms(out[:, :, video], layout.to_raster(ref)) < 1e-2
 
 
+def _require_hopper_kernel(q, head_dim, cube_volume):
+    """Skip where the Gluon Hopper kernel is not meant to run (no sm90 GPU, another Triton, switched off); any
+    other reason (a failed build, a module that did not import) fails the test."""
+    reason = kernel_module.hopper_path_reason(q, head_dim, cube_volume, 1, False)
+    if reason and reason.startswith(("not an sm90", "Triton ", "BSA_HOPPER_KERNEL")):
+        pytest.skip(f"Gluon Hopper kernel: {reason}")
+    assert reason is None
+
+
 HOPPER_CASES = [  # (B, H, grid, cube, D, dtype, kv_threshold, n_prefix, pooled)
     (1, 4, (21, 30, 52), (4, 4, 4), 128, torch.bfloat16, 0.7, 0, True),  # Wan 480p: partial cubes on T and H
     (1, 4, (21, 30, 52), (4, 4, 4), 128, torch.bfloat16, 0.7, 0, False),
@@ -246,24 +255,21 @@ HOPPER_CASES = [  # (B, H, grid, cube, D, dtype, kv_threshold, n_prefix, pooled)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", HOPPER_CASES, ids=lambda c: f"B{c[0]}-T{'x'.join(map(str, c[2]))}-c{'x'.join(map(str, c[3]))}"
-                         f"-D{c[4]}-{str(c[5]).split('.')[-1]}-pre{c[7]}-pooled{int(c[8])}")
+@pytest.mark.parametrize("case", HOPPER_CASES,
+                         ids=lambda c: f"B{c[0]}-T{'x'.join(map(str, c[2]))}-c{'x'.join(map(str, c[3]))}"
+                                       f"-D{c[4]}-{str(c[5]).split('.')[-1]}-pre{c[7]}-pooled{int(c[8])}")
 def test_gpu_hopper_kernel_matches_reference_and_portable_kernel(case):
     """The Gluon Hopper kernel (the default raster path on sm90) against the pure-torch reference and the
     portable Triton kernel on the same selection: output rows, untouched rows outside the video, and the LSE
     the backward reads."""
     from comfyui_bsa.bsa_core.reference import cube_mean
-    from comfyui_bsa.kernels.block_sparse_attention import hopper_path_reason
 
     B, H, grid, cube, D, dtype, p, n_prefix, pooled = case
     layout = cube_layout(grid, cube, DEVICE)
     g = torch.Generator().manual_seed(21)
     L = n_prefix + layout.num_tokens
     q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2) for _ in range(3))  # ComfyUI's
-    reason = hopper_path_reason(q, D, layout.cube_volume, 1, False)
-    if reason and reason.startswith(("not an sm90", "Triton ", "BSA_HOPPER_KERNEL")):
-        pytest.skip(f"Gluon Hopper kernel: {reason}")
-    assert reason is None  # anything else (a failed build, a module that did not import) is a failure here
+    _require_hopper_kernel(q, D, layout.cube_volume)
     video = slice(n_prefix, L)
     qc, kc, vc = (layout.to_cubes(x[:, :, video]).contiguous() for x in (q, k, v))
     scale = D ** -0.5
@@ -291,16 +297,12 @@ def test_gpu_hopper_kernel_matches_reference_and_portable_kernel(case):
 def test_gpu_hopper_kernel_on_short_and_full_lists(pooled):
     """Lists the ring never wraps on: 0 (no remainder: output 0, LSE -inf), 1, 2 and 3 selected cubes, and every
     cube selected (with a remainder: every pooled key hidden), against the portable kernel on the same tables."""
-    from comfyui_bsa.kernels.block_sparse_attention import hopper_path_reason
-
     grid, cube, H, D = (8, 8, 12), (4, 4, 4), 2, 128
     layout = cube_layout(grid, cube, DEVICE)
     N = layout.num_cubes
     g = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(1, H, layout.num_tokens, D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
-    reason = hopper_path_reason(q, D, layout.cube_volume, 1, False)
-    if reason and reason.startswith(("not an sm90", "Triton ", "BSA_HOPPER_KERNEL")):
-        pytest.skip(f"Gluon Hopper kernel: {reason}")
+    _require_hopper_kernel(q, D, layout.cube_volume)
     kc, vc = (layout.to_cubes(x).contiguous() for x in (k, v))
     counts = torch.tensor([0, 1, 2, 3, N] + [1] * (N - 5), dtype=torch.int32)[:N]
     kv_index = torch.full((1, H, N, N), -1, dtype=torch.int32)
