@@ -8,9 +8,10 @@ warps run the next step's Q K^T during the current step's softmax (FlashAttentio
 
 Scope, else the portable kernel runs (`block_sparse_attention.hopper_path_reason`): keep_ratio 1 (Q and the
 output through the raster rows), 64-token cubes, one cube per program, head_dim 64 or 128, fp16 / bf16, no
-extra keys, an sm90 GPU and a Triton whose Gluon this was built against. Same contract as the portable raster kernel: the selected cubes'
-exact keys (padding slots masked by key_bias), then, with a remainder, one pooled key per cube the row's cube
-did not select, in one online softmax; the LSE (log2 domain) of every slot in cube order.
+extra keys, an sm90 GPU and a Triton whose Gluon this was built against. Same contract as the portable raster
+kernel: the selected cubes' exact keys (padding slots masked by key_bias), then, with a remainder, one pooled
+key per cube the row's cube did not select, in one online softmax; the LSE (log2 domain) of every slot in cube
+order.
 """
 from __future__ import annotations
 
