@@ -2,14 +2,16 @@
 on the same inputs in the same run, and the whole BSA call beside it. A script, not a test:
 
     python bench/kernel_variants.py [--shapes 480p,720p] [--settings stat1,stat1.5,stat2.5,cum0.9]
-                                    [--dtypes bf16,fp16] [--head-dims 128,64]
+                                    [--dtypes bf16,fp16] [--head-dims 128,64] [--portable G1P64]
 
 Rows: keep_ratio 1 (raster Q/O), pooled remainder on, 4x4x4 cubes; G1 = one query cube per program
 (64-row tiles), G2 = two neighbouring cubes over the union of their lists (128-row tiles,
 each row masked to its own cube's list); P = pooled keys per step; gluon = the Gluon Hopper kernel
 (`kernels/block_sparse_attention_hopper.py`, the default where it runs: one cube per program, 64 pooled keys
 per step). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
-TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys.
+TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys; "exec" counts
+what the kernel runs, whole 64 x 64 steps (kept cubes, then ceil(N / 64) pooled blocks). The gluon row also
+gives the build's registers, shared memory and programs per SM (cuOccupancyMaxActiveBlocksPerMultiprocessor).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from comfyui_bsa.bsa_core.gpu_select import select_triton  # noqa: E402
 from comfyui_bsa.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention_raster, hopper_path_reason, plan_block_sparse)
 from comfyui_bsa.kernels.cube_permute import permute_qkv  # noqa: E402
+from comfyui_bsa.kernels import block_sparse_attention_hopper as hopper_module  # noqa: E402
 
 SETTINGS = {"stat1": ("statistical", 1.0), "stat1.5": ("statistical", 1.5), "stat2.5": ("statistical", 2.5),
             "cum0.9": ("cumulative", 0.9)}
@@ -43,7 +46,7 @@ def _config(name):
     return dataclasses.replace(RECOMMENDED, threshold_mode=mode, **extra)
 
 
-def run(shape, dtype_name, head_dim, settings):
+def run(shape, dtype_name, head_dim, settings, portable):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     grid, heads = SHAPES[shape]
@@ -59,7 +62,7 @@ def run(shape, dtype_name, head_dim, settings):
     print(f"\n{shape} {dtype_name} head_dim {head_dim}: grid {grid}, {heads} heads; cuDNN SDPA {dense_ms:.2f} ms "
           f"({4 * head_dim * L * L * heads / dense_ms / 1e9:.0f} TFLOP/s)")
     print(f"  {'setting':8s} {'kv%':>5s} {'tile':6s} {'kernel ms':>9s} {'TFLOP/s':>7s} {'x cuDNN':>7s}  "
-          f"{'call ms':>8s} {'x cuDNN':>7s} {'relL2':>6s}")
+          f"{'exec':>5s} {'call ms':>8s} {'x cuDNN':>7s} {'relL2':>6s} {'kernel relL2':>6s}")
     _, q_bar, kc, k_bar, vc, k_pooled, v_pooled = permute_qkv(q, k, v, layout)
     for name in settings:
         config = _config(name)
@@ -70,7 +73,9 @@ def run(shape, dtype_name, head_dim, settings):
         sel, mask = select_triton(None, None, layout, config, scale, k_bar=k_bar, q_bar=q_bar, return_mask=True)
         kv_tokens = layout.n_valid[sel.kv_index.clamp(min=0).long()] * (sel.kv_index >= 0)
         useful = 4 * head_dim * (float(kv_tokens.sum().double()) * S + float(L) * heads * N)
+        executed = 4 * head_dim * S * S * float(sel.kv_count.sum().double() + heads * N * -(-N // S))
         variants = [(f"G{group}P{pool}", group, pool, False) for group, pool in ((1, 64), (1, 128), (2, 64))]
+        variants = [v for v in variants if v[0] in portable]
         if hopper_path_reason(q, head_dim, S, 1, False) is None:
             variants.append(("gluon", 1, 64, True))
         for tile, group, pool, hopper in variants:
@@ -79,9 +84,26 @@ def run(shape, dtype_name, head_dim, settings):
             kernel_ms = ms(lambda: block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, result,
                                                                  0, scale, plan=plan, remainder=(k_pooled, v_pooled, mask),
                                                                  pool_block=pool, hopper_kernel=hopper))
+            kernel_rel, _ = errors(result, dense_out)
             print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} {tile:6s} {kernel_ms:9.3f} "
-                  f"{useful / kernel_ms / 1e9:7.0f} {dense_ms / kernel_ms:7.2f}  {call_ms:8.3f} {dense_ms / call_ms:7.2f} "
-                  f"{rel:6.3f}", flush=True)
+                  f"{useful / kernel_ms / 1e9:7.0f} {executed / kernel_ms / 1e9:5.0f} {dense_ms / kernel_ms:7.2f}  "
+                  f"{call_ms:8.3f} {dense_ms / call_ms:7.2f} {rel:6.3f} {kernel_rel:6.3f} {_occupancy(hopper) if name == settings[0] else ''}", flush=True)
+
+
+def _occupancy(hopper):
+    """Registers, shared memory and resident programs per SM of the Gluon kernel's latest build."""
+    if not hopper:
+        return ""
+    import ctypes
+    fn = hopper_module._hopper_block_sparse_fwd
+    kernel = list(fn.device_caches[torch.cuda.current_device()][0].values())[-1]
+    blocks = ctypes.c_int(0)
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    import re
+    threads = int(re.search(r"\.reqntid (\d+)", kernel.asm["ptx"]).group(1))  # the loader warp's group included
+    error = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(blocks), ctypes.c_void_p(kernel.function),
+                                                        threads, ctypes.c_size_t(kernel.metadata.shared))
+    return f"regs {kernel.n_regs} threads {threads} smem {kernel.metadata.shared} CTAs/SM {blocks.value} (rc {error})"
 
 
 def main():
@@ -90,12 +112,13 @@ def main():
     parser.add_argument("--settings", default="stat1,stat1.5,stat2.5,cum0.9")
     parser.add_argument("--dtypes", default="bf16")
     parser.add_argument("--head-dims", default="128")
+    parser.add_argument("--portable", default="G1P64,G1P128,G2P64", help="portable kernel rows")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     for shape in args.shapes.split(","):
         for dtype_name in args.dtypes.split(","):
             for head_dim in (int(d) for d in args.head_dims.split(",")):
-                run(shape, dtype_name, head_dim, args.settings.split(","))
+                run(shape, dtype_name, head_dim, args.settings.split(","), args.portable.split(","))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ warps run the next step's Q K^T during the current step's softmax (FlashAttentio
 `bench/gluon_probe.py` measured 528 TFLOP/s on a 14 %-kept list on an H200.
 
 Scope, else the portable kernel runs (`block_sparse_attention.hopper_path_reason`): keep_ratio 1 (Q and the
-output through the raster rows), 64-token cubes, one cube per program, head_dim 64 or 128, fp16 / bf16, no
+output through the raster rows), 64-token cubes, one cube per program, head_dim 128, fp16 / bf16, no
 extra keys, an sm90 GPU and a Triton whose Gluon this was built against. Same contract as the portable raster
 kernel: the selected cubes' exact keys (padding slots masked by key_bias), then, with a remainder, one pooled
 key per cube the row's cube did not select, in one online softmax; the LSE (log2 domain) of every slot in cube
@@ -44,19 +44,14 @@ def _cube_rows(cube, slots, GT, GH, GW, NH, NW, CT: gl.constexpr, CH: gl.constex
 
 
 @gluon.jit
-def _step_bias(j, count, table_ptr, key_bias_ptr, log2n_ptr, attended_row_ptr, N, cols, CUBE: gl.constexpr):
-    """Additive log2 bias of step j's keys: a selected cube's padding slots at -inf, or (past the selected
-    cubes) the pooled keys' log2 weights, -inf where the row's cube attends that cube exactly."""
-    if j < count:
-        kv = gl.load(table_ptr + j).to(gl.int64)
-        bias = gl.load(key_bias_ptr + kv * CUBE + cols)
-    else:
-        pooled = (j - count) * CUBE + cols
-        ok = pooled < N
-        weight = gl.load(log2n_ptr + pooled, mask=ok, other=float("-inf"))
-        hidden = gl.load(attended_row_ptr + pooled, mask=ok, other=1)
-        bias = gl.where(hidden != 0, float("-inf"), weight)
-    return bias
+def _pooled_bias(block, log2n_ptr, attended_row_ptr, N, cols, CUBE: gl.constexpr):
+    """Additive log2 bias of a block of pooled keys: their log2 weights, -inf where the row's cube attends that
+    cube exactly or past the N cubes."""
+    pooled = block * CUBE + cols
+    ok = pooled < N
+    weight = gl.load(log2n_ptr + pooled, mask=ok, other=float("-inf"))
+    hidden = gl.load(attended_row_ptr + pooled, mask=ok, other=1)
+    return gl.where(hidden != 0, float("-inf"), weight)
 
 
 @gluon.jit
@@ -71,8 +66,26 @@ def _softmax_step(s, bias, m_i, l_i, qk_scale):
 
 
 @gluon.jit
+def _pipelined_step(j, bias_next, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qk_scale, s_zero,
+                    orow: gl.constexpr, p_layout: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Step j's P V with step j + 1's Q K^T and softmax (bias_next its key bias) in flight beside it."""
+    gl.thread_barrier()  # every compute warp is done with step j - 1's slot
+    mbarrier.arrive(empty.index((j + NUM_STAGES - 1) % NUM_STAGES), pred=j >= 1)
+    cur = j % NUM_STAGES
+    nxt = (j + 1) % NUM_STAGES
+    mbarrier.wait(ready.index(nxt), ((j + 1) // NUM_STAGES) & 1)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    o_tok = warpgroup_mma(p_op, v_smem.index(cur), acc, is_async=True)
+    s = warpgroup_mma_wait(1, deps=[s_tok])  # Q K^T of step j + 1 done; P V of step j may still run
+    p, alpha, m_i, l_i = _softmax_step(s, bias_next, m_i, l_i, qk_scale)
+    acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
+    return acc, gl.convert_layout(p.to(p_op.dtype), p_layout), m_i, l_i
+
+
+@gluon.jit
 def _loader(k_desc, v_desc, kbar_desc, vbar_desc, k_smem, v_smem, ready, empty, table_ptr, count, n_steps,
-            kv_row0, pool_row0, CUBE: gl.constexpr, NUM_STAGES: gl.constexpr):
+            kv_row0, bh, CUBE: gl.constexpr, NUM_STAGES: gl.constexpr):
     """One warp: K/V of every step into the ring (selected cubes, then blocks of pooled keys)."""
     for j in range(n_steps):
         slot = j % NUM_STAGES
@@ -83,10 +96,12 @@ def _loader(k_desc, v_desc, kbar_desc, vbar_desc, k_smem, v_smem, ready, empty, 
             row = kv_row0 + gl.load(table_ptr + j) * CUBE
             tma.async_copy_global_to_shared(k_desc, [row, 0], bar, k_smem.index(slot))
             tma.async_copy_global_to_shared(v_desc, [row, 0], bar, v_smem.index(slot))
-        else:
-            row = pool_row0 + (j - count) * CUBE
-            tma.async_copy_global_to_shared(kbar_desc, [row, 0], bar, k_smem.index(slot))
-            tma.async_copy_global_to_shared(vbar_desc, [row, 0], bar, v_smem.index(slot))
+        else:  # [1, 64, D] blocks of this head's [N, D] means: rows past N arrive as zeros
+            row = (j - count) * CUBE
+            tma.async_copy_global_to_shared(kbar_desc, [bh, row, 0], bar, k_smem.index(slot)._reinterpret(
+                kbar_desc.dtype, kbar_desc.block_type.shape, kbar_desc.layout))
+            tma.async_copy_global_to_shared(vbar_desc, [bh, row, 0], bar, v_smem.index(slot)._reinterpret(
+                vbar_desc.dtype, vbar_desc.block_type.shape, vbar_desc.layout))
 
 
 @gluon.jit
@@ -125,27 +140,26 @@ def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, ready, empty, table_ptr, key_b
     acc = gl.zeros([CUBE, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([CUBE, CUBE], gl.float32, s_layout)
     if n_steps > 0:
+        if count > 0:
+            bias = gl.load(key_bias_ptr + gl.load(table_ptr).to(gl.int64) * CUBE + cols)  # padding slots -inf
+        else:
+            bias = _pooled_bias(0, log2n_ptr, attended_row_ptr, N, cols, CUBE)
         mbarrier.wait(ready.index(0), 0)
         s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-        bias = _step_bias(0, count, table_ptr, key_bias_ptr, log2n_ptr, attended_row_ptr, N, cols, CUBE)
         p, alpha, m_i, l_i = _softmax_step(s, bias, m_i, l_i, qk_scale)
         p_op = gl.convert_layout(p.to(Q.dtype.element_ty), p_layout)
-        for j in range(n_steps - 1):
-            gl.thread_barrier()  # every compute warp is done with step j - 1's slot
-            mbarrier.arrive(empty.index((j + NUM_STAGES - 1) % NUM_STAGES), pred=j >= 1)
-            cur = j % NUM_STAGES
-            nxt = (j + 1) % NUM_STAGES
-            mbarrier.wait(ready.index(nxt), ((j + 1) // NUM_STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)
-            o_tok = warpgroup_mma(p_op, v_smem.index(cur), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=[s_tok])  # Q K^T of step j + 1 done; P V of step j may still run
-            bias = _step_bias(j + 1, count, table_ptr, key_bias_ptr, log2n_ptr, attended_row_ptr, N, cols,
-                              CUBE)
-            p, alpha, m_i, l_i = _softmax_step(s, bias, m_i, l_i, qk_scale)
-            acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
-            p_op = gl.convert_layout(p.to(Q.dtype.element_ty), p_layout)
+        # two loops, so neither body branches: steps whose next step is a selected cube, then a pooled block;
+        # the next step's bias loads are issued before the Q K^T wait, the table entry a step earlier still
+        kv_next = gl.load(table_ptr + 1, mask=count > 1, other=0)
+        for j in range(count - 1):
+            bias = gl.load(key_bias_ptr + kv_next.to(gl.int64) * CUBE + cols)
+            kv_next = gl.load(table_ptr + j + 2, mask=j + 2 < count, other=0)
+            acc, p_op, m_i, l_i = _pipelined_step(j, bias, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, ready,
+                                                  empty, qk_scale, s_zero, orow, p_layout, NUM_STAGES)
+        for j in range(gl.maximum(count - 1, 0), n_steps - 1):
+            bias = _pooled_bias(j + 1 - count, log2n_ptr, attended_row_ptr, N, cols, CUBE)
+            acc, p_op, m_i, l_i = _pipelined_step(j, bias, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, ready,
+                                                  empty, qk_scale, s_zero, orow, p_layout, NUM_STAGES)
         acc = warpgroup_mma(p_op, v_smem.index((n_steps - 1) % NUM_STAGES), acc)
 
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
@@ -192,7 +206,7 @@ def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, 
                      GT, GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
                      HEAD_DIM, CUBE, CT, CH, CW, NUM_STAGES)),
          (_loader, (k_desc, v_desc, kbar_desc, vbar_desc, k_smem, v_smem, ready, empty, table_ptr, count,
-                    n_steps, (bh * N * CUBE).to(gl.int32), (bh * N).to(gl.int32), CUBE, NUM_STAGES))],
+                    n_steps, (bh * N * CUBE).to(gl.int32), bh.to(gl.int32), CUBE, NUM_STAGES))],
         [1], [40])
 
 
@@ -200,21 +214,25 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
                                   key_bias, log2_n, remainder):
     """Launch the Gluon kernel (where `hopper_path_reason` gave none): q, out raster [B, H, L, D] (unit
     stride on D), k_cubes / v_cubes [B, H, N, 64, D] contiguous in q's dtype, kv_count [B, H, N] / kv_index
-    [B, H, N, K] int32, lse [B, H, N, 64] fp32, order the launch order, key_bias [N, 64] / log2_n [N] fp32,
+    [B, H, N, K] int32, lse [B, H, N, 64] fp32, order the launch order, log2_n [N] fp32,
     remainder None or (k_bar, v_bar [B, H, N, D] contiguous in q's dtype, attended [B, H, N, N] uint8)."""
     B, H, N, _, D = k_cubes.shape
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     smem_layout = gl.NVMMASharedLayout.get_default_for([CUBE, D], element)
+    pooled_layout = gl.NVMMASharedLayout.get_default_for([1, CUBE, D], element)
 
     def rows(x):
         return TensorDescriptor.from_tensor(x.view(-1, D), [CUBE, D], smem_layout)
 
+    def per_head(x):  # a head's last block reads zeros past its N rows, not the next head's
+        return TensorDescriptor.from_tensor(x.view(B * H, -1, D), [1, CUBE, D], pooled_layout)
+
     k_desc, v_desc = rows(k_cubes), rows(v_cubes)
     if remainder is None:
-        kbar_desc, vbar_desc, attended, n_pool_steps = k_desc, v_desc, kv_count, 0
+        kbar_desc, vbar_desc, attended, n_pool_steps = per_head(k_cubes), per_head(v_cubes), kv_count, 0
     else:
         k_bar, v_bar, attended = remainder
-        kbar_desc, vbar_desc, n_pool_steps = rows(k_bar), rows(v_bar), -(-N // CUBE)
+        kbar_desc, vbar_desc, n_pool_steps = per_head(k_bar), per_head(v_bar), -(-N // CUBE)
     _hopper_block_sparse_fwd[(B * H * N,)](
         q, out, lse, k_desc, v_desc, kbar_desc, vbar_desc, key_bias, log2_n, attended, order, kv_count, kv_index,
         scale * 1.4426950408889634, H, N, kv_index.shape[-1], n_pool_steps, n_prefix, *layout.grid,

@@ -249,7 +249,7 @@ def _require_hopper_kernel(q, head_dim, cube_volume):
 HOPPER_CASES = [  # (B, H, grid, cube, D, dtype, kv_threshold, n_prefix, pooled)
     (1, 4, (21, 30, 52), (4, 4, 4), 128, torch.bfloat16, 0.7, 0, True),  # Wan 480p: partial cubes on T and H
     (1, 4, (21, 30, 52), (4, 4, 4), 128, torch.bfloat16, 0.7, 0, False),
-    (2, 3, (9, 14, 22), (4, 4, 4), 64, torch.float16, 0.5, 3, True),  # CFG batch, LTX-sized heads, a prefix row
+    (2, 3, (9, 14, 22), (4, 4, 4), 128, torch.float16, 0.5, 3, True),  # CFG batch, fp16, a prefix row
     (1, 2, (8, 16, 16), (2, 4, 8), 128, torch.float16, 0.9, 0, True),  # another 64-token cube
 ]
 
@@ -329,6 +329,33 @@ def test_gpu_hopper_kernel_on_short_and_full_lists(pooled):
     assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - portable_lse[finite]).abs().max() < 2e-2
     if not pooled:  # the cube with an empty list saw nothing
         assert out[:, :, 0].abs().max() == 0 and torch.isinf(lse[:, :, 0]).all()
+
+
+@pytest.mark.gpu
+def test_gpu_hopper_kernel_pooled_block_stays_in_its_head():
+    """A head's pooled keys come in 64-row blocks past its N means (N = 12 here): the rows past N read as zeros,
+    so non-finite means in the next head leave this head's output and LSE bit for bit as they were."""
+    from comfyui_bsa.bsa_core.reference import cube_mean
+
+    layout = cube_layout((8, 8, 12), (4, 4, 4), DEVICE)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, layout.num_tokens, 128, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
+    _require_hopper_kernel(q, 128, layout.cube_volume)
+    kc, vc = (layout.to_cubes(x).contiguous() for x in (k, v))
+    sel = bsa_select(layout.to_cubes(q), kc, layout, BSAConfig(keep_ratio=1.0, kv_threshold=0.5,
+                                                               threshold_mode="cumulative"), 128 ** -0.5)
+    k_bar, v_bar = cube_mean(kc, layout), cube_mean(vc, layout)
+    runs = []
+    for poison in (False, True):
+        if poison:
+            k_bar[:, 1], v_bar[:, 1] = float("inf"), float("nan")
+        out = torch.zeros_like(q)
+        _, lse = block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, out, 0, 128 ** -0.5,
+                                               remainder=(k_bar, v_bar, sel.to_dense()), return_lse=True,
+                                               hopper_kernel=True)
+        runs.append((out[:, 0], lse[:, 0]))
+    assert torch.isfinite(runs[0][0]).all()
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_hopper_kernel_can_be_turned_off_and_needs_aligned_tensors(monkeypatch):
