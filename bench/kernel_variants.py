@@ -16,9 +16,11 @@ gives the build's registers, shared memory and programs per SM (cuOccupancyMaxAc
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import math
 import pathlib
+import re
 import sys
 
 import torch
@@ -30,10 +32,10 @@ from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 from comfyui_bsa.bsa_core.gpu_select import select_triton  # noqa: E402
+from comfyui_bsa.kernels import block_sparse_attention as kernel_module  # noqa: E402
 from comfyui_bsa.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention_raster, hopper_path_reason, plan_block_sparse)
 from comfyui_bsa.kernels.cube_permute import permute_qkv  # noqa: E402
-from comfyui_bsa.kernels import block_sparse_attention_hopper as hopper_module  # noqa: E402
 
 SETTINGS = {"stat1": ("statistical", 1.0), "stat1.5": ("statistical", 1.5), "stat2.5": ("statistical", 2.5),
             "cum0.9": ("cumulative", 0.9)}
@@ -87,22 +89,18 @@ def run(shape, dtype_name, head_dim, settings, portable):
             kernel_rel, _ = errors(result, dense_out)
             print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} {tile:6s} {kernel_ms:9.3f} "
                   f"{useful / kernel_ms / 1e9:7.0f} {executed / kernel_ms / 1e9:5.0f} {dense_ms / kernel_ms:7.2f}  "
-                  f"{call_ms:8.3f} {dense_ms / call_ms:7.2f} {rel:6.3f} {kernel_rel:6.3f} {_occupancy(hopper) if name == settings[0] else ''}", flush=True)
+                  f"{call_ms:8.3f} {dense_ms / call_ms:7.2f} {rel:6.3f} {kernel_rel:6.3f} "
+                  f"{_occupancy() if hopper and name == settings[0] else ''}", flush=True)
 
 
-def _occupancy(hopper):
+def _occupancy():
     """Registers, shared memory and resident programs per SM of the Gluon kernel's latest build."""
-    if not hopper:
-        return ""
-    import ctypes
-    fn = hopper_module._hopper_block_sparse_fwd
+    fn = kernel_module._hopper_module()[0]._hopper_block_sparse_fwd
     kernel = list(fn.device_caches[torch.cuda.current_device()][0].values())[-1]
-    blocks = ctypes.c_int(0)
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    import re
     threads = int(re.search(r"\.reqntid (\d+)", kernel.asm["ptx"]).group(1))  # the loader warp's group included
-    error = libcuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(blocks), ctypes.c_void_p(kernel.function),
-                                                        threads, ctypes.c_size_t(kernel.metadata.shared))
+    blocks = ctypes.c_int(0)
+    error = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(blocks), ctypes.c_void_p(kernel.function), threads, ctypes.c_size_t(kernel.metadata.shared))
     return f"regs {kernel.n_regs} threads {threads} smem {kernel.metadata.shared} CTAs/SM {blocks.value} (rc {error})"
 
 

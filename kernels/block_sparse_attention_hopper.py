@@ -44,6 +44,12 @@ def _cube_rows(cube, slots, GT, GH, GW, NH, NW, CT: gl.constexpr, CH: gl.constex
 
 
 @gluon.jit
+def _selected_bias(kv, key_bias_ptr, cols, CUBE: gl.constexpr):
+    """Additive log2 bias of selected cube kv's keys: -inf on its padding slots."""
+    return gl.load(key_bias_ptr + kv.to(gl.int64) * CUBE + cols)
+
+
+@gluon.jit
 def _pooled_bias(block, log2n_ptr, attended_row_ptr, N, cols, CUBE: gl.constexpr):
     """Additive log2 bias of a block of pooled keys: their log2 weights, -inf where the row's cube attends that
     cube exactly or past the N cubes."""
@@ -141,7 +147,7 @@ def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, ready, empty, table_ptr, key_b
     s_zero = gl.zeros([CUBE, CUBE], gl.float32, s_layout)
     if n_steps > 0:
         if count > 0:
-            bias = gl.load(key_bias_ptr + gl.load(table_ptr).to(gl.int64) * CUBE + cols)  # padding slots -inf
+            bias = _selected_bias(gl.load(table_ptr), key_bias_ptr, cols, CUBE)
         else:
             bias = _pooled_bias(0, log2n_ptr, attended_row_ptr, N, cols, CUBE)
         mbarrier.wait(ready.index(0), 0)
@@ -152,7 +158,7 @@ def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, ready, empty, table_ptr, key_b
         # the next step's bias loads are issued before the Q K^T wait, the table entry a step earlier still
         kv_next = gl.load(table_ptr + 1, mask=count > 1, other=0)
         for j in range(count - 1):
-            bias = gl.load(key_bias_ptr + kv_next.to(gl.int64) * CUBE + cols)
+            bias = _selected_bias(kv_next, key_bias_ptr, cols, CUBE)
             kv_next = gl.load(table_ptr + j + 2, mask=j + 2 < count, other=0)
             acc, p_op, m_i, l_i = _pipelined_step(j, bias, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, ready,
                                                   empty, qk_scale, s_zero, orow, p_layout, NUM_STAGES)
@@ -214,7 +220,7 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
                                   key_bias, log2_n, remainder):
     """Launch the Gluon kernel (where `hopper_path_reason` gave none): q, out raster [B, H, L, D] (unit
     stride on D), k_cubes / v_cubes [B, H, N, 64, D] contiguous in q's dtype, kv_count [B, H, N] / kv_index
-    [B, H, N, K] int32, lse [B, H, N, 64] fp32, order the launch order, log2_n [N] fp32,
+    [B, H, N, K] int32, lse [B, H, N, 64] fp32, order the launch order, key_bias [N, 64] / log2_n [N] fp32,
     remainder None or (k_bar, v_bar [B, H, N, D] contiguous in q's dtype, attended [B, H, N, N] uint8)."""
     B, H, N, _, D = k_cubes.shape
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
