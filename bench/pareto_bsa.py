@@ -2,7 +2,7 @@
 (keep_ratio x kv_threshold / stat_lambda x threshold mode x pooled remainder x cube), comfy-kitchen's
 sol_attn (tau; topk_ratio) and FlexAttention on BSA's own tables. A script, not a test:
 
-    PYTHONPATH=.ck python bench/pareto_bsa.py [--shapes 480p,720p] [--out DIR] [--quick]
+    PYTHONPATH=.ck python bench/pareto_bsa.py [--shapes 480p,720p] [--out DIR] [--quick] [--stat-lambdas 1,1.25]
     python bench/pareto_bsa.py --plot-only bench/results/pareto_h100_480p.csv bench/results/pareto_h100_720p.csv
 
 Every time is the median of triton.testing.do_bench on the same card in the same run, end to end (BSA:
@@ -42,8 +42,10 @@ FIELDS = ("shape", "provider", "cube", "keep_ratio", "mode", "value", "pooled", 
 ERROR_LEVELS = (0.05, 0.10)
 
 
-def bsa_settings(quick: bool):
-    cubes, keeps, thresholds = (CUBES[:1], (1.0,), THRESHOLDS) if quick else (CUBES, KEEP_RATIOS, THRESHOLDS)
+def bsa_settings(quick: bool, stat_lambdas=None):
+    thresholds = THRESHOLDS if stat_lambdas is None else (
+        tuple(t for t in THRESHOLDS if t[0] != "statistical") + tuple(("statistical", x) for x in stat_lambdas))
+    cubes, keeps = (CUBES[:1], (1.0,)) if quick else (CUBES, KEEP_RATIOS)
     for cube, keep, (mode, value), pooled in itertools.product(cubes, keeps, thresholds, (False, True)):
         if keep < 1.0 and cube != cubes[0]:
             continue  # query dropping is far off the front (first sweep); one cube size shows it
@@ -51,8 +53,8 @@ def bsa_settings(quick: bool):
         yield BSAConfig(cube, keep_ratio=keep, threshold_mode=mode, pooled_remainder=pooled, **extra), mode, value
 
 
-def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick):
-    for config, mode, value in bsa_settings(quick):
+def bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, quick, stat_lambdas=None):
+    for config, mode, value in bsa_settings(quick, stat_lambdas):
         fn = lambda: bsa_attention(q, k, v, grid, config, backend="triton")  # noqa: E731
         out, sel = fn()
         t = ms(fn)
@@ -204,6 +206,8 @@ def main():
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true",
                         help="4x4x4 cubes and keep_ratio 1 only (the front: other cubes and query dropping are behind it)")
+    parser.add_argument("--stat-lambdas", type=lambda text: tuple(float(x) for x in text.split(",")),
+                        help="statistical lambdas swept instead of 0.5,1,1.5,2,2.5 (a finer front), e.g. 0.9,1.25,1.75")
     parser.add_argument("--plot-only", nargs="+", metavar="CSV",
                         help="summaries and pareto_h100.png again from saved CSVs (no GPU)")
     parser.add_argument("--device-name", default="NVIDIA H100 80GB HBM3", help="plot title with --plot-only")
@@ -224,7 +228,7 @@ def main():
         print(f"\n{shape}: {title}")
         print("  " + " ".join(f"{f:>9s}" for f in FIELDS[1:]))
         rows = []
-        for row in itertools.chain(bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, args.quick),
+        for row in itertools.chain(bsa_rows(shape, q, k, v, grid, dense_out, dense_ms, args.quick, args.stat_lambdas),
                                    sol_rows(shape, q, k, v, dense_out, dense_ms)):
             rows.append(row)
             print("  " + " ".join(f"{row[f]:9.3f}" if isinstance(row[f], float) else f"{row[f]!s:>9s}"
