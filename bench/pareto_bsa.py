@@ -209,14 +209,15 @@ def main():
     parser.add_argument("--stat-lambdas", type=lambda text: tuple(float(x) for x in text.split(",")),
                         help="statistical lambdas swept instead of 0.5,1,1.5,2,2.5 (a finer front), e.g. 0.9,1.25,1.75")
     parser.add_argument("--plot-only", nargs="+", metavar="CSV",
-                        help="summaries and pareto_h100.png again from saved CSVs (no GPU)")
+                        help="summaries and the plot again from saved CSVs (no GPU): X_480p.csv X_720p.csv -> X.png")
     parser.add_argument("--device-name", default="NVIDIA H100 80GB HBM3", help="plot title with --plot-only")
     args = parser.parse_args()
     if args.plot_only:
         rows = [_typed(r) for path in args.plot_only for r in csv.DictReader(open(path))]
         for shape in dict.fromkeys(r["shape"] for r in rows):
             summarize(shape, [r for r in rows if r["shape"] == shape])
-        plot(rows, pathlib.Path(args.plot_only[0]).with_name("pareto_h100.png"), args.device_name)
+        first = pathlib.Path(args.plot_only[0])
+        plot(rows, first.with_name(first.stem.rsplit("_", 1)[0] + ".png"), args.device_name)
         return
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
