@@ -3,12 +3,16 @@ on the same inputs in the same run, and the whole BSA call beside it. A script, 
 
     python bench/kernel_variants.py [--shapes 480p,720p] [--settings stat1,stat1.5,stat2.5,cum0.9]
                                     [--dtypes bf16,fp16] [--head-dims 128,64] [--portable G1P64]
+                                    [--gluon-candidates path/to/candidate_hopper.py,...]
 
 Rows: keep_ratio 1 (raster Q/O), pooled remainder on, 4x4x4 cubes; G1 = one query cube per program
 (64-row tiles), G2 = two neighbouring cubes over the union of their lists (128-row tiles,
 each row masked to its own cube's list); P = pooled keys per step; gluon = the Gluon Hopper kernel
 (`kernels/block_sparse_attention_hopper.py`, the default where it runs: one cube per program, 64 pooled keys
 per step). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
+--gluon-candidates times edited copies of the Gluon module (same launch function) as further rows on the same
+tables in the same process, the way a kernel change is measured before it replaces the committed one; the
+"max|d|" column is each row's largest difference from the committed Gluon kernel's output.
 TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys; "exec" counts
 what the kernel runs, whole 64 x 64 steps (kept cubes, then ceil(N / 64) pooled blocks). The gluon row also
 gives the build's registers, shared memory and programs per SM (cuOccupancyMaxActiveBlocksPerMultiprocessor).
@@ -16,8 +20,10 @@ gives the build's registers, shared memory and programs per SM (cuOccupancyMaxAc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
+import importlib.util
 import math
 import pathlib
 import re
@@ -48,7 +54,28 @@ def _config(name):
     return dataclasses.replace(RECOMMENDED, threshold_mode=mode, **extra)
 
 
-def run(shape, dtype_name, head_dim, settings, portable):
+def load_candidate(path: str):
+    """An edited copy of the Gluon kernel's module, imported beside the pack's own."""
+    name = pathlib.Path(path).stem
+    spec = importlib.util.spec_from_file_location(f"comfyui_bsa.kernels.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return name, module
+
+
+@contextlib.contextmanager
+def gluon_module(module):
+    """Route the kernel wrapper's Gluon launches to `module` (None: the committed one) for the block."""
+    committed = kernel_module._import_hopper
+    if module is not None:
+        kernel_module._import_hopper = lambda: (module, None)
+    try:
+        yield
+    finally:
+        kernel_module._import_hopper = committed
+
+
+def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     grid, heads = SHAPES[shape]
@@ -64,7 +91,7 @@ def run(shape, dtype_name, head_dim, settings, portable):
     print(f"\n{shape} {dtype_name} head_dim {head_dim}: grid {grid}, {heads} heads; cuDNN SDPA {dense_ms:.2f} ms "
           f"({4 * head_dim * L * L * heads / dense_ms / 1e9:.0f} TFLOP/s)")
     print(f"  {'setting':8s} {'kv%':>5s} {'tile':6s} {'kernel ms':>9s} {'TFLOP/s':>7s} {'x cuDNN':>7s}  "
-          f"{'exec':>5s} {'call ms':>8s} {'x cuDNN':>7s} {'relL2':>6s} {'kernel relL2':>6s}")
+          f"{'exec':>5s} {'call ms':>8s} {'x cuDNN':>7s} {'relL2':>6s} {'kernel relL2':>6s} {'max|d|':>7s}")
     _, q_bar, kc, k_bar, vc, k_pooled, v_pooled = permute_qkv(q, k, v, layout)
     for name in settings:
         config = _config(name)
@@ -76,26 +103,30 @@ def run(shape, dtype_name, head_dim, settings, portable):
         kv_tokens = layout.n_valid[sel.kv_index.clamp(min=0).long()] * (sel.kv_index >= 0)
         useful = 4 * head_dim * (float(kv_tokens.sum().double()) * S + float(L) * heads * N)
         executed = 4 * head_dim * S * S * float(sel.kv_count.sum().double() + heads * N * -(-N // S))
-        variants = [(f"G{group}P{pool}", group, pool, False) for group, pool in ((1, 64), (1, 128), (2, 64))]
+        variants = [(f"G{group}P{pool}", group, pool, False, None) for group, pool in ((1, 64), (1, 128), (2, 64))]
         variants = [v for v in variants if v[0] in portable]
         if hopper_path_reason(q, head_dim, S, 1, False) is None:
-            variants.append(("gluon", 1, 64, True))
-        for tile, group, pool, hopper in variants:
+            variants += [("gluon", 1, 64, True, None)] + [(name, 1, 64, True, module) for name, module in candidates]
+        committed = None
+        for tile, group, pool, hopper, module in variants:
             plan = plan_block_sparse(sel.kv_count, sel.kv_index, group)
             result = torch.empty_like(q)
-            kernel_ms = ms(lambda: block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, result,
-                                                                 0, scale, plan=plan, remainder=(k_pooled, v_pooled, mask),
-                                                                 pool_block=pool, hopper_kernel=hopper))
+            with gluon_module(module):
+                kernel_ms = ms(lambda: block_sparse_attention_raster(
+                    q, kc, vc, layout, sel.kv_count, sel.kv_index, result, 0, scale, plan=plan,
+                    remainder=(k_pooled, v_pooled, mask), pool_block=pool, hopper_kernel=hopper))
             kernel_rel, _ = errors(result, dense_out)
+            committed = result if tile == "gluon" else committed
+            diff = "" if committed is None else f"{(result.float() - committed.float()).abs().max().item():7.1e}"
             print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} {tile:6s} {kernel_ms:9.3f} "
                   f"{useful / kernel_ms / 1e9:7.0f} {executed / kernel_ms / 1e9:5.0f} {dense_ms / kernel_ms:7.2f}  "
-                  f"{call_ms:8.3f} {dense_ms / call_ms:7.2f} {rel:6.3f} {kernel_rel:6.3f} "
-                  f"{_occupancy() if hopper and name == settings[0] else ''}", flush=True)
+                  f"{call_ms:8.3f} {dense_ms / call_ms:7.2f} {rel:6.3f} {kernel_rel:6.3f} {diff:>7s} "
+                  f"{_occupancy(module) if hopper and name == settings[0] else ''}", flush=True)
 
 
-def _occupancy():
+def _occupancy(module=None):
     """Registers, shared memory and resident programs per SM of the Gluon kernel's latest build."""
-    fn = kernel_module._hopper_module()[0]._hopper_block_sparse_fwd
+    fn = (module or kernel_module._hopper_module()[0])._hopper_block_sparse_fwd
     kernel = list(fn.device_caches[torch.cuda.current_device()][0].values())[-1]
     threads = int(re.search(r"\.reqntid (\d+)", kernel.asm["ptx"]).group(1))  # the loader warp's group included
     blocks = ctypes.c_int(0)
@@ -111,12 +142,15 @@ def main():
     parser.add_argument("--dtypes", default="bf16")
     parser.add_argument("--head-dims", default="128")
     parser.add_argument("--portable", default="G1P64,G1P128,G2P64", help="portable kernel rows")
+    parser.add_argument("--gluon-candidates", default="", metavar="PATHS",
+                        help="edited copies of kernels/block_sparse_attention_hopper.py timed as further rows")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    candidates = [load_candidate(path) for path in args.gluon_candidates.split(",") if path]
     for shape in args.shapes.split(","):
         for dtype_name in args.dtypes.split(","):
             for head_dim in (int(d) for d in args.head_dims.split(",")):
-                run(shape, dtype_name, head_dim, args.settings.split(","), args.portable.split(","))
+                run(shape, dtype_name, head_dim, args.settings.split(","), args.portable.split(","), candidates)
 
 
 if __name__ == "__main__":
