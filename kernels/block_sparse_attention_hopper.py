@@ -30,6 +30,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 CUBE = 64  # query rows and keys per step: one 64-token cube
 _STAGES = 3  # K/V ring depth (the probe's best; ~115 KB of shared memory a program)
+_NUM_WARPS = 4  # the compute warpgroup; the loader warp comes on top
+_MAX_REGISTERS = 128  # per thread: with 256 threads (the loader's group is padded to 4 warps) two programs per SM
 
 
 @gluon.jit
@@ -252,5 +254,5 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
         scale * 1.4426950408889634, H, N, kv_index.shape[-1], n_pool_steps, n_prefix, *layout.grid,
         *layout.cubes_per_axis[1:], q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
         out.stride(2), HEAD_DIM=D, CUBE=CUBE, CT=layout.cube_size[0], CH=layout.cube_size[1],
-        CW=layout.cube_size[2], NUM_STAGES=_STAGES, num_warps=4, maxnreg=128)
+        CW=layout.cube_size[2], NUM_STAGES=_STAGES, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
 

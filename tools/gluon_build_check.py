@@ -1,0 +1,120 @@
+"""Build the Gluon Hopper attention kernel for sm90 on a machine without a GPU and print what decides its speed
+before any device time is spent: registers and spills, shared memory and whether two programs fit an SM, and
+the widths of its global loads and stores. Needs Triton 3.6 (the release the kernel is built for), e.g.
+
+    pip download triton==3.6.0 --no-deps --only-binary=:all: --python-version 3.11 \\
+        --platform manylinux_2_27_x86_64 -d /tmp/t36
+    python3 -m zipfile -e /tmp/t36/triton-3.6.0-*.whl /tmp/t36/site
+    chmod +x /tmp/t36/site/triton/backends/nvidia/bin/*
+    PYTHONPATH=/tmp/t36/site python3 tools/gluon_build_check.py [MODULE.py] [--head-dim 128] [--dtype bf16]
+                                                                  [--ptx OUT.ptx] [--sass OUT.sass]
+
+MODULE.py defaults to kernels/block_sparse_attention_hopper.py; an edited copy builds the same way (then time
+it with `bench/kernel_variants.py --gluon-candidates`). Integer arguments are built as the launcher specialises
+them on the GPU: pointers and strides divisible by 16.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import pathlib
+import re
+import subprocess
+import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SM90_SHARED_PER_SM = 228 * 1024  # bytes; each resident program also takes 1 KB the driver reserves
+CONSTEXPRS = ("HEAD_DIM", "CUBE", "CT", "CH", "CW", "NUM_STAGES")
+
+
+def load_module(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def signature(fn, module, head_dim: int, dtype: str) -> dict:
+    """Triton signature strings of the kernel's arguments, by name (the launch in hopper_block_sparse_attention)."""
+    gl = module.gl
+    element = gl.bfloat16 if dtype == "bf16" else gl.float16
+    rows = repr(gl.NVMMASharedLayout.get_default_for([module.CUBE, head_dim], element))
+    per_head = repr(gl.NVMMASharedLayout.get_default_for([1, module.CUBE, head_dim], element))
+    types = {"Q": f"*{dtype}", "Out": f"*{dtype}", "Lse": "*fp32", "log2n_ptr": "*fp32", "key_bias_ptr": "*fp32",
+             "attended_ptr": "*u8", "order_ptr": "*i32", "count_ptr": "*i32", "index_ptr": "*i32", "qk_scale": "fp32",
+             "k_desc": f"tensordesc<{dtype}[{module.CUBE}, {head_dim}],{rows}>",
+             "v_desc": f"tensordesc<{dtype}[{module.CUBE}, {head_dim}],{rows}>",
+             "kbar_desc": f"tensordesc<{dtype}[1, {module.CUBE}, {head_dim}],{per_head}>",
+             "vbar_desc": f"tensordesc<{dtype}[1, {module.CUBE}, {head_dim}],{per_head}>",
+             "bias_desc": f"tensordesc<fp32[1, {module.CUBE}],{gl.NVMMASharedLayout(0, 32)!r}>"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in CONSTEXPRS:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        elif name in ("H", "N", "KG", "n_pool_steps", "n_prefix", "GT", "GH", "GW", "NH", "NW") or name.startswith(
+                "stride_"):
+            sig[name] = "i32"
+        else:
+            raise SystemExit(f"gluon_build_check: no type for the kernel's argument {name!r}; add it to signature()")
+    return sig
+
+
+def build(module, head_dim: int, dtype: str):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = module._hopper_block_sparse_fwd
+    sig = signature(fn, module, head_dim, dtype)
+    values = {"HEAD_DIM": head_dim, "CUBE": module.CUBE, "CT": 4, "CH": 4, "CW": 4, "NUM_STAGES": module._STAGES}
+    constants = {(fn.arg_names.index(name),): values[name] for name in CONSTEXPRS}
+    aligned = [i for i, name in enumerate(fn.arg_names) if sig[name].startswith("*") or name.startswith("stride_")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": getattr(module, "_NUM_WARPS", 4),  # older copies: the literals
+                                   "maxnreg": getattr(module, "_MAX_REGISTERS", 128)})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("module", nargs="?", default=str(REPO / "kernels" / "block_sparse_attention_hopper.py"))
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--ptx", help="write the PTX here")
+    parser.add_argument("--sass", help="write the SASS here")
+    args = parser.parse_args()
+    module = load_module(pathlib.Path(args.module))
+    kernel = build(module, args.head_dim, args.dtype)
+    import triton
+
+    tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+        if args.sass:
+            pathlib.Path(args.sass).write_text(subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)],
+                                                              capture_output=True, text=True, check=True).stdout)
+    if args.ptx:
+        pathlib.Path(args.ptx).write_text(kernel.asm["ptx"])
+    ptx = kernel.asm["ptx"]
+    threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
+    registers = re.search(r"REG:(\d+)", usage).group(1)
+    spills = re.search(r"LOCAL:(\d+)", usage).group(1)
+    shared = kernel.metadata.shared
+    per_program = -(-(shared + 1024) // 128) * 128
+    print(f"{pathlib.Path(args.module).name}, sm90, {args.dtype}, head_dim {args.head_dim}, "
+          f"Triton {triton.__version__}")
+    print(f"  threads {threads}, registers {registers} a thread, local memory (spills) {spills} B")
+    print(f"  shared memory {shared} B: {SM90_SHARED_PER_SM // per_program} programs per SM by shared memory "
+          f"({per_program} B each with the driver's 1 KB), {65536 // (threads * int(registers))} by registers")
+    accesses = collections.Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*)", ptx))
+    print("  global accesses in the PTX: " + ", ".join(f"{n} x {op}" for op, n in sorted(accesses.items())))
+
+
+if __name__ == "__main__":
+    main()
