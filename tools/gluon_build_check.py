@@ -7,7 +7,7 @@ the widths of its global loads and stores. Needs Triton 3.6 (the release the ker
     python3 -m zipfile -e /tmp/t36/triton-3.6.0-*.whl /tmp/t36/site
     chmod +x /tmp/t36/site/triton/backends/nvidia/bin/*
     PYTHONPATH=/tmp/t36/site python3 tools/gluon_build_check.py [MODULE.py] [--head-dim 128] [--dtype bf16]
-                                                                  [--ptx OUT.ptx] [--sass OUT.sass]
+                                  [--max-registers N] [--stages N] [--ptx OUT.ptx] [--sass OUT.sass]
 
 MODULE.py defaults to kernels/block_sparse_attention_hopper.py; an edited copy builds the same way (then time
 it with `bench/kernel_variants.py --gluon-candidates`). Integer arguments are built as the launcher specialises
@@ -62,20 +62,21 @@ def signature(fn, module, head_dim: int, dtype: str) -> dict:
     return sig
 
 
-def build(module, head_dim: int, dtype: str):
+def build(module, head_dim: int, dtype: str, max_registers: int | None = None, stages: int | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = module._hopper_block_sparse_fwd
     sig = signature(fn, module, head_dim, dtype)
-    values = {"HEAD_DIM": head_dim, "CUBE": module.CUBE, "CT": 4, "CH": 4, "CW": 4, "NUM_STAGES": module._STAGES}
+    values = {"HEAD_DIM": head_dim, "CUBE": module.CUBE, "CT": 4, "CH": 4, "CW": 4,
+              "NUM_STAGES": stages or module._STAGES}
     constants = {(fn.arg_names.index(name),): values[name] for name in CONSTEXPRS}
     aligned = [i for i, name in enumerate(fn.arg_names) if sig[name].startswith("*") or name.startswith("stride_")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": getattr(module, "_NUM_WARPS", 4),  # older copies: the literals
-                                   "maxnreg": getattr(module, "_MAX_REGISTERS", 128)})
+                                   "maxnreg": max_registers or getattr(module, "_MAX_REGISTERS", 128)})
 
 
 def main():
@@ -83,11 +84,13 @@ def main():
     parser.add_argument("module", nargs="?", default=str(REPO / "kernels" / "block_sparse_attention_hopper.py"))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--max-registers", type=int, help="register cap a thread (what-if; default the module's)")
+    parser.add_argument("--stages", type=int, help="K/V ring depth (what-if; default the module's)")
     parser.add_argument("--ptx", help="write the PTX here")
     parser.add_argument("--sass", help="write the SASS here")
     args = parser.parse_args()
     module = load_module(pathlib.Path(args.module))
-    kernel = build(module, args.head_dim, args.dtype)
+    kernel = build(module, args.head_dim, args.dtype, args.max_registers, args.stages)
     import triton
 
     tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
