@@ -11,8 +11,9 @@ each row masked to its own cube's list); P = pooled keys per step; gluon = the G
 (`kernels/block_sparse_attention_hopper.py`, the default where it runs: one cube per program, 64 pooled keys
 per step). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
 --gluon-candidates times edited copies of the Gluon module (same launch function) as further rows on the same
-tables in the same process, the way a kernel change is measured before it replaces the committed one; the
-"max|d|" column is each row's largest difference from the committed Gluon kernel's output.
+tables in the same process, the way a kernel change is measured before it replaces the committed one (at head_dim
+64 too, where the committed kernel leaves the work to the portable one); the "max|d|" column is each row's
+largest difference from the table's first row.
 TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys; "exec" counts
 what the kernel runs, whole 64 x 64 steps (kept cubes, then ceil(N / 64) pooled blocks). The gluon row also
 gives the build's registers, shared memory and programs per SM (cuOccupancyMaxActiveBlocksPerMultiprocessor).
@@ -65,14 +66,16 @@ def load_candidate(path: str):
 
 @contextlib.contextmanager
 def gluon_module(module):
-    """Route the kernel wrapper's Gluon launches to `module` (None: the committed one) for the block."""
-    committed = kernel_module._import_hopper
+    """Route the kernel wrapper's Gluon launches to `module` (None: the committed one) for the block; a candidate
+    may also take head_dim 64."""
+    committed, head_dims = kernel_module._import_hopper, kernel_module.HOPPER_HEAD_DIMS
     if module is not None:
         kernel_module._import_hopper = lambda: (module, None)
+        kernel_module.HOPPER_HEAD_DIMS = (64, 128)
     try:
         yield
     finally:
-        kernel_module._import_hopper = committed
+        kernel_module._import_hopper, kernel_module.HOPPER_HEAD_DIMS = committed, head_dims
 
 
 def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
@@ -106,8 +109,12 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
         variants = [(f"G{group}P{pool}", group, pool, False, None) for group, pool in ((1, 64), (1, 128), (2, 64))]
         variants = [v for v in variants if v[0] in portable]
         if hopper_path_reason(q, head_dim, S, 1, False) is None:
-            variants += [("gluon", 1, 64, True, None)] + [(name, 1, 64, True, module) for name, module in candidates]
-        committed = None
+            variants.append(("gluon", 1, 64, True, None))
+        for tile, module in candidates:
+            with gluon_module(module):
+                if hopper_path_reason(q, head_dim, S, 1, False) is None:
+                    variants.append((tile, 1, 64, True, module))
+        first = None
         for tile, group, pool, hopper, module in variants:
             plan = plan_block_sparse(sel.kv_count, sel.kv_index, group)
             result = torch.empty_like(q)
@@ -116,8 +123,8 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
                     q, kc, vc, layout, sel.kv_count, sel.kv_index, result, 0, scale, plan=plan,
                     remainder=(k_pooled, v_pooled, mask), pool_block=pool, hopper_kernel=hopper))
             kernel_rel, _ = errors(result, dense_out)
-            committed = result if tile == "gluon" else committed
-            diff = "" if committed is None else f"{(result.float() - committed.float()).abs().max().item():7.1e}"
+            first = result if first is None else first
+            diff = f"{(result.float() - first.float()).abs().max().item():7.1e}"
             print(f"  {name:8s} {100 * float(mask.float().mean()):5.1f} {tile:6s} {kernel_ms:9.3f} "
                   f"{useful / kernel_ms / 1e9:7.0f} {executed / kernel_ms / 1e9:5.0f} {dense_ms / kernel_ms:7.2f}  "
                   f"{call_ms:8.3f} {dense_ms / call_ms:7.2f} {rel:6.3f} {kernel_rel:6.3f} {diff:>7s} "

@@ -63,6 +63,8 @@ def _device_facts(device: torch.device) -> tuple[int, int, int]:
 
 
 HOPPER_TRITON = ("3.6",)  # Triton releases whose Gluon the Hopper kernel is built for: its API still moves
+# head_dim 64 builds, but the portable kernel measured faster there (H200: 4.95 vs 6.06 ms, 480p)
+HOPPER_HEAD_DIMS = (128,)
 
 
 def hopper_path_reason(q: torch.Tensor, head_dim: int, cube_volume: int, group: int, has_extra: bool) -> str | None:
@@ -72,8 +74,7 @@ def hopper_path_reason(q: torch.Tensor, head_dim: int, cube_volume: int, group: 
         return "BSA_HOPPER_KERNEL=0"
     if _INTERPRET or q.device.type != "cuda" or _device_facts(q.device)[0] != 9:
         return "not an sm90 GPU"
-    if q.dtype not in (torch.float16, torch.bfloat16) or head_dim != 128:
-        # head_dim 64 builds, but the portable kernel measured faster there (H200: 4.95 vs 6.06 ms, 480p)
+    if q.dtype not in (torch.float16, torch.bfloat16) or head_dim not in HOPPER_HEAD_DIMS:
         return f"{q.dtype} with head_dim {head_dim}"
     if cube_volume != 64 or group != 1 or has_extra:
         return "a cube volume other than 64, grouped cubes or extra keys"

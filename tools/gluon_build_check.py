@@ -99,20 +99,23 @@ def main():
         cubin.write_bytes(kernel.asm["cubin"])
         usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
-        if args.sass:
-            pathlib.Path(args.sass).write_text(subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)],
-                                                              capture_output=True, text=True, check=True).stdout)
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    if args.sass:
+        pathlib.Path(args.sass).write_text(sass)
     if args.ptx:
         pathlib.Path(args.ptx).write_text(kernel.asm["ptx"])
     ptx = kernel.asm["ptx"]
     threads = int(re.search(r"\.reqntid (\d+)", ptx).group(1))
     registers = re.search(r"REG:(\d+)", usage).group(1)
-    spills = re.search(r"LOCAL:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)  # ptxas puts register spills in the stack frame
+    spills = len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\s", sass))
     shared = kernel.metadata.shared
     per_program = -(-(shared + 1024) // 128) * 128
     print(f"{pathlib.Path(args.module).name}, sm90, {args.dtype}, head_dim {args.head_dim}, "
           f"Triton {triton.__version__}")
-    print(f"  threads {threads}, registers {registers} a thread, local memory (spills) {spills} B")
+    print(f"  threads {threads}, registers {registers} a thread, stack frame {stack} B, "
+          f"{spills} spill loads / stores (STL / LDL in the SASS)")
     print(f"  shared memory {shared} B: {SM90_SHARED_PER_SM // per_program} programs per SM by shared memory "
           f"({per_program} B each with the driver's 1 KB), {65536 // (threads * int(registers))} by registers")
     accesses = collections.Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*)", ptx))

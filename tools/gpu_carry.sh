@@ -5,7 +5,9 @@
 # Both are git-ignored; carry them with the run and follow bench/e2e_wan.py's docstring.
 # With CK=1 also .ck/: comfy-kitchen 0.2.40's cp312 wheel unzipped, its ROCm library removed (41 MiB), for
 # sol_attn in bench/pareto_bsa.py (PYTHONPATH=.ck). With the tracked files (~40 MiB, mostly assets/) it passes the
-# device tool's 64 MiB: untrack assets/*.safetensors for that call (git rm --cached, then git reset assets/).
+# device tool's 64 MiB unless assets/*.safetensors stay home for that call: untracked files travel unless ignored, so
+# `git rm --cached -q assets/*.safetensors && echo '/assets/*.safetensors' >> .git/info/exclude`, and after the call
+# `git reset -q assets/` and drop that line from .git/info/exclude.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
