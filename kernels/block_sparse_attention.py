@@ -63,8 +63,7 @@ def _device_facts(device: torch.device) -> tuple[int, int, int]:
 
 
 HOPPER_TRITON = ("3.6",)  # Triton releases whose Gluon the Hopper kernel is built for: its API still moves
-# head_dim 64 builds, but the portable kernel measured faster there (H200: 4.95 vs 6.06 ms, 480p)
-HOPPER_HEAD_DIMS = (128,)
+HOPPER_HEAD_DIMS = (64, 128)  # each with its own ring depth and register cap (_BUILD_BY_HEAD_DIM)
 
 
 def hopper_path_reason(q: torch.Tensor, head_dim: int, cube_volume: int, group: int, has_extra: bool) -> str | None:

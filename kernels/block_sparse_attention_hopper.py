@@ -8,7 +8,7 @@ schedule; `bench/gluon_probe.py` measured 528 TFLOP/s on a 14 %-kept list on an 
 nothing from global memory inside the loop: every step, selected cube or block of pooled keys, is the same step.
 
 Scope, else the portable kernel runs (`block_sparse_attention.hopper_path_reason`): keep_ratio 1 (Q and the
-output through the raster rows), 64-token cubes, one cube per program, head_dim 128, fp16 / bf16, no
+output through the raster rows), 64-token cubes, one cube per program, head_dim 64 or 128, fp16 / bf16, no
 extra keys, an sm90 GPU and a Triton whose Gluon this was built against. Same contract as the portable raster
 kernel: the selected cubes' exact keys (padding slots masked by key_bias), then, with a remainder, one pooled
 key per cube the row's cube did not select, in one online softmax; the LSE (log2 domain) of every slot in cube
@@ -29,9 +29,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 CUBE = 64  # query rows and keys per step: one 64-token cube
-_STAGES = 3  # K/V ring depth (the probe's best; ~115 KB of shared memory a program)
-_NUM_WARPS = 4  # the compute warpgroup; the loader warp comes on top
-_MAX_REGISTERS = 128  # per thread: with 256 threads (the loader's group is padded to 4 warps) two programs per SM
+_NUM_WARPS = 4  # the compute warpgroup; the loader warp comes on top (its group padded to 4 warps: 256 threads)
+# per head_dim: (K/V ring depth, registers a thread), the most programs per SM the build fits without spills
+#   128: 3 stages (the probe's best), ~115 KB of shared memory, 128 registers: two programs per SM;
+#   64: 4 stages, ~75 KB, 80 registers: three (H200, 480p fp16: 14-34 % faster than two at 128 registers)
+_BUILD_BY_HEAD_DIM = {128: (3, 128), 64: (4, 80)}
 
 
 @gluon.jit
@@ -249,10 +251,11 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
     else:
         k_bar, v_bar, attended = remainder
         kbar_desc, vbar_desc, n_pool_steps = per_head(k_bar), per_head(v_bar), -(-N // CUBE)
+    stages, registers = _BUILD_BY_HEAD_DIM[D]
     _hopper_block_sparse_fwd[(B * H * N,)](
         q, out, lse, k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, log2_n, attended, order, kv_count, kv_index,
         scale * 1.4426950408889634, H, N, kv_index.shape[-1], n_pool_steps, n_prefix, *layout.grid,
         *layout.cubes_per_axis[1:], q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1),
         out.stride(2), HEAD_DIM=D, CUBE=CUBE, CT=layout.cube_size[0], CH=layout.cube_size[1],
-        CW=layout.cube_size[2], NUM_STAGES=_STAGES, num_warps=_NUM_WARPS, maxnreg=_MAX_REGISTERS)
+        CW=layout.cube_size[2], NUM_STAGES=stages, num_warps=_NUM_WARPS, maxnreg=registers)
 

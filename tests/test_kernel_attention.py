@@ -251,6 +251,8 @@ HOPPER_CASES = [  # (B, H, grid, cube, D, dtype, kv_threshold, n_prefix, pooled)
     (1, 4, (21, 30, 52), (4, 4, 4), 128, torch.bfloat16, 0.7, 0, False),
     (2, 3, (9, 14, 22), (4, 4, 4), 128, torch.float16, 0.5, 3, True),  # CFG batch, fp16, a prefix row
     (1, 2, (8, 16, 16), (2, 4, 8), 128, torch.float16, 0.9, 0, True),  # another 64-token cube
+    (2, 3, (9, 14, 22), (4, 4, 4), 64, torch.float16, 0.5, 3, True),  # head_dim 64 (LTX-Video): its own build
+    (1, 4, (21, 30, 52), (4, 4, 4), 64, torch.bfloat16, 0.7, 0, False),
 ]
 
 
@@ -293,18 +295,20 @@ def test_gpu_hopper_kernel_matches_reference_and_portable_kernel(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [128, 64])
 @pytest.mark.parametrize("pooled", [False, True], ids=["no-pool", "pooled"])
-def test_gpu_hopper_kernel_on_short_and_full_lists(pooled):
-    """Lists the ring never wraps on: 0 (no remainder: output 0, LSE -inf), 1, 2 and 3 selected cubes, and every
-    cube selected (with a remainder: every pooled key hidden), against the portable kernel on the same tables."""
-    grid, cube, H, D = (8, 8, 12), (4, 4, 4), 2, 128
+def test_gpu_hopper_kernel_on_short_and_full_lists(pooled, D):
+    """Lists the ring (3 stages at head_dim 128, 4 at 64) never wraps on: 0 (no remainder: output 0, LSE -inf),
+    1, 2, 3 and 4 selected cubes, and every cube selected (with a remainder: every pooled key hidden), against
+    the portable kernel on the same tables."""
+    grid, cube, H = (8, 8, 12), (4, 4, 4), 2
     layout = cube_layout(grid, cube, DEVICE)
     N = layout.num_cubes
     g = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(1, H, layout.num_tokens, D, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3))
     _require_hopper_kernel(q, D, layout.cube_volume)
     kc, vc = (layout.to_cubes(x).contiguous() for x in (k, v))
-    counts = torch.tensor([0, 1, 2, 3, N] + [1] * (N - 5), dtype=torch.int32)[:N]
+    counts = torch.tensor([0, 1, 2, 3, 4, N] + [1] * (N - 6), dtype=torch.int32)[:N]
     kv_index = torch.full((1, H, N, N), -1, dtype=torch.int32)
     for c, n in enumerate(counts.tolist()):  # ascending lists of n cubes from the cube's own on
         kv_index[0, :, c, :n] = torch.sort(torch.arange(c, c + n) % N).values.to(torch.int32)

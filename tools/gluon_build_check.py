@@ -69,14 +69,17 @@ def build(module, head_dim: int, dtype: str, max_registers: int | None = None, s
 
     fn = module._hopper_block_sparse_fwd
     sig = signature(fn, module, head_dim, dtype)
+    # the module's build for this head_dim (older copies: one ring depth and register cap for every head_dim)
+    own_stages, own_registers = getattr(module, "_BUILD_BY_HEAD_DIM", {}).get(
+        head_dim, (getattr(module, "_STAGES", 3), getattr(module, "_MAX_REGISTERS", 128)))
     values = {"HEAD_DIM": head_dim, "CUBE": module.CUBE, "CT": 4, "CH": 4, "CW": 4,
-              "NUM_STAGES": stages or module._STAGES}
+              "NUM_STAGES": stages or own_stages}
     constants = {(fn.arg_names.index(name),): values[name] for name in CONSTEXPRS}
     aligned = [i for i, name in enumerate(fn.arg_names) if sig[name].startswith("*") or name.startswith("stride_")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": getattr(module, "_NUM_WARPS", 4),  # older copies: the literals
-                                   "maxnreg": max_registers or getattr(module, "_MAX_REGISTERS", 128)})
+                                   "maxnreg": max_registers or own_registers})
 
 
 def main():
