@@ -1,0 +1,74 @@
+"""How many attention steps packing partial query cubes would save, counted on the selection (no GPU needed):
+
+    python bench/packing_estimate.py [--shape 480p] [--stat-lambdas 1,1.5,2.5]
+
+The Gluon kernel runs one 64-row tile per query cube, so a partial cube (the last T slab of Wan's 21 frames holds
+one frame: 16 of 64 rows) costs a whole tile. Packing up to four cubes of <= 32 valid rows from one (t, h) run along
+W into a tile, each row masked to its own cube's list, runs the union of the members' lists instead. Steps =
+selected cubes + ceil(N / 64) pooled blocks per tile (the kernel's count), summed over heads, on the pure-torch
+reference selection of the bench's video-like Q/K (node defaults but the lambda).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import SHAPES, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
+
+from comfyui_bsa.bsa_core import reference  # noqa: E402
+from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
+from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
+
+MAX_MEMBERS = 4
+
+
+def packed_tiles(layout) -> list[list[int]]:
+    """Cube ids per tile: full-ish cubes alone, cubes of <= 32 valid rows packed along W runs."""
+    nt, nh, nw = layout.cubes_per_axis
+    valid = layout.n_valid.tolist()
+    tiles = []
+    for row in range(nt * nh):
+        run = []
+        for c in range(row * nw, (row + 1) * nw):
+            if valid[c] > 32:
+                tiles.append([c])
+                continue
+            if run and (sum(valid[x] for x in run) + valid[c] > 64 or len(run) == MAX_MEMBERS):
+                tiles.append(run)
+                run = []
+            run.append(c)
+        if run:
+            tiles.append(run)
+    return tiles
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="480p", choices=sorted(SHAPES))
+    parser.add_argument("--stat-lambdas", default="1,1.5,2.5")
+    args = parser.parse_args()
+    grid, heads = SHAPES[args.shape]
+    q, k, _ = video_qkv(grid, heads, device="cpu", dtype=torch.float32)
+    layout = cube_layout(grid, (4, 4, 4), "cpu")
+    qc, kc = layout.to_cubes(q), layout.to_cubes(k)
+    tiles = packed_tiles(layout)
+    pooled = -(-layout.num_cubes // 64)
+    print(f"{args.shape}: {layout.num_cubes} cubes, {sum(layout.n_valid.tolist())} of {layout.num_cubes * 64} "
+          f"query slots real; {len(tiles)} tiles when packed")
+    for lam in (float(x) for x in args.stat_lambdas.split(",")):
+        config = dataclasses.replace(RECOMMENDED, stat_lambda=lam)
+        mask = reference.bsa_select(qc, kc, layout, config, 1 / math.sqrt(q.shape[-1])).to_dense()[0]  # [H, N, N]
+        per_cube = int((mask.sum(-1) + pooled).sum())
+        packed = sum(int((mask[:, tile].any(1).sum(-1) + pooled).sum()) for tile in tiles)
+        print(f"  stat {lam}: {100 * float(mask.float().mean()):.1f} % kept; steps with a tile per cube {per_cube}, "
+              f"packed {packed} ({100 * (1 - packed / per_cube):.1f} % fewer)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
