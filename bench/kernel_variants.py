@@ -11,9 +11,8 @@ each row masked to its own cube's list); P = pooled keys per step; gluon = the G
 (`kernels/block_sparse_attention_hopper.py`, the default where it runs: one cube per program, 64 pooled keys
 per step). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
 --gluon-candidates times edited copies of the Gluon module (same launch function) as further rows on the same
-tables in the same process, the way a kernel change is measured before it replaces the committed one (at head_dim
-64 too, where the committed kernel leaves the work to the portable one); the "max|d|" column is each row's
-largest difference from the table's first row.
+tables in the same process, the way a kernel change is measured before it replaces the committed one; the
+"max|d|" column is each row's largest difference from the table's first row.
 TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys; "exec" counts
 what the kernel runs, whole 64 x 64 steps (kept cubes, then ceil(N / 64) pooled blocks). The gluon row also
 gives the build's registers, shared memory and programs per SM (cuOccupancyMaxActiveBlocksPerMultiprocessor).
@@ -66,16 +65,14 @@ def load_candidate(path: str):
 
 @contextlib.contextmanager
 def gluon_module(module):
-    """Route the kernel wrapper's Gluon launches to `module` (None: the committed one) for the block; a candidate
-    may also take head_dim 64."""
-    committed, head_dims = kernel_module._import_hopper, kernel_module.HOPPER_HEAD_DIMS
+    """Route the kernel wrapper's Gluon launches to `module` (None: the committed one) for the block."""
+    committed = kernel_module._import_hopper
     if module is not None:
         kernel_module._import_hopper = lambda: (module, None)
-        kernel_module.HOPPER_HEAD_DIMS = (64, 128)
     try:
         yield
     finally:
-        kernel_module._import_hopper, kernel_module.HOPPER_HEAD_DIMS = committed, head_dims
+        kernel_module._import_hopper = committed
 
 
 def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
