@@ -189,7 +189,7 @@ def kv_select(q_bar: torch.Tensor, k_bar: torch.Tensor, layout, config, scale: f
             scratch, index, kv_count[g0:], mask[g0:].view(torch.int8) if return_mask else mask, N,
             float(config.kv_threshold), float(config.stat_lambda), min(config.min_blocks, N), N_PAD=n_pad,
             CUMULATIVE=config.threshold_mode == "cumulative", WRITE_MASK=return_mask,
-            num_warps=max(2, min(4, n_pad // 512)))  # few warps: a row waits on its reductions, not on bandwidth
+            num_warps=max(2, min(16, n_pad // 512)))  # 512 blocks a warp: a row waits on its reductions
         if group == BH:
             # one group: the index written over the logits is the result, full width, no host sync
             result = kv_count.view(B, H, N), index.view(B, H, N, N)
