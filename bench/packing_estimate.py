@@ -1,4 +1,5 @@
-"""How many attention steps packing partial query cubes would save, counted on the selection (no GPU needed):
+"""How many attention steps packing partial query cubes would save, and the speed-up no kernel can pass, counted on
+the selection (no GPU needed):
 
     python bench/packing_estimate.py [--shape 480p] [--stat-lambdas 1,1.5,2.5]
 
@@ -6,7 +7,9 @@ The Gluon kernel runs one 64-row tile per query cube, so a partial cube (the las
 one frame: 16 of 64 rows) costs a whole tile. Packing up to four cubes of <= 32 valid rows from one (t, h) run along
 W into a tile, each row masked to its own cube's list, runs the union of the members' lists instead. Steps =
 selected cubes + ceil(N / 64) pooled blocks per tile (the kernel's count), summed over heads, on the pure-torch
-reference selection of the bench's video-like Q/K (node defaults but the lambda).
+reference selection of the bench's video-like Q/K (node defaults but the lambda). The ceiling: the work BSA must
+do (valid query x valid key pairs of the selected cubes, plus one pooled key per unselected cube for each valid
+query) as a share of dense attention's, i.e. the speed-up at cuDNN's own per-FLOP rate with zero overhead.
 """
 from __future__ import annotations
 
@@ -64,10 +67,14 @@ def main():
     for lam in (float(x) for x in args.stat_lambdas.split(",")):
         config = dataclasses.replace(RECOMMENDED, stat_lambda=lam)
         mask = reference.bsa_select(qc, kc, layout, config, 1 / math.sqrt(q.shape[-1])).to_dense()[0]  # [H, N, N]
+        n = layout.n_valid.double()
+        pairs = float((n[:, None] * mask.double() * n[None, :]).sum() + (n[:, None] * (1 - mask.double())).sum())
+        dense = float(layout.num_tokens) ** 2 * heads
         per_cube = int((mask.sum(-1) + pooled).sum())
         packed = sum(int((mask[:, tile].any(1).sum(-1) + pooled).sum()) for tile in tiles)
         print(f"  stat {lam}: {100 * float(mask.float().mean()):.1f} % kept; steps with a tile per cube {per_cube}, "
-              f"packed {packed} ({100 * (1 - packed / per_cube):.1f} % fewer)", flush=True)
+              f"packed {packed} ({100 * (1 - packed / per_cube):.1f} % fewer); work {100 * pairs / dense:.2f} % of "
+              f"dense: at most x{dense / pairs:.2f} at cuDNN's per-FLOP rate", flush=True)
 
 
 if __name__ == "__main__":
