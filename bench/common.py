@@ -1,7 +1,8 @@
 """What every bench script shares: the pack loaded as `comfyui_bsa`, the Wan shapes, the timer, the error
-measures and the video-like inputs with their cuDNN baseline."""
+measures, the video-like inputs with their cuDNN baseline, and edited copies of a kernel module beside it."""
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import sys
 
@@ -16,6 +17,14 @@ load_pack()
 from video_qkv import video_qkv  # noqa: E402  (bench/ is on sys.path: scripts run from there)
 
 SHAPES = {"480p": ((21, 30, 52), 12), "720p": ((21, 45, 80), 40)}  # Wan 81 frames: latent grid, heads
+
+
+def load_kernel_copy(path: str):
+    """An edited copy of one of the pack's kernel modules, imported beside the committed one (A/B in one process)."""
+    spec = importlib.util.spec_from_file_location(f"comfyui_bsa.kernels.{pathlib.Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def ms(fn) -> float:

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import importlib.util
 import math
 import pathlib
 import re
@@ -32,7 +31,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import SHAPES, errors, ms, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
+from common import SHAPES, errors, load_kernel_copy, ms, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
 
 from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
@@ -52,15 +51,6 @@ def _config(name):
     mode, value = SETTINGS[name]
     extra = {"stat_lambda": value} if mode == "statistical" else {"kv_threshold": value}
     return dataclasses.replace(RECOMMENDED, threshold_mode=mode, **extra)
-
-
-def load_candidate(path: str):
-    """An edited copy of the Gluon kernel's module, imported beside the pack's own."""
-    name = pathlib.Path(path).stem
-    spec = importlib.util.spec_from_file_location(f"comfyui_bsa.kernels.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return name, module
 
 
 @contextlib.contextmanager
@@ -150,7 +140,8 @@ def main():
                         help="edited copies of kernels/block_sparse_attention_hopper.py timed as further rows")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    candidates = [load_candidate(path) for path in args.gluon_candidates.split(",") if path]
+    paths = [path for path in args.gluon_candidates.split(",") if path]
+    candidates = [(pathlib.Path(path).stem, load_kernel_copy(path)) for path in paths]
     for shape in args.shapes.split(","):
         for dtype_name in args.dtypes.split(","):
             for head_dim in (int(d) for d in args.head_dims.split(",")):

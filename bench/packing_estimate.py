@@ -62,14 +62,14 @@ def main():
     qc, kc = layout.to_cubes(q), layout.to_cubes(k)
     tiles = packed_tiles(layout)
     pooled = -(-layout.num_cubes // 64)
+    n = layout.n_valid.double()
+    dense = float(layout.num_tokens) ** 2 * heads
     print(f"{args.shape}: {layout.num_cubes} cubes, {sum(layout.n_valid.tolist())} of {layout.num_cubes * 64} "
           f"query slots real; {len(tiles)} tiles when packed")
     for lam in (float(x) for x in args.stat_lambdas.split(",")):
         config = dataclasses.replace(RECOMMENDED, stat_lambda=lam)
         mask = reference.bsa_select(qc, kc, layout, config, 1 / math.sqrt(q.shape[-1])).to_dense()[0]  # [H, N, N]
-        n = layout.n_valid.double()
         pairs = float((n[:, None] * mask.double() * n[None, :]).sum() + (n[:, None] * (1 - mask.double())).sum())
-        dense = float(layout.num_tokens) ** 2 * heads
         per_cube = int((mask.sum(-1) + pooled).sum())
         packed = sum(int((mask[:, tile].any(1).sum(-1) + pooled).sum()) for tile in tiles)
         print(f"  stat {lam}: {100 * float(mask.float().mean()):.1f} % kept; steps with a tile per cube {per_cube}, "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import pathlib
 import sys
@@ -21,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import SHAPES, ms, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
+from common import SHAPES, load_kernel_copy, ms, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
 
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
@@ -31,19 +30,12 @@ from comfyui_bsa.kernels.cube_permute import permute_qkv  # noqa: E402
 SETTINGS = (("statistical", 1.0), ("statistical", 2.5), ("cumulative", 0.9))
 
 
-def load_copy(path: str):
-    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="480p,720p")
     parser.add_argument("copies", nargs="*", help="edited copies of kernels/kv_select.py")
     args = parser.parse_args()
-    modules = {"committed": committed, **{pathlib.Path(p).stem: load_copy(p) for p in args.copies}}
+    modules = {"committed": committed, **{pathlib.Path(p).stem: load_kernel_copy(p) for p in args.copies}}
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     for shape in args.shapes.split(","):
         grid, heads = SHAPES[shape]
