@@ -1,11 +1,11 @@
-"""How many attention steps packing partial query cubes would save, and the speed-up no kernel can pass, counted on
+"""How many attention steps packing partial query cubes saves, and the speed-up no kernel can pass, counted on
 the selection (no GPU needed):
 
     python bench/packing_estimate.py [--shape 480p] [--stat-lambdas 1,1.5,2.5]
 
-The Gluon kernel runs one 64-row tile per query cube, so a partial cube (the last T slab of Wan's 21 frames holds
-one frame: 16 of 64 rows) costs a whole tile. Packing up to four cubes of <= 32 valid rows from one (t, h) run along
-W into a tile, each row masked to its own cube's list, runs the union of the members' lists instead. Steps =
+Without packing, a partial cube (the last T slab of Wan's 21 frames holds one frame: 16 of 64 rows) costs a whole
+64-row tile. The Gluon kernel packs up to four cubes of <= 32 valid rows from one (t, h) run along W into a tile
+(`kernels/packed_tiles.py`), each row masked to its own cube's list, and runs the union of the members' lists. Steps =
 selected cubes + ceil(N / 64) pooled blocks per tile (the kernel's count), summed over heads, on the pure-torch
 reference selection of the bench's video-like Q/K (node defaults but the lambda). The ceiling: the work BSA must
 do (valid query x valid key pairs of the selected cubes, plus one pooled key per unselected cube for each valid
@@ -27,28 +27,7 @@ from common import SHAPES, video_qkv  # noqa: E402  (also loads the pack as comf
 from comfyui_bsa.bsa_core import reference  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
-
-MAX_MEMBERS = 4
-
-
-def packed_tiles(layout) -> list[list[int]]:
-    """Cube ids per tile: full-ish cubes alone, cubes of <= 32 valid rows packed along W runs."""
-    nt, nh, nw = layout.cubes_per_axis
-    valid = layout.n_valid.tolist()
-    tiles = []
-    for row in range(nt * nh):
-        run = []
-        for c in range(row * nw, (row + 1) * nw):
-            if valid[c] > 32:
-                tiles.append([c])
-                continue
-            if run and (sum(valid[x] for x in run) + valid[c] > 64 or len(run) == MAX_MEMBERS):
-                tiles.append(run)
-                run = []
-            run.append(c)
-        if run:
-            tiles.append(run)
-    return tiles
+from comfyui_bsa.kernels.packed_tiles import tile_members  # noqa: E402
 
 
 def main():
@@ -60,7 +39,7 @@ def main():
     q, k, _ = video_qkv(grid, heads, device="cpu", dtype=torch.float32)
     layout = cube_layout(grid, (4, 4, 4), "cpu")
     qc, kc = layout.to_cubes(q), layout.to_cubes(k)
-    tiles = packed_tiles(layout)
+    tiles = tile_members(layout.n_valid.tolist(), layout.cubes_per_axis)
     pooled = -(-layout.num_cubes // 64)
     n = layout.n_valid.double()
     dense = float(layout.num_tokens) ** 2 * heads
