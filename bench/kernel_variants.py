@@ -14,7 +14,8 @@ per step). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
 tables in the same process, the way a kernel change is measured before it replaces the committed one; the
 "max|d|" column is each row's largest difference from the table's first row.
 TFLOP/s count useful work: each query row against its own cube's list plus the pooled keys; "exec" counts
-what the kernel runs, whole 64 x 64 steps (kept cubes, then ceil(N / 64) pooled blocks). The gluon row also
+what the kernel runs, whole 64 x 64 steps (each tile's list, for the Gluon kernel's packed tiles of partial cubes
+their union, then ceil(N / 64) pooled blocks). The gluon row also
 gives the build's registers, shared memory and programs per SM (cuOccupancyMaxActiveBlocksPerMultiprocessor).
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from comfyui_bsa.kernels import block_sparse_attention as kernel_module  # noqa:
 from comfyui_bsa.kernels.block_sparse_attention import (  # noqa: E402
     block_sparse_attention_raster, hopper_path_reason, plan_block_sparse)
 from comfyui_bsa.kernels.cube_permute import permute_qkv  # noqa: E402
+from comfyui_bsa.kernels.packed_tiles import packed_tiles, packed_union  # noqa: E402
 
 SETTINGS = {"stat1": ("statistical", 1.0), "stat1.5": ("statistical", 1.5), "stat2.5": ("statistical", 2.5),
             "cum0.9": ("cumulative", 0.9)}
@@ -92,7 +94,7 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
         sel, mask = select_triton(None, None, layout, config, scale, k_bar=k_bar, q_bar=q_bar, return_mask=True)
         kv_tokens = layout.n_valid[sel.kv_index.clamp(min=0).long()] * (sel.kv_index >= 0)
         useful = 4 * head_dim * (float(kv_tokens.sum().double()) * S + float(L) * heads * N)
-        executed = 4 * head_dim * S * S * float(sel.kv_count.sum().double() + heads * N * -(-N // S))
+        per_step = 4 * head_dim * S * S
         variants = [(f"G{group}P{pool}", group, pool, False, None) for group, pool in ((1, 64), (1, 128), (2, 64))]
         variants = [v for v in variants if v[0] in portable]
         if hopper_path_reason(q, head_dim, S, 1, False) is None:
@@ -109,6 +111,8 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
                 kernel_ms = ms(lambda: block_sparse_attention_raster(
                     q, kc, vc, layout, sel.kv_count, sel.kv_index, result, 0, scale, plan=plan,
                     remainder=(k_pooled, v_pooled, mask), pool_block=pool, hopper_kernel=hopper))
+            executed = per_step * _steps(sel, mask, layout, heads, packed=hopper and hasattr(
+                module or kernel_module._hopper_module()[0], "packed_tiles"))
             kernel_rel, _ = errors(result, dense_out)
             first = result if first is None else first
             diff = f"{(result.float() - first.float()).abs().max().item():7.1e}"
@@ -116,6 +120,19 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
                   f"{useful / kernel_ms / 1e9:7.0f} {executed / kernel_ms / 1e9:5.0f} {dense_ms / kernel_ms:7.2f}  "
                   f"{call_ms:8.3f} {dense_ms / call_ms:7.2f} {rel:6.3f} {kernel_rel:6.3f} {diff:>7s} "
                   f"{_occupancy(module) if hopper and name == settings[0] else ''}", flush=True)
+
+
+def _steps(sel, mask, layout, heads, packed) -> float:
+    """64 x 64 steps a kernel runs: each tile's list (a packed tile's union) plus ceil(N / 64) pooled blocks."""
+    N = layout.num_cubes
+    pooled = -(-N // layout.cube_volume)
+    if not packed:
+        return float(sel.kv_count.sum().double()) + heads * N * pooled
+    tiles = packed_tiles(layout)
+    union, _ = packed_union(mask.to(torch.bool).contiguous().view(torch.uint8), tiles.members, N)
+    n_tiles = tiles.singles.numel() + tiles.num_packed
+    selected = sel.kv_count[..., tiles.singles.long()].sum().double() + union.sum().double()
+    return float(selected) + heads * n_tiles * pooled
 
 
 def _occupancy(module=None):

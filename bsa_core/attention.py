@@ -133,7 +133,7 @@ def bsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, confi
 
 def lse_shape(grid, cube_size, keep_ratio: float) -> tuple[int, int]:
     """(cubes, rows per cube) of the forward's saved log-sum-exp: every slot at keep_ratio 1 (slot order;
-    padding slots hold their zero query's, unused), else the kept-query lists' width (selection.q_index's
+    a padding slot's value unspecified and unused), else the kept-query lists' width (selection.q_index's
     order). Host numbers only."""
     cubes = math.prod(-(-g // c) for g, c in zip(grid, cube_size))
     return cubes, math.prod(cube_size) if keep_ratio >= 1.0 else kept_width(grid, cube_size, keep_ratio)

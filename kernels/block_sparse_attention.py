@@ -499,8 +499,8 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
     block_sparse_attention. hopper_kernel: the Gluon kernel of `block_sparse_attention_hopper.py` (None: where
     `hopper_path_reason` allows; True: it or a ValueError; False: the portable kernel). Returns out, and with
-    return_lse the log2-domain log-sum-exp of every row in cube order [B, H, N, S] fp32 (slot order; padding
-    slots hold their zero query's, which the backward skips), what the backward needs."""
+    return_lse the log2-domain log-sum-exp of every row in cube order [B, H, N, S] fp32 (slot order; a padding
+    slot's is unspecified, the backward skips it), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"q and out must be fp16/bf16 [B, H, L, D] of one shape and dtype, got {q.dtype} "
                          f"{tuple(q.shape)} and {out.dtype} {tuple(out.shape)}")

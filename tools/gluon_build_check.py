@@ -9,8 +9,8 @@ the widths of its global loads and stores. Needs Triton 3.6 (the release the ker
     PYTHONPATH=/tmp/t36/site python3 tools/gluon_build_check.py [MODULE.py] [--head-dim 128] [--dtype bf16]
                                   [--max-registers N] [--stages N] [--ptx OUT.ptx] [--sass OUT.sass]
 
-MODULE.py defaults to kernels/block_sparse_attention_hopper.py; an edited copy builds the same way (then time
-it with `bench/kernel_variants.py --gluon-candidates`). Integer arguments are built as the launcher specialises
+MODULE.py defaults to kernels/block_sparse_attention_hopper.py; an edited copy builds the same way (its relative
+imports resolve in kernels/; then time it with `bench/kernel_variants.py --gluon-candidates`). Integer arguments are built as the launcher specialises
 them on the GPU: pointers and strides divisible by 16.
 """
 from __future__ import annotations
@@ -21,15 +21,22 @@ import importlib.util
 import pathlib
 import re
 import subprocess
+import sys
 import tempfile
+import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SM90_SHARED_PER_SM = 228 * 1024  # bytes; each resident program also takes 1 KB the driver reserves
-CONSTEXPRS = ("HEAD_DIM", "CUBE", "CT", "CH", "CW", "NUM_STAGES")
+CONSTEXPRS = ("HEAD_DIM", "CUBE", "CT", "CH", "CW", "NUM_STAGES", "MEMBERS")
+_PACKAGE = "_bsa_build_check"  # the module's relative imports (`.packed_tiles`) resolve in kernels/
 
 
 def load_module(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if _PACKAGE not in sys.modules:
+        package = types.ModuleType(_PACKAGE)
+        package.__path__ = [str(REPO / "kernels")]
+        sys.modules[_PACKAGE] = package
+    spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -42,7 +49,9 @@ def signature(fn, module, head_dim: int, dtype: str) -> dict:
     rows = repr(gl.NVMMASharedLayout.get_default_for([module.CUBE, head_dim], element))
     per_head = repr(gl.NVMMASharedLayout.get_default_for([1, module.CUBE, head_dim], element))
     types = {"Q": f"*{dtype}", "Out": f"*{dtype}", "Lse": "*fp32", "log2n_ptr": "*fp32", "key_bias_ptr": "*fp32",
-             "attended_ptr": "*u8", "order_ptr": "*i32", "count_ptr": "*i32", "index_ptr": "*i32", "qk_scale": "fp32",
+             "attended_ptr": "*u8", "order_ptr": "*i32", "tiles_ptr": "*i32", "members_ptr": "*i32",
+             "row_token_ptr": "*i32", "row_slot_ptr": "*i32", "row_member_ptr": "*i32", "count_ptr": "*i32",
+             "index_ptr": "*i32", "ucount_ptr": "*i32", "uindex_ptr": "*i32", "qk_scale": "fp32",
              "k_desc": f"tensordesc<{dtype}[{module.CUBE}, {head_dim}],{rows}>",
              "v_desc": f"tensordesc<{dtype}[{module.CUBE}, {head_dim}],{rows}>",
              "kbar_desc": f"tensordesc<{dtype}[1, {module.CUBE}, {head_dim}],{per_head}>",
@@ -54,8 +63,8 @@ def signature(fn, module, head_dim: int, dtype: str) -> dict:
             sig[name] = "constexpr"
         elif name in types:
             sig[name] = types[name]
-        elif name in ("H", "N", "KG", "n_pool_steps", "n_prefix", "GT", "GH", "GW", "NH", "NW") or name.startswith(
-                "stride_"):
+        elif name in ("H", "N", "BH", "n_singles", "n_packed", "KG", "KU", "n_pool_steps", "n_prefix", "GT", "GH",
+                      "GW", "NH", "NW") or name.startswith("stride_"):
             sig[name] = "i32"
         else:
             raise SystemExit(f"gluon_build_check: no type for the kernel's argument {name!r}; add it to signature()")
@@ -73,8 +82,8 @@ def build(module, head_dim: int, dtype: str, max_registers: int | None = None, s
     own_stages, own_registers = getattr(module, "_BUILD_BY_HEAD_DIM", {}).get(
         head_dim, (getattr(module, "_STAGES", 3), getattr(module, "_MAX_REGISTERS", 128)))
     values = {"HEAD_DIM": head_dim, "CUBE": module.CUBE, "CT": 4, "CH": 4, "CW": 4,
-              "NUM_STAGES": stages or own_stages}
-    constants = {(fn.arg_names.index(name),): values[name] for name in CONSTEXPRS}
+              "NUM_STAGES": stages or own_stages, "MEMBERS": getattr(module, "MAX_MEMBERS", 4)}
+    constants = {(fn.arg_names.index(name),): values[name] for name in CONSTEXPRS if name in fn.arg_names}
     aligned = [i for i, name in enumerate(fn.arg_names) if sig[name].startswith("*") or name.startswith("stride_")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     return triton.compile(GluonASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", 90, 32),
