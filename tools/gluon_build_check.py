@@ -10,8 +10,8 @@ the widths of its global loads and stores. Needs Triton 3.6 (the release the ker
                                   [--max-registers N] [--stages N] [--ptx OUT.ptx] [--sass OUT.sass]
 
 MODULE.py defaults to kernels/block_sparse_attention_hopper.py; an edited copy builds the same way (its relative
-imports resolve in kernels/; then time it with `bench/kernel_variants.py --gluon-candidates`). Integer arguments are built as the launcher specialises
-them on the GPU: pointers and strides divisible by 16.
+imports resolve in kernels/; then time it with `bench/kernel_variants.py --gluon-candidates`). Integer arguments
+are built as the launcher specialises them on the GPU: pointers and strides divisible by 16.
 """
 from __future__ import annotations
 
