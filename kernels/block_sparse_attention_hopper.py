@@ -5,7 +5,8 @@ Why: Triton 3.6 does not warp-specialise on Hopper, so the portable kernel (`blo
 its 64 x 64 steps at ~390 TFLOP/s. Here a one-warp loader fills a ring of K/V tiles and their keys' additive
 bias while four compute warps run the next step's Q K^T during the current step's softmax (FlashAttention-3's
 schedule; `bench/gluon_probe.py` measured 528 TFLOP/s on a 14 %-kept list on an H200). The compute warps read
-nothing from global memory inside the loop: every step, selected cube or block of pooled keys, is the same step.
+nothing from global memory inside the loop but a packed tile's union entry (4 bytes a step): every step, selected
+cube or block of pooled keys, is the same step.
 
 Scope, else the portable kernel runs (`block_sparse_attention.hopper_path_reason`): keep_ratio 1 (Q and the
 output through the raster rows), 64-token cubes, head_dim 64 or 128, fp16 / bf16, no extra keys, an sm90 GPU and
@@ -33,10 +34,17 @@ from .packed_tiles import MAX_MEMBERS, packed_tiles, packed_union
 
 CUBE = 64  # query rows and keys per step: one 64-token cube
 _NUM_WARPS = 4  # the compute warpgroup; the loader warp comes on top (its group padded to 4 warps: 256 threads)
-# per head_dim: (K/V ring depth, registers a thread), the most programs per SM the build fits without spills
-#   128: 3 stages (the probe's best), ~115 KB of shared memory, 128 registers: two programs per SM;
-#   64: 4 stages, ~75 KB, 80 registers: three (H200, 480p fp16: 14-34 % faster than two at 128 registers)
-_BUILD_BY_HEAD_DIM = {128: (3, 128), 64: (4, 80)}
+# per head_dim: (K/V ring depth, registers a thread, Q K^T's A operand from registers), the most programs per SM
+# the build fits without spills
+#   128: 3 stages (the probe's best), ~115 KB of shared memory, 128 registers: two programs per SM; Q in registers
+#        (the compute warps raise their own cap past 200, setmaxnreg) halves the shared-memory reads of a Q K^T, which
+#        with both operands in shared memory needs 128 B a clock, all an SM has (H200, session 16: 0.6-7 % faster)
+#   64: 4 stages, ~75 KB, 80 registers: three (H200, 480p fp16: 14-34 % faster than two at 128 registers); Q stays
+#        in shared memory (in registers it spills at 80)
+_BUILD_BY_HEAD_DIM = {128: (3, 128, True), 64: (4, 80, False)}
+# the loader warp's register cap (setmaxnreg): what it gives up goes to the compute warps; at 40 the head_dim 64
+# build spilled in the packed tiles' step loop, at 32 neither build spills (tools/gluon_build_check.py)
+_LOADER_REGISTERS = gl.constexpr(32)
 
 
 @gluon.jit
@@ -70,8 +78,8 @@ def _tile_rows(tile, n_prefix, stride_l, row_token_ptr, GT, GH, GW, NH, NW, HEAD
 
 @gluon.jit
 def _with_members(weight, bits):
-    """A packed tile's ring entry: the key's log2 weight with, in its low 4 mantissa bits, which members' rows see
-    the key (bit g: member g); -inf where none does. Bits cleared, the weight moves by < 16 ulp."""
+    """A packed tile's ring entry for a pooled key: its log2 weight with, in its low 4 mantissa bits, which members'
+    rows see the key (bit g: member g); -inf where none does. Bits cleared, the weight moves by < 16 ulp."""
     code = (weight.to(gl.int32, bitcast=True) & -16) | bits
     return gl.where(bits != 0, code.to(gl.float32, bitcast=True), float("-inf"))
 
@@ -98,16 +106,25 @@ def _pooled_bias(block, log2n_ptr, attended_ptr, members_ptr, bh, tile, N, cols,
 
 
 @gluon.jit
-def _step_bias(ring_row, row_member, PACKED: gl.constexpr):
-    """A step's additive log2 bias, broadcastable to the [64 rows, 64 keys] scores: the ring's key biases, or for a
-    packed tile each row's own member's (`_with_members`; a padding row's member, NO_MEMBER, sees nothing)."""
+def _step_bias(ring_row, row_bit, table_ptr, step, count, PACKED: gl.constexpr):
+    """Step `step`'s additive log2 bias, broadcastable to the [64 rows, 64 keys] scores: the ring's key biases; for
+    a packed tile masked to the members that see them (row_bit: 1 << the row's member; a padding row's member,
+    NO_MEMBER, is no bit of an entry). A selected cube is seen by the same members for all its keys (its union
+    entry's high byte): a per-row mask, one add an element (H200, session 16: 1-4 % faster than testing every
+    element's bits). A block of pooled keys carries its bits per key (`_with_members`)."""
     if PACKED:
-        code = ring_row.to(gl.int32, bitcast=True)
-        weight = (code & -16).to(gl.float32, bitcast=True)
-        sees = ((gl.expand_dims(code, 0) >> gl.expand_dims(row_member, 1)) & 1) != 0
-        return gl.where(sees, gl.expand_dims(weight, 0), float("-inf"))
+        if step < count:
+            bits = gl.load(table_ptr + step) >> 24
+            hidden = gl.where((bits & row_bit) != 0, 0.0, float("-inf"))
+            bias = gl.expand_dims(ring_row, 0) + gl.expand_dims(hidden, 1)
+        else:
+            code = ring_row.to(gl.int32, bitcast=True)
+            weight = (code & -16).to(gl.float32, bitcast=True)
+            sees = (gl.expand_dims(code, 0) & gl.expand_dims(row_bit, 1)) != 0
+            bias = gl.where(sees, gl.expand_dims(weight, 0), float("-inf"))
     else:
-        return gl.expand_dims(ring_row, 0)
+        bias = gl.expand_dims(ring_row, 0)
+    return bias
 
 
 @gluon.jit
@@ -128,53 +145,49 @@ def _bias_row(bias_smem, slot):
 
 
 @gluon.jit
-def _pipelined_step(j, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bias_smem, ready, empty, qk_scale, s_zero,
-                    row_member, orow: gl.constexpr, p_layout: gl.constexpr, bias_layout: gl.constexpr,
-                    NUM_STAGES: gl.constexpr, PACKED: gl.constexpr):
-    """Step j's P V with step j + 1's Q K^T and softmax in flight beside it."""
+def _pipelined_step(j, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bias_smem, ready, empty, qk_scale, s_zero,
+                    row_bit, table_ptr, count, orow: gl.constexpr, p_layout: gl.constexpr,
+                    bias_layout: gl.constexpr, NUM_STAGES: gl.constexpr, PACKED: gl.constexpr,
+                    Q_IN_REGISTERS: gl.constexpr):
+    """Step j's P V with step j + 1's Q K^T and softmax in flight beside it (q_op: Q in registers or shared
+    memory)."""
     gl.thread_barrier()  # every compute warp is done with step j - 1's slot
     mbarrier.arrive(empty.index((j + NUM_STAGES - 1) % NUM_STAGES), pred=j >= 1)
     cur = j % NUM_STAGES
     nxt = (j + 1) % NUM_STAGES
     mbarrier.wait(ready.index(nxt), ((j + 1) // NUM_STAGES) & 1)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s_tok = warpgroup_mma(q_op, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     o_tok = warpgroup_mma(p_op, v_smem.index(cur), acc, is_async=True)
-    bias = _step_bias(_bias_row(bias_smem, nxt).load(bias_layout), row_member, PACKED)  # while the MMAs run
-    s = warpgroup_mma_wait(1, deps=[s_tok])  # Q K^T of step j + 1 done; P V of step j may still run
+    bias = _step_bias(_bias_row(bias_smem, nxt).load(bias_layout), row_bit, table_ptr, j + 1, count,
+                      PACKED)  # while the MMAs run
+    if Q_IN_REGISTERS:  # Q K^T of step j + 1 done; P V of step j may still run
+        s, q_op = warpgroup_mma_wait(1, deps=[s_tok, q_op])
+    else:
+        s = warpgroup_mma_wait(1, deps=[s_tok])
     p, alpha, m_i, l_i = _softmax_step(s, bias, m_i, l_i, qk_scale)
     acc, p_op = warpgroup_mma_wait(0, deps=[o_tok, p_op])
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow), 1)
-    return acc, gl.convert_layout(p.to(p_op.dtype), p_layout), m_i, l_i
+    return acc, gl.convert_layout(p.to(p_op.dtype), p_layout), m_i, l_i, q_op
 
 
 @gluon.jit
 def _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty, table_ptr,
-            key_bias_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, tile,
+            log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, tile,
             CUBE: gl.constexpr, NUM_STAGES: gl.constexpr, PACKED: gl.constexpr, MEMBERS: gl.constexpr):
     """One warp: each step's K/V tiles and the additive log2 bias of its keys into the ring, so the compute warps
-    never wait on a global load. Selected cubes: K/V and the cube's key-bias row (-inf on padding slots) by TMA;
-    a packed tile's bias row is computed here with the step's member bits (its union entry's high byte). Then
-    blocks of pooled keys: this head's means by TMA ([1, 64, D] blocks: rows past N arrive as zeros) and their
-    bias computed here. Computed biases issue their global loads before the slot is free."""
+    never wait on a global load. Selected cubes: K/V and the cube's key-bias row (-inf on padding slots) by TMA
+    (a packed tile's union entry carries its members' bits above the cube: `_step_bias` reads them). Then blocks
+    of pooled keys: this head's means by TMA ([1, 64, D] blocks: rows past N arrive as zeros) and their bias
+    computed here, issuing its global loads before the slot is free."""
     kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
     cols = gl.arange(0, CUBE, layout=gl.BlockedLayout([CUBE // 32], [32], [1], [0]))
     for j in range(count):
         slot = j % NUM_STAGES
-        entry = gl.load(table_ptr + j)
+        kv = gl.load(table_ptr + j) & 0xFFFFFF
         bar = ready.index(slot)
-        if PACKED:
-            kv = entry & 0xFFFFFF
-            key = gl.load(key_bias_ptr + kv * CUBE + cols)
-            bias = _with_members(key, gl.where(key == 0.0, entry >> 24, 0))
-            mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)  # a fresh barrier passes lap 0
-            _bias_row(bias_smem, slot).store(bias)
-            gl.thread_barrier()  # every lane's bias is in shared memory before the expect below can complete
-            mbarrier.expect(bar, kv_bytes)
-        else:
-            kv = entry
-            mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)
-            mbarrier.expect(bar, kv_bytes + bias_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(bias_desc, [kv, 0], bar, bias_smem.index(slot))
+        mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)  # a fresh barrier passes lap 0
+        mbarrier.expect(bar, kv_bytes + bias_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(bias_desc, [kv, 0], bar, bias_smem.index(slot))
         tma.async_copy_global_to_shared(k_desc, [kv_row0 + kv * CUBE, 0], bar, k_smem.index(slot))
         tma.async_copy_global_to_shared(v_desc, [kv_row0 + kv * CUBE, 0], bar, v_smem.index(slot))
     for j in range(count, n_steps):
@@ -182,7 +195,7 @@ def _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bia
         bias = _pooled_bias(j - count, log2n_ptr, attended_ptr, members_ptr, bh, tile, N, cols, CUBE, PACKED, MEMBERS)
         mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)
         _bias_row(bias_smem, slot).store(bias)
-        gl.thread_barrier()
+        gl.thread_barrier()  # every lane's bias is in shared memory before the expect below can complete
         bar = ready.index(slot)
         mbarrier.expect(bar, kv_bytes)
         row = (j - count) * CUBE
@@ -193,11 +206,12 @@ def _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bia
 
 
 @gluon.jit
-def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, n_steps, N, bh, b, h, tile, n_prefix,
-             qk_scale, key_bias_ptr, members_ptr, row_token_ptr, row_slot_ptr, row_member_ptr, GT, GH, GW, NH, NW,
-             stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
+def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, table_ptr, count, n_steps, N, bh, b, h,
+             tile, n_prefix, qk_scale, key_bias_ptr, members_ptr, row_token_ptr, row_slot_ptr, row_member_ptr, GT, GH,
+             GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol,
              HEAD_DIM: gl.constexpr, CUBE: gl.constexpr, CT: gl.constexpr, CH: gl.constexpr,
-             CW: gl.constexpr, NUM_STAGES: gl.constexpr, PACKED: gl.constexpr, MEMBERS: gl.constexpr):
+             CW: gl.constexpr, NUM_STAGES: gl.constexpr, PACKED: gl.constexpr, MEMBERS: gl.constexpr,
+             Q_IN_REGISTERS: gl.constexpr):
     """Four warps: the tile's raster rows of Q into shared memory, the steps' Q K^T / softmax / P V (the next Q K^T
     in flight during the softmax), then the output rows and the LSE."""
     NUM_WARPS: gl.constexpr = gl.num_warps()
@@ -217,12 +231,16 @@ def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, n_ste
     q_smem.store(q)
     fence_async_shared()
     gl.thread_barrier()
+    if Q_IN_REGISTERS:
+        q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    else:
+        q_op = q_smem
 
     rows = gl.arange(0, CUBE, layout=srow)
     if PACKED:
-        row_member = gl.load(row_member_ptr + tile * CUBE + rows)
+        row_bit = 1 << gl.load(row_member_ptr + tile * CUBE + rows)
     else:
-        row_member = rows  # unused: every row of a cube sees the ring's biases
+        row_bit = rows  # unused: every row of a cube sees the ring's biases
     bias_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
     m_i = gl.full([CUBE], float("-inf"), gl.float32, srow)
     l_i = gl.full([CUBE], 0.0, gl.float32, srow)
@@ -230,14 +248,15 @@ def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, n_ste
     s_zero = gl.zeros([CUBE, CUBE], gl.float32, s_layout)
     if n_steps > 0:
         mbarrier.wait(ready.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-        bias = _step_bias(_bias_row(bias_smem, 0).load(bias_layout), row_member, PACKED)
+        s = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+        bias = _step_bias(_bias_row(bias_smem, 0).load(bias_layout), row_bit, table_ptr, 0, count, PACKED)
         p, alpha, m_i, l_i = _softmax_step(s, bias, m_i, l_i, qk_scale)
         p_op = gl.convert_layout(p.to(Q.dtype.element_ty), p_layout)
         for j in range(n_steps - 1):  # selected cubes and pooled blocks alike: the loader made them one kind
-            acc, p_op, m_i, l_i = _pipelined_step(j, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bias_smem, ready,
-                                                  empty, qk_scale, s_zero, row_member, orow, p_layout, bias_layout,
-                                                  NUM_STAGES, PACKED)
+            acc, p_op, m_i, l_i, q_op = _pipelined_step(j, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bias_smem,
+                                                        ready, empty, qk_scale, s_zero, row_bit, table_ptr,
+                                                        count, orow, p_layout, bias_layout, NUM_STAGES, PACKED,
+                                                        Q_IN_REGISTERS)
         acc = warpgroup_mma(p_op, v_smem.index((n_steps - 1) % NUM_STAGES), acc)
 
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
@@ -262,28 +281,29 @@ def _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, n_ste
 
 
 @gluon.jit
-def _compute_partition(is_packed, Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, n_steps, N, bh, b,
-                       h, tile, n_prefix, qk_scale, key_bias_ptr, members_ptr, row_token_ptr, row_slot_ptr,
-                       row_member_ptr, GT, GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh,
-                       stride_ol, HEAD_DIM: gl.constexpr, CUBE: gl.constexpr, CT: gl.constexpr, CH: gl.constexpr,
-                       CW: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr):
+def _compute_partition(is_packed, Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, table_ptr, count,
+                       n_steps, N, bh, b, h, tile, n_prefix, qk_scale, key_bias_ptr, members_ptr, row_token_ptr,
+                       row_slot_ptr, row_member_ptr, GT, GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob,
+                       stride_oh, stride_ol, HEAD_DIM: gl.constexpr, CUBE: gl.constexpr, CT: gl.constexpr,
+                       CH: gl.constexpr, CW: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr,
+                       Q_IN_REGISTERS: gl.constexpr):
     """The compute warps of a cube or of a packed tile: one branch per program, none inside the step loop."""
     if is_packed:
-        _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, n_steps, N, bh, b, h, tile, n_prefix,
-                 qk_scale, key_bias_ptr, members_ptr, row_token_ptr, row_slot_ptr, row_member_ptr, GT, GH, GW, NH, NW,
-                 stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, HEAD_DIM, CUBE, CT, CH, CW,
-                 NUM_STAGES, True, MEMBERS)
+        _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, table_ptr, count, n_steps, N, bh, b, h,
+                 tile, n_prefix, qk_scale, key_bias_ptr, members_ptr, row_token_ptr, row_slot_ptr, row_member_ptr, GT,
+                 GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, HEAD_DIM, CUBE, CT,
+                 CH, CW, NUM_STAGES, True, MEMBERS, Q_IN_REGISTERS)
     else:
-        _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, n_steps, N, bh, b, h, tile, n_prefix,
-                 qk_scale, key_bias_ptr, members_ptr, row_token_ptr, row_slot_ptr, row_member_ptr, GT, GH, GW, NH, NW,
-                 stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, HEAD_DIM, CUBE, CT, CH, CW,
-                 NUM_STAGES, False, MEMBERS)
+        _compute(Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, table_ptr, count, n_steps, N, bh, b, h,
+                 tile, n_prefix, qk_scale, key_bias_ptr, members_ptr, row_token_ptr, row_slot_ptr, row_member_ptr, GT,
+                 GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh, stride_ol, HEAD_DIM, CUBE, CT,
+                 CH, CW, NUM_STAGES, False, MEMBERS, Q_IN_REGISTERS)
 
 
 @gluon.jit
 def _loader_partition(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty,
-                      table_ptr, key_bias_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, bh,
-                      signed_tile, CUBE: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr):
+                      table_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, bh, signed_tile,
+                      CUBE: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr):
     """The loader warp of a cube (signed_tile >= 0) or of packed tile -1 - signed_tile. Its arguments reach it
     through shared memory, where two programs per SM leave 4 bytes spare at head_dim 128: hence the sign for the
     kind and the K/V row offset computed here."""
@@ -291,12 +311,12 @@ def _loader_partition(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v
     if signed_tile < 0:
         tile = -1 - signed_tile
         _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty, table_ptr,
-                key_bias_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, tile, CUBE,
-                NUM_STAGES, True, MEMBERS)
+                log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, tile, CUBE, NUM_STAGES, True,
+                MEMBERS)
     else:
         _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty, table_ptr,
-                key_bias_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, signed_tile, CUBE,
-                NUM_STAGES, False, MEMBERS)
+                log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, signed_tile, CUBE, NUM_STAGES,
+                False, MEMBERS)
 
 
 @gluon.jit
@@ -306,7 +326,8 @@ def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, 
                              n_singles, n_packed, KG, KU, n_pool_steps,
                              n_prefix, GT, GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh,
                              stride_ol, HEAD_DIM: gl.constexpr, CUBE: gl.constexpr, CT: gl.constexpr,
-                             CH: gl.constexpr, CW: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr):
+                             CH: gl.constexpr, CW: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr,
+                             Q_IN_REGISTERS: gl.constexpr):
     """One launch: first a program per (batch * head, packed tile) (count / index: its members' union,
     `packed_tiles.packed_union`, KU wide), then one per (batch * head, cube that runs alone) (tiles_ptr's cubes;
     the selection's lists, KG wide); heads in order_ptr's order (descending work), tiles in cube order. The packed
@@ -348,14 +369,15 @@ def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, 
         mbarrier.init(empty.index(i), count=1)
 
     gl.warp_specialize(
-        [(_compute_partition, (is_packed, Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, n_steps, N,
-                               bh, b, h, tile, n_prefix, qk_scale, key_bias_ptr, members_ptr, row_token_ptr,
-                               row_slot_ptr, row_member_ptr, GT, GH, GW, NH, NW, stride_qb, stride_qh, stride_ql,
-                               stride_ob, stride_oh, stride_ol, HEAD_DIM, CUBE, CT, CH, CW, NUM_STAGES, MEMBERS)),
+        [(_compute_partition, (is_packed, Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem, ready, empty, table_ptr,
+                               count, n_steps, N, bh, b, h, tile, n_prefix, qk_scale, key_bias_ptr, members_ptr,
+                               row_token_ptr, row_slot_ptr, row_member_ptr, GT, GH, GW, NH, NW, stride_qb, stride_qh,
+                               stride_ql, stride_ob, stride_oh, stride_ol, HEAD_DIM, CUBE, CT, CH, CW, NUM_STAGES,
+                               MEMBERS, Q_IN_REGISTERS)),
          (_loader_partition, (k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready,
-                              empty, table_ptr, key_bias_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N,
+                              empty, table_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N,
                               bh.to(gl.int32), gl.where(is_packed, -1 - tile, tile), CUBE, NUM_STAGES, MEMBERS))],
-        [1], [40])
+        [1], [_LOADER_REGISTERS])
 
 
 def _dense_mask(kv_count: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
@@ -394,7 +416,7 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
     else:
         k_bar, v_bar, attended = remainder
         kbar_desc, vbar_desc, n_pool_steps = per_head(k_bar), per_head(v_bar), -(-N // CUBE)
-    stages, registers = _BUILD_BY_HEAD_DIM[D]
+    stages, registers, q_in_registers = _BUILD_BY_HEAD_DIM[D]
     P, NS = tiles.num_packed, tiles.singles.numel()
     if P:
         ucount, uindex = packed_union(attended, tiles.members, min(N, MAX_MEMBERS * kv_index.shape[-1]))
@@ -406,4 +428,5 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
         uindex, scale * 1.4426950408889634, H, N, B * H, NS, P, kv_index.shape[-1], uindex.shape[-1], n_pool_steps,
         n_prefix, *layout.grid, *layout.cubes_per_axis[1:], q.stride(0), q.stride(1), q.stride(2), out.stride(0),
         out.stride(1), out.stride(2), HEAD_DIM=D, CUBE=CUBE, CT=layout.cube_size[0], CH=layout.cube_size[1],
-        CW=layout.cube_size[2], NUM_STAGES=stages, MEMBERS=MAX_MEMBERS, num_warps=_NUM_WARPS, maxnreg=registers)
+        CW=layout.cube_size[2], NUM_STAGES=stages, MEMBERS=MAX_MEMBERS, Q_IN_REGISTERS=q_in_registers,
+        num_warps=_NUM_WARPS, maxnreg=registers)

@@ -27,7 +27,7 @@ import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SM90_SHARED_PER_SM = 228 * 1024  # bytes; each resident program also takes 1 KB the driver reserves
-CONSTEXPRS = ("HEAD_DIM", "CUBE", "CT", "CH", "CW", "NUM_STAGES", "MEMBERS")
+CONSTEXPRS = ("HEAD_DIM", "CUBE", "CT", "CH", "CW", "NUM_STAGES", "MEMBERS", "Q_IN_REGISTERS")
 _PACKAGE = "_bsa_build_check"  # the module's relative imports (`.packed_tiles`) resolve in kernels/
 
 
@@ -78,11 +78,13 @@ def build(module, head_dim: int, dtype: str, max_registers: int | None = None, s
 
     fn = module._hopper_block_sparse_fwd
     sig = signature(fn, module, head_dim, dtype)
-    # the module's build for this head_dim (older copies: one ring depth and register cap for every head_dim)
-    own_stages, own_registers = getattr(module, "_BUILD_BY_HEAD_DIM", {}).get(
+    # the module's build for this head_dim (older copies: one ring depth and register cap for every head_dim, or
+    # no Q-in-registers flag)
+    own_stages, own_registers, *q_in_registers = getattr(module, "_BUILD_BY_HEAD_DIM", {}).get(
         head_dim, (getattr(module, "_STAGES", 3), getattr(module, "_MAX_REGISTERS", 128)))
     values = {"HEAD_DIM": head_dim, "CUBE": module.CUBE, "CT": 4, "CH": 4, "CW": 4,
-              "NUM_STAGES": stages or own_stages, "MEMBERS": getattr(module, "MAX_MEMBERS", 4)}
+              "NUM_STAGES": stages or own_stages, "MEMBERS": getattr(module, "MAX_MEMBERS", 4),
+              "Q_IN_REGISTERS": bool(q_in_registers and q_in_registers[0])}
     constants = {(fn.arg_names.index(name),): values[name] for name in CONSTEXPRS if name in fn.arg_names}
     aligned = [i for i, name in enumerate(fn.arg_names) if sig[name].startswith("*") or name.startswith("stride_")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
