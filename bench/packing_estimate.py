@@ -10,6 +10,8 @@ selected cubes + ceil(N / 64) pooled blocks per tile (the kernel's count), summe
 reference selection of the bench's video-like Q/K (node defaults but the lambda). The ceiling: the work BSA must
 do (valid query x valid key pairs of the selected cubes, plus one pooled key per unselected cube for each valid
 query) as a share of dense attention's, i.e. the speed-up at cuDNN's own per-FLOP rate with zero overhead.
+Last, for 128-row tiles (two neighbouring cubes along W, one per consumer warpgroup, sharing each K/V tile of the
+union of their lists and each skipping the steps its cube did not select): how many warpgroups a K/V load serves.
 """
 from __future__ import annotations
 
@@ -54,6 +56,17 @@ def main():
         print(f"  stat {lam}: {100 * float(mask.float().mean()):.1f} % kept; steps with a tile per cube {per_cube}, "
               f"packed {packed} ({100 * (1 - packed / per_cube):.1f} % fewer); work {100 * pairs / dense:.2f} % of "
               f"dense: at most x{dense / pairs:.2f} at cuDNN's per-FLOP rate", flush=True)
+        left, right = _w_pairs(layout)
+        own, loads = int(mask[:, left].sum() + mask[:, right].sum()), int((mask[:, left] | mask[:, right]).sum())
+        print(f"    two cubes along W a program: {own} selected steps over {loads} K/V loads, {own / loads:.2f} "
+              f"warpgroups a load", flush=True)
+
+
+def _w_pairs(layout):
+    """(left, right) cube ids of the neighbouring pairs along W (an odd last cube of a row left out)."""
+    NT, NH, NW = layout.cubes_per_axis
+    ids = torch.arange(layout.num_cubes).view(NT, NH, NW)[:, :, :NW - NW % 2]
+    return ids[:, :, 0::2].reshape(-1), ids[:, :, 1::2].reshape(-1)
 
 
 if __name__ == "__main__":
