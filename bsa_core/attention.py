@@ -346,7 +346,7 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     if config.keep_ratio >= 1.0:
         _, lse = block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index,
                                                out, n_prefix, scale, k_extra, v_extra, remainder=remainder,
-                                               return_lse=True)
+                                               return_lse=True, selection_mask=attended)
     else:
         out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
                                                selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,

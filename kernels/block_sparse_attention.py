@@ -493,12 +493,14 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
                                   cubes_per_program: int | None = None, use_tma: bool | None = None,
                                   plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
                                   pool_block: int | None = None, return_lse: bool = False,
-                                  hopper_kernel: bool | None = None):
+                                  hopper_kernel: bool | None = None, selection_mask: torch.Tensor | None = None):
     """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
     n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
     block_sparse_attention. hopper_kernel: the Gluon kernel of `block_sparse_attention_hopper.py` (None: where
-    `hopper_path_reason` allows; True: it or a ValueError; False: the portable kernel). Returns out, and with
+    `hopper_path_reason` allows; True: it or a ValueError; False: the portable kernel). selection_mask: the same
+    selection as a [B, H, N, N] mask (`select_triton`'s), which the Gluon kernel's packed tiles take their list
+    unions from where no remainder brings it (without it, it is rebuilt from the lists). Returns out, and with
     return_lse the log2-domain log-sum-exp of every row in cube order [B, H, N, S] fp32 (slot order; a padding
     slot's is unspecified, the backward skips it), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
@@ -513,13 +515,13 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
            if return_lse else None)
     _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
             layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout,
-            lse, hopper_kernel)
+            lse, hopper_kernel, selection_mask)
     return (out, lse) if return_lse else out
 
 
 def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,
             k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse,
-            hopper_kernel):
+            hopper_kernel, selection_mask=None):
     """Validate the K/V side and the tables, build what the launch needs, launch."""
     first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
     if first.dim() != 5:
@@ -562,6 +564,8 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     NG, KG = plan.count.shape[-1], plan.index.shape[-1]
     tables = _key_tables(slot_valid.to(k_cubes.device))
 
+    if selection_mask is not None and selection_mask.shape != (B, H, N, N):
+        raise ValueError(f"selection_mask must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(selection_mask.shape)}")
     if remainder is not None:
         k_bar, v_bar, attended = remainder
         if k_bar.shape != (B, H, N, D) or v_bar.shape != (B, H, N, D) or attended.shape != (B, H, N, N):
@@ -586,7 +590,8 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
             _hopper_module()[0].hopper_block_sparse_attention(
                 q, k_cubes, v_cubes, raster_layout, plan.count, plan.index, out, hopper_lse, n_prefix, scale,
                 plan.order, tables.key_bias, tables.log2_n,
-                (k_bar, v_bar, attended) if remainder is not None else None)
+                (k_bar, v_bar, attended) if remainder is not None else None,
+                None if selection_mask is None else selection_mask.to(torch.bool).contiguous().view(torch.uint8))
             return
         except Exception as error:  # a Gluon build this Triton, driver or platform cannot do
             if hopper_kernel or _is_cuda_fault(error):

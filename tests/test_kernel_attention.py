@@ -288,6 +288,12 @@ def test_gpu_hopper_kernel_matches_reference_and_portable_kernel(case):
         runs[hopper] = out, lse
     (out, lse), (portable, portable_lse) = runs[True], runs[False]
     assert torch.equal(runs[None][0][:, :, video], out[:, :, video]) and torch.equal(runs[None][1], lse)
+    if not pooled:  # the packed tiles' unions from the caller's mask, not rebuilt from the lists: the same call
+        given = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+        _, given_lse = block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, given, n_prefix,
+                                                     scale, return_lse=True, hopper_kernel=True,
+                                                     selection_mask=sel.to_dense())
+        assert torch.equal(given[:, :, video], out[:, :, video]) and torch.equal(given_lse, lse)
     assert torch.isnan(out[:, :, :n_prefix]).all() and torch.isfinite(out[:, :, video]).all()
     assert _rel_rms(out[:, :, video], ref) < 1e-2
     assert _rel_rms(out[:, :, video], portable[:, :, video]) < 5e-3
