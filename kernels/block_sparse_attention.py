@@ -564,18 +564,20 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     NG, KG = plan.count.shape[-1], plan.index.shape[-1]
     tables = _key_tables(slot_valid.to(k_cubes.device))
 
-    if selection_mask is not None and selection_mask.shape != (B, H, N, N):
-        raise ValueError(f"selection_mask must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(selection_mask.shape)}")
     if remainder is not None:
-        k_bar, v_bar, attended = remainder
-        if k_bar.shape != (B, H, N, D) or v_bar.shape != (B, H, N, D) or attended.shape != (B, H, N, N):
+        k_bar, v_bar, selection_mask = remainder  # the remainder's mask is the selection's
+        if k_bar.shape != (B, H, N, D) or v_bar.shape != (B, H, N, D) or selection_mask.shape != (B, H, N, N):
             raise ValueError(f"remainder must be (k_bar, v_bar, attended) of shapes [B, H, N, D] x 2 and "
                              f"[B, H, N, N] (B={B}, H={H}, N={N}, D={D}), got "
                              f"{[tuple(x.shape) for x in remainder]}")
         k_bar, v_bar = (x.to(compute_dtype).contiguous() for x in (k_bar, v_bar))
-        attended = attended.to(torch.bool).contiguous().view(torch.uint8)
     else:
-        k_bar = v_bar = attended = k_cubes
+        k_bar = v_bar = k_cubes
+    if selection_mask is not None:
+        if selection_mask.shape != (B, H, N, N):
+            raise ValueError(f"selection_mask must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(selection_mask.shape)}")
+        selection_mask = selection_mask.to(torch.bool).contiguous().view(torch.uint8)
+    attended = selection_mask if remainder is not None else k_cubes  # the portable kernel reads it with a remainder
 
     hopper_reason = (hopper_path_reason(q, D, S, plan.group, has_extra) if raster_layout is not None
                      else "kept-query lists (keep_ratio < 1)")
@@ -590,8 +592,7 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
             _hopper_module()[0].hopper_block_sparse_attention(
                 q, k_cubes, v_cubes, raster_layout, plan.count, plan.index, out, hopper_lse, n_prefix, scale,
                 plan.order, tables.key_bias, tables.log2_n,
-                (k_bar, v_bar, attended) if remainder is not None else None,
-                None if selection_mask is None else selection_mask.to(torch.bool).contiguous().view(torch.uint8))
+                (k_bar, v_bar) if remainder is not None else None, selection_mask)
             return
         except Exception as error:  # a Gluon build this Triton, driver or platform cannot do
             if hopper_kernel or _is_cuda_fault(error):

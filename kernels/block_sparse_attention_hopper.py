@@ -381,8 +381,8 @@ def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, 
 
 
 def _dense_mask(kv_count: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
-    """The selection as a [B, H, N, N] uint8 mask (what the packed tiles' unions are built from) where neither a
-    remainder nor the caller brought one."""
+    """The selection as a [B, H, N, N] uint8 mask (what the packed tiles' unions are built from) where the caller
+    brought none."""
     B, H, N, _ = kv_index.shape
     mask = torch.zeros(B, H, N, N + 1, dtype=torch.uint8, device=kv_index.device)
     mask.scatter_(-1, torch.where(kv_index >= 0, kv_index, N).long(), 1)  # -1 padding lands in the dropped column
@@ -394,9 +394,9 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
     """Launch the Gluon kernel (where `hopper_path_reason` gave none): q, out raster [B, H, L, D] (unit
     stride on D), k_cubes / v_cubes [B, H, N, 64, D] contiguous in q's dtype, kv_count [B, H, N] / kv_index
     [B, H, N, K] int32, lse [B, H, N, 64] fp32 (padding slots' values unspecified), order the launch order,
-    key_bias [N, 64] / log2_n [N] fp32, remainder None or (k_bar, v_bar [B, H, N, D] contiguous in q's dtype,
-    attended [B, H, N, N] uint8: the same selection as the lists), selection_mask None or that mask where no
-    remainder brings it."""
+    key_bias [N, 64] / log2_n [N] fp32, remainder None or (k_bar, v_bar) [B, H, N, D] contiguous in q's dtype,
+    selection_mask None or the same selection as the lists as a [B, H, N, N] uint8 mask (the pooled keys' hiding
+    and the packed tiles' unions read it; rebuilt from the lists where needed and not given)."""
     B, H, N, _, D = k_cubes.shape
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     smem_layout = gl.NVMMASharedLayout.get_default_for([CUBE, D], element)
@@ -413,11 +413,11 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
     tiles = packed_tiles(layout)
     if remainder is None:
         kbar_desc, vbar_desc, n_pool_steps = per_head(k_cubes), per_head(v_cubes), 0
-        attended = selection_mask if selection_mask is not None else (
-            _dense_mask(kv_count, kv_index) if tiles.num_packed else kv_count)
     else:
-        k_bar, v_bar, attended = remainder
-        kbar_desc, vbar_desc, n_pool_steps = per_head(k_bar), per_head(v_bar), -(-N // CUBE)
+        kbar_desc, vbar_desc, n_pool_steps = per_head(remainder[0]), per_head(remainder[1]), -(-N // CUBE)
+    attended = selection_mask
+    if attended is None:
+        attended = _dense_mask(kv_count, kv_index) if tiles.num_packed or remainder is not None else kv_count
     stages, registers, q_in_registers = _BUILD_BY_HEAD_DIM[D]
     P, NS = tiles.num_packed, tiles.singles.numel()
     if P:
