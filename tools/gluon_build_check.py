@@ -1,6 +1,7 @@
 """Build the Gluon Hopper attention kernel for sm90 on a machine without a GPU and print what decides its speed
-before any device time is spent: registers and spills, shared memory and whether two programs fit an SM, and
-the widths of its global loads and stores. Needs Triton 3.6 (the release the kernel is built for), e.g.
+before any device time is spent: registers and spills, shared memory and whether two programs fit an SM, the
+widths of its global loads and stores, and the instructions in each MMA loop's body (a step's issue slots, where
+the body has no branch). Needs Triton 3.6 (the release the kernel is built for), e.g.
 
     pip download triton==3.6.0 --no-deps --only-binary=:all: --python-version 3.11 \\
         --platform manylinux_2_27_x86_64 -d /tmp/t36
@@ -93,6 +94,27 @@ def build(module, head_dim: int, dtype: str, max_registers: int | None = None, s
                                    "maxnreg": max_registers or own_registers})
 
 
+def mma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
+    """(first, last address, opcode counts) of every innermost loop of the SASS that issues tensor-core MMAs: the
+    static body, so both sides of a branch inside it count (a packed tile's loop holds the selected and the pooled
+    steps' masking)."""
+    code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+    loops = []
+    for address, text in code:
+        target = re.search(r"\bBRA\s+(?:`?\(?\.L_x_\d+\)?|0x([0-9a-f]+))", text)
+        if target and target.group(1) and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    found = []
+    for first, last in loops:
+        if any(first <= a < b <= last for a, b in loops if (a, b) != (first, last)):
+            continue  # an outer loop: its inner ones are listed
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                                  for address, text in code if first <= address <= last)
+        if ops["HGMMA"]:
+            found.append((first, last, ops))
+    return found
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("module", nargs="?", default=str(REPO / "kernels" / "block_sparse_attention_hopper.py"))
@@ -134,6 +156,9 @@ def main():
           f"({per_program} B each with the driver's 1 KB), {65536 // (threads * int(registers))} by registers")
     accesses = collections.Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*)", ptx))
     print("  global accesses in the PTX: " + ", ".join(f"{n} x {op}" for op, n in sorted(accesses.items())))
+    for first, last, ops in mma_loops(sass):
+        print(f"  MMA loop {first:#x}-{last:#x}: {sum(ops.values())} instructions in its body: "
+              + ", ".join(f"{n} {op}" for op, n in ops.most_common(10)))
 
 
 if __name__ == "__main__":
