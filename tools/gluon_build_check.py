@@ -101,8 +101,8 @@ def mma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
     code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
     loops = []
     for address, text in code:
-        target = re.search(r"\bBRA\s+(?:`?\(?\.L_x_\d+\)?|0x([0-9a-f]+))", text)
-        if target and target.group(1) and int(target.group(1), 16) < address:
+        target = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)  # cuobjdump prints branch targets as addresses
+        if target and int(target.group(1), 16) < address:
             loops.append((int(target.group(1), 16), address))
     found = []
     for first, last in loops:
