@@ -1,7 +1,8 @@
 """Build the Gluon Hopper attention kernel for sm90 on a machine without a GPU and print what decides its speed
 before any device time is spent: registers and spills, shared memory and whether two programs fit an SM, the
-widths of its global loads and stores, and the instructions in each MMA loop's body (a step's issue slots, where
-the body has no branch). Needs Triton 3.6 (the release the kernel is built for), e.g.
+widths of its global loads and stores, ptxas's performance warnings (a serialised wgmma pipeline), and the
+instructions in each MMA loop's body (a step's issue slots, where the body has no branch). Needs Triton 3.6 (the
+release the kernel is built for), e.g.
 
     pip download triton==3.6.0 --no-deps --only-binary=:all: --python-version 3.11 \\
         --platform manylinux_2_27_x86_64 -d /tmp/t36
@@ -137,6 +138,13 @@ def main():
                                check=True).stdout
         sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
+        ptx_file = pathlib.Path(tmp) / "kernel.ptx"
+        ptx_file.write_text(kernel.asm["ptx"])
+        # what ptxas says it had to give up, e.g. C7514: every wgmma serialised (an MMA in flight across a loop's
+        # back edge) -- the build still succeeds, only slower
+        report = subprocess.run([str(tools / "ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx_file), "-o",
+                                 str(pathlib.Path(tmp) / "again.cubin")], capture_output=True, text=True,
+                                check=True).stderr
     if args.sass:
         pathlib.Path(args.sass).write_text(sass)
     if args.ptx:
@@ -154,6 +162,8 @@ def main():
           f"{spills} spill loads / stores (STL / LDL in the SASS)")
     print(f"  shared memory {shared} B: {SM90_SHARED_PER_SM // per_program} programs per SM by shared memory "
           f"({per_program} B each with the driver's 1 KB), {65536 // (threads * int(registers))} by registers")
+    losses = re.findall(r"Potential Performance Loss: (.*)", report)
+    print("  ptxas performance warnings: " + ("; ".join(losses) if losses else "none"))
     accesses = collections.Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*)", ptx))
     print("  global accesses in the PTX: " + ", ".join(f"{n} x {op}" for op, n in sorted(accesses.items())))
     for first, last, ops in mma_loops(sass):
