@@ -573,9 +573,9 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
         k_bar, v_bar = (x.to(compute_dtype).contiguous() for x in (k_bar, v_bar))
     else:
         k_bar = v_bar = k_cubes
-    if selection_mask is not None:
-        if selection_mask.shape != (B, H, N, N):
+        if selection_mask is not None and selection_mask.shape != (B, H, N, N):
             raise ValueError(f"selection_mask must be [B, H, N, N] = {(B, H, N, N)}, got {tuple(selection_mask.shape)}")
+    if selection_mask is not None:
         selection_mask = selection_mask.to(torch.bool).contiguous().view(torch.uint8)
     attended = selection_mask if remainder is not None else k_cubes  # the portable kernel reads it with a remainder
 
