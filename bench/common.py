@@ -2,6 +2,7 @@
 measures, the video-like inputs with their cuDNN baseline, and edited copies of a kernel module beside it."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import pathlib
 import sys
@@ -25,6 +26,21 @@ def load_kernel_copy(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def kv_permuted(enabled: bool = True):
+    """BSA calls in the block permute K/V to cube order, as before the Gluon kernel read them from the raster (the
+    A/B of that change)."""
+    from comfyui_bsa.kernels import block_sparse_attention as kernel_module
+
+    reason = kernel_module.raster_kv_reason
+    if enabled:
+        kernel_module.raster_kv_reason = lambda *args: "the benchmark's permuted run"
+    try:
+        yield
+    finally:
+        kernel_module.raster_kv_reason = reason
 
 
 def ms(fn) -> float:

@@ -9,7 +9,8 @@ Rows: keep_ratio 1 (raster Q/O), pooled remainder on, 4x4x4 cubes; G1 = one quer
 (64-row tiles), G2 = two neighbouring cubes over the union of their lists (128-row tiles,
 each row masked to its own cube's list); P = pooled keys per step; gluon = the Gluon Hopper kernel
 (`kernels/block_sparse_attention_hopper.py`, the default where it runs: one cube per program, 64 pooled keys
-per step). head_dim 64 runs twice the heads (LTX-Video's shape: same work).
+per step; gluon-rk the same reading K/V from the raster, what the whole call does on it). head_dim 64 runs twice
+the heads (LTX-Video's shape: same work).
 --gluon-candidates times edited copies of the Gluon module (same launch function) as further rows on the same
 tables in the same process, the way a kernel change is measured before it replaces the committed one; the
 "max|d|" column is each row's largest difference from the table's first row.
@@ -32,7 +33,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import SHAPES, errors, load_kernel_copy, ms, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
+from common import SHAPES, errors, kv_permuted, load_kernel_copy, ms, video_qkv  # noqa: E402  (also loads the pack as comfyui_bsa)
 
 from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
@@ -90,6 +91,8 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
         call = lambda: bsa_attention(q, k, v, grid, config, backend="triton")  # noqa: E731
         out, _ = call()
         call_ms = ms(call)
+        with kv_permuted():
+            permuted_call_ms = ms(call)
         rel, _ = errors(out, dense_out)
         sel, mask = select_triton(None, None, layout, config, scale, k_bar=k_bar, q_bar=q_bar, return_mask=True)
         kv_tokens = layout.n_valid[sel.kv_index.clamp(min=0).long()] * (sel.kv_index >= 0)
@@ -99,6 +102,8 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
         variants = [v for v in variants if v[0] in portable]
         if hopper_path_reason(q, head_dim, S, 1, False) is None:
             variants.append(("gluon", 1, 64, True, None))
+            if kernel_module.raster_kv_reason(q, k, v, layout) is None:
+                variants.append(("gluon-rk", 1, 64, True, None))
         for tile, module in candidates:
             with gluon_module(module):
                 if hopper_path_reason(q, head_dim, S, 1, False) is None:
@@ -108,9 +113,11 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
             plan = plan_block_sparse(sel.kv_count, sel.kv_index, group)
             result = torch.empty_like(q)
             with gluon_module(module):
+                raster = tile.endswith("-rk")
                 kernel_ms = ms(lambda: block_sparse_attention_raster(
-                    q, kc, vc, layout, sel.kv_count, sel.kv_index, result, 0, scale, plan=plan,
-                    remainder=(k_pooled, v_pooled, mask), pool_block=pool, hopper_kernel=hopper))
+                    q, None if raster else kc, None if raster else vc, layout, sel.kv_count, sel.kv_index, result, 0,
+                    scale, plan=plan, remainder=(k_pooled, v_pooled, mask), pool_block=pool, hopper_kernel=hopper,
+                    kv_raster=(k, v) if raster else None))
             executed = per_step * _steps(sel, mask, layout, heads, packed=hopper and hasattr(
                 module or kernel_module._hopper_module()[0], "packed_tiles"))
             kernel_rel, _ = errors(result, dense_out)
@@ -120,6 +127,9 @@ def run(shape, dtype_name, head_dim, settings, portable, candidates=()):
                   f"{useful / kernel_ms / 1e9:7.0f} {executed / kernel_ms / 1e9:5.0f} {dense_ms / kernel_ms:7.2f}  "
                   f"{call_ms:8.3f} {dense_ms / call_ms:7.2f} {rel:6.3f} {kernel_rel:6.3f} {diff:>7s} "
                   f"{_occupancy(module) if hopper and name == settings[0] else ''}", flush=True)
+        print(f"  {name:8s} whole call with the K/V permute: {permuted_call_ms:.3f} ms, "
+              f"x{dense_ms / permuted_call_ms:.2f} (the call above: {call_ms:.3f} ms, x{dense_ms / call_ms:.2f})",
+              flush=True)
 
 
 def _steps(sel, mask, layout, heads, packed) -> float:

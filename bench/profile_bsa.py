@@ -5,8 +5,10 @@ on the same inputs), at the node defaults unless flags say otherwise:
 
     python bench/profile_bsa.py [--shape 480p] [--cube 4x4x4] [--keep 1.0] [--mode statistical]
                                 [--threshold 0.7] [--stat-lambda 1.0] [--no-pooled] [--host-profile 25]
+                                [--kv-permuted]
 
 --host-profile N lists the N Python functions with the most own time on the launch side (cProfile).
+--kv-permuted permutes K/V to cube order even where the Gluon Hopper kernel reads them from the raster.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import SHAPES, video_inputs  # noqa: E402  (also loads the pack as comfyui_bsa)
+from common import SHAPES, kv_permuted, video_inputs  # noqa: E402  (also loads the pack as comfyui_bsa)
 
 from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED, parse_cube_size  # noqa: E402
@@ -40,7 +42,13 @@ def main():
     parser.add_argument("--rows", type=int, default=20, help="kernels listed")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="also list the N functions with the most own host time per call (cProfile)")
+    parser.add_argument("--kv-permuted", action="store_true", help="K/V permuted to cube order (the A/B)")
     args = parser.parse_args()
+    with kv_permuted(args.kv_permuted):
+        profile(args, d)
+
+
+def profile(args, d):
     grid, heads, (q, k, v), _, dense_ms = video_inputs(args.shape)
     config = dataclasses.replace(d, cube_size=parse_cube_size(args.cube), keep_ratio=args.keep,
                                  threshold_mode=args.mode, kv_threshold=args.threshold,

@@ -294,11 +294,14 @@ def selection_of_call(q, k, v, layout: CubeLayout, config: BSAConfig, scale: flo
 
 
 def _triton_selection(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int,
-                      q_cubes: bool = False):
+                      q_cubes: bool = False, raster_kv: bool = False, has_extra: bool = False):
     """The Triton path's first half: Q/K/V in the kernels' dtype, permuted to cube order (+ pooled means, one
     launch) and selected. Q's cubes are written below keep_ratio 1 (query selection reads them) or when
-    `q_cubes` asks (the backward); its mean is the same bits either way. Returns ((q, k, v) in the kernels'
-    dtype, permute_qkv's outputs, selection, dense selection mask)."""
+    `q_cubes` asks (the backward); its mean is the same bits either way. With `raster_kv`, K and V are only
+    pooled where the Gluon Hopper kernel can read them from the raster (`raster_kv_reason`; their cubes come
+    back None). Returns ((q, k, v) in the kernels' dtype, permute_qkv's outputs, selection, dense selection
+    mask)."""
+    from ..kernels.block_sparse_attention import raster_kv_reason
     from ..kernels.cube_permute import permute_qkv
     from .gpu_select import select_triton
 
@@ -306,8 +309,10 @@ def _triton_selection(q, k, v, layout: CubeLayout, config: BSAConfig, scale: flo
         q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
     if q.stride(-1) != 1:  # the attention kernel reads Q rows as vectors (the permutes take any strides)
         q = q.contiguous()
+    kv_cubes = not (raster_kv and config.keep_ratio >= 1.0
+                    and raster_kv_reason(q, k, v, layout, n_prefix, has_extra) is None)
     permuted = permute_qkv(q, k, v, layout, n_prefix, q_cubes=q_cubes or config.keep_ratio < 1.0,
-                           q_mean=config.keep_ratio >= 1.0, pooled=config.pooled_remainder)
+                           q_mean=config.keep_ratio >= 1.0, pooled=config.pooled_remainder, kv_cubes=kv_cubes)
     q_cube_rows, q_bar, k_cubes, k_bar = permuted[:4]
     selection, attended = select_triton(q_cube_rows, k_cubes, layout, config, scale, k_bar=k_bar, q_bar=q_bar,
                                         return_mask=True)
@@ -330,23 +335,25 @@ def _bsa_attention_triton(q, k, v, layout: CubeLayout, config: BSAConfig, scale:
     Returns (out, selection, the kernel's LSE [B, H, *lse_shape]: one fp32 per row, written by the kernel).
 
     keep_ratio 1 (the default): Q is only pooled (one read); the attention kernel reads Q's raster rows
-    and writes the output rows itself. Below 1: Q is permuted for query selection, the kernel computes
+    and writes the output rows itself; on the Gluon Hopper kernel it reads K's and V's raster rows too, and the
+    permute only pools them. Below 1: Q is permuted for query selection, the kernel computes
     the kept queries, and the scatter copies every dropped query's source row."""
     from ..kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_raster
     from ..kernels.output_scatter import output_scatter
 
     q_in, k_in, v_in = q, k, v  # the extra tokens' dense rows use these: exact in every dtype
-    (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
-        q, k, v, layout, config, scale, n_prefix)
-    remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     L = q.shape[-2]
     extra = extra_parts(L, n_prefix, n_suffix)
+    (q, k, v), (q_cubes, _, k_cubes, _, v_cubes, k_pooled, v_pooled), selection, attended = _triton_selection(
+        q, k, v, layout, config, scale, n_prefix, raster_kv=True, has_extra=bool(extra))
+    remainder = (k_pooled, v_pooled, attended) if config.pooled_remainder else None
     k_extra, v_extra = extra_rows(k, extra), extra_rows(v, extra)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the op's fake promises
     if config.keep_ratio >= 1.0:
         _, lse = block_sparse_attention_raster(q, k_cubes, v_cubes, layout, selection.kv_count, selection.kv_index,
                                                out, n_prefix, scale, k_extra, v_extra, remainder=remainder,
-                                               return_lse=True, selection_mask=attended)
+                                               return_lse=True, selection_mask=attended,
+                                               kv_raster=(k, v) if k_cubes is None else None)
     else:
         out_kept, lse = block_sparse_attention(q_cubes, k_cubes, v_cubes, selection.q_index, selection.kv_count,
                                                selection.kv_index, layout.slot_valid, scale, k_extra, v_extra,

@@ -16,7 +16,8 @@ Queries come either from cube order (kept-query lists, keep_ratio < 1) or straig
 [B, H, L, D] tensor through the cube -> token map (`raster`: every query kept, output written back
 to the raster rows, so neither a Q permute nor an output scatter runs). On sm90 with Triton 3.6 the raster
 path of 64-token cubes runs the Gluon kernel of `block_sparse_attention_hopper.py` instead (same contract:
-`hopper_path_reason` says where it cannot).
+`hopper_path_reason` says where it cannot), which can also read K and V from the raster (`raster_kv_reason`),
+so that the call's permute only pools.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cube_tokens import _cube_tokens, _grid_args
+from .cube_tokens import _cube_tokens, _grid_args, cube_box_view
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 log = logging.getLogger(__name__)
@@ -80,6 +81,29 @@ def hopper_path_reason(q: torch.Tensor, head_dim: int, cube_volume: int, group: 
     if not triton.__version__.startswith(HOPPER_TRITON):
         return f"Triton {triton.__version__}; the Gluon kernel is built for {', '.join(HOPPER_TRITON)}"
     return _hopper_module()[1]
+
+
+def raster_kv_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_prefix: int = 0,
+                     has_extra: bool = False) -> str | None:
+    """Why the Gluon Hopper kernel cannot read this call's K and V straight from the raster [B, H, L, D], as 5-D
+    TMA boxes of `cube_box_view` (None: it can, and the K/V permute is skipped): the kernel's own reasons, then
+    strides the boxes cannot fold or that are not 16-byte multiples."""
+    reason = hopper_path_reason(q, q.shape[-1], layout.cube_volume, 1, has_extra)
+    if reason is not None:
+        return reason
+    if layout.num_cubes >= 1 << 20 or max(*layout.grid, *layout.cubes_per_axis, q.shape[1]) >= 1 << 16:
+        return "a grid past the loader's packed 16-bit geometry"  # and its reciprocal divisions, exact below 2^20
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape or x.dtype != q.dtype or x.device != q.device:
+            return f"{name} is not q's shape, dtype and device"
+        element = x.element_size()
+        folded = cube_box_view(x, layout, n_prefix)
+        if folded is None or x.stride(-1) != 1:
+            return f"{name}'s strides {x.stride()} fold into no 5-D view of the cubes"
+        view = folded[0]
+        if view.data_ptr() % 16 or any(stride * element % 16 for stride in view.stride()[:-1]):
+            return f"{name} is not 16-byte aligned (tensor descriptors need it)"
+    return None
 
 
 _hopper_failure: dict = {}  # "reason": why the Gluon kernel failed to build here (the portable kernel runs since)
@@ -493,14 +517,17 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
                                   cubes_per_program: int | None = None, use_tma: bool | None = None,
                                   plan: "BlockSparsePlan | None" = None, remainder: tuple | None = None,
                                   pool_block: int | None = None, return_lse: bool = False,
-                                  hopper_kernel: bool | None = None, selection_mask: torch.Tensor | None = None):
+                                  hopper_kernel: bool | None = None, selection_mask: torch.Tensor | None = None,
+                                  kv_raster: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Every query kept (keep_ratio 1): Q rows are read from q [B, H, L, D] (raster video rows from
     n_prefix on, any strides) through `layout`'s cube map and written to the same rows of `out`
     [B, H, L, D] (any strides); other rows of `out` are left untouched. K/V tables as in
     block_sparse_attention. hopper_kernel: the Gluon kernel of `block_sparse_attention_hopper.py` (None: where
     `hopper_path_reason` allows; True: it or a ValueError; False: the portable kernel). selection_mask: the same
     selection as a [B, H, N, N] mask (`select_triton`'s), which the Gluon kernel's packed tiles take their list
-    unions from where no remainder brings it (without it, it is rebuilt from the lists). Returns out, and with
+    unions from where no remainder brings it (without it, it is rebuilt from the lists). kv_raster: (k, v) in q's
+    raster layout instead of k_cubes / v_cubes (None), read by the Gluon kernel where `raster_kv_reason` allows
+    (else a ValueError; should its build fail, K and V are permuted for the portable kernel). Returns out, and with
     return_lse the log2-domain log-sum-exp of every row in cube order [B, H, N, S] fp32 (slot order; a padding
     slot's is unspecified, the backward skips it), what the backward needs."""
     if q.dim() != 4 or out.shape != q.shape or out.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
@@ -511,34 +538,44 @@ def block_sparse_attention_raster(q: torch.Tensor, k_cubes: torch.Tensor, v_cube
     if n_prefix < 0 or n_prefix + layout.num_tokens > q.shape[2]:
         raise ValueError(f"n_prefix={n_prefix}: q has {q.shape[2]} rows, the grid needs {layout.num_tokens}")
     B, H = q.shape[:2]
+    if kv_raster is not None:
+        has_extra = k_extra is not None and k_extra.shape[-2] > 0
+        reason = "hopper_kernel=False" if hopper_kernel is False else raster_kv_reason(q, *kv_raster, layout,
+                                                                                        n_prefix, has_extra)
+        if reason is not None:
+            raise ValueError(f"kv_raster: the Gluon Hopper kernel cannot read K/V from the raster: {reason}")
     lse = (torch.empty(B, H, layout.num_cubes, layout.cube_volume, dtype=torch.float32, device=q.device)
            if return_lse else None)
     _launch(q, layout, n_prefix, out, k_cubes, v_cubes, None, layout.cube_volume, kv_count, kv_index,
             layout.slot_valid, scale, k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, layout,
-            lse, hopper_kernel, selection_mask)
+            lse, hopper_kernel, selection_mask, kv_raster)
     return (out, lse) if return_lse else out
 
 
 def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, kv_index, slot_valid, scale,
             k_extra, v_extra, cubes_per_program, use_tma, plan, remainder, pool_block, raster_layout, lse,
-            hopper_kernel, selection_mask=None):
+            hopper_kernel, selection_mask=None, kv_raster=None):
     """Validate the K/V side and the tables, build what the launch needs, launch."""
-    first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
-    if first.dim() != 5:
-        raise ValueError(f"k_cubes must be [B, H, N, S, D], got shape {tuple(first.shape)}")
-    B, H, N, S, D = first.shape
-    for name, x in (("q_cubes", q), ("k_cubes", k_cubes), ("v_cubes", v_cubes))[int(raster_layout is not None):]:
-        if x.shape != first.shape or x.device != first.device:
-            raise ValueError(f"{name} must be [B, H, N, S, D] = {tuple(first.shape)} on {first.device}, "
-                             f"got {tuple(x.shape)} on {x.device}")
-        if not x.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    if kv_raster is not None:  # checked by the caller (raster_kv_reason)
+        B, H, N, S, D = *q.shape[:2], raster_layout.num_cubes, raster_layout.cube_volume, q.shape[-1]
+    else:
+        first = k_cubes if raster_layout is not None else q  # the shape every cube-order tensor must have
+        if first.dim() != 5:
+            raise ValueError(f"k_cubes must be [B, H, N, S, D], got shape {tuple(first.shape)}")
+        B, H, N, S, D = first.shape
+        for name, x in (("q_cubes", q), ("k_cubes", k_cubes), ("v_cubes", v_cubes))[int(raster_layout is not None):]:
+            if x.shape != first.shape or x.device != first.device:
+                raise ValueError(f"{name} must be [B, H, N, S, D] = {tuple(first.shape)} on {first.device}, "
+                                 f"got {tuple(x.shape)} on {x.device}")
+            if not x.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
     if raster_layout is not None and (q.shape[:2] != (B, H) or q.shape[3] != D):
         raise ValueError(f"q must be [{B}, {H}, L, {D}], got {tuple(q.shape)}")
     if D not in HEAD_DIMS:
         raise ValueError(f"k_cubes: head_dim must be one of {HEAD_DIMS}, got {D}")
     compute_dtype = q.dtype
-    k_cubes, v_cubes = (x.to(compute_dtype) for x in (k_cubes, v_cubes))
+    if kv_raster is None:
+        k_cubes, v_cubes = (x.to(compute_dtype) for x in (k_cubes, v_cubes))
     if kv_count.shape != (B, H, N) or kv_index.dim() != 4 or kv_index.shape[:3] != (B, H, N):
         raise ValueError(f"kv_count/kv_index must be [B, H, N] / [B, H, N, K], got {tuple(kv_count.shape)}"
                          f" / {tuple(kv_index.shape)}")
@@ -562,7 +599,7 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
     elif cubes_per_program is not None and cubes_per_program != plan.group:
         raise ValueError(f"plan was made for {plan.group} cubes per program, not {cubes_per_program}")
     NG, KG = plan.count.shape[-1], plan.index.shape[-1]
-    tables = _key_tables(slot_valid.to(k_cubes.device))
+    tables = _key_tables(slot_valid.to(q.device))
 
     if remainder is not None:
         k_bar, v_bar, selection_mask = remainder  # the remainder's mask is the selection's
@@ -581,7 +618,7 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
 
     hopper_reason = (hopper_path_reason(q, D, S, plan.group, has_extra) if raster_layout is not None
                      else "kept-query lists (keep_ratio < 1)")
-    tma_bases = (k_cubes, v_cubes) + ((k_bar, v_bar) if remainder is not None else ())
+    tma_bases = ((k_cubes, v_cubes) if kv_raster is None else ()) + ((k_bar, v_bar) if remainder is not None else ())
     if hopper_reason is None and any(x.data_ptr() % 16 for x in tma_bases):
         hopper_reason = "K/V not 16-byte aligned (tensor descriptors need it)"
     if hopper_kernel and hopper_reason:
@@ -590,8 +627,8 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
         hopper_lse = lse if lse is not None else torch.empty(B, H, N, S, dtype=torch.float32, device=q.device)
         try:
             _hopper_module()[0].hopper_block_sparse_attention(
-                q, k_cubes, v_cubes, raster_layout, plan.count, plan.index, out, hopper_lse, n_prefix, scale,
-                plan.order, tables.key_bias, tables.log2_n,
+                q, *(kv_raster or (k_cubes, v_cubes)), raster_layout, plan.count, plan.index, out, hopper_lse,
+                n_prefix, scale, plan.order, tables.key_bias, tables.log2_n,
                 (k_bar, v_bar) if remainder is not None else None, selection_mask)
             return
         except Exception as error:  # a Gluon build this Triton, driver or platform cannot do
@@ -600,12 +637,18 @@ def _launch(q, layout, n_prefix, out, k_cubes, v_cubes, q_index, KQ, kv_count, k
             _hopper_failure["reason"] = f"its build failed ({type(error).__name__}: {error})"
             log.warning("BSA: the Gluon Hopper attention kernel failed to build, the portable Triton kernel runs "
                         "from now on: %s: %s", type(error).__name__, error)
+    if kv_raster is not None:  # the Gluon kernel did not run: the portable one reads K/V in cube order
+        from .cube_permute import cube_permute
+
+        k_cubes, v_cubes = (cube_permute(x, raster_layout, n_prefix) for x in kv_raster)
+        if remainder is None:
+            k_bar = v_bar = attended = k_cubes
 
     rows = plan.group * KQ
     # raster mode splits a cube of more than 64 queries over programs: 64-row tiles measured fastest
     pieces = -(-rows // 64) if raster_layout is not None and plan.group == 1 and rows > 64 else 1
     BLOCK_M = max(16, triton.next_power_of_2(-(-rows // pieces)))
-    major, budget, _ = _device_facts(k_cubes.device)
+    major, budget, _ = _device_facts(q.device)
     BLOCK_N = _key_block(S, D, BLOCK_M, budget)
     pow2 = S == triton.next_power_of_2(S) and S >= 16
     on_hopper = not _INTERPRET and major >= 9

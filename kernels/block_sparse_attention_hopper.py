@@ -30,6 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .cube_tokens import cube_box_view
 from .packed_tiles import MAX_MEMBERS, packed_tiles, packed_union
 
 CUBE = 64  # query rows and keys per step: one 64-token cube
@@ -172,8 +173,10 @@ def _pipelined_step(j, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bias_smem, rea
 
 @gluon.jit
 def _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty, table_ptr,
-            log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, tile,
-            CUBE: gl.constexpr, NUM_STAGES: gl.constexpr, PACKED: gl.constexpr, MEMBERS: gl.constexpr):
+            log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, tile, raster_grid, raster_rows,
+            CUBE: gl.constexpr, NUM_STAGES: gl.constexpr, PACKED: gl.constexpr, MEMBERS: gl.constexpr,
+            CT: gl.constexpr, CH: gl.constexpr, CW: gl.constexpr, KV_RASTER: gl.constexpr,
+            HAS_REMAINDER: gl.constexpr):
     """One warp: each step's K/V tiles and the additive log2 bias of its keys into the ring, so the compute warps
     never wait on a global load. Selected cubes: K/V and the cube's key-bias row (-inf on padding slots) by TMA
     (a packed tile's union entry carries its members' bits above the cube: `_step_bias` reads them). Then blocks
@@ -181,6 +184,13 @@ def _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bia
     computed here, issuing its global loads before the slot is free."""
     kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
     cols = gl.arange(0, CUBE, layout=gl.BlockedLayout([CUBE // 32], [32], [1], [0]))
+    if KV_RASTER:  # K/V straight from the raster: a cube is a [1, CT, CH, CW, D] box of the 5-D view
+        NW = raster_grid & 0xFFFF
+        NHW = (raster_grid >> 16) * NW
+        inv_nw = 1.0 / NW.to(gl.float32)
+        inv_nhw = 1.0 / NHW.to(gl.float32)
+        outer = bh % (raster_rows >> 16)
+        row_t = (bh // (raster_rows >> 16)) * (raster_rows & 0xFFFF)
     for j in range(count):
         slot = j % NUM_STAGES
         kv = gl.load(table_ptr + j) & 0xFFFFFF
@@ -188,8 +198,31 @@ def _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bia
         mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)  # a fresh barrier passes lap 0
         mbarrier.expect(bar, kv_bytes + bias_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(bias_desc, [kv, 0], bar, bias_smem.index(slot))
-        tma.async_copy_global_to_shared(k_desc, [kv_row0 + kv * CUBE, 0], bar, k_smem.index(slot))
-        tma.async_copy_global_to_shared(v_desc, [kv_row0 + kv * CUBE, 0], bar, v_smem.index(slot))
+        if KV_RASTER:
+            # the cube's (t, h, w) by reciprocal multiplies, not integer divisions (~20 instructions each on the
+            # loader warp, which shares a scheduler with compute warps); exact below 2^20 cubes
+            c_t = ((kv.to(gl.float32) + 0.5) * inv_nhw).to(gl.int32)
+            c_hw = kv - c_t * NHW
+            c_h = ((c_hw.to(gl.float32) + 0.5) * inv_nw).to(gl.int32)
+            box = [outer, row_t + c_t * CT, c_h * CH, (c_hw - c_h * NW) * CW, 0]
+            tma.async_copy_global_to_shared(k_desc, box, bar, k_smem.index(slot)._reinterpret(
+                k_desc.dtype, k_desc.block_type.shape, k_desc.layout))
+            tma.async_copy_global_to_shared(v_desc, box, bar, v_smem.index(slot)._reinterpret(
+                v_desc.dtype, v_desc.block_type.shape, v_desc.layout))
+        else:
+            tma.async_copy_global_to_shared(k_desc, [kv_row0 + kv * CUBE, 0], bar, k_smem.index(slot))
+            tma.async_copy_global_to_shared(v_desc, [kv_row0 + kv * CUBE, 0], bar, v_smem.index(slot))
+    if HAS_REMAINDER:
+        _pooled_loads(kbar_desc, vbar_desc, k_smem, v_smem, bias_smem, ready, empty, log2n_ptr, attended_ptr,
+                      members_ptr, count, n_steps, N, bh, tile, cols, kv_bytes, CUBE, NUM_STAGES, PACKED, MEMBERS)
+
+
+@gluon.jit
+def _pooled_loads(kbar_desc, vbar_desc, k_smem, v_smem, bias_smem, ready, empty, log2n_ptr, attended_ptr, members_ptr,
+                  count, n_steps, N, bh, tile, cols, kv_bytes: gl.constexpr, CUBE: gl.constexpr,
+                  NUM_STAGES: gl.constexpr, PACKED: gl.constexpr, MEMBERS: gl.constexpr):
+    """The loader's steps after the selected cubes: blocks of pooled keys (this head's means) by TMA, their bias
+    computed here."""
     for j in range(count, n_steps):
         slot = j % NUM_STAGES
         bias = _pooled_bias(j - count, log2n_ptr, attended_ptr, members_ptr, bh, tile, N, cols, CUBE, PACKED, MEMBERS)
@@ -302,32 +335,39 @@ def _compute_partition(is_packed, Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem
 
 @gluon.jit
 def _loader_partition(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty,
-                      table_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, bh, signed_tile,
-                      CUBE: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr):
+                      table_ptr, log2n_ptr, attended_ptr, members_ptr, count, N, bh, signed_tile, raster_grid,
+                      raster_rows, CUBE: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr,
+                      CT: gl.constexpr, CH: gl.constexpr, CW: gl.constexpr, KV_RASTER: gl.constexpr,
+                      HAS_REMAINDER: gl.constexpr):
     """The loader warp of a cube (signed_tile >= 0) or of packed tile -1 - signed_tile. Its arguments reach it
-    through shared memory, where two programs per SM leave 4 bytes spare at head_dim 128: hence the sign for the
-    kind and the K/V row offset computed here."""
+    through shared memory, where two programs per SM leave a few bytes spare at head_dim 128: hence the sign for
+    the kind, the step count and K/V row offset computed here and the raster geometry packed in pairs of 16 bits
+    (raster_grid: NW | NH << 16, raster_rows: the 5-D view's rows a head group | heads a row group << 16)."""
     kv_row0 = bh * N * CUBE
+    n_steps = count
+    if HAS_REMAINDER:
+        n_steps += (N + CUBE - 1) // CUBE
     if signed_tile < 0:
         tile = -1 - signed_tile
         _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty, table_ptr,
-                log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, tile, CUBE, NUM_STAGES, True,
-                MEMBERS)
+                log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, tile, raster_grid, raster_rows,
+                CUBE, NUM_STAGES, True, MEMBERS, CT, CH, CW, KV_RASTER, HAS_REMAINDER)
     else:
         _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty, table_ptr,
-                log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, signed_tile, CUBE, NUM_STAGES,
-                False, MEMBERS)
+                log2n_ptr, attended_ptr, members_ptr, count, n_steps, N, kv_row0, bh, signed_tile, raster_grid,
+                raster_rows, CUBE, NUM_STAGES, False, MEMBERS, CT, CH, CW, KV_RASTER, HAS_REMAINDER)
 
 
 @gluon.jit
 def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, key_bias_ptr, log2n_ptr,
                              attended_ptr, order_ptr, tiles_ptr, members_ptr, row_token_ptr, row_slot_ptr,
                              row_member_ptr, count_ptr, index_ptr, ucount_ptr, uindex_ptr, qk_scale, H, N, BH,
-                             n_singles, n_packed, KG, KU, n_pool_steps,
+                             n_singles, n_packed, KG, KU, raster_grid, raster_rows,
                              n_prefix, GT, GH, GW, NH, NW, stride_qb, stride_qh, stride_ql, stride_ob, stride_oh,
                              stride_ol, HEAD_DIM: gl.constexpr, CUBE: gl.constexpr, CT: gl.constexpr,
                              CH: gl.constexpr, CW: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr,
-                             Q_IN_REGISTERS: gl.constexpr):
+                             Q_IN_REGISTERS: gl.constexpr, TILE_LAYOUT: gl.constexpr, KV_RASTER: gl.constexpr,
+                             HAS_REMAINDER: gl.constexpr):
     """One launch: first a program per (batch * head, packed tile) (count / index: its members' union,
     `packed_tiles.packed_union`, KU wide), then one per (batch * head, cube that runs alone) (tiles_ptr's cubes;
     the selection's lists, KG wide); heads in order_ptr's order (descending work), tiles in cube order. The packed
@@ -356,11 +396,13 @@ def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, 
         work = bh * N + tile
         count = gl.load(count_ptr + work)
         table_ptr = index_ptr + work * KG
-    n_steps = count + n_pool_steps
+    n_steps = count
+    if HAS_REMAINDER:
+        n_steps += (N + CUBE - 1) // CUBE
 
-    q_smem = gl.allocate_shared_memory(k_desc.dtype, [CUBE, HEAD_DIM], k_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, CUBE, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, CUBE, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(k_desc.dtype, [CUBE, HEAD_DIM], TILE_LAYOUT)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, CUBE, HEAD_DIM], TILE_LAYOUT)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES, CUBE, HEAD_DIM], TILE_LAYOUT)
     bias_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 1, CUBE], bias_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -375,8 +417,9 @@ def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, 
                                stride_ql, stride_ob, stride_oh, stride_ol, HEAD_DIM, CUBE, CT, CH, CW, NUM_STAGES,
                                MEMBERS, Q_IN_REGISTERS)),
          (_loader_partition, (k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready,
-                              empty, table_ptr, log2n_ptr, attended_ptr, members_ptr, count, n_steps, N,
-                              bh.to(gl.int32), gl.where(is_packed, -1 - tile, tile), CUBE, NUM_STAGES, MEMBERS))],
+                              empty, table_ptr, log2n_ptr, attended_ptr, members_ptr, count, N, bh.to(gl.int32),
+                              gl.where(is_packed, -1 - tile, tile), raster_grid, raster_rows, CUBE, NUM_STAGES,
+                              MEMBERS, CT, CH, CW, KV_RASTER, HAS_REMAINDER))],
         [1], [_LOADER_REGISTERS])
 
 
@@ -392,29 +435,36 @@ def _dense_mask(kv_count: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
 def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_index, out, lse, n_prefix, scale, order,
                                   key_bias, log2_n, remainder, selection_mask=None):
     """Launch the Gluon kernel (where `hopper_path_reason` gave none): q, out raster [B, H, L, D] (unit
-    stride on D), k_cubes / v_cubes [B, H, N, 64, D] contiguous in q's dtype, kv_count [B, H, N] / kv_index
-    [B, H, N, K] int32, lse [B, H, N, 64] fp32 (padding slots' values unspecified), order the launch order,
-    key_bias [N, 64] / log2_n [N] fp32, remainder None or (k_bar, v_bar) [B, H, N, D] contiguous in q's dtype,
-    selection_mask None or the same selection as the lists as a [B, H, N, N] uint8 mask (the pooled keys' hiding
-    and the packed tiles' unions read it; rebuilt from the lists where needed and not given)."""
-    B, H, N, _, D = k_cubes.shape
+    stride on D), k_cubes / v_cubes [B, H, N, 64, D] contiguous in q's dtype, or K / V themselves in the raster
+    [B, H, L, D] (rows from n_prefix on, strides `cube_tokens.cube_box_view` folds; `raster_kv_reason`), kv_count
+    [B, H, N] / kv_index [B, H, N, K] int32, lse [B, H, N, 64] fp32 (padding slots' values unspecified), order the
+    launch order, key_bias [N, 64] / log2_n [N] fp32, remainder None or (k_bar, v_bar) [B, H, N, D] contiguous in
+    q's dtype, selection_mask None or the same selection as the lists as a [B, H, N, N] uint8 mask (the pooled
+    keys' hiding and the packed tiles' unions read it; rebuilt from the lists where needed and not given)."""
+    B, H, L, D = q.shape
+    N = layout.num_cubes
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     smem_layout = gl.NVMMASharedLayout.get_default_for([CUBE, D], element)
     pooled_layout = gl.NVMMASharedLayout.get_default_for([1, CUBE, D], element)
-
-    def rows(x):
-        return TensorDescriptor.from_tensor(x.view(-1, D), [CUBE, D], smem_layout)
-
-    def per_head(x):  # a head's last block reads zeros past its N rows, not the next head's
-        return TensorDescriptor.from_tensor(x.view(B * H, -1, D), [1, CUBE, D], pooled_layout)
-
-    k_desc, v_desc = rows(k_cubes), rows(v_cubes)
+    kv_raster = k_cubes.dim() == 4
+    if kv_raster:
+        box = [1, *layout.cube_size, D]
+        box_layout = gl.NVMMASharedLayout.get_default_for(box, element)
+        (k_view, heads_a_row), (v_view, _) = (cube_box_view(x, layout, n_prefix) for x in (k_cubes, v_cubes))
+        k_desc, v_desc = (TensorDescriptor.from_tensor(x, box, box_layout) for x in (k_view, v_view))
+        raster_grid = layout.cubes_per_axis[2] | layout.cubes_per_axis[1] << 16
+        raster_rows = layout.grid[0] | heads_a_row << 16
+    else:
+        k_desc, v_desc = (TensorDescriptor.from_tensor(x.view(-1, D), [CUBE, D], smem_layout)
+                          for x in (k_cubes, v_cubes))
+        raster_grid = raster_rows = 0
     bias_desc = TensorDescriptor.from_tensor(key_bias, [1, CUBE], gl.NVMMASharedLayout(0, 32))
     tiles = packed_tiles(layout)
     if remainder is None:
-        kbar_desc, vbar_desc, n_pool_steps = per_head(k_cubes), per_head(v_cubes), 0
-    else:
-        kbar_desc, vbar_desc, n_pool_steps = per_head(remainder[0]), per_head(remainder[1]), -(-N // CUBE)
+        kbar_desc, vbar_desc = k_desc, v_desc  # unused: no pooled steps
+    else:  # per head: a head's last block reads zeros past its N rows, not the next head's
+        kbar_desc, vbar_desc = (TensorDescriptor.from_tensor(x.view(B * H, -1, D), [1, CUBE, D], pooled_layout)
+                                for x in remainder)
     attended = selection_mask
     if attended is None:
         attended = _dense_mask(kv_count, kv_index) if tiles.num_packed or remainder is not None else kv_count
@@ -427,8 +477,9 @@ def hopper_block_sparse_attention(q, k_cubes, v_cubes, layout, kv_count, kv_inde
     _hopper_block_sparse_fwd[(B * H * (P + NS),)](
         q, out, lse, k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, key_bias, log2_n, attended, order,
         tiles.singles, tiles.members, tiles.row_token, tiles.row_slot, tiles.row_member, kv_count, kv_index, ucount,
-        uindex, scale * 1.4426950408889634, H, N, B * H, NS, P, kv_index.shape[-1], uindex.shape[-1], n_pool_steps,
-        n_prefix, *layout.grid, *layout.cubes_per_axis[1:], q.stride(0), q.stride(1), q.stride(2), out.stride(0),
-        out.stride(1), out.stride(2), HEAD_DIM=D, CUBE=CUBE, CT=layout.cube_size[0], CH=layout.cube_size[1],
-        CW=layout.cube_size[2], NUM_STAGES=stages, MEMBERS=MAX_MEMBERS, Q_IN_REGISTERS=q_in_registers,
-        num_warps=_NUM_WARPS, maxnreg=registers)
+        uindex, scale * 1.4426950408889634, H, N, B * H, NS, P, kv_index.shape[-1], uindex.shape[-1], raster_grid,
+        raster_rows, n_prefix, *layout.grid, *layout.cubes_per_axis[1:], q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=D, CUBE=CUBE, CT=layout.cube_size[0],
+        CH=layout.cube_size[1], CW=layout.cube_size[2], NUM_STAGES=stages, MEMBERS=MAX_MEMBERS,
+        Q_IN_REGISTERS=q_in_registers, TILE_LAYOUT=smem_layout, KV_RASTER=kv_raster,
+        HAS_REMAINDER=remainder is not None, num_warps=_NUM_WARPS, maxnreg=registers)

@@ -71,19 +71,20 @@ def _permute_qkv_kernel(Q, K, V, QC, KC, VC, QM, KM, KM16, VM16, n_prefix, n_hea
                         sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
                         CT: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
-                        Q_CUBES: tl.constexpr, Q_MEAN: tl.constexpr, POOLED: tl.constexpr):
-    """Q, K and V in one launch (axis 2 picks the tensor): K to cubes + fp32 mean, V to cubes, Q to cubes
-    and/or its fp32 mean; with POOLED also K's and V's means in their own dtype for the pooled remainder."""
+                        Q_CUBES: tl.constexpr, Q_MEAN: tl.constexpr, POOLED: tl.constexpr, KV_CUBES: tl.constexpr):
+    """Q, K and V in one launch (axis 2 picks the tensor): K to cubes (KV_CUBES) + fp32 mean, V to cubes
+    (KV_CUBES), Q to cubes and/or its fp32 mean; with POOLED also K's and V's means in their own dtype for the
+    pooled remainder."""
     cube = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     n_cubes = tl.num_programs(0)
     which = tl.program_id(2)
     if which == 0:
         _permute_cube(K, KC, KM, KM16, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, skb, skh, skl, skd,
-                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, True, True, POOLED)
+                      HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, True, KV_CUBES, POOLED)
     elif which == 1:
         _permute_cube(V, VC, VM16, VM16, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, svb, svh, svl,
-                      svd, HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, False, True, POOLED)
+                      svd, HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, False, KV_CUBES, POOLED)
     else:
         _permute_cube(Q, QC, QM, QM, cube, bh, n_cubes, n_prefix, n_heads, GT, GH, GW, NH, NW, sqb, sqh, sql, sqd,
                       HEAD_DIM, D_PAD, BLOCK_S, CT, CH, CW, Q_MEAN, Q_CUBES)
@@ -165,19 +166,21 @@ def _tile_args(layout, head_dim: int) -> dict:
 class PermutedQKV(NamedTuple):
     q_cubes: torch.Tensor | None   # [B, H, N, S, D] (q_cubes=True) or None
     q_mean: torch.Tensor | None    # [B, H, N, D] fp32 (q_mean=True) or None
-    k_cubes: torch.Tensor          # [B, H, N, S, D]
+    k_cubes: torch.Tensor | None   # [B, H, N, S, D] (kv_cubes=True) or None
     k_mean: torch.Tensor           # [B, H, N, D] fp32 (selection)
-    v_cubes: torch.Tensor          # [B, H, N, S, D]
+    v_cubes: torch.Tensor | None   # likewise
     k_pooled: torch.Tensor | None  # [B, H, N, D] in x.dtype (pooled=True) or None
     v_pooled: torch.Tensor | None  # likewise
 
 
 def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_prefix: int = 0,
-                q_cubes: bool = False, pooled: bool = True, q_mean: bool | None = None) -> PermutedQKV:
+                q_cubes: bool = False, pooled: bool = True, q_mean: bool | None = None,
+                kv_cubes: bool = True) -> PermutedQKV:
     """The three permutes of one BSA call in one launch. q, k, v [B, H, L, D] of one shape and dtype (any
     strides). Q is permuted with q_cubes and pooled (fp32 mean) with q_mean (default: when not permuted);
-    K is permuted and pooled (fp32); with `pooled` the means of K and V are also written in x.dtype for the
-    pooled remainder. A mean is the same bits whether or not the cubes are written (one code path)."""
+    K is permuted (kv_cubes: V too) and pooled (fp32); with `pooled` the means of K and V are also written in
+    x.dtype for the pooled remainder. Without kv_cubes (the Hopper kernel reads K/V from the raster) only the
+    means are written. A mean is the same bits whether or not the cubes are written (one code path)."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share shape and dtype, got {[(tuple(x.shape), x.dtype) for x in (q, k, v)]}")
     _check(q, "q", layout, n_prefix)
@@ -185,13 +188,14 @@ def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_pre
     N, S = layout.num_cubes, layout.cube_volume
     q_mean = not q_cubes if q_mean is None else q_mean
     qc, qm = _outputs(q, N, S, cubes=q_cubes, mean=q_mean)
-    kc, km = _outputs(k, N, S, cubes=True, mean=True)
-    vc, _ = _outputs(v, N, S, cubes=True, mean=False)
+    kc, km = _outputs(k, N, S, cubes=kv_cubes, mean=True)
+    vc, _ = _outputs(v, N, S, cubes=kv_cubes, mean=False)
     k16, v16 = (torch.empty(B, H, N, D, dtype=q.dtype, device=q.device) if pooled else None for _ in range(2))
     _permute_qkv_kernel[(N, B * H, 3)](
-        q, k, v, q if qc is None else qc, kc, vc, km if qm is None else qm, km, k if k16 is None else k16,
-        v if v16 is None else v16, n_prefix, H, *_grid_args(layout), *q.stride(), *k.stride(), *v.stride(),
-        **_tile_args(layout, D), Q_CUBES=q_cubes, Q_MEAN=q_mean, POOLED=pooled)
+        q, k, v, q if qc is None else qc, k if kc is None else kc, v if vc is None else vc, km if qm is None else qm,
+        km, k if k16 is None else k16, v if v16 is None else v16, n_prefix, H, *_grid_args(layout), *q.stride(),
+        *k.stride(), *v.stride(), **_tile_args(layout, D), Q_CUBES=q_cubes, Q_MEAN=q_mean, POOLED=pooled,
+        KV_CUBES=kv_cubes)
     return PermutedQKV(qc, qm, kc, km, vc, k16, v16)
 
 

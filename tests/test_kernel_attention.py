@@ -452,6 +452,133 @@ def test_a_failed_hopper_build_falls_back_to_the_portable_kernel_once(monkeypatc
         call(hopper_kernel=True)
 
 
+def _kv_raster_layouts(B, H, L, D, dtype, seed):
+    """The same K in the strides the raster K/V path meets: ComfyUI's [B, L, H, D] viewed as [B, H, L, D], a
+    contiguous [B, H, L, D], and a [B, L, H, D] with a row of gap between batches (batches fold into no 5-D view,
+    so with B > 1 the permute stays)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype)
+    gapped = torch.zeros(B, L + 1, H, D, dtype=dtype, device=DEVICE)[:, :L]
+    gapped.copy_(x)
+    return {"BLHD": x.transpose(1, 2), "BHLD": x.transpose(1, 2).contiguous(), "gapped": gapped.transpose(1, 2)}
+
+
+@pytest.mark.parametrize("B, n_prefix", [(2, 0), (1, 3), (2, 3)])
+def test_cube_box_view_boxes_are_the_cubes(B, n_prefix):
+    """Every valid slot of cube c of (batch, head) bh is, in `cube_box_view`'s 5-D view, at the box the Hopper
+    loader reads it from: (bh % R, (bh // R) * GT + c_t * CT, c_h * CH, c_w * CW) + the slot's (t, h, w); strides
+    that fold into no such view give None."""
+    from comfyui_bsa.kernels.cube_tokens import cube_box_view
+
+    grid, cube, H = (5, 6, 7), (2, 2, 4), 3  # partial cubes on every axis
+    layout = cube_layout(grid, cube, DEVICE)
+    L = n_prefix + layout.num_tokens
+    for name, x in _kv_raster_layouts(B, H, L, 8, torch.float32, seed=B + n_prefix).items():
+        folded = cube_box_view(x, layout, n_prefix)
+        if B > 1 and (n_prefix or name == "gapped"):  # batches a prefix or a gap apart: no stride between them
+            assert folded is None, name
+            continue
+        view, heads_a_row = folded
+        cubes = layout.to_cubes(x[:, :, n_prefix:]).reshape(B * H, layout.num_cubes, -1, 8)
+        slots = torch.arange(layout.cube_volume)
+        st, sh, sw = slots // (cube[1] * cube[2]), slots // cube[2] % cube[1], slots % cube[2]
+        for bh in range(B * H):
+            for c in range(layout.num_cubes):
+                ct, ch, cw = c // math.prod(layout.cubes_per_axis[1:]), c // layout.cubes_per_axis[2] % \
+                    layout.cubes_per_axis[1], c % layout.cubes_per_axis[2]
+                t, h, w = ct * cube[0] + st, ch * cube[1] + sh, cw * cube[2] + sw
+                valid = (t < grid[0]) & (h < grid[1]) & (w < grid[2])
+                row = (bh // heads_a_row) * grid[0] + t[valid]
+                got = view[bh % heads_a_row, row, h[valid], w[valid]]
+                assert torch.equal(got, cubes[bh, c, valid.to(DEVICE)]), (name, bh, c)
+
+
+def test_raster_kv_reason_names_what_stops_it(monkeypatch):
+    """K/V from the raster wherever the Gluon kernel runs and the strides fold into 16-byte-aligned 5-D boxes; else
+    a reason that names the tensor. Without an sm90 GPU, the kernel's own reason."""
+    from comfyui_bsa.kernels.block_sparse_attention import raster_kv_reason
+
+    layout = cube_layout((5, 6, 8), (4, 4, 4), DEVICE)
+    kinds = _kv_raster_layouts(2, 2, layout.num_tokens, 16, torch.bfloat16, seed=1)  # batches fold but "gapped"
+    q = kinds["BLHD"]
+    if kernel_module.hopper_path_reason(q, 16, 64, 1, False) is not None:
+        assert raster_kv_reason(q, q, q, layout) == kernel_module.hopper_path_reason(q, 16, 64, 1, False)
+    monkeypatch.setattr(kernel_module, "hopper_path_reason", lambda *args: None)
+    assert raster_kv_reason(q, kinds["BLHD"], kinds["BHLD"], layout) is None
+    assert "v's strides" in raster_kv_reason(q, q, kinds["gapped"], layout)
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)[1:].view(2, layout.num_tokens, 2, 16)
+    assert "k is not 16-byte aligned" in raster_kv_reason(q, shifted.transpose(1, 2), q, layout)
+    assert "k is not q's" in raster_kv_reason(q, q.float(), q, layout)
+
+
+def test_a_failed_hopper_build_with_raster_kv_permutes_for_the_portable_kernel(monkeypatch):
+    """A call that handed the Gluon kernel K/V in the raster still gets the portable kernel's result should the
+    build fail (K/V permuted then); asking for raster K/V where the Gluon kernel cannot run is a clear error."""
+    from comfyui_bsa.bsa_core.reference import cube_mean
+
+    layout, qc, kc, vc, _, _ = _inputs(2, 2, (5, 6, 8), (4, 4, 4), 16, torch.bfloat16, seed=6)
+    q, k, v = (layout.to_raster(x) for x in (qc, kc, vc))
+    sel = bsa_select(qc, kc, layout, BSAConfig(keep_ratio=1.0, kv_threshold=0.5, threshold_mode="cumulative"), 0.25)
+    with pytest.raises(ValueError, match="kv_raster"):
+        block_sparse_attention_raster(q, None, None, layout, sel.kv_count, sel.kv_index, torch.empty_like(q),
+                                      kv_raster=(k, v))
+
+    class Unbuildable:
+        @staticmethod
+        def hopper_block_sparse_attention(*args):
+            raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(kernel_module, "_hopper_failure", {})
+    monkeypatch.setattr(kernel_module, "_import_hopper", lambda: (Unbuildable, None))
+    monkeypatch.setattr(kernel_module, "hopper_path_reason", lambda *args: None)
+    for remainder in (None, (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense())):
+        expected = torch.zeros_like(q)
+        block_sparse_attention_raster(q, kc, vc, layout, sel.kv_count, sel.kv_index, expected, hopper_kernel=False,
+                                      remainder=remainder)
+        monkeypatch.setattr(kernel_module, "_hopper_failure", {})
+        out = torch.zeros_like(q)
+        block_sparse_attention_raster(q, None, None, layout, sel.kv_count, sel.kv_index, out, kv_raster=(k, v),
+                                      remainder=remainder)
+        assert torch.equal(out, expected) and kernel_module._hopper_failure
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [128, 64])
+@pytest.mark.parametrize("pooled", [False, True], ids=["no-pool", "pooled"])
+@pytest.mark.parametrize("B, n_prefix", [(2, 0), (1, 3)])
+def test_gpu_hopper_kernel_reads_kv_from_the_raster(B, n_prefix, pooled, D):
+    """The Gluon kernel reading K/V as 5-D boxes of the raster gives the cube-order run's output and LSE bit for
+    bit (padding slots read other rows or zeros, masked either way), in ComfyUI's strides and in contiguous
+    [B, H, L, D], partial cubes on every axis (packed tiles included)."""
+    from comfyui_bsa.bsa_core.reference import cube_mean
+
+    grid, H = (9, 14, 22), 3
+    layout = cube_layout(grid, (4, 4, 4), DEVICE)
+    L = n_prefix + layout.num_tokens
+    video = slice(n_prefix, L)
+    q = _kv_raster_layouts(B, H, L, D, torch.bfloat16, seed=1)["BLHD"]
+    _require_hopper_kernel(q, D, layout.cube_volume)
+    for name, k in _kv_raster_layouts(B, H, L, D, torch.bfloat16, seed=2).items():
+        v = _kv_raster_layouts(B, H, L, D, torch.bfloat16, seed=3)[name]
+        if B > 1 and name == "gapped":
+            assert "strides" in kernel_module.raster_kv_reason(q, k, v, layout, n_prefix)
+            continue
+        kc, vc = (layout.to_cubes(x[:, :, video]).contiguous() for x in (k, v))
+        sel = bsa_select(layout.to_cubes(q[:, :, video]), kc, layout,
+                         BSAConfig(keep_ratio=1.0, kv_threshold=0.6, threshold_mode="cumulative"), D ** -0.5)
+        remainder = (cube_mean(kc, layout), cube_mean(vc, layout), sel.to_dense()) if pooled else None
+        runs = []
+        for kv_raster in (None, (k, v)):
+            out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE)
+            _, lse = block_sparse_attention_raster(q, None if kv_raster else kc, None if kv_raster else vc, layout,
+                                                   sel.kv_count, sel.kv_index, out, n_prefix, D ** -0.5,
+                                                   remainder=remainder, return_lse=True, hopper_kernel=True,
+                                                   kv_raster=kv_raster)
+            runs.append((out[:, :, video], lse))
+        assert torch.isfinite(runs[0][0]).all(), name
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), name
+
+
 def test_key_block_follows_the_shared_memory_budget():
     """Whole cubes up to 128 keys where they fit; a 99 KB consumer card takes 256-key cubes in 64-key pieces."""
     assert _key_block(64, 128, 64, 227 * 1024) == 64

@@ -248,14 +248,18 @@ def test_select_triton_gpu(cube, D):
         assert torch.equal(out, layout.to_raster(kept_out.gather(-2, source)))
 
 
+@pytest.mark.parametrize("kv_cubes", [True, False], ids=["kv-cubes", "kv-means"])
 @pytest.mark.parametrize("q_cubes", [False, True], ids=["q-mean", "q-cubes"])
 @pytest.mark.parametrize("pooled", [False, True], ids=["no-pooled", "pooled"])
-def test_permute_qkv_equals_three_permutes(q_cubes, pooled):
-    """One launch for Q, K and V gives what cube_permute gives for each (strided [B, L, H, D] views)."""
+def test_permute_qkv_equals_three_permutes(q_cubes, pooled, kv_cubes):
+    """One launch for Q, K and V gives what cube_permute gives for each (strided [B, L, H, D] views); without
+    kv_cubes (the Hopper kernel reads K/V from the raster) the same means and no K/V cubes."""
     layout = cube_layout((3, 5, 7), (2, 2, 4), DEVICE)
     n_prefix, L = 2, 2 + 105 + 3
     q, k, v = (_randn(2, L, 3, 32, seed=s, dtype=torch.bfloat16).transpose(1, 2) for s in (1, 2, 3))
-    qc, qm, kc, km, vc, k16, v16 = permute_qkv(q, k, v, layout, n_prefix, q_cubes=q_cubes, pooled=pooled)
+    qc, qm, kc, km, vc, k16, v16 = permute_qkv(q, k, v, layout, n_prefix, q_cubes=q_cubes, pooled=pooled,
+                                               kv_cubes=kv_cubes)
+    assert (kc is None) != kv_cubes and (vc is None) != kv_cubes and km is not None
     for x, cubes, mean, mean16 in ((k, kc, km, k16), (v, vc, None, v16), (q, qc, qm, None)):
         want_cubes, want_mean = cube_permute(x, layout, n_prefix, with_mean=True)
         if cubes is not None:

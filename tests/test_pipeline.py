@@ -84,6 +84,32 @@ def test_triton_backend_on_gpu(grid, heads, D, keep, pooled):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "no-pool"])
+def test_gpu_call_reads_kv_from_the_raster_where_it_can(monkeypatch, pooled):
+    """On the Gluon Hopper kernel a call at keep_ratio 1 skips the K/V permute (only their means are written) and
+    returns what the permuted call returns, bit for bit, in ComfyUI's [B, L, H, D] strides with a CFG batch."""
+    from comfyui_bsa.kernels import block_sparse_attention as kernel_module
+    from comfyui_bsa.kernels import cube_permute
+
+    grid, B, H, D = (9, 30, 52), 2, 4, 128
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, math.prod(grid), H, D, generator=g).to(DEVICE, torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    if kernel_module.hopper_path_reason(q, D, 64, 1, False) is not None:
+        pytest.skip(f"Gluon Hopper kernel: {kernel_module.hopper_path_reason(q, D, 64, 1, False)}")
+    config = BSAConfig((4, 4, 4), keep_ratio=1.0, pooled_remainder=pooled)
+    asked = []
+    permute_qkv = cube_permute.permute_qkv
+    monkeypatch.setattr(cube_permute, "permute_qkv", lambda *a, **kw: asked.append(kw["kv_cubes"]) or
+                        permute_qkv(*a, **kw))
+    raster, _ = attention.bsa_attention(q, k, v, grid, config, backend="triton")
+    monkeypatch.setattr(kernel_module, "raster_kv_reason", lambda *args: "switched off by the test")
+    permuted, _ = attention.bsa_attention(q, k, v, grid, config, backend="triton")
+    assert asked == [False, True]
+    assert torch.isfinite(raster).all() and torch.equal(raster, permuted)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_prefix, n_suffix, pooled", [(0, 0, True), (5, 257, True), (0, 40, False)],
                          ids=["wan", "text-and-reference", "guides-no-pool"])
 def test_gpu_call_has_no_host_sync_and_replays_from_a_cuda_graph(n_prefix, n_suffix, pooled):

@@ -9,7 +9,7 @@ release the kernel is built for), e.g.
     python3 -m zipfile -e /tmp/t36/triton-3.6.0-*.whl /tmp/t36/site
     chmod +x /tmp/t36/site/triton/backends/nvidia/bin/*
     PYTHONPATH=/tmp/t36/site python3 tools/gluon_build_check.py [MODULE.py] [--head-dim 128] [--dtype bf16]
-                                  [--max-registers N] [--stages N] [--ptx OUT.ptx] [--sass OUT.sass]
+                                  [--max-registers N] [--stages N] [--kv-raster] [--ptx OUT.ptx] [--sass OUT.sass]
 
 MODULE.py defaults to kernels/block_sparse_attention_hopper.py; an edited copy builds the same way (its relative
 imports resolve in kernels/; then time it with `bench/kernel_variants.py --gluon-candidates`). Integer arguments
@@ -29,7 +29,8 @@ import types
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SM90_SHARED_PER_SM = 228 * 1024  # bytes; each resident program also takes 1 KB the driver reserves
-CONSTEXPRS = ("HEAD_DIM", "CUBE", "CT", "CH", "CW", "NUM_STAGES", "MEMBERS", "Q_IN_REGISTERS")
+CONSTEXPRS = ("HEAD_DIM", "CUBE", "CT", "CH", "CW", "NUM_STAGES", "MEMBERS", "Q_IN_REGISTERS", "TILE_LAYOUT",
+              "KV_RASTER", "HAS_REMAINDER")
 _PACKAGE = "_bsa_build_check"  # the module's relative imports (`.packed_tiles`) resolve in kernels/
 
 
@@ -44,18 +45,22 @@ def load_module(path: pathlib.Path):
     return module
 
 
-def signature(fn, module, head_dim: int, dtype: str) -> dict:
-    """Triton signature strings of the kernel's arguments, by name (the launch in hopper_block_sparse_attention)."""
+def signature(fn, module, head_dim: int, dtype: str, kv_raster: bool = False) -> dict:
+    """Triton signature strings of the kernel's arguments, by name (the launch in hopper_block_sparse_attention;
+    kv_raster: K/V read from the raster through 5-D boxes)."""
     gl = module.gl
     element = gl.bfloat16 if dtype == "bf16" else gl.float16
     rows = repr(gl.NVMMASharedLayout.get_default_for([module.CUBE, head_dim], element))
+    box = [1, 4, 4, 4, head_dim]
+    kv = (f"tensordesc<{dtype}[{', '.join(map(str, box))}],"
+          f"{gl.NVMMASharedLayout.get_default_for(box, element)!r}>" if kv_raster else
+          f"tensordesc<{dtype}[{module.CUBE}, {head_dim}],{rows}>")
     per_head = repr(gl.NVMMASharedLayout.get_default_for([1, module.CUBE, head_dim], element))
     types = {"Q": f"*{dtype}", "Out": f"*{dtype}", "Lse": "*fp32", "log2n_ptr": "*fp32", "key_bias_ptr": "*fp32",
              "attended_ptr": "*u8", "order_ptr": "*i32", "tiles_ptr": "*i32", "members_ptr": "*i32",
              "row_token_ptr": "*i32", "row_slot_ptr": "*i32", "row_member_ptr": "*i32", "count_ptr": "*i32",
              "index_ptr": "*i32", "ucount_ptr": "*i32", "uindex_ptr": "*i32", "qk_scale": "fp32",
-             "k_desc": f"tensordesc<{dtype}[{module.CUBE}, {head_dim}],{rows}>",
-             "v_desc": f"tensordesc<{dtype}[{module.CUBE}, {head_dim}],{rows}>",
+             "k_desc": kv, "v_desc": kv,
              "kbar_desc": f"tensordesc<{dtype}[1, {module.CUBE}, {head_dim}],{per_head}>",
              "vbar_desc": f"tensordesc<{dtype}[1, {module.CUBE}, {head_dim}],{per_head}>",
              "bias_desc": f"tensordesc<fp32[1, {module.CUBE}],{gl.NVMMASharedLayout(0, 32)!r}>"}
@@ -66,27 +71,31 @@ def signature(fn, module, head_dim: int, dtype: str) -> dict:
         elif name in types:
             sig[name] = types[name]
         elif name in ("H", "N", "BH", "n_singles", "n_packed", "KG", "KU", "n_pool_steps", "n_prefix", "GT", "GH",
-                      "GW", "NH", "NW") or name.startswith("stride_"):
+                      "GW", "NH", "NW", "raster_grid", "raster_rows") or name.startswith("stride_"):
             sig[name] = "i32"
         else:
             raise SystemExit(f"gluon_build_check: no type for the kernel's argument {name!r}; add it to signature()")
     return sig
 
 
-def build(module, head_dim: int, dtype: str, max_registers: int | None = None, stages: int | None = None):
+def build(module, head_dim: int, dtype: str, max_registers: int | None = None, stages: int | None = None,
+          kv_raster: bool = False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = module._hopper_block_sparse_fwd
-    sig = signature(fn, module, head_dim, dtype)
+    sig = signature(fn, module, head_dim, dtype, kv_raster)
     # the module's build for this head_dim (older copies: one ring depth and register cap for every head_dim, or
     # no Q-in-registers flag)
     own_stages, own_registers, *q_in_registers = getattr(module, "_BUILD_BY_HEAD_DIM", {}).get(
         head_dim, (getattr(module, "_STAGES", 3), getattr(module, "_MAX_REGISTERS", 128)))
     values = {"HEAD_DIM": head_dim, "CUBE": module.CUBE, "CT": 4, "CH": 4, "CW": 4,
               "NUM_STAGES": stages or own_stages, "MEMBERS": getattr(module, "MAX_MEMBERS", 4),
-              "Q_IN_REGISTERS": bool(q_in_registers and q_in_registers[0])}
+              "Q_IN_REGISTERS": bool(q_in_registers and q_in_registers[0]),
+              "TILE_LAYOUT": module.gl.NVMMASharedLayout.get_default_for(
+                  [module.CUBE, head_dim], module.gl.bfloat16 if dtype == "bf16" else module.gl.float16),
+              "KV_RASTER": kv_raster, "HAS_REMAINDER": True}
     constants = {(fn.arg_names.index(name),): values[name] for name in CONSTEXPRS if name in fn.arg_names}
     aligned = [i for i, name in enumerate(fn.arg_names) if sig[name].startswith("*") or name.startswith("stride_")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
@@ -123,11 +132,12 @@ def main():
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--max-registers", type=int, help="register cap a thread (what-if; default the module's)")
     parser.add_argument("--stages", type=int, help="K/V ring depth (what-if; default the module's)")
+    parser.add_argument("--kv-raster", action="store_true", help="the build that reads K/V from the raster")
     parser.add_argument("--ptx", help="write the PTX here")
     parser.add_argument("--sass", help="write the SASS here")
     args = parser.parse_args()
     module = load_module(pathlib.Path(args.module))
-    kernel = build(module, args.head_dim, args.dtype, args.max_registers, args.stages)
+    kernel = build(module, args.head_dim, args.dtype, args.max_registers, args.stages, args.kv_raster)
     import triton
 
     tools = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
