@@ -1,7 +1,7 @@
 """Where one BSA call's time goes on the GPU: per-kernel time (torch.profiler), the sum of kernel time
-per call against the call's wall time back to back (the gap is host work: launches, Python), and the
-fixed cost = wall time per call minus the kept blocks' work at cuDNN's per-FLOP rate (cuDNN SDPA timed
-on the same inputs), at the node defaults unless flags say otherwise:
+per call against the call's wall time back to back (the gap is host work: launches, Python), the call's peak
+memory above its inputs, and the fixed cost = wall time per call minus the kept blocks' work at cuDNN's per-FLOP
+rate (cuDNN SDPA timed on the same inputs), at the node defaults unless flags say otherwise:
 
     python bench/profile_bsa.py [--shape 480p] [--cube 4x4x4] [--keep 1.0] [--mode statistical]
                                 [--threshold 0.7] [--stat-lambda 1.0] [--no-pooled] [--host-profile 25]
@@ -59,6 +59,11 @@ def profile(args, d):
 
     for _ in range(3):
         _, selection = call()
+    torch.cuda.synchronize()
+    inputs_bytes = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()  # its output included, as the model holds it
+    peak_mib = (torch.cuda.max_memory_allocated() - inputs_bytes) / 2**20
     layout = cube_layout(grid, config.cube_size, q.device)
     kv_tokens = layout.n_valid[selection.kv_index.clamp(min=0).long()] * (selection.kv_index >= 0)
     kept_flops = 4 * q.shape[-1] * float((selection.q_count.double() * kv_tokens.sum(-1).double()).sum())
@@ -78,7 +83,8 @@ def profile(args, d):
     kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / args.calls
     print(f"device: {torch.cuda.get_device_name()}  {args.shape} grid {grid} heads {heads}  {config}")
     print(f"per call, {args.calls} back to back: wall {wall_ms:.2f} ms, host (launch side) {host_ms:.2f} ms, "
-          f"GPU kernels {kernel_ms:.2f} ms, idle GPU {wall_ms - kernel_ms:.2f} ms")
+          f"GPU kernels {kernel_ms:.2f} ms, idle GPU {wall_ms - kernel_ms:.2f} ms; peak memory of a call above its "
+          f"inputs {peak_mib:.0f} MiB")
     kept_ms = dense_ms * kept_flops / dense_flops
     print(f"cuDNN SDPA {dense_ms:.2f} ms; kept KV cubes {100 * float(selection.kept_kv_fraction()):.2f} %, their work "
           f"at cuDNN's rate {kept_ms:.3f} ms; fixed cost = wall - that = {wall_ms - kept_ms:.3f} ms; "
