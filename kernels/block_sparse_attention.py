@@ -93,6 +93,7 @@ def raster_kv_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, 
         return reason
     if layout.num_cubes >= 1 << 20 or max(*layout.grid, *layout.cubes_per_axis, q.shape[1]) >= 1 << 16:
         return "a grid past the loader's packed 16-bit geometry"  # and its reciprocal divisions, exact below 2^20
+    folds = []
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape or x.dtype != q.dtype or x.device != q.device:
             return f"{name} is not q's shape, dtype and device"
@@ -100,9 +101,12 @@ def raster_kv_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, 
         folded = cube_box_view(x, layout, n_prefix)
         if folded is None or x.stride(-1) != 1:
             return f"{name}'s strides {x.stride()} fold into no 5-D view of the cubes"
-        view = folded[0]
+        view, heads_a_row = folded
         if view.data_ptr() % 16 or any(stride * element % 16 for stride in view.stride()[:-1]):
             return f"{name} is not 16-byte aligned (tensor descriptors need it)"
+        folds.append(heads_a_row)
+    if folds[0] != folds[1]:  # the loader computes one box position for both
+        return f"k's strides {k.stride()} and v's {v.stride()} fold into different 5-D views"
     return None
 
 

@@ -504,7 +504,9 @@ def test_raster_kv_reason_names_what_stops_it(monkeypatch):
     if kernel_module.hopper_path_reason(q, 16, 64, 1, False) is not None:
         assert raster_kv_reason(q, q, q, layout) == kernel_module.hopper_path_reason(q, 16, 64, 1, False)
     monkeypatch.setattr(kernel_module, "hopper_path_reason", lambda *args: None)
-    assert raster_kv_reason(q, kinds["BLHD"], kinds["BHLD"], layout) is None
+    assert raster_kv_reason(q, kinds["BLHD"], kinds["BLHD"], layout) is None
+    assert raster_kv_reason(q, kinds["BHLD"], kinds["BHLD"], layout) is None
+    assert "fold into different 5-D views" in raster_kv_reason(q, kinds["BLHD"], kinds["BHLD"], layout)
     assert "v's strides" in raster_kv_reason(q, q, kinds["gapped"], layout)
     shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)[1:].view(2, layout.num_tokens, 2, 16)
     assert "k is not 16-byte aligned" in raster_kv_reason(q, shifted.transpose(1, 2), q, layout)
