@@ -105,9 +105,9 @@ def build(module, head_dim: int, dtype: str, max_registers: int | None = None, s
 
 
 def mma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
-    """(first, last address, opcode counts) of every innermost loop of the SASS that issues tensor-core MMAs: the
-    static body, so both sides of a branch inside it count (a packed tile's loop holds the selected and the pooled
-    steps' masking)."""
+    """(first, last address, opcode counts) of every innermost loop of the SASS that issues tensor-core MMAs (HGMMA,
+    QGMMA for FP8): the static body, so both sides of a branch inside it count (a packed tile's loop holds the
+    selected and the pooled steps' masking)."""
     code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
     loops = []
     for address, text in code:
@@ -120,7 +120,7 @@ def mma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
             continue  # an outer loop: its inner ones are listed
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
                                   for address, text in code if first <= address <= last)
-        if ops["HGMMA"]:
+        if ops["HGMMA"] or ops["QGMMA"]:  # 16-bit or FP8 (e4m3 / e5m2) tensor-core MMAs
             found.append((first, last, ops))
     return found
 
