@@ -14,7 +14,8 @@ a Triton whose Gluon this was built against. Same contract as the portable raste
 exact keys (padding slots masked by key_bias), then, with a remainder, one pooled key per cube the row's cube did
 not select, in one online softmax; the LSE (log2 domain) of every valid slot in cube order. A program runs a cube
 or a tile of partial cubes (`packed_tiles.py`: up to four cubes of <= 32 rows share the 64 rows), which runs the
-union of its members' lists and masks each row to its own member's keys.
+union of its members' lists and masks each row to its own member's keys. K/V come in cube order, or straight from
+the raster as 5-D boxes (`cube_tokens.cube_box_view`; `block_sparse_attention.raster_kv_reason` says where).
 """
 from __future__ import annotations
 
@@ -342,7 +343,8 @@ def _loader_partition(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v
     """The loader warp of a cube (signed_tile >= 0) or of packed tile -1 - signed_tile. Its arguments reach it
     through shared memory, where two programs per SM leave a few bytes spare at head_dim 128: hence the sign for
     the kind, the step count and K/V row offset computed here and the raster geometry packed in pairs of 16 bits
-    (raster_grid: NW | NH << 16, raster_rows: the 5-D view's rows a head group | heads a row group << 16)."""
+    (raster_grid: NW | NH << 16; raster_rows: GT | R << 16, R the heads `cube_tokens.cube_box_view` puts side by
+    side)."""
     kv_row0 = bh * N * CUBE
     n_steps = count
     if HAS_REMAINDER:
