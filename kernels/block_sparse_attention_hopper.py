@@ -335,6 +335,14 @@ def _compute_partition(is_packed, Q, Out, Lse, q_smem, k_smem, v_smem, bias_smem
 
 
 @gluon.jit
+def _step_count(count, N, CUBE: gl.constexpr, HAS_REMAINDER: gl.constexpr):
+    """A tile's steps: its selected cubes, then with a remainder ceil(N / 64) blocks of pooled keys."""
+    if HAS_REMAINDER:
+        return count + (N + CUBE - 1) // CUBE
+    return count
+
+
+@gluon.jit
 def _loader_partition(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty,
                       table_ptr, log2n_ptr, attended_ptr, members_ptr, count, N, bh, signed_tile, raster_grid,
                       raster_rows, CUBE: gl.constexpr, NUM_STAGES: gl.constexpr, MEMBERS: gl.constexpr,
@@ -342,13 +350,11 @@ def _loader_partition(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v
                       HAS_REMAINDER: gl.constexpr):
     """The loader warp of a cube (signed_tile >= 0) or of packed tile -1 - signed_tile. Its arguments reach it
     through shared memory, where two programs per SM leave a few bytes spare at head_dim 128: hence the sign for
-    the kind, the step count and K/V row offset computed here and the raster geometry packed in pairs of 16 bits
-    (raster_grid: NW | NH << 16; raster_rows: GT | R << 16, R the heads `cube_tokens.cube_box_view` puts side by
-    side)."""
+    the kind, the step count (`_step_count`, as the kernel's) and K/V row offset computed here and the raster
+    geometry packed in pairs of 16 bits (raster_grid: NW | NH << 16; raster_rows: GT | R << 16, R the heads
+    `cube_tokens.cube_box_view` puts side by side)."""
     kv_row0 = bh * N * CUBE
-    n_steps = count
-    if HAS_REMAINDER:
-        n_steps += (N + CUBE - 1) // CUBE
+    n_steps = _step_count(count, N, CUBE, HAS_REMAINDER)
     if signed_tile < 0:
         tile = -1 - signed_tile
         _loader(k_desc, v_desc, kbar_desc, vbar_desc, bias_desc, k_smem, v_smem, bias_smem, ready, empty, table_ptr,
@@ -398,9 +404,7 @@ def _hopper_block_sparse_fwd(Q, Out, Lse, k_desc, v_desc, kbar_desc, vbar_desc, 
         work = bh * N + tile
         count = gl.load(count_ptr + work)
         table_ptr = index_ptr + work * KG
-    n_steps = count
-    if HAS_REMAINDER:
-        n_steps += (N + CUBE - 1) // CUBE
+    n_steps = _step_count(count, N, CUBE, HAS_REMAINDER)
 
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [CUBE, HEAD_DIM], TILE_LAYOUT)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES, CUBE, HEAD_DIM], TILE_LAYOUT)
