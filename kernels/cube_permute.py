@@ -17,7 +17,11 @@ import triton.language as tl
 
 from .cube_tokens import _cube_tokens, _grid_args
 
-_TILE_ELEMENTS = 8192  # rows x head_dim per loop step: ~64 fp32 registers a thread at 4 warps
+_TILE_ELEMENTS = 8192  # rows x head_dim per loop step
+# permute_qkv's warps a program: the pass is latency-bound (one 16 KB cube a program) and fewer warps leave room
+# for more resident programs: Wan 480p means only 135 / 89 / 84 us at 4 / 2 / 1 warps, 720p 1,055 / 596 / 564 us
+# (H200, ComfyUI's strides; bench/NOTES_speed.md, session 20)
+_QKV_WARPS = 1
 
 
 @triton.jit
@@ -195,7 +199,7 @@ def permute_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, n_pre
         q, k, v, q if qc is None else qc, k if kc is None else kc, v if vc is None else vc, km if qm is None else qm,
         km, k if k16 is None else k16, v if v16 is None else v16, n_prefix, H, *_grid_args(layout), *q.stride(),
         *k.stride(), *v.stride(), **_tile_args(layout, D), Q_CUBES=q_cubes, Q_MEAN=q_mean, POOLED=pooled,
-        KV_CUBES=kv_cubes)
+        KV_CUBES=kv_cubes, num_warps=_QKV_WARPS)
     return PermutedQKV(qc, qm, kc, km, vc, k16, v16)
 
 
