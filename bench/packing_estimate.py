@@ -9,7 +9,9 @@ Without packing, a partial cube (the last T slab of Wan's 21 frames holds one fr
 selected cubes + ceil(N / 64) pooled blocks per tile (the kernel's count), summed over heads, on the pure-torch
 reference selection of the bench's video-like Q/K (node defaults but the lambda). The ceiling: the work BSA must
 do (valid query x valid key pairs of the selected cubes, plus one pooled key per unselected cube for each valid
-query) as a share of dense attention's, i.e. the speed-up at cuDNN's own per-FLOP rate with zero overhead.
+query) as a share of dense attention's, i.e. the speed-up at cuDNN's own per-FLOP rate with zero overhead; then
+where the packed kernel's executed steps go besides that work (K/V padding slots, the pooled blocks' tail, masked
+rows).
 Last, for 128-row tiles (two neighbouring cubes along W, one per consumer warpgroup, sharing each K/V tile of the
 union of their lists and each skipping the steps its cube did not select): how many warpgroups a K/V load serves.
 """
@@ -52,14 +54,34 @@ def main():
         mask = reference.bsa_select(qc, kc, layout, config, 1 / math.sqrt(q.shape[-1])).to_dense()[0]  # [H, N, N]
         pairs = float((n[:, None] * mask.double() * n[None, :]).sum() + (n[:, None] * (1 - mask.double())).sum())
         per_cube = int((mask.sum(-1) + pooled).sum())
-        packed = sum(int((mask[:, tile].any(1).sum(-1) + pooled).sum()) for tile in tiles)
+        unions = [mask[:, tile].any(1).double() for tile in tiles]  # [H, N] each: the steps a tile runs
+        packed = sum(int(union.sum()) for union in unions) + len(tiles) * heads * pooled
         print(f"  stat {lam}: {100 * float(mask.float().mean()):.1f} % kept; steps with a tile per cube {per_cube}, "
               f"packed {packed} ({100 * (1 - packed / per_cube):.1f} % fewer); work {100 * pairs / dense:.2f} % of "
               f"dense: at most x{dense / pairs:.2f} at cuDNN's per-FLOP rate", flush=True)
+        _executed_breakdown(unions, n, pairs, packed, heads, layout.num_cubes, pooled)
         left, right = _w_pairs(layout)
         own, loads = int(mask[:, left].sum() + mask[:, right].sum()), int((mask[:, left] | mask[:, right]).sum())
         print(f"    two cubes along W a program: {own} selected steps over {loads} K/V loads, {own / loads:.2f} "
               f"warpgroups a load", flush=True)
+
+
+def _executed_breakdown(unions, n, pairs, steps, heads, N, pooled):
+    """Where the packed kernel's executed 64 x 64 steps go: the work BSA must do, K/V padding slots (a selected
+    partial cube still takes a whole 64-key step), the pooled blocks' tail past N, and rows a step masks (a packed
+    tile's padding rows and members that did not select the step's cube). Last, how many selected steps a kernel
+    that shared a step between partial K/V cubes could drop at most (any partial cubes of a union, 64 keys a step)."""
+    partial = (n < 64).double()
+    kv_padding = 64 * sum(float((union * (64 - n)).sum()) for union in unions)
+    pooled_tail = 64 * len(unions) * heads * (pooled * 64 - N)
+    slots = 4096.0 * steps
+    shared = sum(float((union * (1 - partial)).sum(-1).add(torch.ceil((union * partial * n).sum(-1) / 64)).sum())
+                 for union in unions)
+    selected = sum(float(union.sum()) for union in unions)
+    print(f"    of the executed slots: {100 * pairs / slots:.1f} % work BSA must do, {100 * kv_padding / slots:.1f} % "
+          f"K/V padding, {100 * pooled_tail / slots:.1f} % the pooled blocks' tail, "
+          f"{100 * (slots - pairs - kv_padding - pooled_tail) / slots:.1f} % masked rows; partial K/V cubes sharing "
+          f"steps would drop at most {100 * (selected - shared) / steps:.1f} % of the steps", flush=True)
 
 
 def _w_pairs(layout):
