@@ -27,6 +27,9 @@ import sys
 import tempfile
 import types
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from sass_loops import innermost_loops  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SM90_SHARED_PER_SM = 228 * 1024  # bytes; each resident program also takes 1 KB the driver reserves
 CONSTEXPRS = ("HEAD_DIM", "CUBE", "CT", "CH", "CW", "NUM_STAGES", "MEMBERS", "Q_IN_REGISTERS", "TILE_LAYOUT",
@@ -109,15 +112,8 @@ def mma_loops(sass: str) -> list[tuple[int, int, collections.Counter]]:
     QGMMA for FP8): the static body, so both sides of a branch inside it count (a packed tile's loop holds the
     selected and the pooled steps' masking)."""
     code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
-    loops = []
-    for address, text in code:
-        target = re.search(r"\bBRA\s+0x([0-9a-f]+)", text)  # cuobjdump prints branch targets as addresses
-        if target and int(target.group(1), 16) < address:
-            loops.append((int(target.group(1), 16), address))
     found = []
-    for first, last in loops:
-        if any(first <= a < b <= last for a, b in loops if (a, b) != (first, last)):
-            continue  # an outer loop: its inner ones are listed
+    for first, last in innermost_loops(code):
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
                                   for address, text in code if first <= address <= last)
         if ops["HGMMA"] or ops["QGMMA"]:  # 16-bit or FP8 (e4m3 / e5m2) tensor-core MMAs

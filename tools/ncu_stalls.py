@@ -17,7 +17,12 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import pathlib
 import re
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from sass_loops import innermost_loops  # noqa: E402
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
 EXECUTED = "Instructions Executed"
@@ -44,14 +49,10 @@ def reasons(instructions: list[dict], stall_columns: list[str], top: int = 4) ->
 
 
 def loops(instructions: list[dict]) -> list[tuple[int, int]]:
-    """(first, last index) of each innermost backward branch's body."""
+    """(first, last index) of each innermost loop's body."""
     index = {int(row["Address"], 16): i for i, row in enumerate(instructions)}
-    found = []
-    for i, row in enumerate(instructions):
-        target = re.search(r"\bBRA\s+0x([0-9a-f]+)", row["Source"])
-        if target and index.get(int(target.group(1), 16), i) < i:
-            found.append((index[int(target.group(1), 16)], i))
-    return [(a, b) for a, b in found if not any(a <= c < d <= b and (c, d) != (a, b) for c, d in found)]
+    code = [(int(row["Address"], 16), row["Source"]) for row in instructions]
+    return [(index[first], index[last]) for first, last in innermost_loops(code)]
 
 
 def main():
