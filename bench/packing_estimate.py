@@ -77,7 +77,7 @@ def _executed_breakdown(unions, n, pairs, steps, heads, N, pooled):
     slots = 4096.0 * steps
     shared = sum(float((union * (1 - partial)).sum(-1).add(torch.ceil((union * partial * n).sum(-1) / 64)).sum())
                  for union in unions)
-    selected = sum(float(union.sum()) for union in unions)
+    selected = steps - len(unions) * heads * pooled
     print(f"    of the executed slots: {100 * pairs / slots:.1f} % work BSA must do, {100 * kv_padding / slots:.1f} % "
           f"K/V padding, {100 * pooled_tail / slots:.1f} % the pooled blocks' tail, "
           f"{100 * (slots - pairs - kv_padding - pooled_tail) / slots:.1f} % masked rows; partial K/V cubes sharing "

@@ -13,7 +13,8 @@ def innermost_loops(code: list[tuple[int, str]]) -> list[tuple[int, int]]:
     addresses = {address for address, _ in code}
     bodies = []
     for address, text in code:
-        target = _BRANCH.search(text)
-        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in addresses:
-            bodies.append((int(target.group(1), 16), address))
+        branch = _BRANCH.search(text)
+        target = int(branch.group(1), 16) if branch else None
+        if target is not None and target < address and target in addresses:
+            bodies.append((target, address))
     return [(a, b) for a, b in bodies if not any(a <= c < d <= b and (c, d) != (a, b) for c, d in bodies)]
