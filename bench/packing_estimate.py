@@ -11,7 +11,7 @@ reference selection of the bench's video-like Q/K (node defaults but the lambda)
 do (valid query x valid key pairs of the selected cubes, plus one pooled key per unselected cube for each valid
 query) as a share of dense attention's, i.e. the speed-up at cuDNN's own per-FLOP rate with zero overhead; then
 where the packed kernel's executed steps go besides that work (K/V padding slots, the pooled blocks' tail, masked
-rows).
+rows). Then how many of those steps sharing K/V steps inside the packed groups would drop.
 Last, for 128-row tiles (two neighbouring cubes along W, one per consumer warpgroup, sharing each K/V tile of the
 union of their lists and each skipping the steps its cube did not select): how many warpgroups a K/V load serves.
 """
@@ -60,6 +60,7 @@ def main():
               f"packed {packed} ({100 * (1 - packed / per_cube):.1f} % fewer); work {100 * pairs / dense:.2f} % of "
               f"dense: at most x{dense / pairs:.2f} at cuDNN's per-FLOP rate", flush=True)
         _executed_breakdown(unions, n, pairs, packed, heads, layout.num_cubes, pooled)
+        _kv_groups_sharing(unions, tiles, packed)
         left, right = _w_pairs(layout)
         own, loads = int(mask[:, left].sum() + mask[:, right].sum()), int((mask[:, left] | mask[:, right]).sum())
         print(f"    two cubes along W a program: {own} selected steps over {loads} K/V loads, {own / loads:.2f} "
@@ -82,6 +83,17 @@ def _executed_breakdown(unions, n, pairs, steps, heads, N, pooled):
           f"K/V padding, {100 * pooled_tail / slots:.1f} % the pooled blocks' tail, "
           f"{100 * (slots - pairs - kv_padding - pooled_tail) / slots:.1f} % masked rows; partial K/V cubes sharing "
           f"steps would drop at most {100 * (selected - shared) / steps:.1f} % of the steps", flush=True)
+
+
+def _kv_groups_sharing(unions, tiles, steps):
+    """The steps a kernel would drop if the packed tiles' groups of partial cubes also shared K/V steps (a step
+    holding every selected member of a group: the query packing applied to the keys), in all tiles and in the
+    cubes that run alone (the tiles whose steps all share one member mask, so only the key bias would change)."""
+    groups = [tile for tile in tiles if len(tile) > 1]
+    dropped = [sum(int((union[:, g].sum(-1) - union[:, g].any(-1).int()).sum()) for g in groups) for union in unions]
+    alone = sum(d for d, tile in zip(dropped, tiles) if len(tile) == 1)
+    print(f"    K/V steps shared by the packed groups would drop {100 * sum(dropped) / steps:.1f} % of the steps "
+          f"({100 * alone / steps:.1f} % in the cubes that run alone)", flush=True)
 
 
 def _w_pairs(layout):
