@@ -20,6 +20,19 @@ from video_qkv import video_qkv  # noqa: E402  (bench/ is on sys.path: scripts r
 SHAPES = {"480p": ((21, 30, 52), 12), "720p": ((21, 45, 80), 40)}  # Wan 81 frames: latent grid, heads
 
 
+def shape_of(name: str):
+    """(grid, heads) of a SHAPES name, or of 'T,H,W/heads' (a token grid of any size, e.g. 9,30,52/12: Wan 480p at
+    33 frames)."""
+    if name in SHAPES:
+        return SHAPES[name]
+    try:
+        grid, heads = name.split("/")
+        T, H, W = (int(n) for n in grid.split(","))
+        return (T, H, W), int(heads)
+    except ValueError:
+        raise SystemExit(f"shape {name!r}: one of {', '.join(SHAPES)} or T,H,W/heads") from None
+
+
 def load_kernel_copy(path: str):
     """An edited copy of one of the pack's kernel modules, imported beside the committed one (A/B in one process)."""
     spec = importlib.util.spec_from_file_location(f"comfyui_bsa.kernels.{pathlib.Path(path).stem}", path)
@@ -55,11 +68,11 @@ def errors(out, ref) -> tuple[float, float]:
 
 
 def video_inputs(shape: str):
-    """(grid, heads, (q, k, v), dense output, dense ms) of a Wan shape: video-like bf16 Q/K/V on the GPU and
+    """(grid, heads, (q, k, v), dense output, dense ms) of a shape (`shape_of`): video-like bf16 Q/K/V on the GPU and
     cuDNN SDPA on them, the baseline every ratio is taken against."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    grid, heads = SHAPES[shape]
+    grid, heads = shape_of(shape)
     q, k, v = video_qkv(grid, heads, device="cuda", dtype=torch.bfloat16)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         dense_ms = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))

@@ -71,7 +71,7 @@ from pack import load_pack  # noqa: E402
 
 load_pack()
 
-from comfyui_bsa.bsa_core.config import RECOMMENDED, THRESHOLD_MODES, BSAConfig, parse_cube_size
+from comfyui_bsa.bsa_core.config import RECOMMENDED, RECOMMENDED_PATCH, THRESHOLD_MODES, BSAConfig, parse_cube_size
 
 TEXT_DIM = 4096  # umT5-XXL width
 SIZES = {  # model size, latent (T, H, W), text tokens, steps
@@ -378,6 +378,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threshold-mode", choices=THRESHOLD_MODES,
                         help="BSAConfig.threshold_mode (default: the node's, RECOMMENDED)")
     parser.add_argument("--stat-lambda", type=float, help="BSAConfig.stat_lambda (default: the node's, RECOMMENDED)")
+    parser.add_argument("--min-tokens", type=int,
+                        help="the node's min_tokens: shorter videos stay dense (default: the node's; --tiny: 0; "
+                             "0 makes a small --latent sparse, to find where BSA starts to pay)")
     parser.add_argument("--tdq", choices=("static", "table", "dynamic", "tdq"),
                         help="also time FP8 linear layers in this TDQConfig mode: variants tdq (dense attention) and "
                              "bsa+tdq")
@@ -428,6 +431,8 @@ def main(argv=None) -> int:
     else:
         raise SystemExit("no CUDA device: the full-size run needs a GPU (use --tiny for the CPU smoke check)")
     config = bsa_config(args)
+    if args.min_tokens is None:  # the tiny latent is far below the node's min_tokens: BSA would never run
+        args.min_tokens = 0 if args.tiny else RECOMMENDED_PATCH.min_tokens
 
     path = comfyui_path()
     stand_in = bootstrap_comfyui(path, cpu=device.type == "cpu")
@@ -483,21 +488,24 @@ def main(argv=None) -> int:
     backend = f", torch SDPA backend {sdpa}" if device.type == "cuda" else ""
     print(f"dense attention: ComfyUI's {comfy.ldm.modules.attention.optimized_attention.__name__}{backend}; "
           f"the BSA run uses the same for cross-attention")
-    print(f"BSA: {config} (start_percent 0, end_percent 1: every step sparse)")
+    print(f"BSA: {config} (start_percent 0, end_percent 1: every step sparse; min_tokens {args.min_tokens})")
 
-    bsa_model = apply_bsa(model, config, start_percent=0.0, end_percent=1.0)
+    def with_bsa(m):
+        return apply_bsa(m, config, start_percent=0.0, end_percent=1.0, min_tokens=args.min_tokens)
+
+    bsa_model = with_bsa(model)
     compiled_suffix = f"+{args.compile_backend}"
     variants = {"dense": model, "bsa": bsa_model}
     if args.tdq:
         variants["tdq"] = tdq_model(model, args, inputs)
-        variants["bsa+tdq"] = apply_bsa(variants["tdq"], config, start_percent=0.0, end_percent=1.0)
+        variants["bsa+tdq"] = with_bsa(variants["tdq"])
     if args.prune:
         variants["prune"] = prune_model(model, args, inputs, device)
-        variants["bsa+prune"] = apply_bsa(variants["prune"], config, start_percent=0.0, end_percent=1.0)
+        variants["bsa+prune"] = with_bsa(variants["prune"])
     teal_state = None
     if args.teal is not None:
         variants["teal"], teal_state = teal_model(model, args, inputs)
-        variants["bsa+teal"] = apply_bsa(variants["teal"], config, start_percent=0.0, end_percent=1.0)
+        variants["bsa+teal"] = with_bsa(variants["teal"])
     if args.compile:  # what TorchCompileModel does to the model it is given: dense, BSA and BSA + TDQ
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         for label in ("dense", "bsa", "bsa+tdq")[:2 + bool(args.tdq)]:

@@ -3,7 +3,7 @@ per call against the call's wall time back to back (the gap is host work: launch
 memory above its inputs, and the fixed cost = wall time per call minus the kept blocks' work at cuDNN's per-FLOP
 rate (cuDNN SDPA timed on the same inputs), at the node defaults unless flags say otherwise:
 
-    python bench/profile_bsa.py [--shape 480p] [--cube 4x4x4] [--keep 1.0] [--mode statistical]
+    python bench/profile_bsa.py [--shape 480p | T,H,W/heads] [--cube 4x4x4] [--keep 1.0] [--mode statistical]
                                 [--threshold 0.7] [--stat-lambda 1.0] [--no-pooled] [--host-profile 25]
                                 [--kv-permuted]
 
@@ -31,7 +31,7 @@ from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 def main():
     d = RECOMMENDED
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="480p", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="480p", help=f"{', '.join(SHAPES)} or T,H,W/heads")
     parser.add_argument("--cube", default="x".join(map(str, d.cube_size)))
     parser.add_argument("--keep", type=float, default=d.keep_ratio)
     parser.add_argument("--mode", default=d.threshold_mode)

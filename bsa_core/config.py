@@ -103,7 +103,9 @@ def node_cube_size(text: str) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class PatchDefaults:
     """Where and on what BSA runs (apply_bsa and the node): the sampling window as fractions of the schedule,
-    blocks kept dense, the shortest sequence BSA takes. Below ~12k tokens dense attention is already fast."""
+    blocks kept dense, the shortest sequence BSA takes. On short videos a call's launch work (~1 ms on the host)
+    outweighs what sparsity saves: Wan 1.3B on an H200 breaks even at ~9.4k tokens (x1.01 a step at 9,360, x1.19 at
+    10,920; bench/NOTES_speed.md, session 22); min_tokens keeps a margin above that for slower hosts."""
 
     start_percent: float = 0.2  # the first steps decide the layout: keep them dense
     end_percent: float = 1.0
