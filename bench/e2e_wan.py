@@ -366,6 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="timed denoising steps (default 4; --tiny: 2)")
     parser.add_argument("--warmup-steps", type=int, default=1, help="untimed steps first, per variant (Triton autotuning)")
     parser.add_argument("--latent", help="latent T,H,W (default 21,60,104: 480x832, 81 frames)")
+    parser.add_argument("--size", choices=("1.3B", "14B"), help="Wan 2.1 T2V size (default 1.3B; 14B: ~28 GB of "
+                                                                  "bf16 weights made on the GPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdpa", choices=("cudnn", "flash", "efficient", "default"), default="cudnn",
                         help="torch SDPA backend for ComfyUI's dense attention (both runs: BSA's cross-attention "
@@ -421,6 +423,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[console, run_log], force=True)
 
     size_name, (T, H, W), text_tokens, default_steps = SIZES["tiny" if args.tiny else "full"]
+    if args.size and not args.tiny:
+        size_name = args.size
     if args.latent:
         T, H, W = (int(n) for n in args.latent.split(","))
     steps = args.steps or default_steps

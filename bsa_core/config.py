@@ -104,13 +104,14 @@ def node_cube_size(text: str) -> tuple[int, int, int]:
 class PatchDefaults:
     """Where and on what BSA runs (apply_bsa and the node): the sampling window as fractions of the schedule,
     blocks kept dense, the shortest sequence BSA takes. On short videos a call's launch work (~1 ms on the host)
-    outweighs what sparsity saves: Wan 1.3B on an H200 breaks even at ~9.4k tokens (x1.01 a step at 9,360, x1.19 at
-    10,920; bench/NOTES_speed.md, session 22); min_tokens keeps a margin above that for slower hosts."""
+    outweighs what sparsity saves where the rest of a block is quick: Wan 1.3B on an H200 breaks even at ~9.4k tokens
+    (x1.01 a step at 9,360, x1.19 at 10,920), Wan 14B already at 3k (x1.00 at 3,120, x1.21 at 10,920;
+    bench/NOTES_speed.md, session 22). 10,240 is above the worst case measured."""
 
     start_percent: float = 0.2  # the first steps decide the layout: keep them dense
     end_percent: float = 1.0
     dense_blocks: str = ""
-    min_tokens: int = 12288
+    min_tokens: int = 10240
 
 
 RECOMMENDED = BSAConfig()

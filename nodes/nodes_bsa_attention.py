@@ -68,8 +68,9 @@ class BSASparseAttention(io.ComfyNode):
                                         "reported in the log."),
                 io.Int.Input("min_tokens", default=PATCH.min_tokens, min=0, max=1 << 20, step=256, optional=True,
                              tooltip="Sequences shorter than this many tokens stay dense: there a BSA call's launch "
-                                     "work outweighs what sparsity saves (Wan 1.3B on an H200 breaks even at ~9.4k "
-                                     "tokens). Wan 480p 81 frames has 32760 tokens, 33 frames 14040."),
+                                     "work can outweigh what sparsity saves (Wan 1.3B on an H200 breaks even at ~9.4k "
+                                     "tokens, Wan 14B pays from ~3k). Wan 480p has 1560 tokens a latent frame: 81 "
+                                     "frames 32760, 25 frames 10920."),
                 io.Boolean.Input("pooled_remainder", default=DEFAULT.pooled_remainder, optional=True,
                                  tooltip="Both modes: fold every KV cube a query cube skips into its attention as "
                                          "one pooled key (the cube's mean key and value, weighted by its size): the "
