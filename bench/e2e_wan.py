@@ -435,8 +435,9 @@ def main(argv=None) -> int:
     else:
         raise SystemExit("no CUDA device: the full-size run needs a GPU (use --tiny for the CPU smoke check)")
     config = bsa_config(args)
-    if args.min_tokens is None:  # the tiny latent is far below the node's min_tokens: BSA would never run
-        args.min_tokens = 0 if args.tiny else RECOMMENDED_PATCH.min_tokens
+    min_tokens = args.min_tokens  # --tiny: 0, its latent is far below the node's min_tokens (BSA would never run)
+    if min_tokens is None:
+        min_tokens = 0 if args.tiny else RECOMMENDED_PATCH.min_tokens
 
     path = comfyui_path()
     stand_in = bootstrap_comfyui(path, cpu=device.type == "cpu")
@@ -492,10 +493,10 @@ def main(argv=None) -> int:
     backend = f", torch SDPA backend {sdpa}" if device.type == "cuda" else ""
     print(f"dense attention: ComfyUI's {comfy.ldm.modules.attention.optimized_attention.__name__}{backend}; "
           f"the BSA run uses the same for cross-attention")
-    print(f"BSA: {config} (start_percent 0, end_percent 1: every step sparse; min_tokens {args.min_tokens})")
+    print(f"BSA: {config} (start_percent 0, end_percent 1: every step sparse; min_tokens {min_tokens})")
 
     def with_bsa(m):
-        return apply_bsa(m, config, start_percent=0.0, end_percent=1.0, min_tokens=args.min_tokens)
+        return apply_bsa(m, config, start_percent=0.0, end_percent=1.0, min_tokens=min_tokens)
 
     bsa_model = with_bsa(model)
     compiled_suffix = f"+{args.compile_backend}"
