@@ -1,12 +1,14 @@
 """Public entry point: validate, normalise, dispatch to the Triton kernels (CUDA) or the reference."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ..kernels.cube_index import kept_width
+from .call_graphs import active_call_graphs
 from .config import BSAConfig
 from .cubes import CubeLayout, cube_layout
 from .custom_ops import CUDAGRAPH_UNSAFE, custom_op_once
@@ -78,8 +80,20 @@ def kernel_reason(q: torch.Tensor) -> str | None:
 
 # The CUDA queries below are constants to torch.compile (run once while tracing, not traced): inside the graph
 # they broke it in every block on an H200 (torch 2.11), and Dynamo then recompiled the block frames past its limit.
+# Eager, each is asked twice a call: answered from a dict (a device query costs ~10 us of host work; Dynamo traces
+# through functools.lru_cache, so that is no way to cache them).
+_device_answers: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def _cuda_kernel_reason(device_index: int, head_dim: int) -> str | None:
+    key = ("kernel_reason", device_index, head_dim)
+    if key not in _device_answers:
+        _device_answers[key] = _kernel_reason_uncached(device_index, head_dim)
+    return _device_answers[key]
+
+
+def _kernel_reason_uncached(device_index: int, head_dim: int) -> str | None:
     if torch.cuda.get_device_capability(device_index) < (8, 0):
         return "GPU older than sm80"
     from ..kernels.block_sparse_attention import HEAD_DIMS  # imported here: CUDA machines have Triton
@@ -90,7 +104,10 @@ def _cuda_kernel_reason(device_index: int, head_dim: int) -> str | None:
 
 @torch.compiler.assume_constant_result
 def _cuda_device_name(device_index: int) -> str:
-    return torch.cuda.get_device_name(device_index)
+    key = ("name", device_index)
+    if key not in _device_answers:
+        _device_answers[key] = torch.cuda.get_device_name(device_index)
+    return _device_answers[key]
 
 
 def choose_backend(q: torch.Tensor, backend: str = "auto") -> tuple[str, str]:
@@ -208,9 +225,10 @@ def threshold_tensor(config: BSAConfig) -> torch.Tensor:
     return torch.tensor([config.kv_threshold, config.stat_lambda], dtype=torch.float64)
 
 
-def _op_config(cube_size: list[int], keep_ratio: float, thresholds: torch.Tensor, threshold_mode: str,
-               min_blocks: int, pooled_remainder: bool) -> BSAConfig:
-    kv_threshold, stat_lambda = thresholds.tolist()
+def _op_config(cube_size, keep_ratio: float, thresholds, threshold_mode: str, min_blocks: int,
+               pooled_remainder: bool) -> BSAConfig:
+    """The op's settings as a BSAConfig; thresholds: threshold_tensor's tensor or its two numbers."""
+    kv_threshold, stat_lambda = thresholds.tolist() if isinstance(thresholds, torch.Tensor) else thresholds
     return BSAConfig(tuple(cube_size), keep_ratio, kv_threshold, threshold_mode, stat_lambda, min_blocks,
                      pooled_remainder)
 
@@ -219,13 +237,25 @@ def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
                         keep_ratio: float, thresholds: torch.Tensor, threshold_mode: str, min_blocks: int,
                         pooled_remainder: bool, n_prefix: int, n_suffix: int, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    settings = (tuple(grid), tuple(cube_size), keep_ratio, tuple(thresholds.tolist()), threshold_mode, min_blocks,
+                pooled_remainder, n_prefix, n_suffix, scale, backend)
+    launch = functools.partial(_bsa_attention_launch, settings=settings)
+    graphs = active_call_graphs()
+    outputs = None if graphs is None else graphs.run(launch, (q, k, v), settings)
+    return launch(q, k, v) if outputs is None else outputs
+
+
+def _bsa_attention_launch(q, k, v, settings):
+    """The op's outputs, launched (`_bsa_attention_impl` may replay them from a CUDA graph instead)."""
+    grid, cube_size, keep_ratio, thresholds, threshold_mode, min_blocks, pooled_remainder, n_prefix, n_suffix, \
+        scale, backend = settings
     config = _op_config(cube_size, keep_ratio, thresholds, threshold_mode, min_blocks, pooled_remainder)
-    out, selection, lse = bsa_attention(q, k, v, tuple(grid), config, n_prefix=n_prefix, n_suffix=n_suffix,
+    out, selection, lse = bsa_attention(q, k, v, grid, config, n_prefix=n_prefix, n_suffix=n_suffix,
                                         scale=scale, backend=backend, return_lse=True)
     if config.keep_ratio >= 1.0:  # every query kept: no reduction to launch
         kept_queries = q.new_ones((), dtype=torch.float64)
     else:
-        kept_queries = selection.kept_query_fraction(cube_layout(tuple(grid), config.cube_size, q.device).n_valid)
+        kept_queries = selection.kept_query_fraction(cube_layout(grid, config.cube_size, q.device).n_valid)
     return out, kept_queries, selection.kept_kv_fraction(), _lse_or_empty(lse, q)
 
 
@@ -277,10 +307,15 @@ def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_s
     thresholds: threshold_tensor(config), made once outside the compiled model (the BSA patch's options)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     thresholds = threshold_tensor(config) if thresholds is None else thresholds
-    return _bsa_attention_op(q, k, v, [int(n) for n in grid], list(config.cube_size), float(config.keep_ratio),
-                             thresholds, config.threshold_mode, int(config.min_blocks),
-                             bool(config.pooled_remainder), int(n_prefix), int(n_suffix),
-                             scale, backend)[:3]  # the fourth output, the LSE, is the backward's
+    args = (q, k, v, [int(n) for n in grid], list(config.cube_size), float(config.keep_ratio), thresholds,
+            config.threshold_mode, int(config.min_blocks), bool(config.pooled_remainder), int(n_prefix), int(n_suffix),
+            scale, backend)
+    if (not torch.compiler.is_compiling() and active_call_graphs() is not None
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+        # an eager call of a sampling run that autograd does not record: the op's body without the dispatcher's
+        # ~0.1 ms of host work (bench/host_probe.py); short videos run at the host's pace
+        return _bsa_attention_impl(*args)[:3]
+    return _bsa_attention_op(*args)[:3]  # the fourth output, the LSE, is the backward's
 
 
 def selection_of_call(q, k, v, layout: CubeLayout, config: BSAConfig, scale: float, n_prefix: int, n_suffix: int,

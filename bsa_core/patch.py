@@ -38,6 +38,7 @@ from .attention import (
     threshold_tensor,
     unsupported_reason,
 )
+from .call_graphs import replaying_calls
 from .config import RECOMMENDED_PATCH, BSAConfig
 from .report import ReportSpec, RunReport, find_report_specs, remember_linked_values, render
 
@@ -573,7 +574,8 @@ def apply_bsa(model, config: BSAConfig, start_percent: float = RECOMMENDED_PATCH
             transformer_options = guider.model_options.setdefault("transformer_options", {})
             transformer_options[RUN_KEY] = run
             transformer_options[OVERRIDE_KEY] = make_override(run, transformer_options.get(OVERRIDE_KEY))
-            return executor(*args, **kwargs)
+            with replaying_calls(enabled=not run.training):  # short videos: a call's launches cost more than it
+                return executor(*args, **kwargs)
         finally:
             guider.model_options = original_options
             run.finish()
