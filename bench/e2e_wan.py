@@ -164,6 +164,21 @@ def sdpa_context(name: str, device: torch.device):
     return sdpa_kernel([backend])
 
 
+@contextlib.contextmanager
+def environment(**values):
+    """os.environ with `values` set (None: left as is) for the block."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -211,9 +226,9 @@ class AttentionTimer:
         return sum(self.calls[kind])
 
 
-def run(model, inputs: dict, steps: int, device: torch.device, sdpa: str) -> dict:
-    """One comfy.sample.sample call; per-step seconds between the sampler's callbacks (synchronized),
-    the first step from the first model call on."""
+def run(model, inputs: dict, steps: int, device: torch.device, sdpa: str, launched: bool = False) -> dict:
+    """One comfy.sample.sample call under inference mode; per-step seconds between the sampler's callbacks
+    (synchronized), the first step from the first model call on. launched: BSA's CUDA graph replay off."""
     import comfy.patcher_extension as pe
     import comfy.sample
 
@@ -233,7 +248,8 @@ def run(model, inputs: dict, steps: int, device: torch.device, sdpa: str) -> dic
     timed.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "e2e_wan_timer", first_call)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with sdpa_context(sdpa, device):
+    # inference mode, as ComfyUI's executor samples (BSA then runs as in a prompt, not as in a trainer)
+    with torch.inference_mode(), sdpa_context(sdpa, device), environment(BSA_CUDA_GRAPHS="0" if launched else None):
         latent = comfy.sample.sample(timed, inputs["noise"], steps, 1.0, "euler", "simple", inputs["positive"],
                                      inputs["negative"], inputs["latent"], seed=inputs["seed"], callback=callback,
                                      disable_pbar=True)
@@ -404,6 +420,9 @@ def main(argv=None) -> int:
                              "variants teal and bsa+teal")
     parser.add_argument("--prune-calibration-steps", type=int, default=2,
                         help="sampling steps of the quick calibration of --prune and --teal")
+    parser.add_argument("--launched", action="store_true",
+                        help="also time BSA with CUDA graph replay off (BSA_CUDA_GRAPHS=0; bsa_core/call_graphs.py): "
+                             "variant bsa-launched, every call launched")
     parser.add_argument("--no-attention-share", action="store_true", help="skip the attention-timing step")
     parser.add_argument("--compile", action="store_true",
                         help="also sample dense, BSA (and with --tdq BSA + TDQ) through ComfyUI's TorchCompileModel "
@@ -501,6 +520,8 @@ def main(argv=None) -> int:
     bsa_model = with_bsa(model)
     compiled_suffix = f"+{args.compile_backend}"
     variants = {"dense": model, "bsa": bsa_model}
+    if args.launched:
+        variants["bsa-launched"] = bsa_model
     if args.tdq:
         variants["tdq"] = tdq_model(model, args, inputs)
         variants["bsa+tdq"] = with_bsa(variants["tdq"])
@@ -527,12 +548,12 @@ def main(argv=None) -> int:
         warmup = max(args.warmup_steps, steps) if label.endswith(compiled_suffix) else args.warmup_steps
         if warmup:
             start = time.perf_counter()
-            run(m, inputs, warmup, device, sdpa)
+            run(m, inputs, warmup, device, sdpa, launched=label == "bsa-launched")
             print(f"{label:{width}s} warm-up ({warmup} step, model load, autotuning and compiling included): "
                   f"{time.perf_counter() - start:.2f} s", flush=True)
     for label, m in variants.items():
         runs_before = len(run_log.runs)
-        results[label] = run(m, inputs, steps, device, sdpa)
+        results[label] = run(m, inputs, steps, device, sdpa, launched=label == "bsa-launched")
         stats[label] = run_log.runs[-1] if len(run_log.runs) > runs_before else None
         if label.endswith("prune"):  # read right after the timed run: the weights its last call used
             notes[label] = semi_structured(m)
@@ -558,6 +579,11 @@ def main(argv=None) -> int:
     print(f"speed-up dense/BSA: {dense['per_step'] / bsa['per_step']:.2f}x "
           f"({dense['per_step']:.3f} -> {bsa['per_step']:.3f} s/step)")
     print(f"BSA run: {summary(stats['bsa'])}")
+    if "bsa-launched" in results:
+        launched = results["bsa-launched"]
+        print(f"speed-up dense/bsa-launched (no CUDA graph replay): {dense['per_step'] / launched['per_step']:.2f}x "
+              f"({launched['per_step']:.3f} s/step); replay gains {launched['per_step'] / bsa['per_step']:.2f}x; final "
+              f"latent vs bsa rel L2 {rel_l2(launched['latent'], bsa['latent']):.3e}")
     diff = bsa["latent"] - dense["latent"]
     print(f"final latent BSA vs dense (same seed, {steps} step{'s' * (steps != 1)}): max abs {float(diff.abs().max()):.3e}, "
           f"rel L2 {rel_l2(bsa['latent'], dense['latent']):.3e} (|dense| max {float(dense['latent'].abs().max()):.3g})")
@@ -581,7 +607,7 @@ def main(argv=None) -> int:
         share = {}
         for label, m in variants.items():
             with AttentionTimer(device) as timer:
-                r = run(m, inputs, 1, device, sdpa)
+                r = run(m, inputs, 1, device, sdpa, launched=label == "bsa-launched")
             share[label] = (r["steps"][0], timer.seconds("self"), timer.seconds("cross"),
                             len(timer.calls["self"]), len(timer.calls["cross"]))
             step, self_s, cross_s, n_self, n_cross = share[label]

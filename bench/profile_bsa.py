@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import SHAPES, kv_permuted, video_inputs  # noqa: E402  (also loads the pack as comfyui_bsa)
 
-from comfyui_bsa.bsa_core.attention import bsa_attention  # noqa: E402
+from comfyui_bsa.bsa_core.attention import bsa_attention, bsa_attention_op  # noqa: E402
+from comfyui_bsa.bsa_core.call_graphs import replaying_calls  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED, parse_cube_size  # noqa: E402
 from comfyui_bsa.bsa_core.cubes import cube_layout  # noqa: E402
 
@@ -109,6 +110,20 @@ def profile(args, d):
     graph_ms = (time.perf_counter() - t0) * 1e3 / args.calls
     print(f"CUDA graph replay per call {graph_ms:.3f} ms (fixed cost {graph_ms - kept_ms:.3f} ms, net of the pooled "
           f"remainder's work {graph_ms - kept_ms - pooled_ms:.3f} ms, x{dense_ms / graph_ms:.2f} over cuDNN)")
+    # as a sampling run replays it (bsa_core/call_graphs.py): the op, its inputs copied in and its outputs out
+    with replaying_calls() as graphs:
+        for _ in range(2):
+            bsa_attention_op(q, k, v, grid, config)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            bsa_attention_op(q, k, v, grid, config)
+        replay_host_ms = (time.perf_counter() - t0) * 1e3 / args.calls
+        torch.cuda.synchronize()
+        replay_ms = (time.perf_counter() - t0) * 1e3 / args.calls
+        replayed = graphs.replays
+    print(f"replaying_calls: the op per call {replay_ms:.3f} ms back to back (host {replay_host_ms:.3f} ms; "
+          f"{replayed} of {args.calls + 2} calls replayed), x{dense_ms / replay_ms:.2f} over cuDNN")
     print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.host_profile:
         import cProfile
