@@ -6,7 +6,8 @@ The state dict is made directly on the GPU in bf16 (tools/tiny_wan.py, size "1.3
 weights, std 0.026 at width 1536, so activations stay at unit scale) and loaded with
 comfy.sd.load_diffusion_model_state_dict, so ComfyUI's own model detection (WAN21) builds the model and
 its attention dispatch runs. Sampling is comfy.sample.sample (KSampler path), euler, cfg 1.0 (one model
-call per step), through the ModelPatcher: dense = the model as loaded, BSA = bsa_core.patch.apply_bsa
+call per step; --cfg above 1 adds the negative prompt, which ComfyUI batches with the positive one), through
+the ModelPatcher: dense = the model as loaded, BSA = bsa_core.patch.apply_bsa
 on a clone with start_percent 0 (every step sparse). With --tdq MODE the transformer blocks' linear layers
 also run in FP8 (compression.tdq.apply_tdq; static, table and tdq first calibrate on a couple of dense steps of
 the same latent, which is enough for timing: the linears' speed does not depend on the scales): variants
@@ -250,7 +251,7 @@ def run(model, inputs: dict, steps: int, device: torch.device, sdpa: str, launch
         torch.cuda.reset_peak_memory_stats(device)
     # inference mode, as ComfyUI's executor samples (BSA then runs as in a prompt, not as in a trainer)
     with torch.inference_mode(), sdpa_context(sdpa, device), environment(BSA_CUDA_GRAPHS="0" if launched else None):
-        latent = comfy.sample.sample(timed, inputs["noise"], steps, 1.0, "euler", "simple", inputs["positive"],
+        latent = comfy.sample.sample(timed, inputs["noise"], steps, inputs["cfg"], "euler", "simple", inputs["positive"],
                                      inputs["negative"], inputs["latent"], seed=inputs["seed"], callback=callback,
                                      disable_pbar=True)
     step_seconds = [b - a for a, b in itertools.pairwise(marks)]
@@ -385,6 +386,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=("1.3B", "14B"), help="Wan 2.1 T2V size (default 1.3B; 14B: ~28 GB of "
                                                                   "bf16 weights made on the GPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg", type=float, default=1.0,
+                        help="classifier-free guidance scale (default 1.0: one model call a step; above 1 ComfyUI "
+                             "batches the positive and negative prompts where memory allows: batch 2)")
     parser.add_argument("--sdpa", choices=("cudnn", "flash", "efficient", "default"), default="cudnn",
                         help="torch SDPA backend for ComfyUI's dense attention (both runs: BSA's cross-attention "
                              "stays dense); ignored on the CPU")
@@ -502,11 +506,13 @@ def main(argv=None) -> int:
         "latent": latent, "seed": args.seed, "noise": comfy.sample.prepare_noise(latent, args.seed),
         "positive": [[torch.randn(1, text_tokens, TEXT_DIM, generator=generator), {}]],
         "negative": [[torch.randn(1, text_tokens, TEXT_DIM, generator=generator), {}]],  # unused at cfg 1
+        "cfg": args.cfg,
     }
     grid = (T, H // 2, W // 2)
     tokens = grid[0] * grid[1] * grid[2]
+    calls_a_step = "one model call per step" if args.cfg == 1.0 else "positive and negative prompts a step"
     print(f"latent {list(latent.shape)} -> grid {grid} = {tokens} tokens; text {text_tokens} x {TEXT_DIM}; "
-          f"euler / simple, cfg 1.0 (one model call per step), {args.warmup_steps} warm-up + {steps} timed steps, "
+          f"euler / simple, cfg {args.cfg:g} ({calls_a_step}), {args.warmup_steps} warm-up + {steps} timed steps, "
           f"seed {args.seed}")
     sdpa = args.sdpa if device.type == "cuda" else "default"
     backend = f", torch SDPA backend {sdpa}" if device.type == "cuda" else ""
