@@ -103,15 +103,16 @@ def node_cube_size(text: str) -> tuple[int, int, int]:
 @dataclass(frozen=True)
 class PatchDefaults:
     """Where and on what BSA runs (apply_bsa and the node): the sampling window as fractions of the schedule,
-    blocks kept dense, the shortest sequence BSA takes. On short videos a call's launch work (~1 ms on the host)
-    outweighs what sparsity saves where the rest of a block is quick: Wan 1.3B on an H200 breaks even at ~9.4k tokens
-    (x1.01 a step at 9,360, x1.19 at 10,920), Wan 14B already at 3k (x1.00 at 3,120, x1.21 at 10,920;
-    bench/NOTES_speed.md, session 22). 10,240 is above the worst case measured."""
+    blocks kept dense, the shortest sequence BSA takes. On short videos a call's launch work outweighs what sparsity
+    saves where the rest of a block is quick. A sampling step of Wan 1.3B on an H200 (bench/NOTES_speed.md, session
+    23), small calls replayed from CUDA graphs (bsa_core/call_graphs.py): at cfg 1 x0.99 at 7,800 tokens, x1.14 at
+    9,360, x1.19 at 10,920; at cfg 5 (batch 2) x1.04 at 7,800, x1.12 at 9,360, x1.16 already at 6,240. Wan 14B
+    never lost (x1.00 at 3,120, session 22). Above 8,192 every size measured gains at both; below it one loses."""
 
     start_percent: float = 0.2  # the first steps decide the layout: keep them dense
     end_percent: float = 1.0
     dense_blocks: str = ""
-    min_tokens: int = 10240
+    min_tokens: int = 8192
 
 
 RECOMMENDED = BSAConfig()

@@ -68,9 +68,9 @@ class BSASparseAttention(io.ComfyNode):
                                         "reported in the log."),
                 io.Int.Input("min_tokens", default=PATCH.min_tokens, min=0, max=1 << 20, step=256, optional=True,
                              tooltip="Sequences shorter than this many tokens stay dense: there a BSA call's launch "
-                                     "work can outweigh what sparsity saves (Wan 1.3B on an H200 breaks even at ~9.4k "
-                                     "tokens, Wan 14B pays from ~3k). Wan 480p has 1560 tokens a latent frame: 81 "
-                                     "frames 32760, 25 frames 10920."),
+                                     "work can outweigh what sparsity saves (Wan 1.3B on an H200 breaks even at "
+                                     "~8k tokens, Wan 14B pays from ~3k). Wan 480p has 1560 tokens a latent frame: 81 "
+                                     "frames 32760, 21 frames 9360."),
                 io.Boolean.Input("pooled_remainder", default=DEFAULT.pooled_remainder, optional=True,
                                  tooltip="Both modes: fold every KV cube a query cube skips into its attention as "
                                          "one pooled key (the cube's mean key and value, weighted by its size): the "

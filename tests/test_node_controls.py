@@ -17,7 +17,7 @@ from comfyui_bsa.nodes.nodes_bsa_attention import BSASparseAttention  # noqa: E4
 
 STEPS = 3
 SCHEMA_DEFAULTS = {i.id: i.default for i in BSASparseAttention.GET_SCHEMA().inputs if i.id != "model"}
-# The node's defaults, but the tiny Wan's 320 tokens are far below the default min_tokens (10240), which would
+# The node's defaults, but the tiny Wan's 320 tokens are far below the default min_tokens (8192), which would
 # keep every call dense; 0 lets every call be sparse.
 BASE = {"min_tokens": 0}
 # One move per control shown at the default mode (statistical), each away from the default.

@@ -279,7 +279,7 @@ def test_defaults_come_from_one_place(tiny_wan):
     assert options.config == RECOMMENDED
     api = find_options(patch_module.apply_bsa(tiny_wan, BSAConfig()))
     assert (api.start_percent, api.end_percent, api.min_tokens) == (options.start_percent, options.end_percent,
-                                                                    options.min_tokens) == (0.2, 1.0, 10240)
+                                                                    options.min_tokens) == (0.2, 1.0, 8192)
 
 
 def test_every_input_has_a_tooltip():
