@@ -1,11 +1,14 @@
-"""What every bench script shares: the pack loaded as `comfyui_bsa`, the Wan shapes, the timer, the error
-measures, the video-like inputs with their cuDNN baseline, and edited copies of a kernel module beside it."""
+"""What every bench script shares: the pack loaded as `comfyui_bsa`, the Wan shapes, the timers (GPU median,
+back-to-back host / wall, host profile), the error measures, the video-like inputs with their cuDNN baseline,
+and edited copies of a kernel module beside it."""
 from __future__ import annotations
 
 import contextlib
+import cProfile
 import importlib.util
 import pathlib
 import sys
+import time
 
 import torch
 import triton
@@ -59,6 +62,31 @@ def kv_permuted(enabled: bool = True):
 def ms(fn) -> float:
     """Median milliseconds of fn on the GPU (triton.testing.do_bench: L2 flushed between runs)."""
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def back_to_back_ms(call, calls: int, warmup: int = 0) -> tuple[float, float]:
+    """(host ms, wall ms) a call, `calls` back to back after `warmup` untimed ones: host until the last call
+    returned (its launch side), wall until the GPU finished."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host_ms = (time.perf_counter() - t0) * 1e3 / calls
+    torch.cuda.synchronize()
+    return host_ms, (time.perf_counter() - t0) * 1e3 / calls
+
+
+def host_profile(call, calls: int) -> cProfile.Profile:
+    """cProfile of `calls` calls' host side (the GPU finishes after the profile stops)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    torch.cuda.synchronize()
+    return profiler
 
 
 def errors(out, ref) -> tuple[float, float]:

@@ -11,36 +11,21 @@ On the GPU machine carry [".whl", ".comfy_min"] as bench/e2e_wan.py says (COMFYU
 from __future__ import annotations
 
 import argparse
-import cProfile
 import math
 import pathlib
 import pstats
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import shape_of  # noqa: E402  (also loads the pack as comfyui_bsa)
+from common import back_to_back_ms, host_profile, shape_of  # noqa: E402  (also loads the pack as comfyui_bsa)
 from e2e_wan import bootstrap_comfyui, comfyui_path  # noqa: E402
 
 from comfyui_bsa.bsa_core.adapters import TokenLayout  # noqa: E402
 from comfyui_bsa.bsa_core.call_graphs import replaying_calls  # noqa: E402
 from comfyui_bsa.bsa_core.config import RECOMMENDED  # noqa: E402
 from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BlockRanges, BSAOptions, BSARun, make_override  # noqa: E402
-
-
-def per_call(call, calls: int) -> tuple[float, float]:
-    """(host ms, wall ms) a call, `calls` back to back after two warm-up calls."""
-    for _ in range(2):
-        call()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        call()
-    host = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return host * 1e3 / calls, (time.perf_counter() - t0) * 1e3 / calls
 
 
 def main():
@@ -71,16 +56,11 @@ def main():
     print(f"device {torch.cuda.get_device_name()}; grid {grid} = {math.prod(grid)} tokens, {heads} heads; "
           f"{args.calls} calls back to back")
     with torch.inference_mode(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        rows = {"dense (ComfyUI, cuDNN)": per_call(dense_call, args.calls),
-                "BSA launched": per_call(bsa_call, args.calls)}
+        rows = {"dense (ComfyUI, cuDNN)": back_to_back_ms(dense_call, args.calls, warmup=2),
+                "BSA launched": back_to_back_ms(bsa_call, args.calls, warmup=2)}
         with replaying_calls() as graphs:
-            rows["BSA replayed"] = per_call(bsa_call, args.calls)
-            profile = cProfile.Profile()
-            profile.enable()
-            for _ in range(args.calls):
-                bsa_call()
-            profile.disable()
-            torch.cuda.synchronize()
+            rows["BSA replayed"] = back_to_back_ms(bsa_call, args.calls, warmup=2)
+            profile = host_profile(bsa_call, args.calls)
             replays = graphs.replays
     for label, (host_ms, wall_ms) in rows.items():
         print(f"{label:24s} host {host_ms:.3f} ms, wall {wall_ms:.3f} ms a call")

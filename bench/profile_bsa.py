@@ -16,12 +16,11 @@ import argparse
 import dataclasses
 import pathlib
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import SHAPES, kv_permuted, video_inputs  # noqa: E402  (also loads the pack as comfyui_bsa)
+from common import SHAPES, back_to_back_ms, host_profile, kv_permuted, video_inputs  # noqa: E402  (also loads the pack as comfyui_bsa)
 
 from comfyui_bsa.bsa_core.attention import bsa_attention, bsa_attention_op  # noqa: E402
 from comfyui_bsa.bsa_core.call_graphs import replaying_calls  # noqa: E402
@@ -72,13 +71,7 @@ def profile(args, d):
     # the pooled remainder's own work: every kept query against one key per cube its cube skipped
     skipped = layout.num_cubes - selection.kv_count.double()
     pooled_flops = 4 * q.shape[-1] * float((selection.q_count.double() * skipped).sum()) * config.pooled_remainder
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.calls):
-        call()
-    host_ms = (time.perf_counter() - t0) * 1e3 / args.calls  # until the last launch returned
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3 / args.calls
+    host_ms, wall_ms = back_to_back_ms(call, args.calls)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.calls):
             call()
@@ -101,40 +94,21 @@ def profile(args, d):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.calls):
-        graph.replay()
-    torch.cuda.synchronize()
-    graph_ms = (time.perf_counter() - t0) * 1e3 / args.calls
+    _, graph_ms = back_to_back_ms(graph.replay, args.calls, warmup=1)
     print(f"CUDA graph replay per call {graph_ms:.3f} ms (fixed cost {graph_ms - kept_ms:.3f} ms, net of the pooled "
           f"remainder's work {graph_ms - kept_ms - pooled_ms:.3f} ms, x{dense_ms / graph_ms:.2f} over cuDNN)")
     # as a sampling run replays it (bsa_core/call_graphs.py): the op, its inputs copied in and its outputs out
     with replaying_calls() as graphs:
-        for _ in range(2):
-            bsa_attention_op(q, k, v, grid, config)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.calls):
-            bsa_attention_op(q, k, v, grid, config)
-        replay_host_ms = (time.perf_counter() - t0) * 1e3 / args.calls
-        torch.cuda.synchronize()
-        replay_ms = (time.perf_counter() - t0) * 1e3 / args.calls
+        replay_host_ms, replay_ms = back_to_back_ms(lambda: bsa_attention_op(q, k, v, grid, config), args.calls,
+                                                    warmup=2)
         replayed = graphs.replays
     print(f"replaying_calls: the op per call {replay_ms:.3f} ms back to back (host {replay_host_ms:.3f} ms; "
           f"{replayed} of {args.calls + 2} calls replayed), x{dense_ms / replay_ms:.2f} over cuDNN")
     print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     if args.host_profile:
-        import cProfile
         import pstats
 
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(args.calls):
-            call()
-        profiler.disable()
-        torch.cuda.synchronize()
+        profiler = host_profile(call, args.calls)
         print(f"host side, {args.calls} calls (times are totals over them):")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.host_profile)
 
