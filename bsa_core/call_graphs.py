@@ -10,9 +10,8 @@ does exactly what launching it would.
 
 Only where it pays and is safe: CUDA inputs no bigger than MAX_INPUT_BYTES each (past that the call's GPU work
 hides the launches, and the copies would cost more than they save), not inside another capture, and within a
-memory budget (MEMORY_SHARE of the device's memory for all
-of a run's graphs, at most MAX_GRAPHS shapes, least recently used dropped first). The graphs go when the run
-ends. The outputs are fresh tensors, so what autograd saves of a call is that call's own; the patch's training
+memory budget (MEMORY_SHARE of the device's memory for all of a run's graphs, at most MAX_GRAPHS shapes, least
+recently used dropped first). The graphs go when the run ends. The outputs are fresh tensors, so what autograd saves of a call is that call's own; the patch's training
 runs launch all the same (they are not sampling runs). BSA_CUDA_GRAPHS=0 in the environment turns replay off.
 """
 from __future__ import annotations
@@ -28,9 +27,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Largest q (k, v) replayed: Wan 1.3B up to 10,922 tokens a batch row (14B: 3,276). On an H200 (bench/e2e_wan.py
-# --launched) replay made Wan 1.3B's steps x1.5-1.95 faster at 3,120-7,800 tokens and x1.11 at 10,920, and
-# 0.96-0.99x at 14,040-20,280, where the copies cost more than the launches they save.
+# Largest q (k, v) replayed: Wan 1.3B up to 10,922 tokens at batch 1 (14B: 3,276). On an H200 (bench/e2e_wan.py
+# --launched, bench/NOTES_speed.md session 23) replay made Wan 1.3B's steps x1.93-2.34 faster at 3,120-6,240 tokens
+# and x1.26 at 10,920; with a 64 MiB cap it ran x0.96-0.99 of launched at 14,040-20,280 tokens, where the copies
+# cost more than the launches they save.
 MAX_INPUT_BYTES = 32 << 20
 MEMORY_SHARE = 0.03  # of the device's memory, for all the graphs of a run
 MAX_GRAPHS = 4  # shapes a run replays (cond and uncond batches, a second model)
