@@ -12,8 +12,11 @@ do (valid query x valid key pairs of the selected cubes, plus one pooled key per
 query) as a share of dense attention's, i.e. the speed-up at cuDNN's own per-FLOP rate with zero overhead; then
 where the packed kernel's executed steps go besides that work (K/V padding slots, the pooled blocks' tail, masked
 rows). Then how many of those steps sharing K/V steps inside the packed groups would drop.
-Last, for 128-row tiles (two neighbouring cubes along W, one per consumer warpgroup, sharing each K/V tile of the
+Then, for 128-row tiles (two neighbouring cubes along W, one per consumer warpgroup, sharing each K/V tile of the
 union of their lists and each skipping the steps its cube did not select): how many warpgroups a K/V load serves.
+Last, what a kernel on coarser blocks would execute for the same selection (64 x 128, and 128 x 128 as in
+FlashAttention-4's CuTe block-sparse forward): blocks of consecutive cubes in cube order, run whole when any cube
+pair inside is selected.
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ def main():
         own, loads = int(mask[:, left].sum() + mask[:, right].sum()), int((mask[:, left] | mask[:, right]).sum())
         print(f"    two cubes along W a program: {own} selected steps over {loads} K/V loads, {own / loads:.2f} "
               f"warpgroups a load", flush=True)
+        _coarse_blocks(mask, pairs, layout.num_tokens, n)
 
 
 def _executed_breakdown(unions, n, pairs, steps, heads, N, pooled):
@@ -101,6 +105,26 @@ def _w_pairs(layout):
     NT, NH, NW = layout.cubes_per_axis
     ids = torch.arange(layout.num_cubes).view(NT, NH, NW)[:, :, :NW - NW % 2]
     return ids[:, :, 0::2].reshape(-1), ids[:, :, 1::2].reshape(-1)
+
+
+def _coarse_blocks(mask, pairs, num_tokens, n):
+    """The work a block-sparse kernel on blocks of whole cubes would execute for this per-cube selection: a
+    query block of `rows` consecutive cubes of cube order and a key block of `cols` (64 slots each, padding
+    included) run whole when any cube pair inside is selected (a per-token mask only hides the rest), plus
+    one pooled key per skipped cube for each real query, as BSA's own kernel. The ceiling is that work at
+    cuDNN's per-FLOP rate. 2 x 2: FlashAttention-4's CuTe block-sparse forward (128 x 128 blocks)."""
+    H, N, _ = mask.shape
+    pooled_keys = float((n[:, None] * (1 - mask.double())).sum())
+    dense = float(num_tokens) ** 2 * H
+    for rows, cols in ((1, 2), (2, 2)):
+        padded = torch.zeros(H, -(-N // rows) * rows, -(-N // cols) * cols, dtype=torch.bool)
+        padded[:, :N, :N] = mask
+        blocks = padded.view(H, padded.shape[1] // rows, rows, padded.shape[2] // cols, cols).any(4).any(2)
+        executed = 64 * rows * 64 * cols * float(blocks.sum()) + pooled_keys
+        print(f"    {64 * rows} x {64 * cols} blocks ({rows} x {cols} cubes): "
+              f"{100 * float(blocks.float().mean()):.1f} % of the blocks run, {100 * pairs / executed:.1f} % of "
+              f"their work BSA must do; at most "
+              f"x{dense / executed:.2f} at cuDNN's per-FLOP rate", flush=True)
 
 
 if __name__ == "__main__":
