@@ -110,7 +110,7 @@ def test_budgets_launch_or_evict():
     for key in ("a", "b", "c", "a"):
         got = two.run(launch, qkv, key)
         assert all(torch.equal(x, y) for x, y in zip(got, want))
-    assert [key for key, _ in two.calls] == ["c", "a"]  # "b" dropped first, "a" captured again
+    assert [key[0] for key in two.calls] == ["c", "a"]  # "b" dropped first, "a" captured again
     assert two.captures == 4 and two.replays == 0
     two.clear()
 
@@ -140,6 +140,41 @@ def test_patched_attention_replays_in_a_run(comfy_attention):  # noqa: F811
         assert (graphs.captures, graphs.replays) == (1, 2)
     assert run.stats.sparse_calls == 4 and not run.stats.dense_reasons
     assert all(torch.equal(out, launched) for out in replayed)
+
+
+@gpu
+@needs_cuda
+def test_inductor_compiled_attention_replays_in_a_run(comfy_attention):  # noqa: F811
+    """A model compiled by inductor (ComfyUI's TorchCompileModel) runs BSA as the custom op; inside a sampling
+    run the op's body replays all the same: the outputs of the launched eager calls, one capture."""
+    from comfyui_bsa.bsa_core.adapters import TokenLayout
+    from comfyui_bsa.bsa_core.patch import OVERRIDE_KEY, BlockRanges, BSAOptions, BSARun, make_override
+
+    grid, heads = (5, 16, 24), 4
+    g = torch.Generator("cuda").manual_seed(11)
+    inputs = [tuple(torch.randn(1, math.prod(grid), heads * 128, generator=g, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(3)) for _ in range(3)]
+    run = BSARun(BSAOptions(RECOMMENDED, 0.0, 1.0, BlockRanges(), 0))
+    options = {OVERRIDE_KEY: make_override(run, None)}
+    attention = comfy_attention.attention_pytorch  # the GPU's (the tests run ComfyUI in CPU mode)
+
+    def block(q, k, v):
+        return attention(q * 0.5, k, v, heads, transformer_options=options) + 1
+
+    def model_call(fn, qkv):
+        run.begin_forward(TokenLayout("wan", grid, 0, 0))
+        return fn(*qkv)
+
+    launched = [model_call(block, qkv) for qkv in inputs]
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="inductor", fullgraph=True)
+    with torch.inference_mode(), replaying_calls() as graphs:
+        replayed = [model_call(compiled, qkv) for qkv in inputs]
+        assert (graphs.captures, graphs.replays) == (1, 2)
+    assert run.stats.sparse_calls == 6 and not run.stats.dense_reasons
+    for got, want in zip(replayed, launched):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(replayed[0], replayed[1])  # new inputs each call, not a stale replay
 
 
 def test_disabled_or_cpu_calls_launch(monkeypatch):
