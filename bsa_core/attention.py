@@ -237,12 +237,25 @@ def _bsa_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid:
                         keep_ratio: float, thresholds: torch.Tensor, threshold_mode: str, min_blocks: int,
                         pooled_remainder: bool, n_prefix: int, n_suffix: int, scale: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    settings = (tuple(grid), tuple(cube_size), keep_ratio, tuple(thresholds.tolist()), threshold_mode, min_blocks,
-                pooled_remainder, n_prefix, n_suffix, scale, backend)
+    settings = _call_settings(grid, cube_size, keep_ratio, thresholds, threshold_mode, min_blocks, pooled_remainder,
+                              n_prefix, n_suffix, scale, backend)
+    return _replayed_or_launched(q, k, v, settings, 4)
+
+
+def _call_settings(grid, cube_size, keep_ratio, thresholds, threshold_mode, min_blocks, pooled_remainder, n_prefix,
+                   n_suffix, scale, backend) -> tuple:
+    """The op's arguments besides q, k, v as one hashable tuple: what decides its launches."""
+    return (tuple(grid), tuple(cube_size), keep_ratio, tuple(thresholds.tolist()), threshold_mode, min_blocks,
+            pooled_remainder, n_prefix, n_suffix, scale, backend)
+
+
+def _replayed_or_launched(q, k, v, settings, outputs: int):
+    """The op's first `outputs` outputs, replayed from the run's CUDA graph of these settings where there is
+    one (bsa_core/call_graphs.py), else launched."""
     launch = functools.partial(_bsa_attention_launch, settings=settings)
     graphs = active_call_graphs()
-    outputs = None if graphs is None else graphs.run(launch, (q, k, v), settings)
-    return launch(q, k, v) if outputs is None else outputs
+    replayed = None if graphs is None else graphs.run(launch, (q, k, v), settings, outputs)
+    return launch(q, k, v)[:outputs] if replayed is None else replayed
 
 
 def _bsa_attention_launch(q, k, v, settings):
@@ -313,8 +326,9 @@ def bsa_attention_op(q, k, v, grid, config: BSAConfig, *, n_prefix: int = 0, n_s
     if (not torch.compiler.is_compiling() and active_call_graphs() is not None
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
         # an eager call of a sampling run that autograd does not record: the op's body without the dispatcher's
-        # ~0.1 ms of host work (bench/host_probe.py); short videos run at the host's pace
-        return _bsa_attention_impl(*args)[:3]
+        # ~0.1 ms of host work (bench/host_probe.py), and no copy of the LSE, which only a backward reads; short
+        # videos run at the host's pace
+        return _replayed_or_launched(q, k, v, _call_settings(*args[3:]), 3)
     return _bsa_attention_op(*args)[:3]  # the fourth output, the LSE, is the backward's
 
 

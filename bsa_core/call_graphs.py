@@ -11,8 +11,9 @@ does exactly what launching it would.
 Only where it pays and is safe: CUDA inputs no bigger than MAX_INPUT_BYTES each (past that the call's GPU work
 hides the launches, and the copies would cost more than they save), not inside another capture, and within a
 memory budget (MEMORY_SHARE of the device's memory for all of a run's graphs, at most MAX_GRAPHS shapes, least
-recently used dropped first). The graphs go when the run ends. The outputs are fresh tensors, so what autograd saves of a call is that call's own; the patch's training
-runs launch all the same (they are not sampling runs). BSA_CUDA_GRAPHS=0 in the environment turns replay off.
+recently used dropped first). The graphs go when the run ends. The outputs are fresh tensors, so what autograd
+saves of a call is that call's own; the patch's training runs launch all the same (they are not sampling runs).
+BSA_CUDA_GRAPHS=0 in the environment turns replay off.
 """
 from __future__ import annotations
 
@@ -91,13 +92,14 @@ class CallGraphs:
             return "inputs large enough to hide the launches"
         return None
 
-    def run(self, fn, inputs: tuple[torch.Tensor, ...], key) -> tuple[torch.Tensor, ...] | None:
-        """fn(*inputs)'s outputs (fresh tensors) from the graph of `key` (captured on the first call), or None
-        where the caller should launch fn itself. `key`: everything besides the inputs' shapes, dtypes and
-        devices that decides what fn launches."""
+    def run(self, fn, inputs: tuple[torch.Tensor, ...], key,
+            outputs: int | None = None) -> tuple[torch.Tensor, ...] | None:
+        """fn(*inputs)'s outputs (fresh tensors; the first `outputs` of them where given) from the graph of `key`
+        (captured on the first call), or None where the caller should launch fn itself. `key`: everything
+        besides the inputs' shapes, dtypes and device that decides what fn launches."""
         if self.skip_reason(inputs) is not None:
             return None
-        key = (key, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
+        key = (key, inputs[0].get_device(), tuple((t.shape, t.dtype) for t in inputs))
         if key in self.refused:
             return None
         call = self.calls.get(key)
@@ -111,7 +113,7 @@ class CallGraphs:
                 static.copy_(t)
             self.replays += 1
         call.graph.replay()
-        return tuple(t.clone() for t in call.outputs)
+        return tuple(t.clone() for t in call.outputs[:outputs])
 
     def _capture(self, fn, inputs, key) -> _CapturedCall | None:
         device = inputs[0].device

@@ -291,7 +291,10 @@ class BSARun:
     def is_cross_attention(self, q, k) -> bool:
         """Cross-attention has its own key length, except when the text is exactly as long as the video
         (a 512-token video and umT5's 512 padded tokens): then the block order decides, since a block's
-        cross-attention always follows its self-attention."""
+        cross-attention always follows its self-attention. The first check of every call (it has no block
+        number then), made on the tensors as ComfyUI passes them: the tokens are dim -2 in [B, L, H*D] and
+        in [B, H, L, D], so the dense calls skip the reshape."""
+        self.call_block = None
         if q.shape[-2] != k.shape[-2]:
             return True
         if q.shape[-2] == self.cross_tokens and self._self_attention_pending_cross:
@@ -300,12 +303,10 @@ class BSARun:
         return False
 
     def dense_reason(self, q, k, v, tokens: int, recompute: CallPlan | None = None) -> str | None:
-        """Why this call runs dense, or None when BSA takes it. q/k/v are [B, H, L, D].
+        """Why this call, not cross-attention (is_cross_attention comes first), runs dense, or None when BSA
+        takes it. q/k/v are [B, H, L, D].
         Counts self-attention calls as it goes: the k-th one of a forward is block k; a checkpoint
         recompute (`recompute`: its call's plan) counts them down, last block first."""
-        self.call_block = None
-        if self.is_cross_attention(q, k):
-            return "cross-attention"
         grid = self.layout.grid
         if grid is not None and tokens < self.layout.n_prefix + math.prod(grid):
             return "shorter than the video (e.g. text refiner)"  # not a transformer block: not counted
@@ -423,10 +424,6 @@ def make_override(run: BSARun, previous):
         report = run.report  # None unless a BSA Report is on this run's branch
         if report is not None and (torch.compiler.is_compiling() or recompute is not None):
             report = None  # timers and python-side tables do not trace; a recompute is no new call
-        if skip_reshape:  # [B, H, L, D]
-            qh, kh, vh = q, k, v
-        else:  # [B, L, H*D]
-            qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
 
         def dense(reason: str, warning: bool = False):
             stats.dense_reasons[reason] += 1
@@ -440,6 +437,12 @@ def make_override(run: BSARun, previous):
                 report.record_dense(block, timer, reason)
             return out
 
+        if run.is_cross_attention(q, k):
+            return dense("cross-attention")
+        if skip_reshape:  # [B, H, L, D]
+            qh, kh, vh = q, k, v
+        else:  # [B, L, H*D]
+            qh, kh, vh = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         tokens = qh.shape[-2]
         reason = run.dense_reason(qh, kh, vh, tokens, recompute)
         if reason is not None:
