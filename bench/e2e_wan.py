@@ -188,11 +188,13 @@ def sync(device: torch.device) -> None:
 class AttentionTimer:
     """Replaces the optimized_attention that comfy/ldm/wan/model.py calls (ComfyUI's dispatch, the BSA
     override inside it) with one that times each call: CUDA events on the GPU (no stall), wall clock on the
-    CPU. Self-attention: as many keys as queries."""
+    CPU; and on both the host's time until the call returned (where it is longer than the GPU's, the step
+    waits for the host). Self-attention: as many keys as queries."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.calls = {"self": [], "cross": []}
+        self.host = {"self": [], "cross": []}
 
     def __enter__(self):
         import comfy.ldm.wan.model as wan
@@ -202,6 +204,7 @@ class AttentionTimer:
         def timed(q, k, v, *args, **kwargs):
             kind = "self" if q.shape[-2 if kwargs.get("skip_reshape") else 1] == k.shape[
                 -2 if kwargs.get("skip_reshape") else 1] else "cross"
+            host_start = time.perf_counter()
             if self.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -209,9 +212,9 @@ class AttentionTimer:
                 end.record()
                 self.calls[kind].append((start, end))
             else:
-                start = time.perf_counter()
                 out = original(q, k, v, *args, **kwargs)
-                self.calls[kind].append(time.perf_counter() - start)
+                self.calls[kind].append(time.perf_counter() - host_start)
+            self.host[kind].append(time.perf_counter() - host_start)
             return out
 
         wan.optimized_attention = timed
@@ -617,9 +620,11 @@ def main(argv=None) -> int:
             share[label] = (r["steps"][0], timer.seconds("self"), timer.seconds("cross"),
                             len(timer.calls["self"]), len(timer.calls["cross"]))
             step, self_s, cross_s, n_self, n_cross = share[label]
+            host_ms = {kind: 1e3 * sum(times) / max(len(times), 1) for kind, times in timer.host.items()}
             print(f"{label:{width}s} one step {step:.3f} s: self-attention {self_s:.3f} s ({n_self} calls, "
-                  f"{100 * self_s / step:.1f}%), cross-attention {cross_s:.3f} s ({n_cross} calls, "
-                  f"{100 * cross_s / step:.1f}%), rest {step - self_s - cross_s:.3f} s")
+                  f"{100 * self_s / step:.1f}%, host {host_ms['self']:.3f} ms a call), cross-attention {cross_s:.3f} s "
+                  f"({n_cross} calls, {100 * cross_s / step:.1f}%, host {host_ms['cross']:.3f} ms a call), rest "
+                  f"{step - self_s - cross_s:.3f} s")
         step, self_s = share["dense"][0], share["dense"][1]
         bsa_self = share["bsa"][1]
         print(f"Amdahl: self-attention is {100 * self_s / step:.1f}% of a dense step; free self-attention "
