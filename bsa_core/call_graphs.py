@@ -122,8 +122,7 @@ class CallGraphs:
         while self.calls and (len(self.calls) >= self.max_graphs or self.bytes + 2 * input_bytes > budget):
             self.calls.popitem(last=False)  # least recently used first
         if 2 * input_bytes > budget:
-            self.refused[key] = f"inputs of {input_bytes >> 20} MiB past the graphs' budget of {budget >> 20} MiB"
-            return None
+            return self._refuse(key, f"inputs of {input_bytes >> 20} MiB past the graphs' budget of {budget >> 20} MiB")
         statics = tuple(torch.empty_like(t) for t in inputs)  # the caller's strides where dense
         for static, t in zip(statics, inputs):
             static.copy_(t)
@@ -142,18 +141,20 @@ class CallGraphs:
                     graph.capture_end()
             pool_bytes = torch.cuda.memory_reserved(device) - reserved
         except Exception as error:  # e.g. out of memory, or a launch a graph cannot hold: the call launches
-            self.refused[key] = f"capture failed ({type(error).__name__}: {error})"
-            log.info(f"[BSA] a call shape runs without CUDA graph replay: {self.refused[key]}")
-            return None
+            return self._refuse(key, f"capture failed ({type(error).__name__}: {error})")
         finally:
             torch.cuda.current_stream(device).wait_stream(stream)
         call = _CapturedCall(graph, statics, tuple(outputs), input_bytes + pool_bytes)
         if self.bytes + call.bytes > budget:
-            self.refused[key] = f"its graph holds {call.bytes >> 20} MiB, past the budget of {budget >> 20} MiB"
-            return None
+            return self._refuse(key, f"its graph holds {call.bytes >> 20} MiB, past the budget of {budget >> 20} MiB")
         self.calls[key] = call
         self.captures += 1
         return call
+
+    def _refuse(self, key, why: str) -> None:
+        """That shape launches for the rest of the run; said once, in the log."""
+        self.refused[key] = why
+        log.info(f"[BSA] a call shape runs without CUDA graph replay: {why}")
 
     def clear(self) -> None:
         """Frees the graphs (their memory returns to torch's caching allocator)."""

@@ -6,6 +6,7 @@ skipped without CUDA, except the CPU checks at the end.
     python3 -m pytest -q -m gpu tests/test_call_graphs.py
 """
 import dataclasses
+import logging
 import math
 
 import pytest
@@ -97,13 +98,17 @@ def test_autograd_through_a_replay():
 
 @gpu
 @needs_cuda
-def test_budgets_launch_or_evict():
+def test_budgets_launch_or_evict(caplog):
     grid, heads, head_dim, _, _ = CASES["raster-hd128"]
     qkv = _qkv(grid, heads, head_dim, 0, seed=6)
     want = _call(*qkv, grid, RECOMMENDED, 0)
-    tiny = CallGraphs(memory_share=1e-9)  # no graph fits: every call launches
+    tiny = CallGraphs(memory_share=1e-9)  # no graph fits: every call launches, and the log says why once
     launch = lambda q, k, v: _call(q, k, v, grid, RECOMMENDED, 0)  # noqa: E731
-    assert tiny.run(launch, qkv, "key") is None and "budget" in next(iter(tiny.refused.values()))
+    with caplog.at_level(logging.INFO, logger=CallGraphs.__module__):
+        assert all(tiny.run(launch, qkv, "key") is None for _ in range(2))
+    assert "budget" in next(iter(tiny.refused.values()))
+    assert [r.getMessage() for r in caplog.records] == [f"[BSA] a call shape runs without CUDA graph replay: "
+                                                        f"{next(iter(tiny.refused.values()))}"]
     small = CallGraphs(max_input_bytes=qkv[0].numel() * 2 - 1)
     assert small.skip_reason(qkv) == "inputs large enough to hide the launches"
     two = CallGraphs(max_graphs=2)
