@@ -55,7 +55,8 @@ def main():
     for lam in (float(x) for x in args.stat_lambdas.split(",")):
         config = dataclasses.replace(RECOMMENDED, stat_lambda=lam)
         mask = reference.bsa_select(qc, kc, layout, config, 1 / math.sqrt(q.shape[-1])).to_dense()[0]  # [H, N, N]
-        pairs = float((n[:, None] * mask.double() * n[None, :]).sum() + (n[:, None] * (1 - mask.double())).sum())
+        pooled_keys = float((n[:, None] * (1 - mask.double())).sum())  # one key per unselected cube, a real query
+        pairs = float((n[:, None] * mask.double() * n[None, :]).sum()) + pooled_keys
         per_cube = int((mask.sum(-1) + pooled).sum())
         unions = [mask[:, tile].any(1).double() for tile in tiles]  # [H, N] each: the steps a tile runs
         packed = sum(int(union.sum()) for union in unions) + len(tiles) * heads * pooled
@@ -68,7 +69,7 @@ def main():
         own, loads = int(mask[:, left].sum() + mask[:, right].sum()), int((mask[:, left] | mask[:, right]).sum())
         print(f"    two cubes along W a program: {own} selected steps over {loads} K/V loads, {own / loads:.2f} "
               f"warpgroups a load", flush=True)
-        _coarse_blocks(mask, pairs, layout.num_tokens, n)
+        _coarse_blocks(mask, pairs, pooled_keys, layout.num_tokens)
 
 
 def _executed_breakdown(unions, n, pairs, steps, heads, N, pooled):
@@ -107,14 +108,13 @@ def _w_pairs(layout):
     return ids[:, :, 0::2].reshape(-1), ids[:, :, 1::2].reshape(-1)
 
 
-def _coarse_blocks(mask, pairs, num_tokens, n):
+def _coarse_blocks(mask, pairs, pooled_keys, num_tokens):
     """The work a block-sparse kernel on blocks of whole cubes would execute for this per-cube selection: a
     query block of `rows` consecutive cubes of cube order and a key block of `cols` (64 slots each, padding
     included) run whole when any cube pair inside is selected (a per-token mask only hides the rest), plus
     one pooled key per skipped cube for each real query, as BSA's own kernel. The ceiling is that work at
     cuDNN's per-FLOP rate. 2 x 2: FlashAttention-4's CuTe block-sparse forward (128 x 128 blocks)."""
     H, N, _ = mask.shape
-    pooled_keys = float((n[:, None] * (1 - mask.double())).sum())
     dense = float(num_tokens) ** 2 * H
     for rows, cols in ((1, 2), (2, 2)):
         padded = torch.zeros(H, -(-N // rows) * rows, -(-N // cols) * cols, dtype=torch.bool)
